@@ -1,0 +1,96 @@
+"""Command line: `medsynapse demo | train stage1 | predict`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*fast processor.*")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medsynapse.config import apply_overrides, from_dict, to_dict
+    from medsynapse.eval.report import stage_table
+    from medsynapse.recipes.demo import DemoConfig, run_demo
+
+    defaults = to_dict(DemoConfig())
+    defaults.update({"output": args.output, **({"cache_dir": args.cache_dir} if args.cache_dir else {})})
+    data = apply_overrides(defaults, args.set or [])
+    results = run_demo(from_dict(DemoConfig, data, "demo"))
+    print()
+    print(stage_table(results))
+    print(f"\nwall time {results['timing_s']['total']:.1f} s; results in {args.output}/results.json, report.md, "
+          "accuracy.png")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medsynapse.config import load_config
+
+    if args.stage == "stage1":
+        from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
+
+        config = load_config(Stage1Config, args.config, args.set)
+        if args.resume:
+            config.resume = True
+        out = train_stage1(config)
+        print(f"stage1 saved to {out}")
+        return 0
+    print(f"unknown stage {args.stage!r}", file=sys.stderr)
+    return 2
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medsynapse.data.images import load_image
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    model = MedSynapseV.from_pretrained(args.model)
+    print(model.answer([load_image(args.image)], [args.question], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsynapse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the embedded SynthMed task")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--cache-dir", default=None, help="where data and tiny models are cached")
+    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override demo settings, e.g. stage1.max_steps=50")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train one stage")
+    train.add_argument("stage", choices=["stage1"])
+    train.add_argument("--config", required=True)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")
+    train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="answer one question about one image")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--image", required=True)
+    predict.add_argument("--question", required=True)
+    predict.add_argument("--max-new-tokens", type=int, default=16)
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""A sample list with processed prompts cached per sample, so images go through the processor once per run."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from medsynapse.data.images import load_image
+from medsynapse.data.schema import Sample
+from medsynapse.model.vlm import EncodedPrompt, PromptBuilder
+
+
+class VQADataset:
+    def __init__(self, samples: list[Sample], prompts: PromptBuilder, with_answers: bool = True):
+        self.samples = samples
+        self.prompts = prompts
+        self.with_answers = with_answers
+        self._encoded: dict[int, EncodedPrompt] = {}
+        self._images: dict[str, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def images(self, index: int) -> list[Image.Image]:
+        sample = self.samples[index]
+        out = []
+        for path in sample.images:
+            if path not in self._images:
+                self._images[path] = load_image(path, sample)
+            out.append(self._images[path])
+        return out
+
+    def encoded(self, index: int) -> EncodedPrompt:
+        if index not in self._encoded:
+            sample = self.samples[index]
+            answer = sample.answer if self.with_answers else None
+            self._encoded[index] = self.prompts.encode(self.images(index), sample.question, answer)
+        return self._encoded[index]
+
+    def validate(self) -> None:
+        """Load every image now: a corrupt file stops the run before training starts, naming file and record."""
+        for index in range(len(self)):
+            self.images(index)

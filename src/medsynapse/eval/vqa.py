@@ -1,0 +1,45 @@
+"""Accuracy of a MedSynapseV model on a list of samples: batched, left-padded greedy generation, shared extraction."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from medsynapse.data.dataset import VQADataset
+from medsynapse.data.schema import Sample
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.objectives.answers import is_correct
+
+
+@torch.no_grad()
+def evaluate(model: MedSynapseV, samples: list[Sample], branch: str = "privileged", intervention: str = "zero",
+             batch_size: int = 64, max_new_tokens: int = 8, desc: str = "eval") -> dict:
+    """Returns accuracy, n, unparseable count, per-question-type accuracy and the per-sample predictions."""
+    model.eval()
+    dataset = VQADataset(samples, model.prompts, with_answers=False)
+    device = next(model.vlm.parameters()).device
+    predictions = []
+    for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+        indices = list(range(start, min(start + batch_size, len(samples))))
+        batch = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=False).to(device)
+        memory = None
+        if model.sampler is not None:
+            prior = model.prior([dataset.images(i)[0] for i in indices])
+            memory = model.memory(prior, branch, intervention)
+        tokens = model.generate(batch, memory, max_new_tokens=max_new_tokens)
+        texts = model.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        for i, text in zip(indices, texts):
+            sample = samples[i]
+            correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options)
+            predictions.append({"id": sample.id, "question_type": sample.question_type, "raw": text.strip(),
+                                "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct})
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        by_type[p["question_type"]].append(p["correct"])
+    n = len(predictions)
+    return {"accuracy": sum(p["correct"] for p in predictions) / max(n, 1), "n": n,
+            "unparseable": sum(p["extracted"] is None for p in predictions),
+            "by_question_type": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_type.items())},
+            "predictions": predictions}

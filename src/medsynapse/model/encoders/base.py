@@ -1,0 +1,62 @@
+"""The anatomical prior encoder interface (E_ana) shared by the tiny segmentation net and SAM-family encoders."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class PriorOutput:
+    """Prior tokens S (B, M, d_f) on a spatial grid (Hf, Wf) with M = Hf * Wf, and the region mask B (B, M).
+
+    `region_mask` marks the encoder's highest-confidence diagnostic region: the tokens whose counterfactual removal
+    (S ⊙ ¬B) is the Stage II intervention.
+    """
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+    region_mask: torch.Tensor
+
+    def select(self, index: torch.Tensor | list[int]) -> PriorOutput:
+        return PriorOutput(self.tokens[index], self.grid, self.region_mask[index])
+
+    @staticmethod
+    def stack(parts: list[PriorOutput]) -> PriorOutput:
+        return PriorOutput(torch.cat([p.tokens for p in parts]), parts[0].grid,
+                           torch.cat([p.region_mask for p in parts]))
+
+
+class PriorEncoder(nn.Module, ABC):
+    """Frozen image encoder that yields prior tokens and a region mask; always used under `torch.no_grad`."""
+
+    feature_dim: int
+
+    @abstractmethod
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> the encoder's input tensor (B, 3, H, W)."""
+
+    @abstractmethod
+    def encode_pixels(self, pixels: torch.Tensor) -> PriorOutput:
+        """Input tensor -> prior tokens, grid and region mask."""
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image]) -> PriorOutput:
+        device = next(self.parameters()).device
+        return self.encode_pixels(self.preprocess(images).to(device))
+
+
+def top_region(cell_confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Region mask from per-token confidence (B, M): tokens at or above `threshold`, else the single best token.
+
+    Never empty, so the counterfactual always removes the encoder's best evidence (an empty mask would make
+    M' = M and the causal reward identically zero).
+    """
+    mask = cell_confidence >= threshold
+    best = torch.zeros_like(mask)
+    best.scatter_(1, cell_confidence.argmax(dim=1, keepdim=True), True)
+    return torch.where(mask.any(dim=1, keepdim=True), mask, best)

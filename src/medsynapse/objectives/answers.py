@@ -1,0 +1,88 @@
+"""Answer extraction shared by rewards and evaluation. Rules, in order, per answer type:
+
+- yes/no: whole words only ("normal", "not", "note" are not "no"); a reply with both "yes" and "no" is unparseable.
+- multiple choice: an explicit answer tag ("<answer>B</answer>", "answer: B", "answer is B"), then a single
+  standalone option letter (upper case, word-bounded: "The answer" is not option E, "a" is not A), then the text of
+  exactly one option appearing as a whole phrase.
+- open: normalised exact match (lower case, no punctuation or articles, single spaces).
+Nothing found means unparseable: it scores 0. There is no random or default fallback.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_IS = re.compile(r"\b(?:final answer|answer)\s*(?:is|:)?\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+@dataclass(frozen=True)
+class Extraction:
+    answer: str | None  # normalised extracted answer, None if unparseable
+    rule: str  # which rule fired ("tag", "letter", "option_text", "yes_no", "exact", "none")
+
+
+def normalise(text: str) -> str:
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _answer_span(text: str) -> str:
+    tagged = _TAG.search(text)
+    return tagged.group(1) if tagged else text
+
+
+def extract_yes_no(text: str) -> Extraction:
+    words = set(normalise(_answer_span(text)).split())
+    has_yes, has_no = "yes" in words, "no" in words
+    if has_yes == has_no:
+        return Extraction(None, "none")
+    return Extraction("yes" if has_yes else "no", "yes_no")
+
+
+def extract_option(text: str, options: dict[str, str]) -> Extraction:
+    letters = set(options)
+    tagged = _TAG.search(text)
+    if tagged:
+        inner = tagged.group(1).strip().strip("().").strip()
+        if inner.upper() in letters and len(inner) == 1:
+            return Extraction(inner.upper(), "tag")
+        text = tagged.group(1)
+    explicit = [m.group(1).upper() for m in _ANSWER_IS.finditer(text) if m.group(1).upper() in letters]
+    if len(set(explicit)) == 1:
+        return Extraction(explicit[0], "tag")
+    standalone = {m.group(0) for m in re.finditer(r"(?<![A-Za-z])[A-Z](?![A-Za-z'])", text) if m.group(0) in letters}
+    if len(standalone) == 1:
+        return Extraction(standalone.pop(), "letter")
+    norm = f" {normalise(text)} "
+    hits = [k for k, v in options.items() if normalise(v) and f" {normalise(v)} " in norm]
+    # an option contained in a longer matching option ("small" in "very small") yields to the longer one
+    hits = [k for k in hits if not any(k != o and normalise(options[k]) in normalise(options[o]) for o in hits)]
+    if len(hits) == 1:
+        return Extraction(hits[0], "option_text")
+    return Extraction(None, "none")
+
+
+def extract(text: str, answer_type: str, options: dict[str, str] | None = None) -> Extraction:
+    if answer_type == "yes_no":
+        return extract_yes_no(text)
+    if answer_type == "multiple_choice":
+        return extract_option(text, options or {})
+    answer = normalise(_answer_span(text))
+    return Extraction(answer or None, "exact" if answer else "none")
+
+
+def is_correct(text: str, gold: str, answer_type: str,
+               options: dict[str, str] | None = None) -> tuple[bool, Extraction]:
+    """Score one model output against the gold answer (a letter for multiple choice)."""
+    got = extract(text, answer_type, options)
+    if got.answer is None:
+        return False, got
+    if answer_type == "multiple_choice":
+        return got.answer == gold.strip().upper(), got
+    return got.answer == normalise(gold), got

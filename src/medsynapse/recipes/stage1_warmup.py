@@ -1,0 +1,129 @@
+"""Stage I, Meta-Query Prior Memorization: train only P_phi with next-token loss on the answer tokens.
+
+The VLM and the prior encoder are frozen. Prior features are computed once per image and reused every epoch.
+Reads top to bottom: config -> model -> data -> optimiser -> (resume) -> loop -> save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from medsynapse.config import to_dict
+from medsynapse.data.dataset import VQADataset
+from medsynapse.data.schema import read_samples
+from medsynapse.model.encoders import PriorOutput
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.objectives.ntp import answer_nll
+from medsynapse.recipes import trainer
+
+
+@dataclass
+class Stage1Config:
+    vlm: str = ""
+    encoder: str = ""
+    train_file: str = ""
+    output_dir: str = "runs/stage1"
+    n_memory: int = 16
+    sampler_width: int = 256
+    sampler_layers: int = 2
+    sampler_heads: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    batch_size: int = 32  # global batch, split over processes
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0 overrides epochs
+    grad_clip: float = 1.0
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    families: list[str] = field(default_factory=list)  # empty = every family
+    answer_types: list[str] = field(default_factory=list)  # empty = every answer type (captions included)
+    loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
+    resume: bool = False
+    dtype: str = "float32"
+
+
+def prior_table(model: MedSynapseV, dataset: VQADataset, batch_size: int = 64) -> tuple[PriorOutput, list[int]]:
+    """Prior tokens for every distinct image, computed once; returns the table and each sample's row in it."""
+    rows: dict[str, int] = {}  # image path -> row in the table
+    first_sample: dict[str, int] = {}  # image path -> a sample that shows it
+    for index, sample in enumerate(dataset.samples):
+        first_sample.setdefault(sample.images[0], index)
+        rows.setdefault(sample.images[0], len(rows))
+    order = [rows[sample.images[0]] for sample in dataset.samples]
+    paths = list(rows)
+    parts = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        parts.append(model.prior([dataset.images(first_sample[p])[0] for p in chunk]))
+    return PriorOutput.stack(parts), order
+
+
+def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
+    output = Path(config.output_dir)
+    accelerator = trainer.make_accelerator(output)
+    torch.manual_seed(config.seed)
+
+    model = MedSynapseV.build(config.vlm, config.encoder, n_memory=config.n_memory, width=config.sampler_width,
+                              layers=config.sampler_layers, heads=config.sampler_heads, seed=config.seed,
+                              dtype=config.dtype)
+    model.vlm.requires_grad_(False).eval().to(accelerator.device)
+    model.encoder.to(accelerator.device)
+
+    samples = read_samples(config.train_file)
+    if config.families:
+        samples = [s for s in samples if s.family in config.families]
+    if config.answer_types:
+        samples = [s for s in samples if s.answer_type in config.answer_types]
+    dataset = VQADataset(samples, model.prompts, with_answers=True)
+    dataset.validate()
+    priors, prior_row = prior_table(model, dataset)
+
+    total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
+    sampler = model.sampler.train()
+    optimizer = trainer.adamw(sampler, config.lr, config.weight_decay)
+    scheduler = trainer.cosine_schedule(optimizer, total_steps, config.warmup_ratio)
+    wrapped, optimizer, scheduler = accelerator.prepare(sampler, optimizer, scheduler)
+
+    start = 0
+    checkpoint = trainer.latest_checkpoint(output) if config.resume else None
+    if checkpoint is not None:
+        start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(wrapped), optimizer, scheduler)["step"]
+    accelerator.init_trackers("stage1", config={k: str(v) for k, v in to_dict(config).items()})
+
+    bar = tqdm(range(start, total_steps), desc="stage1", disable=not accelerator.is_main_process,
+               initial=start, total=total_steps)
+    for step in bar:
+        indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
+                                     accelerator.process_index, accelerator.num_processes)
+        batch = model.prompts.collate([dataset.encoded(i) for i in indices]).to(accelerator.device)
+        prior = priors.select([prior_row[i] for i in indices])
+        memory = wrapped(prior.tokens.to(accelerator.device), prior.grid)
+        logits = model.forward(batch, memory, labels=None).logits
+        loss = answer_nll(logits, batch.labels, config.loss_reduction)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.log_every == 0 or step == total_steps - 1:
+            logs = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            accelerator.log(logs, step=step)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        done = step + 1
+        if accelerator.is_main_process and (done % config.save_every == 0 or done == total_steps):
+            trainer.save_checkpoint(output, done, accelerator.unwrap_model(wrapped), optimizer, scheduler)
+        if on_step is not None:
+            on_step(done)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.sampler = accelerator.unwrap_model(wrapped)
+        model.save_pretrained(output)
+    accelerator.end_training()
+    return output

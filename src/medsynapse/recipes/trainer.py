@@ -1,0 +1,95 @@
+"""Plumbing shared by the recipes: accelerator, data order, optimiser, schedule, checkpoints with exact resume.
+
+Data order is a pure function of (seed, step): each epoch is a seeded permutation, each step takes the next global
+batch and each rank its slice. Resuming from a checkpoint therefore needs only the step number, and a 2-process run
+sees the same global batches as a 1-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+CHECKPOINTS = "checkpoints"
+
+
+def make_accelerator(output_dir: str | Path, log: bool = True) -> Accelerator:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if log else None,
+                              project_dir=str(output_dir))
+    return accelerator
+
+
+def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Indices of the global batch for `step`: epoch permutations laid end to end, no sample dropped."""
+    start = step * global_batch
+    out: list[int] = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_items)
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.extend(perm[offset:offset + global_batch - len(out)])
+    return out
+
+
+def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
+    if len(indices) % world:
+        raise ValueError(f"global batch {len(indices)} is not divisible by {world} processes")
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]
+
+
+def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms and gains (1-D parameters)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if (p / "state.json").is_file())
+    return steps[-1][1] if steps else None
+
+
+def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimizer, scheduler,
+                    extra: dict | None = None, keep: int = 2) -> Path:
+    """Trainable weights (safetensors), optimiser and scheduler state, RNG; written to a temp dir then renamed."""
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(trainable, str(tmp / "weights.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, module: nn.Module, optimizer, scheduler) -> dict:
+    """Restore what `save_checkpoint` wrote (tensors only: `weights_only=True`); returns the state dict."""
+    module.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+    return json.loads((folder / "state.json").read_text())
