@@ -71,7 +71,8 @@ def _reference_greedy(model, batch, memory, steps):
     for _ in range(steps):
         step_batch = type(batch)(ids, mask, types, batch.pixel_values, batch.image_grid_thw)
         embeds = splice_memory(model.vlm, ids, memory, model.latent_id)
-        logits = model.vlm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_for(model.vlm, step_batch),
+        positions = position_ids_for(model.vlm, step_batch)
+        logits = model.vlm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                            pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw).logits[:, -1]
         logits[:, [model.latent_id, eos]] = float("-inf")
         token = logits.argmax(-1, keepdim=True)

@@ -68,7 +68,7 @@ def sample_from_record(record: object, source: str, line: int) -> Sample:
 
 def read_samples(path: str | Path) -> list[Sample]:
     """Read a JSON-lines file of samples; image and mask paths are made absolute against the file's folder."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     samples: list[Sample] = []

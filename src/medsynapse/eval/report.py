@@ -51,7 +51,8 @@ def plot_accuracy(results: dict, path: str | Path) -> None:
     for bar, value in zip(bars, acc):
         ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (held-out SynthMed lesion questions)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("held-out SynthMed lesion questions", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -41,7 +41,7 @@ class DemoConfig:
     base_steps: int = 500
     encoder_steps: int = 250
     stage1: dict = field(default_factory=lambda: {
-        "lr": 1e-3, "max_steps": 300, "batch_size": 32, "n_memory": 16, "sampler_width": 128, "save_every": 100,
+        "lr": 1e-3, "max_steps": 500, "batch_size": 32, "n_memory": 16, "sampler_width": 128, "save_every": 100,
         "warmup_ratio": 0.05, "answer_types": ["yes_no", "multiple_choice", "open"], "loss_reduction": "sample"})
     eval_batch_size: int = 64
     threads: int = 0  # 0 = torch default

@@ -12,10 +12,10 @@ __all__ = ["PriorEncoder", "PriorOutput", "TinySegConfig", "TinySegEncoder", "lo
 
 
 def load_encoder(folder: str | Path) -> PriorEncoder:
-    config_path = Path(folder) / "config.json"
+    config_path = Path(folder).expanduser() / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: not a prior-encoder folder (no config.json)")
     kind = json.loads(config_path.read_text()).get("encoder")
     if kind == "tiny_seg":
-        return TinySegEncoder.from_pretrained(folder)
+        return TinySegEncoder.from_pretrained(config_path.parent)
     raise ValueError(f"{config_path}: unknown encoder type {kind!r} (known: 'tiny_seg')")

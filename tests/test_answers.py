@@ -1,0 +1,67 @@
+"""Answer extraction rules (shared by rewards and evaluation), with property-based tests."""
+
+from __future__ import annotations
+
+import string
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from medsynapse.objectives.answers import extract, extract_option, extract_yes_no, is_correct, normalise
+
+OPTIONS = {"A": "upper left", "B": "upper right", "C": "lower left", "D": "lower right"}
+
+
+def test_yes_no_uses_whole_words():
+    assert extract_yes_no("yes").answer == "yes"
+    assert extract_yes_no("No.").answer == "no"
+    assert extract_yes_no("The scan is normal").answer is None  # "normal" is not "no"
+    assert extract_yes_no("not sure, note this").answer is None
+    assert extract_yes_no("yes and no").answer is None
+    assert extract_yes_no("<answer>no</answer> although yes elsewhere").answer == "no"
+
+
+def test_option_extraction_rules():
+    assert extract_option("B", OPTIONS).answer == "B"
+    assert extract_option("The answer is C.", OPTIONS).answer == "C"
+    assert extract_option("<answer>(D)</answer>", OPTIONS).answer == "D"
+    assert extract_option("upper right", OPTIONS).answer == "B"
+    assert extract_option("The answer", {**OPTIONS, "E": "none"}).answer is None  # "The answer" is not E
+    assert extract_option("a lesion", OPTIONS).answer is None  # lower-case article is not option A
+    assert extract_option("A or B", OPTIONS).answer is None  # ambiguous: no guess
+    assert extract_option("", OPTIONS).answer is None
+
+
+def test_open_answers_are_normalised_exact_matches():
+    assert is_correct("Two.", "two", "open")[0]
+    assert not is_correct("two lesions", "two", "open")[0]
+    assert not is_correct("", "two", "open")[0]
+
+
+word = st.text(alphabet=string.ascii_lowercase, min_size=1, max_size=8)
+
+
+@given(st.lists(word, max_size=6), st.sampled_from(["yes", "no"]), st.lists(word, max_size=6))
+def test_yes_no_found_in_any_surrounding_text_without_the_other_word(before, answer, after):
+    other = "no" if answer == "yes" else "yes"
+    words = [w for w in before + [answer] + after if w != other]
+    assert extract_yes_no(" ".join(words)).answer == answer
+
+
+@given(word)
+def test_words_that_merely_contain_no_are_never_no(w):
+    text = f"{w}no{w}"  # e.g. "normal"-like tokens
+    assert extract_yes_no(text).answer is None
+
+
+@given(st.sampled_from(list(OPTIONS)), st.sampled_from(["{}", "{}.", "({})", "Answer: {}", "answer is {}", " {} "]))
+def test_a_single_letter_in_common_formats_is_found(letter, fmt):
+    assert extract_option(fmt.format(letter), OPTIONS).answer == letter
+
+
+@given(st.text(max_size=40))
+def test_extraction_never_invents_an_answer(text):
+    got = extract(text, "multiple_choice", OPTIONS)
+    if got.answer is not None:
+        assert got.answer in OPTIONS
+    assert normalise(normalise(text)) == normalise(text)

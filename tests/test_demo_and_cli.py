@@ -1,0 +1,45 @@
+"""The demo writes the promised files with the promised shape; the CLI drives training and prediction."""
+
+from __future__ import annotations
+
+import json
+
+from medsynapse.cli import main
+
+
+def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--set",
+                 "train_images=16", "test_images=4", "base_steps=4", "encoder_steps=4", "stage1.max_steps=3",
+                 "stage1.batch_size=4", "eval_batch_size=8"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seed"] == 0
+    assert results["splits"]["train"] > 0 and results["splits"]["test"] > 0
+    for stage in ("base", "stage1"):
+        row = results["stages"][stage]
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] == results["splits"]["test"]
+    assert 0.0 <= results["stages"]["stage1"]["counterfactual_accuracy"] <= 1.0
+    assert results["timing_s"]["total"] > 0
+    assert "| stage1 |" in (out / "report.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 1000
+    lines = (out / "predictions_stage1.jsonl").read_text().splitlines()
+    assert len(lines) == results["splits"]["test"]
+    assert "| base |" in capsys.readouterr().out
+    # a second run reuses the cached data, VLMs and encoder
+    main(["demo", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--set", "train_images=16",
+          "test_images=4", "base_steps=4", "encoder_steps=4", "stage1.max_steps=1", "stage1.batch_size=4"])
+    again = json.loads((out / "results.json").read_text())
+    assert again["timing_s"]["base_prep"] < 1.0 and again["timing_s"]["encoder"] < 1.0
+
+
+def test_cli_train_stage1_and_predict(tiny_env, tmp_path, capsys):
+    config = tmp_path / "stage1.yaml"
+    config.write_text(f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
+                      f"output_dir: {tmp_path / 's1'}\nn_memory: 4\nsampler_width: 32\nbatch_size: 4\n")
+    assert main(["train", "stage1", "--config", str(config), "--set", "max_steps=2"]) == 0
+    assert (tmp_path / "s1" / "sampler.safetensors").is_file()
+    image = next((tiny_env.root / "data" / "images").glob("test_*.png"))
+    assert main(["predict", "--model", str(tmp_path / "s1"), "--image", str(image), "--question",
+                 "Is there a lesion in this image? Answer yes or no.", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] is not None
