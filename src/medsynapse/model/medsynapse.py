@@ -16,11 +16,24 @@ from torch import nn
 
 from medsynapse.model.encoders import PriorEncoder, PriorOutput, load_encoder
 from medsynapse.model.memory import DiagnosticMemorySampler, SamplerConfig, embedding_rms
-from medsynapse.model.vlm import PromptBatch, PromptBuilder, forward_with_memory, generate_with_memory, load_vlm
+from medsynapse.model.vlm import (
+    PromptBatch,
+    PromptBuilder,
+    core_vlm,
+    forward_with_memory,
+    generate_with_memory,
+    load_vlm,
+)
 
 BRANCHES = ("privileged", "counterfactual")
 INTERVENTIONS = ("zero", "drop")
 MANIFEST = "medsynapse.json"
+ADAPTER_DIR = "adapter"
+
+
+def lora_target_regex(projections: list[str]) -> str:
+    """Restrict LoRA to the language model's layers (vision blocks use other names, but be explicit)."""
+    return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(projections)})"
 
 
 class MedSynapseV(nn.Module):
@@ -56,12 +69,27 @@ class MedSynapseV(nn.Module):
                 width=width, layers=layers, heads=heads, embed_rms=embedding_rms(vlm.get_input_embeddings())))
         return cls(vlm, processor, encoder, sampler, str(vlm_path), encoder_path)
 
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.vlm, "peft_config")
+
+    def add_lora(self, r: int, alpha: int, dropout: float, projections: list[str]) -> None:
+        """Wrap the VLM with a fresh peft LoRA on the language model (Stage II); only the adapter trains."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                            target_modules=lora_target_regex(projections))
+        self.vlm = get_peft_model(self.vlm, config)
+
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"format": 1, "vlm": str(Path(self.vlm_path).resolve()),
                     "encoder": str(Path(self.encoder_path).resolve()) if self.encoder_path else None,
-                    "sampler": self.sampler.config.to_dict() if self.sampler is not None else None}
+                    "sampler": self.sampler.config.to_dict() if self.sampler is not None else None,
+                    "adapter": ADAPTER_DIR if self.has_adapter else None}
+        if self.has_adapter:
+            self.vlm.save_pretrained(folder / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
         if self.sampler is not None:
             state = {k: v.detach().contiguous() for k, v in self.sampler.state_dict().items()}
             save_file(state, str(folder / "sampler.safetensors.tmp"))
@@ -84,6 +112,10 @@ class MedSynapseV(nn.Module):
         if manifest.get("sampler"):
             sampler = DiagnosticMemorySampler(SamplerConfig(**manifest["sampler"]))
             sampler.load_state_dict(load_file(str(folder / "sampler.safetensors")))
+        if manifest.get("adapter"):
+            from peft import PeftModel
+
+            vlm = PeftModel.from_pretrained(vlm, folder / manifest["adapter"], is_trainable=False)
         model = cls(vlm, processor, encoder, sampler, manifest["vlm"], manifest.get("encoder"))
         return model.eval()
 
@@ -115,14 +147,15 @@ class MedSynapseV(nn.Module):
         return forward_with_memory(self.vlm, batch, memory, self.latent_id, features=features, **kwargs)
 
     def generate(self, batch: PromptBatch, memory: torch.Tensor | None, max_new_tokens: int = 16, **kwargs):
-        return generate_with_memory(self.vlm, batch, memory, self.latent_id, max_new_tokens=max_new_tokens, **kwargs)
+        return generate_with_memory(self.vlm, batch, memory, self.latent_id, max_new_tokens=max_new_tokens,
+                                    suppress_tokens=self.prompts.suppressed_ids, **kwargs)
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 16,
                branch: str = "privileged") -> list[str]:
         """Greedy answers, one image per question."""
         items = [self.prompts.encode([img], q) for img, q in zip(images, questions)]
-        device = next(self.vlm.parameters()).device
+        device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
         memory = self.memory(self.prior(images), branch) if self.sampler is not None else None
         tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens)

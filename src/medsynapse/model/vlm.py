@@ -90,12 +90,31 @@ class PromptBatch:
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
     labels: torch.Tensor | None = None
+    images_per_sample: list[int] | None = None
 
     def to(self, device: torch.device | str) -> PromptBatch:
         def move(t):
-            return None if t is None else t.to(device)
+            return t.to(device) if isinstance(t, torch.Tensor) else t
 
         return PromptBatch(*(move(getattr(self, name)) for name in self.__dataclass_fields__))
+
+    def image_rows(self, rows: list[int]) -> list[int]:
+        """Indices of the images that belong to `rows`, in order."""
+        counts = self.images_per_sample or [1] * self.input_ids.shape[0]
+        starts = [sum(counts[:r]) for r in range(len(counts))]
+        return [starts[r] + k for r in rows for k in range(counts[r])]
+
+    def select(self, rows: list[int]) -> PromptBatch:
+        """A batch of the given rows (repeats allowed: G rollouts of one prompt are `[i] * G`)."""
+        images = self.image_rows(rows)
+        patches = self.image_grid_thw.prod(-1).tolist()
+        offsets = [sum(patches[:i]) for i in range(len(patches))]
+        pixel_values = torch.cat([self.pixel_values[offsets[i]:offsets[i] + patches[i]] for i in images])
+        index = torch.tensor(rows, device=self.input_ids.device)
+        counts = self.images_per_sample or [1] * self.input_ids.shape[0]
+        return PromptBatch(self.input_ids[index], self.attention_mask[index], self.mm_token_type_ids[index],
+                           pixel_values, self.image_grid_thw[images],
+                           None if self.labels is None else self.labels[index], [counts[r] for r in rows])
 
 
 @dataclass
@@ -109,6 +128,17 @@ class EncodedPrompt:
     answer_ids: torch.Tensor  # (A,) empty at inference
 
 
+STRUCTURAL_TOKENS = (LATENT_TOKEN, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def structural_token_ids(tokenizer) -> list[int]:
+    """Tokens a generation must never emit: a sampled <|image_pad|> in a completion makes the next forward find more
+    image slots than image features ("Image features and image tokens do not match"), a sampled <|latent|> an extra
+    memory slot."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in STRUCTURAL_TOKENS if t in vocab]
+
+
 class PromptBuilder:
     """Chat prompts with N memory slots between question and answer, using the model's own chat template."""
 
@@ -118,6 +148,7 @@ class PromptBuilder:
         self.n_memory = n_memory
         self.latent_id = self.tokenizer.convert_tokens_to_ids(LATENT_TOKEN)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.suppressed_ids = structural_token_ids(self.tokenizer)
 
     def prompt_text(self, question: str, n_images: int) -> str:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
@@ -155,12 +186,20 @@ class PromptBuilder:
             if with_answers:
                 labels[row, length - len(item.answer_ids):] = item.answer_ids
         return PromptBatch(input_ids, attention, mm_types, torch.cat([it.pixel_values for it in items]),
-                           torch.cat([it.image_grid_thw for it in items]), labels if with_answers else None)
+                           torch.cat([it.image_grid_thw for it in items]), labels if with_answers else None,
+                           [len(it.image_grid_thw) for it in items])
+
+
+def core_vlm(model) -> Qwen3VLForConditionalGeneration:
+    """The Qwen3-VL model under DDP / peft wrappers (attribute access through PeftModel lands one level too deep)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def position_ids_for(model: Qwen3VLForConditionalGeneration, batch: PromptBatch) -> torch.Tensor:
     """4-row position ids: row 0 the text position for the causal mask, rows 1-3 the M-RoPE t/h/w indices."""
-    pos3, _ = model.model.get_rope_index(batch.input_ids, batch.mm_token_type_ids,
+    pos3, _ = core_vlm(model).model.get_rope_index(batch.input_ids, batch.mm_token_type_ids,
                                          image_grid_thw=batch.image_grid_thw, attention_mask=batch.attention_mask)
     mask = batch.attention_mask.long()
     text = ((mask.cumsum(-1) - 1).clamp(min=0) * mask)[None]
@@ -170,7 +209,7 @@ def position_ids_for(model: Qwen3VLForConditionalGeneration, batch: PromptBatch)
 def splice_memory(model: Qwen3VLForConditionalGeneration, input_ids: torch.Tensor, memory: torch.Tensor | None,
                   latent_id: int) -> torch.Tensor:
     """Input embeddings with the latent slots' rows replaced by `memory` (B, N, H), ordered (sample, slot)."""
-    embeds = model.get_input_embeddings()(input_ids)
+    embeds = core_vlm(model).get_input_embeddings()(input_ids)
     if memory is None:
         return embeds
     slots = input_ids == latent_id
@@ -182,7 +221,19 @@ def splice_memory(model: Qwen3VLForConditionalGeneration, input_ids: torch.Tenso
 
 def vision_features(model: Qwen3VLForConditionalGeneration, batch: PromptBatch):
     """The vision tower's output for a batch; pass it back as `mm_encoder_outputs` to skip re-encoding."""
-    return model.model.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True)
+    return core_vlm(model).model.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True)
+
+
+def select_features(features, image_index: list[int]):
+    """Vision features for a re-indexed list of images (e.g. each prompt's image repeated G times).
+
+    Lets G rollouts and every branch reuse one vision-tower pass per prompt.
+    """
+    pooled = tuple(features.pooler_output[i] for i in image_index)
+    deepstack = None
+    if features.deepstack_features is not None:
+        deepstack = [tuple(level[i] for i in image_index) for level in features.deepstack_features]
+    return type(features)(last_hidden_state=None, pooler_output=pooled, deepstack_features=deepstack)
 
 
 def _vision_kwargs(batch: PromptBatch, features) -> dict:
@@ -201,7 +252,8 @@ def forward_with_memory(model, batch: PromptBatch, memory: torch.Tensor | None, 
 
 @torch.no_grad()
 def generate_with_memory(model, batch: PromptBatch, memory: torch.Tensor | None, latent_id: int,
-                         max_new_tokens: int = 16, features=None, **generate_kwargs) -> torch.Tensor:
+                         max_new_tokens: int = 16, features=None, suppress_tokens: list[int] | None = None,
+                         **generate_kwargs) -> torch.Tensor:
     """Cached generation from spliced embeddings; returns only the new tokens (B, T).
 
     Route B of qwen3vl-recipes.md §8: embeddings + explicit 4-row positions, which `generate` extends by one per step.
@@ -210,4 +262,36 @@ def generate_with_memory(model, batch: PromptBatch, memory: torch.Tensor | None,
     generate_kwargs.setdefault("do_sample", False)
     return model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                           position_ids=position_ids_for(model, batch), max_new_tokens=max_new_tokens,
-                          suppress_tokens=[latent_id], **_vision_kwargs(batch, features), **generate_kwargs)
+                          suppress_tokens=suppress_tokens or [latent_id], **_vision_kwargs(batch, features),
+                          **generate_kwargs)
+
+
+def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for generated tokens up to and including the first EOS (all tokens when truncated), else 0."""
+    is_eos = tokens == eos_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+def append_completions(batch: PromptBatch, tokens: torch.Tensor, mask: torch.Tensor) -> PromptBatch:
+    """Prompt (left-padded) + completion (right-padded) as one batch; completion tokens are text (type 0)."""
+    return PromptBatch(torch.cat([batch.input_ids, tokens], 1), torch.cat([batch.attention_mask, mask], 1),
+                       torch.cat([batch.mm_token_type_ids, torch.zeros_like(tokens)], 1), batch.pixel_values,
+                       batch.image_grid_thw, None, batch.images_per_sample)
+
+
+def completion_logprobs(model, batch: PromptBatch, memory: torch.Tensor | None, tokens: torch.Tensor,
+                        mask: torch.Tensor, latent_id: int, features=None, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(o_t | image, question, memory, o_<t) for each completion token (N, T); 0 where `mask` is 0.
+
+    Only the completion's logits are kept (`logits_to_keep`), so the full-vocabulary tensor is (N, T+1, V).
+    Logits are divided by `temperature`, as TRL does for the sampling temperature.
+    """
+    full = append_completions(batch, tokens, mask)
+    width = tokens.shape[1]
+    logits = forward_with_memory(model, full, memory, latent_id, features=features,
+                                 logits_to_keep=width + 1).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    return logp * mask

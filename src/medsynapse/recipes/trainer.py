@@ -65,6 +65,23 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters being trained (the sampler, the LoRA tensors, ...), detached."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    expected = trainable_state(module)
+    if set(expected) != set(weights):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ValueError(f"checkpoint does not match the trainable parameters: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        params = dict(module.named_parameters())
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
 def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimizer, scheduler,
                     extra: dict | None = None, keep: int = 2) -> Path:
     """Trainable weights (safetensors), optimiser and scheduler state, RNG; written to a temp dir then renamed."""
@@ -73,7 +90,7 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimi
     tmp = root / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    trainable = {k: v.contiguous() for k, v in trainable_state(module).items()}
     save_file(trainable, str(tmp / "weights.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -88,7 +105,7 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimi
 
 def load_checkpoint(folder: Path, module: nn.Module, optimizer, scheduler) -> dict:
     """Restore what `save_checkpoint` wrote (tensors only: `weights_only=True`); returns the state dict."""
-    module.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    load_trainable_state(module, load_file(str(folder / "weights.safetensors")))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
