@@ -1,4 +1,4 @@
-"""Stage II, Causal Counterfactual Refinement: GRPO on a LoRA of the language model with R = λ_acc·r_acc + λ_causal·r_causal.
+"""Stage II, Causal Counterfactual Refinement: GRPO on an LLM LoRA with R = λ_acc·r_acc + λ_causal·r_causal.
 
 Per step, top to bottom:
 1. B prompts; their prior tokens (cached table), memory M and counterfactual memory M' (frozen sampler, no grad) and
@@ -194,7 +194,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
 
         if step % config.log_every == 0 or step == config.max_steps - 1:
             generated = float(rollouts.mask.sum())
-            logs = {"loss": result.loss.item(), "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            logs = {"loss": result.loss.item(), "reward_mean": float(rewards.mean()),
+                    "reward_std": float(rewards.std()),
                     "r_acc": float(r_acc.mean()), "r_causal": float(r_causal.mean()),
                     "zero_std_groups": zero_std_fraction(rewards, G), "clip_fraction": result.clip_fraction,
                     "kl": result.kl, "generated_tokens_per_s": generated / max(rollouts.seconds, 1e-9),
