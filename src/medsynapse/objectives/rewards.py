@@ -8,6 +8,7 @@ from medsynapse.data.schema import Sample
 from medsynapse.objectives.answers import is_correct
 
 CAUSAL_REDUCTIONS = ("sum", "mean")
+CAUSAL_GATES = ("none", "correct")
 
 
 def accuracy_rewards(texts: list[str], samples: list[Sample]) -> torch.Tensor:
@@ -30,3 +31,17 @@ def causal_rewards(logp_factual: torch.Tensor, logp_counterfactual: torch.Tensor
     if clip is not None:
         reward = reward.clamp(-clip, clip)
     return reward
+
+
+def total_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, lambda_acc: float = 1.0, lambda_causal: float = 0.5,
+                 gate: str = "none") -> torch.Tensor:
+    """R = λ_acc·r_acc + λ_causal·r_causal (paper, gate "none").
+
+    gate "correct" credits r_causal only to correct rollouts. Why: ungated, a *wrong* answer that the counterfactual
+    memory makes unlikely earns a large causal reward, and the answer the counterfactual favours is penalised even
+    when it is right; on the SynthMed demo this cost accuracy (see README, Stage II).
+    """
+    if gate not in CAUSAL_GATES:
+        raise ValueError(f"unknown causal gate {gate!r}; expected one of {CAUSAL_GATES}")
+    causal = r_causal * (r_acc > 0).to(r_causal.dtype) if gate == "correct" else r_causal
+    return lambda_acc * r_acc + lambda_causal * causal

@@ -1,7 +1,8 @@
 """`medsynapse demo`: the whole pipeline on SynthMed, on a laptop CPU.
 
 data -> tiny Qwen3-VL (built offline) -> base-VLM preparation -> prior encoder (trained on masks, frozen)
--> Stage I -> evaluation of base vs Stage I (and Stage I with the counterfactual memory) on the held-out test split.
+-> Stage I -> Stage II -> evaluation of base vs each stage (and each stage with the counterfactual memory) on the
+held-out test split.
 Data, the tiny VLMs and the encoder are cached (keyed by the settings that shape them); stages are always re-run.
 """
 
@@ -25,6 +26,7 @@ from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
 from medsynapse.recipes.prepare_base import BasePrepConfig, prepare_base
 from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
+from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
 from medsynapse.recipes.train_encoder import EncoderTrainConfig, train_encoder
 
 ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training changes
@@ -43,6 +45,11 @@ class DemoConfig:
     stage1: dict = field(default_factory=lambda: {
         "lr": 1e-3, "max_steps": 500, "batch_size": 32, "n_memory": 16, "sampler_width": 128, "save_every": 100,
         "warmup_ratio": 0.05, "answer_types": ["yes_no", "multiple_choice", "open"], "loss_reduction": "sample"})
+    stage2: dict = field(default_factory=lambda: {
+        "lr": 3e-4, "max_steps": 250, "batch_size": 16, "group_size": 4, "lora_r": 16, "lora_alpha": 32,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_clip": 0.9, "causal_gate": "correct",
+        "families": ["lesion"], "save_every": 100})
     eval_batch_size: int = 64
     threads: int = 0  # 0 = torch default
 
@@ -122,40 +129,60 @@ def run_demo(config: DemoConfig) -> dict:
                               output_dir=str(stage1_dir), seed=config.seed, **config.stage1)
     timed("stage1", lambda: train_stage1(stage1_cfg))
 
+    stage2_dir = out / "stage2"
+    shutil.rmtree(stage2_dir, ignore_errors=True)
+    stage2_cfg = Stage2Config(model=str(stage1_dir), train_file=train_file, output_dir=str(stage2_dir),
+                              seed=config.seed, **config.stage2)
+    timed("stage2", lambda: train_stage2(stage2_cfg))
+
     test = [s for s in read_samples(data / "test.jsonl") if s.family == "lesion" and s.answer_type != "caption"]
     train_n = len([s for s in read_samples(data / "train.jsonl") if s.answer_type != "caption"])
-    base = MedSynapseV.from_pretrained(vlm_base)
-    base_eval = timed("eval_base", lambda: evaluate(base, test, batch_size=config.eval_batch_size, desc="eval base"))
-    stage1 = MedSynapseV.from_pretrained(stage1_dir)
-    s1_eval = timed("eval_stage1", lambda: evaluate(stage1, test, batch_size=config.eval_batch_size,
-                                                    desc="eval stage1"))
-    s1_cf = timed("eval_stage1_cf", lambda: evaluate(stage1, test, branch="counterfactual",
-                                                     batch_size=config.eval_batch_size, desc="eval stage1 cf"))
+    evaluations: dict[str, dict] = {}
 
-    def row(result: dict, cf: dict | None = None) -> dict:
-        r = {"accuracy": result["accuracy"], "n": result["n"], "unparseable": result["unparseable"],
-             "by_question_type": result["by_question_type"]}
-        if cf is not None:
-            r["counterfactual_accuracy"] = cf["accuracy"]
-        return r
+    def evaluate_stage(name: str, folder: Path, counterfactual: bool) -> dict:
+        model = MedSynapseV.from_pretrained(folder)
+        result = timed(f"eval_{name}", lambda: evaluate(model, test, batch_size=config.eval_batch_size,
+                                                        desc=f"eval {name}"))
+        evaluations[name] = result
+        row = {"accuracy": result["accuracy"], "n": result["n"], "unparseable": result["unparseable"],
+               "by_question_type": result["by_question_type"]}
+        if counterfactual:
+            cf = timed(f"eval_{name}_cf", lambda: evaluate(model, test, branch="counterfactual",
+                                                           batch_size=config.eval_batch_size, desc=f"eval {name} cf"))
+            evaluations[f"{name}_counterfactual"] = cf
+            row["counterfactual_accuracy"] = cf["accuracy"]
+        return row
+
+    stages = {"base": evaluate_stage("base", vlm_base, False), "stage1": evaluate_stage("stage1", stage1_dir, True),
+              "stage2": evaluate_stage("stage2", stage2_dir, True)}
+    causal = json.loads((stage2_dir / "causal_reward_summary.json").read_text())
+    stages["stage2"].update({k: causal[k] for k in ("mean_causal_reward_correct", "mean_causal_reward_wrong")})
 
     results = {
         "seed": config.seed,
         "splits": {"train": train_n, "test": len(test)},
-        "stages": {"base": row(base_eval), "stage1": row(s1_eval, s1_cf)},
+        "stages": stages,
         "encoder": encoder_info,
+        "stage2_causal_reward": causal,
         "timing_s": {**timing, "total": round(time.perf_counter() - t0, 2)},
         "config": asdict(config),
     }
-    for name, result in (("base", base_eval), ("stage1", s1_eval), ("stage1_counterfactual", s1_cf)):
+    for name, result in evaluations.items():
         with (out / f"predictions_{name}.jsonl").open("w") as handle:
             for p in result["predictions"]:
                 handle.write(json.dumps(p) + "\n")
     write_json(out / "results.json", results)
     report = (f"# MedSynapse demo (SynthMed, seed {config.seed})\n\nHeld-out test split: {len(test)} lesion questions "
               f"on {config.test_images} images never seen in training.\n\n{stage_table(results)}\n\n"
-              f"## By question type\n\n{type_table(results)}\n\nWall time: {results['timing_s']['total']:.1f} s "
+              f"Stage II mean causal reward (last 20 % of training): correct rollouts "
+              f"{_fmt(causal['mean_causal_reward_correct'])}, wrong rollouts "
+              f"{_fmt(causal['mean_causal_reward_wrong'])}."
+              f"\n\n## By question type\n\n{type_table(results)}\n\nWall time: {results['timing_s']['total']:.1f} s "
               f"({json.dumps(timing)})\n")
     (out / "report.md").write_text(report)
     plot_accuracy(results, out / "accuracy.png")
     return results
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -27,7 +27,7 @@ from medsynapse.data.schema import read_samples
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import completion_logprobs, completion_mask, select_features, vision_features
 from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages, zero_std_fraction
-from medsynapse.objectives.rewards import accuracy_rewards, causal_rewards
+from medsynapse.objectives.rewards import accuracy_rewards, causal_rewards, total_reward
 from medsynapse.recipes import trainer
 from medsynapse.recipes.stage1_warmup import prior_table
 
@@ -55,6 +55,7 @@ class Stage2Config:
     lambda_causal: float = 0.5
     causal_reduction: str = "sum"  # sum (paper Eq. 5) | mean
     causal_clip: float | None = None
+    causal_gate: str = "none"  # none (paper) | correct (r_causal credited to correct rollouts only)
     intervention: str = "zero"  # zero (paper) | drop
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo
     epsilon: float = 0.2
@@ -144,7 +145,9 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
 
     bar = tqdm(range(start, config.max_steps), desc="stage2", disable=not accelerator.is_main_process,
                initial=start, total=config.max_steps)
+    step_seconds: list[float] = []
     for step in bar:
+        step_start = time.perf_counter()
         indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
                                      accelerator.process_index, accelerator.num_processes)
         prompts = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=False)
@@ -166,17 +169,23 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         unwrapped.eval()
         rollouts = generate_rollouts(model, batch, memory, batch_features, config)
         r_acc = accuracy_rewards(rollouts.texts, rollout_samples).to(accelerator.device)
-        logp_f, logp_cf = factual_and_counterfactual_logprobs(unwrapped, batch, memory, memory_cf, rollouts,
-                                                              batch_features, model.latent_id, config.temperature)
-        r_causal = causal_rewards(logp_f, logp_cf, rollouts.mask, config.causal_reduction, config.causal_clip)
-        rewards = config.lambda_acc * r_acc + config.lambda_causal * r_causal
+        if config.lambda_causal != 0.0:
+            logp_f, logp_cf = factual_and_counterfactual_logprobs(unwrapped, batch, memory, memory_cf, rollouts,
+                                                                  batch_features, model.latent_id, config.temperature)
+            r_causal = causal_rewards(logp_f, logp_cf, rollouts.mask, config.causal_reduction, config.causal_clip)
+        else:  # no counterfactual pass: only the old log-probs are needed
+            with torch.no_grad():
+                logp_f = completion_logprobs(unwrapped, batch, memory, rollouts.tokens, rollouts.mask,
+                                             model.latent_id, batch_features, config.temperature)
+            r_causal = torch.zeros_like(r_acc)
+        rewards = total_reward(r_acc, r_causal, config.lambda_acc, config.lambda_causal, config.causal_gate)
         advantages = group_advantages(rewards, G, config.advantage_eps)
         ref_logp = None
         if config.beta != 0.0:
             with torch.no_grad(), unwrapped.disable_adapter():
                 ref_logp = completion_logprobs(unwrapped, batch, memory, rollouts.tokens, rollouts.mask,
                                                model.latent_id, batch_features, config.temperature)
-        if step >= record_from:
+        if step >= record_from and config.lambda_causal != 0.0:
             for acc, causal in zip(r_acc.tolist(), r_causal.tolist()):
                 record["correct" if acc > 0 else "wrong"].append(causal)
 
@@ -192,6 +201,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
+        step_seconds.append(time.perf_counter() - step_start)
         if step % config.log_every == 0 or step == config.max_steps - 1:
             generated = float(rollouts.mask.sum())
             logs = {"loss": result.loss.item(), "reward_mean": float(rewards.mean()),
@@ -215,7 +225,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         summary = {"mean_causal_reward_correct": _mean(record["correct"]),
                    "mean_causal_reward_wrong": _mean(record["wrong"]),
                    "n_correct": len(record["correct"]), "n_wrong": len(record["wrong"]),
-                   "recorded_from_step": record_from}
+                   "recorded_from_step": record_from, "step_seconds_this_run": step_seconds}
         (output / "causal_reward_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return output
