@@ -55,8 +55,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medsynapse.data.images import load_image
     from medsynapse.model.medsynapse import MedSynapseV
 
-    model = MedSynapseV.from_pretrained(args.model)
-    print(model.answer([load_image(args.image)], [args.question], max_new_tokens=args.max_new_tokens)[0])
+    model = MedSynapseV.from_pretrained(args.model, merge_adapter=True)
+    window = tuple(args.window) if args.window else None
+    image = load_image(args.image, window=window)
+    print(model.answer([image], [args.question], max_new_tokens=args.max_new_tokens)[0])
     return 0
 
 
@@ -77,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")
     train.set_defaults(func=cmd_train)
 
-    predict = sub.add_parser("predict", help="answer one question about one image")
+    predict = sub.add_parser("predict", help="answer one question about one image (PNG, JPEG or DICOM)")
     predict.add_argument("--model", required=True)
     predict.add_argument("--image", required=True)
     predict.add_argument("--question", required=True)
     predict.add_argument("--max-new-tokens", type=int, default=16)
+    predict.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
+                         help="DICOM window (e.g. 40 400 for soft tissue); default: the file's own window")
     predict.set_defaults(func=cmd_predict)
     return parser
 

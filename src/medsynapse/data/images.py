@@ -6,10 +6,51 @@ from PIL import Image, UnidentifiedImageError
 
 from medsynapse.data.schema import DataError, Sample
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
-def load_image(path: str, sample: Sample | None = None, field: str = "images") -> Image.Image:
-    """Open an image fully (so corruption shows here, not deep inside a batch) as RGB."""
+
+def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Image:
+    """A DICOM slice as 8-bit RGB: modality LUT (rescale slope/intercept to e.g. Hounsfield units), then windowing.
+
+    Window: `window=(center, width)` if given, else the file's VOI LUT / WindowCenter-WindowWidth, else the pixel
+    range. MONOCHROME1 (inverted grey) is flipped so that dense is bright, as in MONOCHROME2.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame series: the middle frame
+    if getattr(ds, "SamplesPerPixel", 1) == 3:
+        return Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("RGB")
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if window is not None:
+        center, width = window
+        low, high = center - width / 2, center + width / 2
+    elif "WindowCenter" in ds or "VOILUTSequence" in ds:
+        values = apply_voi_lut(values, ds).astype(np.float64)
+        low, high = float(values.min()), float(values.max())
+    else:
+        low, high = float(values.min()), float(values.max())
+    scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0)
+    if getattr(ds, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return Image.fromarray((scaled * 255).round().astype(np.uint8)).convert("RGB")
+
+
+def load_image(path: str, sample: Sample | None = None, field: str = "images",
+               window: tuple[float, float] | None = None) -> Image.Image:
+    """Open an image fully (so corruption shows here, not deep inside a batch) as RGB; DICOM is windowed."""
     where = f"record id {sample.id!r}, field '{field}'" if sample is not None else "image"
+    if str(path).lower().endswith(DICOM_SUFFIXES):
+        try:
+            return load_dicom(path, window)
+        except FileNotFoundError:
+            raise DataError(f"{path}: image not found ({where})") from None
+        except Exception as err:  # pydicom raises many types for bad files
+            raise DataError(f"{path}: corrupt or unreadable DICOM ({where}): {err}") from None
     try:
         with Image.open(path) as img:
             img.load()

@@ -10,13 +10,18 @@ from tqdm.auto import tqdm
 from medsynapse.data.dataset import VQADataset
 from medsynapse.data.schema import Sample
 from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.vlm import vision_features
 from medsynapse.objectives.answers import is_correct
 
 
 @torch.no_grad()
-def evaluate(model: MedSynapseV, samples: list[Sample], branch: str = "privileged", intervention: str = "zero",
+def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = None, intervention: str = "zero",
              batch_size: int = 64, max_new_tokens: int = 8, desc: str = "eval") -> dict:
-    """Returns accuracy, n, unparseable count, per-question-type accuracy and the per-sample predictions."""
+    """Returns accuracy, n, unparseable count, per-question-type accuracy and the per-sample predictions.
+
+    `branch`: None = the model's own memory (A_psi for an encoder-free student, else P_phi), or "privileged",
+    "counterfactual" (M' with `intervention`), "autonomous".
+    """
     model.eval()
     dataset = VQADataset(samples, model.prompts, with_answers=False)
     device = next(model.vlm.parameters()).device
@@ -24,11 +29,13 @@ def evaluate(model: MedSynapseV, samples: list[Sample], branch: str = "privilege
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         indices = list(range(start, min(start + batch_size, len(samples))))
         batch = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=False).to(device)
-        memory = None
-        if model.sampler is not None:
-            prior = model.prior([dataset.images(i)[0] for i in indices])
-            memory = model.memory(prior, branch, intervention)
-        tokens = model.generate(batch, memory, max_new_tokens=max_new_tokens)
+        features = vision_features(model.vlm, batch)  # once: shared by A_psi (if any) and generation
+        images = [dataset.images(i)[0] for i in indices]
+        if branch == "counterfactual":
+            memory = model.memory(model.prior(images), branch, intervention)
+        else:
+            memory = model.memory_for(batch, images, features, branch)
+        tokens = model.generate(batch, memory, max_new_tokens=max_new_tokens, features=features)
         texts = model.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for i, text in zip(indices, texts):
             sample = samples[i]

@@ -7,6 +7,7 @@ and the encoder are referenced by path (an 8B VLM is not copied into every stage
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +16,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medsynapse.model.encoders import PriorEncoder, PriorOutput, load_encoder
-from medsynapse.model.memory import DiagnosticMemorySampler, SamplerConfig, embedding_rms
+from medsynapse.model.memory import (
+    AutonomousConfig,
+    AutonomousMemoryModule,
+    DiagnosticMemorySampler,
+    SamplerConfig,
+    embedding_rms,
+)
 from medsynapse.model.vlm import (
     PromptBatch,
     PromptBuilder,
@@ -23,9 +30,10 @@ from medsynapse.model.vlm import (
     forward_with_memory,
     generate_with_memory,
     load_vlm,
+    vision_features,
 )
 
-BRANCHES = ("privileged", "counterfactual")
+BRANCHES = ("privileged", "counterfactual", "autonomous")
 INTERVENTIONS = ("zero", "drop")
 MANIFEST = "medsynapse.json"
 ADAPTER_DIR = "adapter"
@@ -41,14 +49,17 @@ class MedSynapseV(nn.Module):
 
     def __init__(self, vlm, processor, encoder: PriorEncoder | None = None,
                  sampler: DiagnosticMemorySampler | None = None, vlm_path: str | None = None,
-                 encoder_path: str | None = None):
+                 encoder_path: str | None = None, autonomous: AutonomousMemoryModule | None = None,
+                 adapter_path: str | None = None):
         super().__init__()
         self.vlm = vlm
         self.processor = processor
         self.encoder = encoder
         self.sampler = sampler
-        self.vlm_path, self.encoder_path = vlm_path, encoder_path
-        self.n_memory = sampler.config.n_memory if sampler is not None else 0
+        self.autonomous = autonomous
+        self.vlm_path, self.encoder_path, self.adapter_path = vlm_path, encoder_path, adapter_path
+        memory_module = sampler if sampler is not None else autonomous
+        self.n_memory = memory_module.config.n_memory if memory_module is not None else 0
         self.prompts = PromptBuilder(processor, self.n_memory)
         self.latent_id = self.prompts.latent_id
         if encoder is not None:
@@ -87,9 +98,17 @@ class MedSynapseV(nn.Module):
         manifest = {"format": 1, "vlm": str(Path(self.vlm_path).resolve()),
                     "encoder": str(Path(self.encoder_path).resolve()) if self.encoder_path else None,
                     "sampler": self.sampler.config.to_dict() if self.sampler is not None else None,
-                    "adapter": ADAPTER_DIR if self.has_adapter else None}
+                    "adapter": ADAPTER_DIR if self.has_adapter or self.adapter_path else None,
+                    "autonomous": self.autonomous.config.to_dict() if self.autonomous is not None else None}
         if self.has_adapter:
             self.vlm.save_pretrained(folder / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
+        elif self.adapter_path and Path(self.adapter_path).resolve() != (folder / ADAPTER_DIR).resolve():
+            shutil.copytree(self.adapter_path, folder / ADAPTER_DIR, dirs_exist_ok=True)  # merged in memory
+        for name, module in (("autonomous", self.autonomous),):
+            if module is not None:
+                state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+                save_file(state, str(folder / f"{name}.safetensors.tmp"))
+                (folder / f"{name}.safetensors.tmp").replace(folder / f"{name}.safetensors")
         if self.sampler is not None:
             state = {k: v.detach().contiguous() for k, v in self.sampler.state_dict().items()}
             save_file(state, str(folder / "sampler.safetensors.tmp"))
@@ -99,8 +118,12 @@ class MedSynapseV(nn.Module):
         tmp.replace(folder / MANIFEST)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: str = "auto") -> MedSynapseV:
-        """A MedSynapse folder, or a plain local Qwen3-VL folder (loaded as the base model, no memory)."""
+    def from_pretrained(cls, folder: str | Path, dtype: str = "auto", merge_adapter: bool = False) -> MedSynapseV:
+        """A MedSynapse folder, or a plain local Qwen3-VL folder (loaded as the base model, no memory).
+
+        Only what the manifest names is built: a Stage III student folder loads VLM + LoRA + A_psi, and neither the
+        prior encoder nor P_phi. `merge_adapter` folds the LoRA into the weights (inference: no adapter overhead).
+        """
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
             vlm, processor = load_vlm(folder, dtype=dtype)
@@ -112,11 +135,20 @@ class MedSynapseV(nn.Module):
         if manifest.get("sampler"):
             sampler = DiagnosticMemorySampler(SamplerConfig(**manifest["sampler"]))
             sampler.load_state_dict(load_file(str(folder / "sampler.safetensors")))
+        autonomous = None
+        if manifest.get("autonomous"):
+            autonomous = AutonomousMemoryModule(AutonomousConfig(**manifest["autonomous"]))
+            autonomous.load_state_dict(load_file(str(folder / "autonomous.safetensors")))
+        adapter_path = None
         if manifest.get("adapter"):
             from peft import PeftModel
 
-            vlm = PeftModel.from_pretrained(vlm, folder / manifest["adapter"], is_trainable=False)
-        model = cls(vlm, processor, encoder, sampler, manifest["vlm"], manifest.get("encoder"))
+            adapter_path = str(folder / manifest["adapter"])
+            vlm = PeftModel.from_pretrained(vlm, adapter_path, is_trainable=False)
+            if merge_adapter:
+                vlm = vlm.merge_and_unload()
+        model = cls(vlm, processor, encoder, sampler, manifest["vlm"], manifest.get("encoder"), autonomous,
+                    adapter_path if merge_adapter else None)
         return model.eval()
 
     # --- memory -------------------------------------------------------------------------------------------------
@@ -126,6 +158,15 @@ class MedSynapseV(nn.Module):
             raise ValueError("this model has no prior encoder")
         with torch.no_grad():
             return self.encoder.encode(images)
+
+    def autonomous_memory(self, batch: PromptBatch, features) -> torch.Tensor:
+        """M_auto = A_psi(the VLM's merged visual tokens): the encoder-free memory."""
+        if self.autonomous is None:
+            raise ValueError("this model has no autonomous memory module (A_psi)")
+        merge = core_vlm(self.vlm).config.vision_config.spatial_merge_size
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
+        counts = batch.images_per_sample or [1] * batch.input_ids.shape[0]
+        return self.autonomous(features.pooler_output, grids, counts)
 
     def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero") -> torch.Tensor:
         """M = P_phi(S) for the privileged branch; M' = P_phi(S ⊙ ¬B) (zero) or with B's tokens dropped (drop)."""
@@ -150,13 +191,23 @@ class MedSynapseV(nn.Module):
         return generate_with_memory(self.vlm, batch, memory, self.latent_id, max_new_tokens=max_new_tokens,
                                     suppress_tokens=self.prompts.suppressed_ids, **kwargs)
 
+    def memory_for(self, batch: PromptBatch, images: list[Image.Image], features, branch: str | None = None):
+        """Memory for a prompt batch: autonomous (A_psi) when present, else P_phi's branch; None for the base VLM."""
+        branch = branch or ("autonomous" if self.autonomous is not None else "privileged")
+        if branch == "autonomous":
+            return self.autonomous_memory(batch, features)
+        if self.sampler is None:
+            return None
+        return self.memory(self.prior(images), branch)
+
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 16,
-               branch: str = "privileged") -> list[str]:
-        """Greedy answers, one image per question."""
+               branch: str | None = None) -> list[str]:
+        """Greedy answers, one image per question. Vision features are computed once and reused for the memory."""
         items = [self.prompts.encode([img], q) for img, q in zip(images, questions)]
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
-        memory = self.memory(self.prior(images), branch) if self.sampler is not None else None
-        tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens)
+        features = vision_features(self.vlm, batch)
+        memory = self.memory_for(batch, images, features, branch)
+        tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features)
         return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]

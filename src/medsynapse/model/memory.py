@@ -102,3 +102,56 @@ def embedding_rms(embedding: nn.Embedding) -> float:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class AutonomousConfig:
+    hidden_size: int  # the VLM's text hidden size: merged visual tokens and memory vectors both live there
+    n_memory: int = 16
+    mlp_hidden: int = 0  # 0 = hidden_size (2 x H^2 weights: 33.6 M at Qwen3-VL-8B's H = 4096)
+    embed_rms: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AutonomousMemoryModule(nn.Module):
+    """A_psi: memory from the VLM's own merged visual tokens, so inference needs no prior encoder and no sampler.
+
+    Pooling: adaptive average pooling of each image's merged token grid to a sqrt(N) x sqrt(N) grid, one slot per
+    cell, plus a learned per-slot embedding. Chosen because it has no parameters, keeps the 2-D layout (slot k always
+    looks at the same part of the image, as the prior tokens' positions did for P_phi), and handles any resolution;
+    attention pooling would add ~2 H^2 parameters. Each slot then goes through a 2-layer MLP + LayerNorm and the same
+    learnable gain (initialised to the embedding RMS) as P_phi. Several images of one sample: their slots are averaged.
+    """
+
+    def __init__(self, config: AutonomousConfig):
+        super().__init__()
+        side = int(round(config.n_memory ** 0.5))
+        if side * side != config.n_memory:
+            raise ValueError(f"n_memory must be a square number for spatial pooling, got {config.n_memory}")
+        self.config = config
+        self.side = side
+        hidden, inner = config.hidden_size, config.mlp_hidden or config.hidden_size
+        self.slot_embed = nn.Parameter(torch.zeros(config.n_memory, hidden))
+        self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
+        self.norm = nn.LayerNorm(hidden)
+        self.gain = nn.Parameter(torch.tensor(float(config.embed_rms)))
+
+    def pool(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(h*w, H) merged tokens of one image -> (N, H) slots."""
+        h, w = grid
+        image = tokens.reshape(h, w, -1).permute(2, 0, 1).unsqueeze(0)
+        pooled = nn.functional.adaptive_avg_pool2d(image, (self.side, self.side))
+        return pooled.flatten(2).squeeze(0).transpose(0, 1)
+
+    def forward(self, visual_tokens: list[torch.Tensor] | tuple[torch.Tensor, ...], grids: list[tuple[int, int]],
+                images_per_sample: list[int]) -> torch.Tensor:
+        """Per-image merged tokens (the vision tower's `pooler_output`) -> memory (B, N, H)."""
+        slots = [self.pool(t, g) for t, g in zip(visual_tokens, grids)]
+        per_sample, start = [], 0
+        for count in images_per_sample:
+            per_sample.append(torch.stack(slots[start:start + count]).mean(0))
+            start += count
+        x = torch.stack(per_sample) + self.slot_embed
+        return self.norm(self.mlp(x)) * self.gain

@@ -295,3 +295,17 @@ def completion_logprobs(model, batch: PromptBatch, memory: torch.Tensor | None, 
         logits = logits / temperature
     logp = torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
     return logp * mask
+
+
+def completion_outputs(model, batch: PromptBatch, memory: torch.Tensor | None, tokens: torch.Tensor,
+                       mask: torch.Tensor, latent_id: int, features=None, hidden: bool = False) -> torch.Tensor:
+    """Per-position outputs that predict each completion token: logits (N, T, V), or the final (normed) hidden states
+    (N, T, H) when `hidden` (for the fused JSD, which applies lm_head chunk by chunk)."""
+    full = append_completions(batch, tokens, mask)
+    width = tokens.shape[1]
+    if hidden:
+        out = forward_with_memory(model, full, memory, latent_id, features=features, output_hidden_states=True,
+                                  logits_to_keep=1)
+        return out.hidden_states[-1][:, -(width + 1):-1]
+    return forward_with_memory(model, full, memory, latent_id, features=features,
+                               logits_to_keep=width + 1).logits[:, :-1]

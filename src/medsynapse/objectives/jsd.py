@@ -108,8 +108,9 @@ class _FusedLinearJSD(torch.autograd.Function):
 
 
 def generalized_jsd_from_hidden(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                                lm_head_weight: torch.Tensor, mask: torch.Tensor | None = None, beta: float = 0.5, temperature: float = 1.0,
-                                chunk_size: int = 32, num_items: float | None = None) -> torch.Tensor:
+                                lm_head_weight: torch.Tensor, mask: torch.Tensor | None = None, beta: float = 0.5,
+                                temperature: float = 1.0, chunk_size: int = 32,
+                                num_items: float | None = None) -> torch.Tensor:
     """The same loss from final hidden states (..., H) and a frozen lm_head weight (V, H); logits are built per chunk.
 
     Gradients flow to `student_hidden` only: the lm_head is frozen in Stage III.

@@ -49,7 +49,7 @@ class DemoConfig:
         "lr": 3e-4, "max_steps": 250, "batch_size": 16, "group_size": 4, "lora_r": 16, "lora_alpha": 32,
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_clip": 0.9, "causal_gate": "correct",
-        "families": ["lesion"], "save_every": 100})
+        "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice"], "save_every": 100})
     eval_batch_size: int = 64
     threads: int = 0  # 0 = torch default
 

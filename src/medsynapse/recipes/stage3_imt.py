@@ -1,0 +1,159 @@
+"""Stage III, Intrinsic Memory Transition: distil the privileged memory path into A_psi (paper Eq. 7-8).
+
+Teacher = VLM + Stage II LoRA + memory P_phi(E_ana(X)); student = the same VLM + LoRA + memory A_psi(the VLM's own
+merged visual tokens). Per step: one on-policy trajectory per sample from the student; the generalized JSD_β between
+the two branches' full-vocabulary next-token distributions at every trajectory position (token-weighted mean over
+the batch, as TRL's "batchmean"); only A_psi is updated (teacher under no_grad; LoRA frozen but active in both).
+Vision features and prior features are computed once per step and shared by generation and both branches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from medsynapse.config import to_dict
+from medsynapse.data.dataset import VQADataset
+from medsynapse.data.schema import read_samples
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
+from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
+from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
+from medsynapse.recipes import trainer
+from medsynapse.recipes.stage1_warmup import prior_table
+
+
+@dataclass
+class Stage3Config:
+    model: str = ""  # a Stage II folder (VLM + LoRA + sampler + encoder)
+    train_file: str = ""
+    output_dir: str = "runs/stage3"
+    mlp_hidden: int = 0  # 0 = the VLM hidden size (paper: 2-layer MLP at width 4096)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    batch_size: int = 32
+    max_steps: int = 300
+    grad_clip: float = 1.0
+    beta: float = 0.5
+    jsd_temperature: float = 1.0  # separate from the sampling temperature (one value served both in the reference)
+    sample_temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 16
+    fused_jsd: bool = False  # True: JSD from hidden states + lm_head chunk by chunk (no full logits)
+    jsd_chunk_size: int = 32
+    families: list[str] = field(default_factory=list)
+    answer_types: list[str] = field(default_factory=lambda: ["yes_no", "multiple_choice", "open"])
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    dtype: str = "float32"
+
+
+def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
+    output = Path(config.output_dir)
+    accelerator = trainer.make_accelerator(output)
+    torch.manual_seed(config.seed)
+
+    model = MedSynapseV.from_pretrained(config.model, dtype=config.dtype)
+    if model.sampler is None or model.encoder is None:
+        raise ValueError(f"{config.model}: Stage III needs the teacher's sampler and encoder (a Stage II folder)")
+    model.vlm.requires_grad_(False).eval()
+    model.sampler.requires_grad_(False).eval()
+    vlm_core = core_vlm(model.vlm)
+    model.autonomous = AutonomousMemoryModule(AutonomousConfig(
+        hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
+        embed_rms=embedding_rms(vlm_core.get_input_embeddings())))
+    model.to(accelerator.device)
+
+    samples = read_samples(config.train_file)
+    if config.families:
+        samples = [s for s in samples if s.family in config.families]
+    if config.answer_types:
+        samples = [s for s in samples if s.answer_type in config.answer_types]
+    dataset = VQADataset(samples, model.prompts, with_answers=False)
+    dataset.validate()
+    priors, prior_row = prior_table(model, dataset)
+
+    optimizer = trainer.adamw(model.autonomous, config.lr, config.weight_decay)
+    scheduler = trainer.cosine_schedule(optimizer, config.max_steps, config.warmup_ratio)
+    student, optimizer, scheduler = accelerator.prepare(model.autonomous.train(), optimizer, scheduler)
+
+    start = 0
+    checkpoint = trainer.latest_checkpoint(output) if config.resume else None
+    if checkpoint is not None:
+        start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
+    accelerator.init_trackers("stage3", config={k: str(v) for k, v in to_dict(config).items()})
+    lm_head = vlm_core.lm_head.weight.detach()
+
+    bar = tqdm(range(start, config.max_steps), desc="stage3", disable=not accelerator.is_main_process,
+               initial=start, total=config.max_steps)
+    for step in bar:
+        indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
+                                     accelerator.process_index, accelerator.num_processes)
+        batch = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=False)
+        batch = batch.to(accelerator.device)
+        prior = priors.select([prior_row[i] for i in indices])
+        with torch.no_grad():
+            features = vision_features(model.vlm, batch)
+            teacher_memory = model.sampler(prior.tokens.to(accelerator.device), prior.grid)
+
+        merge = vlm_core.config.vision_config.spatial_merge_size
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
+        student_memory = student(features.pooler_output, grids, batch.images_per_sample)
+
+        gen_start = time.perf_counter()
+        tokens = model.generate(batch, student_memory.detach(), max_new_tokens=config.max_new_tokens,
+                                features=features, do_sample=True, temperature=config.sample_temperature,
+                                top_p=config.top_p, top_k=0)
+        gen_seconds = time.perf_counter() - gen_start
+        mask = completion_mask(tokens, model.prompts.eos_id)
+
+        with torch.no_grad():
+            teacher_out = completion_outputs(model.vlm, batch, teacher_memory, tokens, mask, model.latent_id,
+                                             features, hidden=config.fused_jsd)
+        student_out = completion_outputs(model.vlm, batch, student_memory, tokens, mask, model.latent_id, features,
+                                         hidden=config.fused_jsd)
+        if config.fused_jsd:
+            loss = generalized_jsd_from_hidden(student_out, teacher_out, lm_head, mask, config.beta,
+                                               config.jsd_temperature, config.jsd_chunk_size)
+        else:
+            loss = generalized_jsd(student_out, teacher_out, mask, config.beta, config.jsd_temperature,
+                                   config.jsd_chunk_size)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % config.log_every == 0 or step == config.max_steps - 1:
+            logs = {"jsd": loss.item(), "lr": scheduler.get_last_lr()[0],
+                    "generated_tokens_per_s": float(mask.sum()) / max(gen_seconds, 1e-9)}
+            accelerator.log(logs, step=step)
+            bar.set_postfix(jsd=f"{logs['jsd']:.4f}")
+        done = step + 1
+        if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
+            trainer.save_checkpoint(output, done, accelerator.unwrap_model(student), optimizer, scheduler)
+        if on_step is not None:
+            on_step(done)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_student(model, accelerator.unwrap_model(student), Path(config.model), output)
+    accelerator.end_training()
+    return output
+
+
+def save_student(model: MedSynapseV, autonomous: AutonomousMemoryModule, teacher_dir: Path, output: Path) -> None:
+    """The encoder-free folder: VLM reference + the Stage II adapter + A_psi; no encoder, no sampler."""
+    student = MedSynapseV(model.vlm, model.processor, encoder=None, sampler=None, vlm_path=model.vlm_path,
+                          autonomous=autonomous)
+    student.save_pretrained(output)
+    (output / "teacher.json").write_text(json.dumps({"teacher": str(teacher_dir.resolve())}))

@@ -1,0 +1,153 @@
+"""Stage III: A_psi, gradients to A_psi only, exact resume, and the encoder-free student folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medsynapse.data.images import load_image
+from medsynapse.data.schema import read_samples
+from medsynapse.model import medsynapse as medsynapse_module
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, count_parameters
+from medsynapse.model.vlm import completion_mask, completion_outputs, vision_features
+from medsynapse.objectives.jsd import generalized_jsd
+from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
+from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
+from medsynapse.recipes.stage3_imt import Stage3Config, train_stage3
+
+
+@pytest.fixture(scope="module")
+def stage2_dir(tiny_env, tmp_path_factory):
+    s1 = tmp_path_factory.mktemp("s1")
+    train_stage1(Stage1Config(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
+                              output_dir=str(s1), n_memory=4, sampler_width=32, batch_size=4, max_steps=2))
+    s2 = tmp_path_factory.mktemp("s2")
+    train_stage2(Stage2Config(model=str(s1), train_file=str(tiny_env.train_file), output_dir=str(s2), lora_r=4,
+                              lora_alpha=8, group_size=2, batch_size=2, max_steps=2, max_new_tokens=3))
+    return s2
+
+
+def _config(tiny_env, stage2_dir, out, **kw):
+    base = dict(model=str(stage2_dir), train_file=str(tiny_env.train_file), output_dir=str(out), batch_size=4,
+                max_steps=4, save_every=2, lr=1e-3, max_new_tokens=4, log_every=1)
+    base.update(kw)
+    return Stage3Config(**base)
+
+
+def test_autonomous_module_size_at_qwen3_vl_8b_width():
+    with torch.device("meta"):
+        module = AutonomousMemoryModule(AutonomousConfig(hidden_size=4096, n_memory=16))
+    assert abs(count_parameters(module) - 33.6e6) < 0.1e6  # the paper scripts' ~33.6 M, not the reference's 302 M
+
+
+def test_autonomous_pooling_keeps_layout_and_handles_multi_image():
+    module = AutonomousMemoryModule(AutonomousConfig(hidden_size=8, n_memory=4))
+    tokens = torch.arange(16.0).reshape(16, 1).expand(16, 8)  # a 4x4 grid
+    pooled = module.pool(tokens, (4, 4))
+    assert pooled.shape == (4, 8)
+    assert pooled[0, 0] < pooled[1, 0] < pooled[3, 0]  # top-left slot averages the top-left quarter
+    out = module([tokens, tokens * 2, tokens], [(4, 4)] * 3, images_per_sample=[2, 1])
+    assert out.shape == (2, 4, 8) and torch.isfinite(out).all()
+
+
+def test_jsd_gradients_reach_a_psi_only(tiny_env, stage2_dir):
+    model = MedSynapseV.from_pretrained(stage2_dir)
+    hidden = model.vlm.get_base_model().config.text_config.hidden_size
+    model.autonomous = AutonomousMemoryModule(AutonomousConfig(hidden_size=hidden, n_memory=model.n_memory))
+    samples = read_samples(tiny_env.train_file)[:3]
+    images = [load_image(s.images[0], s) for s in samples]
+    batch = model.prompts.collate([model.prompts.encode([im], s.question) for im, s in zip(images, samples)])
+    with torch.no_grad():
+        features = vision_features(model.vlm, batch)
+        teacher_memory = model.memory(model.prior(images))
+    student_memory = model.autonomous_memory(batch, features)
+    tokens = model.generate(batch, student_memory.detach(), max_new_tokens=3, min_new_tokens=3, features=features)
+    mask = completion_mask(tokens, model.prompts.eos_id)
+    with torch.no_grad():
+        teacher = completion_outputs(model.vlm, batch, teacher_memory, tokens, mask, model.latent_id, features)
+    student = completion_outputs(model.vlm, batch, student_memory, tokens, mask, model.latent_id, features)
+    generalized_jsd(student, teacher, mask).backward()
+    assert all(p.grad is not None for p in model.autonomous.parameters())
+    assert all(p.grad is None for p in model.vlm.parameters())  # base VLM and LoRA
+    assert all(p.grad is None for p in model.sampler.parameters())
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_stage3_resumes_exactly_and_student_loads_without_encoder_or_sampler(tiny_env, stage2_dir, tmp_path,
+                                                                          monkeypatch):
+    straight = train_stage3(_config(tiny_env, stage2_dir, tmp_path / "a"))
+
+    class Interrupted(RuntimeError):
+        pass
+
+    def crash(step):
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_stage3(_config(tiny_env, stage2_dir, tmp_path / "b"), on_step=crash)
+    resumed = train_stage3(_config(tiny_env, stage2_dir, tmp_path / "b", resume=True))
+    a, b = load_file(str(straight / "autonomous.safetensors")), load_file(str(resumed / "autonomous.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the encoder-free student must not construct the encoder or the sampler")
+
+    monkeypatch.setattr(medsynapse_module, "load_encoder", forbidden)
+    monkeypatch.setattr(medsynapse_module, "DiagnosticMemorySampler", forbidden)
+    student = MedSynapseV.from_pretrained(straight, merge_adapter=True)
+    assert student.encoder is None and student.sampler is None and student.autonomous is not None
+    image = next((tiny_env.root / "data" / "images").glob("test_*.png"))
+    answers = student.answer([load_image(str(image))] * 2, ["Is there a lesion in this image? Answer yes or no.",
+                                                            "How many lesions are visible? Answer with one word."])
+    assert len(answers) == 2 and all(isinstance(x, str) for x in answers)
+    unmerged = MedSynapseV.from_pretrained(straight)
+    assert unmerged.answer([load_image(str(image))], ["Describe the image."]) == \
+        student.answer([load_image(str(image))], ["Describe the image."])  # merging the LoRA changes nothing
+
+
+def _write_dicom(path, pixels, photometric="MONOCHROME2", window=None, slope=1.0, intercept=0.0):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_windowing(tmp_path):
+    hu = np.tile(np.linspace(-1000, 1000, 64), (64, 1))
+    path = tmp_path / "ct.dcm"
+    _write_dicom(path, hu + 1024, slope=1.0, intercept=-1024, window=(40, 400))
+    img = np.asarray(load_image(str(path)))
+    assert img.shape == (64, 64, 3)
+    assert img[0, 0, 0] == 0 and img[0, -1, 0] == 255  # air black, bone white under a soft-tissue window
+    mid = np.asarray(load_image(str(path), window=(0, 2000)))[0, 32, 0]
+    assert 110 < mid < 145  # 0 HU sits mid-grey in a wide window
+    inverted = tmp_path / "mono1.dcm"
+    _write_dicom(inverted, hu + 1024, photometric="MONOCHROME1", intercept=-1024)
+    assert np.asarray(load_image(str(inverted)))[0, 0, 0] == 255
+
+
+def test_corrupt_dicom_is_named(tmp_path):
+    from medsynapse.data.schema import DataError
+
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not a dicom file at all")
+    with pytest.raises(DataError, match="bad.dcm"):
+        load_image(str(bad))
