@@ -11,7 +11,8 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--set",
                  "train_images=16", "test_images=4", "base_steps=4", "encoder_steps=4", "stage1.max_steps=3",
-                 "stage1.batch_size=4", "stage2.max_steps=2", "stage2.batch_size=2", "eval_batch_size=8"])
+                 "stage1.batch_size=4", "stage2.max_steps=2", "stage2.batch_size=2", "stage3.max_steps=2",
+                 "stage3.batch_size=4", "efficiency_samples=1", "eval_batch_size=8"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 0
@@ -24,6 +25,11 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     assert {"accuracy", "n", "counterfactual_accuracy", "mean_causal_reward_correct",
             "mean_causal_reward_wrong"} <= set(stage2)
     assert (out / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
+    for name in ("stage3_teacher", "stage3_student"):
+        assert 0.0 <= results["stages"][name]["accuracy"] <= 1.0
+    for name in ("base", "stage3_teacher", "stage3_student"):
+        assert results["efficiency"][name]["ms_per_sample"] > 0 and results["efficiency"][name]["peak_mem_mb"] > 0
+    assert (out / "stage3_student" / "autonomous.safetensors").is_file()
     assert results["timing_s"]["total"] > 0
     assert "| stage1 |" in (out / "report.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 1000
@@ -33,7 +39,8 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     # a second run reuses the cached data, VLMs and encoder
     main(["demo", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--set", "train_images=16",
           "test_images=4", "base_steps=4", "encoder_steps=4", "stage1.max_steps=1", "stage1.batch_size=4",
-          "stage2.max_steps=1", "stage2.batch_size=2"])
+          "stage2.max_steps=1", "stage2.batch_size=2", "stage3.max_steps=1", "stage3.batch_size=4",
+          "efficiency_samples=1"])
     again = json.loads((out / "results.json").read_text())
     assert again["timing_s"]["base_prep"] < 1.0 and again["timing_s"]["encoder"] < 1.0
 

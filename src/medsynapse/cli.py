@@ -1,4 +1,4 @@
-"""Command line: `medsynapse demo | train stage1 | predict`."""
+"""Command line: `medsynapse demo | train stage1|stage2|stage3 | predict`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _quiet() -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from medsynapse.config import apply_overrides, from_dict, to_dict
-    from medsynapse.eval.report import stage_table
+    from medsynapse.eval.report import efficiency_table, stage_table
     from medsynapse.recipes.demo import DemoConfig, run_demo
 
     defaults = to_dict(DemoConfig())
@@ -30,6 +30,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = run_demo(from_dict(DemoConfig, data, "demo"))
     print()
     print(stage_table(results))
+    print()
+    print(efficiency_table(results))
     print(f"\nwall time {results['timing_s']['total']:.1f} s; results in {args.output}/results.json, report.md, "
           "accuracy.png")
     return 0
@@ -39,16 +41,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medsynapse.config import load_config
 
     if args.stage == "stage1":
-        from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
-
-        config = load_config(Stage1Config, args.config, args.set)
-        if args.resume:
-            config.resume = True
-        out = train_stage1(config)
-        print(f"stage1 saved to {out}")
-        return 0
-    print(f"unknown stage {args.stage!r}", file=sys.stderr)
-    return 2
+        from medsynapse.recipes.stage1_warmup import Stage1Config as config_class
+        from medsynapse.recipes.stage1_warmup import train_stage1 as train
+    elif args.stage == "stage2":
+        from medsynapse.recipes.stage2_ccr import Stage2Config as config_class
+        from medsynapse.recipes.stage2_ccr import train_stage2 as train
+    else:
+        from medsynapse.recipes.stage3_imt import Stage3Config as config_class
+        from medsynapse.recipes.stage3_imt import train_stage3 as train
+    config = load_config(config_class, args.config, args.set)
+    if args.resume:
+        config.resume = True
+    out = train(config)
+    print(f"{args.stage} saved to {out}")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train one stage")
-    train.add_argument("stage", choices=["stage1"])
+    train.add_argument("stage", choices=["stage1", "stage2", "stage3"])
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")

@@ -57,3 +57,13 @@ def plot_accuracy(results: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def efficiency_table(results: dict) -> str:
+    rows = results.get("efficiency", {})
+    base = rows.get("base", {}).get("ms_per_sample")
+    lines = ["| model | ms / sample | ratio to base | peak memory MB |", "|---|---|---|---|"]
+    for name, row in rows.items():
+        ratio = f"{row['ms_per_sample'] / base:.2f}" if base else "—"
+        lines.append(f"| {name} | {row['ms_per_sample']:.1f} | {ratio} | {row['peak_mem_mb']:.0f} |")
+    return "\n".join(lines)

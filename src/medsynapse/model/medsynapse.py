@@ -202,12 +202,12 @@ class MedSynapseV(nn.Module):
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 16,
-               branch: str | None = None) -> list[str]:
+               branch: str | None = None, **generate_kwargs) -> list[str]:
         """Greedy answers, one image per question. Vision features are computed once and reused for the memory."""
         items = [self.prompts.encode([img], q) for img, q in zip(images, questions)]
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(self.vlm, batch)
         memory = self.memory_for(batch, images, features, branch)
-        tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features)
+        tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
         return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]

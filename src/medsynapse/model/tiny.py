@@ -43,7 +43,8 @@ class TinyVLMSpec:
     vision_hidden: int = 64
     vision_depth: int = 2
     vocab_size: int = 1024
-    image_size: int = 64
+    image_size: int = 64  # the data's image size
+    vlm_resolution: int = 0  # > 0: images are resized to this side before patching (patch 16 x merge 2 = 32 px/token)
     seed: int = 0
 
 
@@ -69,10 +70,12 @@ def build_tiny_vlm(out_dir: str | Path, corpus: Iterable[str], spec: TinyVLMSpec
     spec = spec or TinyVLMSpec()
     out_dir = Path(out_dir)
     tok = train_tokenizer(corpus, spec.vocab_size)
-    pixels = spec.image_size * spec.image_size
+    side = spec.vlm_resolution or spec.image_size
+    pixels = side * side
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, temporal_patch_size=2, merge_size=2,
-        size={"shortest_edge": min(pixels, 32 * 32), "longest_edge": max(pixels, 256 * 256)},  # pixel areas
+        patch_size=16, temporal_patch_size=2, merge_size=2,  # size = pixel areas (min, max): set explicitly
+        size={"shortest_edge": min(pixels, 32 * 32) if not spec.vlm_resolution else pixels,
+              "longest_edge": max(pixels, 256 * 256)},
         image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in [

@@ -42,24 +42,28 @@ def _chunk_loss_and_grad(student: torch.Tensor, teacher: torch.Tensor, beta: flo
 
 
 class _ChunkedJSD(torch.autograd.Function):
+    """Rows of (R, V) logits selected chunk by chunk through `rows`: no masked copy of the full tensors is made, and
+    the only full-size buffer is the (already normalised) gradient itself."""
+
     @staticmethod
-    def forward(ctx, student, teacher, beta, temperature, chunk_size, denominator):
+    def forward(ctx, student, teacher, rows, beta, temperature, chunk_size, denominator):
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
-        grad = torch.empty_like(student) if student.requires_grad else None
-        for start in range(0, student.shape[0], chunk_size):
-            stop = start + chunk_size
-            loss, chunk_grad = _chunk_loss_and_grad(student[start:stop], teacher[start:stop], beta, temperature)
+        grad = torch.zeros_like(student) if student.requires_grad else None
+        for start in range(0, rows.numel(), chunk_size):
+            index = rows[start:start + chunk_size]
+            loss, chunk_grad = _chunk_loss_and_grad(student[index], teacher[index], beta, temperature)
             total += loss
             if grad is not None:
-                grad[start:stop] = chunk_grad.to(grad.dtype)
+                grad[index] = (chunk_grad / denominator).to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
-        ctx.denominator = denominator
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_output / ctx.denominator).to(grad.dtype), None, None, None, None, None
+        if grad_output.item() == 1.0:  # the usual loss.backward(): no second full-size tensor
+            return grad, None, None, None, None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
 
 
 def _valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -77,10 +81,14 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    student = _valid_rows(student_logits, mask)
-    teacher = _valid_rows(teacher_logits.detach(), mask)
-    denominator = float(num_items) if num_items is not None else max(student.shape[0], 1)
-    return _ChunkedJSD.apply(student, teacher, beta, temperature, chunk_size, denominator)
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)  # views, not copies
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    rows = torch.arange(student.shape[0], device=student.device)
+    if mask is not None:
+        rows = rows[mask.reshape(-1).bool().to(student.device)]
+    denominator = float(num_items) if num_items is not None else max(rows.numel(), 1)
+    return _ChunkedJSD.apply(student, teacher, rows, beta, temperature, chunk_size, denominator)
 
 
 class _FusedLinearJSD(torch.autograd.Function):

@@ -34,7 +34,8 @@ from medsynapse.recipes.stage1_warmup import prior_table
 
 @dataclass
 class Stage2Config:
-    model: str = ""  # a Stage I folder (sampler + VLM + encoder)
+    model: str = ""  # a Stage I folder (sampler + VLM + encoder); a plain VLM folder with use_memory: false
+    use_memory: bool = True  # false: plain GRPO on the VLM (no memory, λ_causal must be 0), e.g. to compare with TRL
     train_file: str = ""
     output_dir: str = "runs/stage2"
     lora_r: int = 64
@@ -111,10 +112,15 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     G = config.group_size
 
     model = MedSynapseV.from_pretrained(config.model, dtype=config.dtype)
-    if model.sampler is None or model.encoder is None:
+    if not config.use_memory:
+        if config.lambda_causal != 0.0:
+            raise ValueError("use_memory: false has no counterfactual memory; set lambda_causal: 0")
+        model = MedSynapseV(model.vlm, model.processor, vlm_path=model.vlm_path)  # plain VLM, no memory slots
+    elif model.sampler is None or model.encoder is None:
         raise ValueError(f"{config.model}: Stage II needs a Stage I folder (sampler and encoder)")
     model.vlm.requires_grad_(False)
-    model.sampler.requires_grad_(False).eval()
+    if model.sampler is not None:
+        model.sampler.requires_grad_(False).eval()
     model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model.to(accelerator.device)
 
@@ -125,7 +131,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         samples = [s for s in samples if s.answer_type in config.answer_types]
     dataset = VQADataset(samples, model.prompts, with_answers=False)
     dataset.validate()
-    priors, prior_row = prior_table(model, dataset)
+    priors, prior_row = prior_table(model, dataset) if config.use_memory else (None, None)
 
     total_updates = config.max_steps * config.num_iterations
     optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
@@ -152,18 +158,18 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
                                      accelerator.process_index, accelerator.num_processes)
         prompts = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=False)
         prompts = prompts.to(accelerator.device)
-        prior = priors.select([prior_row[i] for i in indices])
-        tokens_dev = prior.tokens.to(accelerator.device)
-        with torch.no_grad():
-            memory = model.sampler(tokens_dev, prior.grid)
-            prior.tokens = tokens_dev
-            prior.region_mask = prior.region_mask.to(accelerator.device)
-            memory_cf = model.memory(prior, "counterfactual", config.intervention)
-            features = vision_features(unwrapped, prompts)  # the vision tower has no LoRA: reused by every pass
         rows = [r for r in range(len(indices)) for _ in range(G)]
+        memory = memory_cf = None
+        with torch.no_grad():
+            if config.use_memory:
+                prior = priors.select([prior_row[i] for i in indices])
+                prior = type(prior)(prior.tokens.to(accelerator.device), prior.grid,
+                                    prior.region_mask.to(accelerator.device))
+                memory = model.memory(prior)[rows]
+                memory_cf = model.memory(prior, "counterfactual", config.intervention)[rows]
+            features = vision_features(unwrapped, prompts)  # the vision tower has no LoRA: reused by every pass
         batch = prompts.select(rows)
         batch_features = select_features(features, prompts.image_rows(rows))
-        memory, memory_cf = memory[rows], memory_cf[rows]
         rollout_samples = [dataset.samples[indices[r]] for r in rows]
 
         unwrapped.eval()
