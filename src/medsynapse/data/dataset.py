@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from medsynapse.data.images import load_image
-from medsynapse.data.schema import Sample
+from medsynapse.data.schema import Sample, read_samples
 from medsynapse.model.vlm import EncodedPrompt, PromptBuilder
 
 
@@ -40,3 +40,18 @@ class VQADataset:
         """Load every image now: a corrupt file stops the run before training starts, naming file and record."""
         for index in range(len(self)):
             self.images(index)
+
+
+def training_dataset(path: str, prompts: PromptBuilder, families: list[str], answer_types: list[str],
+                     with_answers: bool) -> VQADataset:
+    """Read a training file, keep the chosen families / answer types (empty = all), check every image up front."""
+    samples = read_samples(path)
+    if families:
+        samples = [s for s in samples if s.family in families]
+    if answer_types:
+        samples = [s for s in samples if s.answer_type in answer_types]
+    if not samples:
+        raise ValueError(f"{path}: no samples left after filtering families={families} answer_types={answer_types}")
+    dataset = VQADataset(samples, prompts, with_answers=with_answers)
+    dataset.validate()
+    return dataset

@@ -56,7 +56,7 @@ class DemoConfig:
     stage3: dict = field(default_factory=lambda: {
         "lr": 3e-3, "max_steps": 500, "batch_size": 32, "max_new_tokens": 6, "families": ["lesion"],
         "save_every": 100})
-    efficiency_samples: int = 20
+    efficiency_samples: int = 60  # timed samples per model (after 3 warm-up); medians are noisy below ~50 here
     eval_batch_size: int = 64
     threads: int = 0  # 0 = torch default
 

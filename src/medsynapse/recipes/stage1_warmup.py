@@ -14,8 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import VQADataset
-from medsynapse.data.schema import read_samples
+from medsynapse.data.dataset import VQADataset, training_dataset
 from medsynapse.model.encoders import PriorOutput
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
@@ -76,13 +75,8 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     model.vlm.requires_grad_(False).eval().to(accelerator.device)
     model.encoder.to(accelerator.device)
 
-    samples = read_samples(config.train_file)
-    if config.families:
-        samples = [s for s in samples if s.family in config.families]
-    if config.answer_types:
-        samples = [s for s in samples if s.answer_type in config.answer_types]
-    dataset = VQADataset(samples, model.prompts, with_answers=True)
-    dataset.validate()
+    dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
+                               with_answers=True)
     priors, prior_row = prior_table(model, dataset)
 
     total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))

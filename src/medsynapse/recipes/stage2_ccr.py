@@ -22,8 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import VQADataset
-from medsynapse.data.schema import read_samples
+from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import completion_logprobs, completion_mask, select_features, vision_features
 from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages, zero_std_fraction
@@ -124,13 +123,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model.to(accelerator.device)
 
-    samples = read_samples(config.train_file)
-    if config.families:
-        samples = [s for s in samples if s.family in config.families]
-    if config.answer_types:
-        samples = [s for s in samples if s.answer_type in config.answer_types]
-    dataset = VQADataset(samples, model.prompts, with_answers=False)
-    dataset.validate()
+    dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
+                               with_answers=False)
     priors, prior_row = prior_table(model, dataset) if config.use_memory else (None, None)
 
     total_updates = config.max_steps * config.num_iterations

@@ -19,8 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import VQADataset
-from medsynapse.data.schema import read_samples
+from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
 from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
@@ -73,13 +72,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         embed_rms=embedding_rms(vlm_core.get_input_embeddings())))
     model.to(accelerator.device)
 
-    samples = read_samples(config.train_file)
-    if config.families:
-        samples = [s for s in samples if s.family in config.families]
-    if config.answer_types:
-        samples = [s for s in samples if s.answer_type in config.answer_types]
-    dataset = VQADataset(samples, model.prompts, with_answers=False)
-    dataset.validate()
+    dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
+                               with_answers=False)
     priors, prior_row = prior_table(model, dataset)
 
     optimizer = trainer.adamw(model.autonomous, config.lr, config.weight_decay)
