@@ -108,3 +108,23 @@ def test_stage2_trains_lora_only_and_resumes_exactly(tiny_env, stage1_dir, tmp_p
     assert loaded.has_adapter
     assert any(float(w.abs().sum()) > 0 for n, w in weights_a.items() if "lora_B" in n)  # LoRA B moved off zero
     assert (straight / "causal_reward_summary.json").is_file()
+
+
+def test_stage2_with_kl_drop_intervention_and_dapo_runs_and_logs(tiny_env, stage1_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "kl", beta=0.1, intervention="drop",
+                                      loss_type="dapo", causal_reduction="mean", causal_clip=2.0, max_steps=2,
+                                      num_iterations=1))
+    events = next((out / "stage2").iterdir())
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"reward_mean", "reward_std", "r_acc", "r_causal", "zero_std_groups", "clip_fraction", "kl",
+            "generated_tokens_per_s"} <= tags
+    assert all(event.value >= 0 for event in accumulator.Scalars("kl"))
+
+
+def test_memory_off_needs_lambda_causal_zero(tiny_env, stage1_dir, tmp_path):
+    with pytest.raises(ValueError, match="lambda_causal"):
+        train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "off", use_memory=False))

@@ -1,4 +1,4 @@
-"""Command line: `medsynapse demo | train stage1|stage2|stage3 | predict`."""
+"""Command line: `medsynapse demo | train stage1|stage2|stage3 | predict | inspect`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from medsynapse.config import load_config
+    from medsynapse.recipes.inspect import RealSizeConfig, main
+
+    print(main(load_config(RealSizeConfig, args.config, args.set), as_json=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsynapse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
                          help="DICOM window (e.g. 40 400 for soft tissue); default: the file's own window")
     predict.set_defaults(func=cmd_predict)
+    inspect = sub.add_parser("inspect", help="parameter counts and training memory of a real-size config (meta device)")
+    inspect.add_argument("--config", required=True)
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    inspect.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -67,7 +67,7 @@ class Stage2Config:
     answer_types: list[str] = field(default_factory=lambda: ["yes_no", "multiple_choice", "open"])
     record_last_fraction: float = 0.2  # r_causal of correct / wrong rollouts is summarised over this tail
     save_every: int = 50
-    log_every: int = 5
+    log_every: int = 1
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
