@@ -116,7 +116,8 @@ def test_stage2_with_kl_drop_intervention_and_dapo_runs_and_logs(tiny_env, stage
     out = train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "kl", beta=0.1, intervention="drop",
                                       loss_type="dapo", causal_reduction="mean", causal_clip=2.0, max_steps=2,
                                       num_iterations=1))
-    events = next((out / "stage2").iterdir())
+    # the scalars' event file sits directly in the run folder; a sub-folder holds the hparams (accelerate)
+    events = next(p for p in (out / "stage2").iterdir() if p.is_file() and p.name.startswith("events"))
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])

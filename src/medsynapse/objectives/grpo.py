@@ -70,7 +70,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
             raise ValueError("beta > 0 needs ref_logp")
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + beta * kl
-        kl_value = float((kl * mask).sum() / mask.sum().clamp(min=1))
+        kl_value = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "dr_grpo":
