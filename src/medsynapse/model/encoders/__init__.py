@@ -15,7 +15,12 @@ def load_encoder(folder: str | Path) -> PriorEncoder:
     config_path = Path(folder).expanduser() / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: not a prior-encoder folder (no config.json)")
-    kind = json.loads(config_path.read_text()).get("encoder")
-    if kind == "tiny_seg":
+    config = json.loads(config_path.read_text())
+    if config.get("encoder") == "tiny_seg":
         return TinySegEncoder.from_pretrained(config_path.parent)
-    raise ValueError(f"{config_path}: unknown encoder type {kind!r} (known: 'tiny_seg')")
+    if config.get("model_type") == "sam":  # a transformers SamModel folder (SAM, MedSAM)
+        from medsynapse.model.encoders.sam import SamPriorEncoder
+
+        return SamPriorEncoder.from_pretrained(config_path.parent)
+    kind = config.get("encoder", config.get("model_type"))
+    raise ValueError(f"{config_path}: unknown encoder type {kind!r} (known: tiny_seg, a transformers SamModel folder)")
