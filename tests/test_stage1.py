@@ -67,7 +67,7 @@ def test_stage1_loss_goes_down(tiny_env, tmp_path):
     def mean_loss(model):
         samples = [s for s in read_samples(tiny_env.train_file) if s.answer_type != "caption"][:16]
         data = VQADataset(samples, model.prompts)
-        priors, rows = prior_table(model, data)
+        priors, rows = prior_table(model.prior, model.encoder_path, data)
         batch = model.prompts.collate([data.encoded(i) for i in range(len(samples))])
         with torch.no_grad():
             return float(model.forward(batch, model.memory(priors.select(rows))).loss)

@@ -68,6 +68,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_features(args: argparse.Namespace) -> int:
+    from medsynapse.recipes.stage1_warmup import cache_features
+
+    count = cache_features(args.encoder, args.data, args.out)
+    print(f"prior features for {count} images cached under {args.out}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from medsynapse.config import load_config
     from medsynapse.recipes.inspect import RealSizeConfig, main
@@ -101,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
                          help="DICOM window (e.g. 40 400 for soft tissue); default: the file's own window")
     predict.set_defaults(func=cmd_predict)
+    cache = sub.add_parser("cache-features", help="precompute frozen prior-encoder features into safetensors shards")
+    cache.add_argument("--encoder", required=True, help="prior-encoder folder")
+    cache.add_argument("--data", required=True, help="a JSON-lines sample file")
+    cache.add_argument("--out", required=True, help="cache root; recipes read it with prior_cache: DIR")
+    cache.set_defaults(func=cmd_cache_features)
+
     inspect = sub.add_parser("inspect", help="parameter counts and training memory of a real-size config (meta device)")
     inspect.add_argument("--config", required=True)
     inspect.add_argument("--json", action="store_true")

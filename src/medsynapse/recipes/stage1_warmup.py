@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import VQADataset, training_dataset
 from medsynapse.model.encoders import PriorOutput
+from medsynapse.model.encoders.cache import PriorCache, image_key
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import trainer
@@ -46,10 +47,13 @@ class Stage1Config:
     loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
     resume: bool = False
     dtype: str = "float32"
+    prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
-def prior_table(model: MedSynapseV, dataset: VQADataset, batch_size: int = 64) -> tuple[PriorOutput, list[int]]:
-    """Prior tokens for every distinct image, computed once; returns the table and each sample's row in it."""
+def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None, dataset: VQADataset,
+                batch_size: int = 64, cache_dir: str = "") -> tuple[PriorOutput, list[int]]:
+    """Prior tokens for every distinct image, computed once (or read from the on-disk cache); returns the table and
+    each sample's row in it. Images missing from the cache are encoded and added to it."""
     rows: dict[str, int] = {}  # image path -> row in the table
     first_sample: dict[str, int] = {}  # image path -> a sample that shows it
     for index, sample in enumerate(dataset.samples):
@@ -57,11 +61,23 @@ def prior_table(model: MedSynapseV, dataset: VQADataset, batch_size: int = 64) -
         rows.setdefault(sample.images[0], len(rows))
     order = [rows[sample.images[0]] for sample in dataset.samples]
     paths = list(rows)
-    parts = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        parts.append(model.prior([dataset.images(first_sample[p])[0] for p in chunk]))
-    return PriorOutput.stack(parts), order
+    cache = PriorCache(cache_dir, encoder_path) if cache_dir and encoder_path else None
+    keys = [image_key(p) for p in paths] if cache is not None else paths
+    missing = [i for i, key in enumerate(keys) if cache is None or key not in cache]
+    computed: dict[int, tuple] = {}
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start:start + batch_size]
+        prior = encode([dataset.images(first_sample[paths[i]])[0] for i in chunk])
+        if cache is not None:
+            cache.put([keys[i] for i in chunk], prior)
+        for j, i in enumerate(chunk):
+            computed[i] = (prior.tokens[j].cpu(), prior.region_mask[j].cpu(), prior.grid)
+    parts = [computed[i] if i in computed else cache.get(keys[i]) for i in range(len(paths))]
+    grids = {grid for _, _, grid in parts}
+    if len(grids) != 1:
+        raise ValueError(f"images give different prior grids {sorted(grids)}: resize them to one size first")
+    table = PriorOutput(torch.stack([t for t, _, _ in parts]), grids.pop(), torch.stack([r for _, r, _ in parts]))
+    return table, order
 
 
 def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
@@ -77,7 +93,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=True)
-    priors, prior_row = prior_table(model, dataset)
+    priors, prior_row = prior_table(model.prior, model.encoder_path, dataset, cache_dir=config.prior_cache)
 
     total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
     sampler = model.sampler.train()
@@ -121,3 +137,15 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
         model.save_pretrained(output)
     accelerator.end_training()
     return output
+
+
+def cache_features(encoder_folder: str, data_file: str, cache_dir: str) -> int:
+    """Fill the on-disk prior cache for every image of a data file; returns how many images the file has."""
+    from medsynapse.data.schema import read_samples
+    from medsynapse.model.encoders import load_encoder
+
+    encoder = load_encoder(encoder_folder)
+    dataset = VQADataset(read_samples(data_file), prompts=None)
+    dataset.validate()
+    table, _ = prior_table(encoder.encode, encoder_folder, dataset, cache_dir=cache_dir)
+    return table.tokens.shape[0]

@@ -71,6 +71,7 @@ class Stage2Config:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
 @dataclass
@@ -125,7 +126,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False)
-    priors, prior_row = prior_table(model, dataset) if config.use_memory else (None, None)
+    priors, prior_row = (prior_table(model.prior, model.encoder_path, dataset, cache_dir=config.prior_cache)
+                         if config.use_memory else (None, None))
 
     total_updates = config.max_steps * config.num_iterations
     optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)

@@ -54,6 +54,7 @@ class Stage3Config:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
 def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
@@ -74,7 +75,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False)
-    priors, prior_row = prior_table(model, dataset)
+    priors, prior_row = prior_table(model.prior, model.encoder_path, dataset,
+                                                      cache_dir=config.prior_cache)
 
     optimizer = trainer.adamw(model.autonomous, config.lr, config.weight_decay)
     scheduler = trainer.cosine_schedule(optimizer, config.max_steps, config.warmup_ratio)
