@@ -13,6 +13,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+class Interrupted(RuntimeError):
+    """Raised from a recipe's `on_step` hook to simulate a kill after that step (its checkpoint may not exist)."""
+
+
+def crash_at(step_to_crash: int):
+    def on_step(step: int) -> None:
+        if step == step_to_crash:
+            raise Interrupted
+
+    return on_step
+
+
 @dataclass
 class TinyEnv:
     root: Path

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+ENV = {**os.environ, "TQDM_DISABLE": "1"}
+
+
+def _train(stage: str, config, processes: int = 1, port: int = 29531) -> None:
+    launcher = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(port)] if processes > 1 \
+        else [sys.executable]
+    run = subprocess.run([*launcher, "-m", "medsynapse.cli", "train", stage, "--config", str(config)], env=ENV,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def _config(tiny_env, out):
@@ -20,18 +31,11 @@ def _config(tiny_env, out):
     return path
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(
-    os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@needs_torchrun
 def test_stage1_two_processes_match_one(tiny_env, tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "medsynapse.cli", "train", "stage1", "--config",
-                    str(_config(tiny_env, one))], check=True, env=env, capture_output=True)
-    two = tmp_path / "two"
-    run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "medsynapse.cli", "train",
-                          "stage1", "--config", str(_config(tiny_env, two))], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train("stage1", _config(tiny_env, one))
+    _train("stage1", _config(tiny_env, two), processes=2)
     a = load_file(str(one / "sampler.safetensors"))
     b = load_file(str(two / "sampler.safetensors"))
     for name in a:
@@ -41,25 +45,19 @@ def test_stage1_two_processes_match_one(tiny_env, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=5e-3, rtol=0)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
+@needs_torchrun
 def test_stage2_and_stage3_run_under_two_processes(tiny_env, tmp_path):
     """Smoke: Stages II-III finish under DDP and save. Their rollouts are sampled per rank, so weights are not
     comparable with a 1-process run (by construction)."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "TQDM_DISABLE": "1"}
     one = tmp_path / "s1"
-    subprocess.run([sys.executable, "-m", "medsynapse.cli", "train", "stage1", "--config",
-                    str(_config(tiny_env, one))], check=True, env=env, capture_output=True)
+    _train("stage1", _config(tiny_env, one))
     s2 = tmp_path / "s2.yaml"
     s2.write_text(f"model: {one}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / 's2'}\nlora_r: 4\n"
                   "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 2\nmax_new_tokens: 3\nlr: 1.0e-3\n")
     s3 = tmp_path / "s3.yaml"
     s3.write_text(f"model: {tmp_path / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / 's3'}\n"
                   "batch_size: 4\nmax_steps: 2\nmax_new_tokens: 3\nlr: 1.0e-3\n")
-    for stage, config in (("stage2", s2), ("stage3", s3)):
-        run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "medsynapse.cli",
-                              "train", stage, "--config", str(config)], env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-3000:]
+    _train("stage2", s2, processes=2, port=29533)
+    _train("stage3", s3, processes=2, port=29533)
     assert torch.isfinite(load_file(str(tmp_path / "s3" / "autonomous.safetensors"))["mlp.0.weight"]).all()
     assert (tmp_path / "s2" / "adapter" / "adapter_model.safetensors").is_file()

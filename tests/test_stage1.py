@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import Interrupted, crash_at
 from safetensors.torch import load_file
 
 from medsynapse.model.medsynapse import MedSynapseV
@@ -20,20 +21,12 @@ def _config(tiny_env, out, **kw) -> Stage1Config:
     return Stage1Config(**base)
 
 
-class Interrupted(RuntimeError):
-    pass
-
-
 def test_resume_after_interruption_gives_identical_weights(tiny_env, tmp_path):
     train_stage1(_config(tiny_env, tmp_path / "straight"))
     straight = load_file(str(tmp_path / "straight" / "sampler.safetensors"))
 
-    def crash_at_step_5(step: int) -> None:
-        if step == 5:
-            raise Interrupted  # like a kill: step 5's work is lost, the step-4 checkpoint survives
-
-    with pytest.raises(Interrupted):
-        train_stage1(_config(tiny_env, tmp_path / "resumed"), on_step=crash_at_step_5)
+    with pytest.raises(Interrupted):  # like a kill: step 5's work is lost, the step-4 checkpoint survives
+        train_stage1(_config(tiny_env, tmp_path / "resumed"), on_step=crash_at(5))
     assert not (tmp_path / "resumed" / "sampler.safetensors").exists()
     train_stage1(_config(tiny_env, tmp_path / "resumed", resume=True))
     resumed = load_file(str(tmp_path / "resumed" / "sampler.safetensors"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Interrupted, crash_at
 from safetensors.torch import load_file
 
 from medsynapse.data.images import load_image
@@ -85,15 +86,8 @@ def test_stage2_trains_lora_only_and_resumes_exactly(tiny_env, stage1_dir, tmp_p
     straight = train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "a"))
     weights_a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
 
-    class Interrupted(RuntimeError):
-        pass
-
-    def crash(step):
-        if step == 3:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "b"), on_step=crash)
+        train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "b"), on_step=crash_at(3))
     resumed = train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "b", resume=True))
     weights_b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     assert weights_a.keys() == weights_b.keys() and len(weights_a) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import Interrupted, crash_at
 from safetensors.torch import load_file
 
 from medsynapse.data.images import load_image
@@ -80,15 +81,8 @@ def test_stage3_resumes_exactly_and_student_loads_without_encoder_or_sampler(tin
                                                                           monkeypatch):
     straight = train_stage3(_config(tiny_env, stage2_dir, tmp_path / "a"))
 
-    class Interrupted(RuntimeError):
-        pass
-
-    def crash(step):
-        if step == 3:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        train_stage3(_config(tiny_env, stage2_dir, tmp_path / "b"), on_step=crash)
+        train_stage3(_config(tiny_env, stage2_dir, tmp_path / "b"), on_step=crash_at(3))
     resumed = train_stage3(_config(tiny_env, stage2_dir, tmp_path / "b", resume=True))
     a, b = load_file(str(straight / "autonomous.safetensors")), load_file(str(resumed / "autonomous.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,10 +21,9 @@ from transformers import get_cosine_schedule_with_warmup
 CHECKPOINTS = "checkpoints"
 
 
-def make_accelerator(output_dir: str | Path, log: bool = True) -> Accelerator:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if log else None,
-                              project_dir=str(output_dir))
-    return accelerator
+def make_accelerator(output_dir: str | Path) -> Accelerator:
+    """CPU or GPU, DDP/DeepSpeed/FSDP as `accelerate launch` or `torchrun` set it up; TensorBoard logs in output_dir."""
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=str(output_dir))
 
 
 def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> list[int]:

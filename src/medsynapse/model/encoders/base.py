@@ -25,11 +25,6 @@ class PriorOutput:
     def select(self, index: torch.Tensor | list[int]) -> PriorOutput:
         return PriorOutput(self.tokens[index], self.grid, self.region_mask[index])
 
-    @staticmethod
-    def stack(parts: list[PriorOutput]) -> PriorOutput:
-        return PriorOutput(torch.cat([p.tokens for p in parts]), parts[0].grid,
-                           torch.cat([p.region_mask for p in parts]))
-
 
 class PriorEncoder(nn.Module, ABC):
     """Frozen image encoder that yields prior tokens and a region mask; always used under `torch.no_grad`."""
