@@ -29,13 +29,20 @@ class Sample:
     question_type: str = ""
     family: str = ""
     mask: str | None = None
+    prompt: str = ""  # the text the model sees (benchmark protocol applied); empty means `question`
+    groups: dict[str, str] = field(default_factory=dict)  # extra breakdown columns (e.g. GMAI department)
+
+    @property
+    def model_prompt(self) -> str:
+        return self.prompt or self.question
 
     def to_record(self) -> dict:
         return asdict(self)
 
 
 _REQUIRED = {"id": str, "images": list, "question": str, "answer": str, "answer_type": str}
-_OPTIONAL = {"options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None))}
+_OPTIONAL = {"options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None)),
+             "prompt": str, "groups": dict}
 
 
 def sample_from_record(record: object, source: str, line: int) -> Sample:

@@ -72,7 +72,7 @@ def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: in
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model.answer([image], [sample.question], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+            model.answer([image], [sample.model_prompt], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
             if cuda:
                 torch.cuda.synchronize()
             if index >= warmup:
@@ -98,7 +98,7 @@ def compare_latency(loaders: dict[str, Callable[[], object]], samples: list[Samp
         order = names[index % len(names):] + names[:index % len(names)]
         for name in order:
             start = time.perf_counter()
-            models[name].answer([image], [sample.question], max_new_tokens=max_new_tokens,
+            models[name].answer([image], [sample.model_prompt], max_new_tokens=max_new_tokens,
                                 min_new_tokens=max_new_tokens)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()

@@ -1,0 +1,71 @@
+"""PathVQA from the HF parquet copy (`flaviagiammarino/path-vqa`) or the original pickles (`pvqa/qas/...`).
+
+Closed-ended: answer in {yes, no} (3,362 of 6,719 test questions); neither copy has an answer-type field. The
+original pickles are read with an unpickler that refuses every class (plain lists, dicts and strings only).
+`open_only=True` keeps the non-yes/no questions instead (the open-ended training split for Stage II).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medsynapse.data.schema import DataError, Sample
+from medsynapse.data.sources.common import (
+    SHORT_ANSWER_INSTRUCTION,
+    BadRecords,
+    Benchmark,
+    ImageStore,
+    closed_sample,
+    image_bytes,
+    image_path,
+    is_yes_no,
+    read_parquet_rows,
+    read_plain_pickle,
+    require,
+)
+
+HF_SPLITS = {"test": "test", "train": "train", "validation": "validation"}
+PICKLE_SPLITS = {"test": "test", "train": "train", "validation": "val"}
+
+
+def _sample(sample_id: str, image: str, question: str, answer: str, open_only: bool) -> Sample:
+    if open_only:
+        return Sample(sample_id, [image], question, answer, "open", prompt=f"{question}\n{SHORT_ANSWER_INSTRUCTION}")
+    return closed_sample(sample_id, [image], question, answer)
+
+
+def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test",
+         open_only: bool = False) -> Benchmark:
+    hf = sorted((data_root / "path_vqa" / "data").glob(f"{HF_SPLITS[split]}-*.parquet"))
+    pickled = data_root / "pvqa" / "qas" / PICKLE_SPLITS[split] / f"{PICKLE_SPLITS[split]}_qa.pkl"
+    if hf:
+        path, rows = hf[0], read_parquet_rows(hf[0])
+    elif pickled.is_file():
+        path, rows = pickled, read_plain_pickle(pickled)
+        if not isinstance(rows, list):
+            raise DataError(f"{pickled}: expected a list of records")
+    else:
+        raise DataError(f"{data_root}: no PathVQA {split} split (looked for path_vqa/data/{HF_SPLITS[split]}-*.parquet "
+                        f"and {pickled.relative_to(data_root)})")
+    keep = "open (answer not yes/no)" if open_only else "closed (answer in {yes, no})"
+    samples, excluded = [], {"not " + keep: 0}
+    for index, row in enumerate(rows):
+        where = f"{path}, record {index}"
+        try:
+            answer = str(require(row, "answer", where)).strip()
+            if is_yes_no(answer) == open_only:
+                excluded["not " + keep] += 1
+                continue
+            question = require(row, "question", where, str)
+            if path.suffix == ".parquet":
+                image = store.put(image_bytes(require(row, "image", where), where))
+                sample_id = f"pathvqa-{split}-{index}"
+            else:
+                name = require(row, "image", where, str)
+                image = image_path(data_root / "pvqa" / "images" / PICKLE_SPLITS[split], f"{name}.jpg", where)
+                sample_id = f"pathvqa-{split}-{index}"
+            samples.append(_sample(sample_id, image, question, answer, open_only))
+        except DataError as err:
+            bad.handle(err, f"{split}-{index}")
+    return Benchmark("pathvqa", str(path), f"{split} split; kept: {keep} (no answer-type field in PathVQA)", samples,
+                     len(rows), excluded, bad.skipped)

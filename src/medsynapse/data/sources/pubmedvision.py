@@ -1,0 +1,59 @@
+"""PubMedVision (`PubMedVision_Alignment_VQA.json` or `_InstructionTuning_VQA.json`): image-text pairs for Stage I.
+
+Each record has a list of images and a LLaVA-style conversation (human, then gpt). Images are passed as images, so
+any literal `<image>` tokens in the human turn are removed (their count may not exceed the image count). `modalities`
+keeps only records whose `modality` contains one of the given words (e.g. the radiology + pathology subset).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medsynapse.data.schema import DataError, Sample
+from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, require
+
+
+def load(data_root: Path, store, bad: BadRecords, file: str = "PubMedVision_Alignment_VQA.json",
+         modalities: tuple[str, ...] = ()) -> Benchmark:
+    root = data_root / "pubmedvision"
+    path = root / file
+    if not path.is_file():
+        raise DataError(f"{path}: PubMedVision file not found")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    samples, excluded = [], {"modality not selected": 0}
+    wanted = tuple(m.lower() for m in modalities)
+    for index, record in enumerate(records):
+        rid = str(record.get("id", f"pubmedvision-{index}")) if isinstance(record, dict) else str(index)
+        where = f"{path}, record {index} (id {rid!r})"
+        try:
+            modality = str(require(record, "modality", where, str))
+            if wanted and not any(w in modality.lower() for w in wanted):
+                excluded["modality not selected"] += 1
+                continue
+            samples.append(_sample(record, rid, root, where))
+        except DataError as err:
+            bad.handle(err, rid)
+    definition = "image-text pairs (caption answers)" + (f"; modality contains {modalities}" if modalities else "")
+    return Benchmark("pubmedvision", str(path), definition, samples, len(records), excluded, bad.skipped)
+
+
+def _sample(record: dict, rid: str, root: Path, where: str) -> Sample:
+    images = [image_path(root, str(p), where, "image") for p in require(record, "image", where, list)]
+    if not images:
+        raise DataError(f"{where}: field 'image' is empty")
+    turns = require(record, "conversations", where, list)
+    human = next((t for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
+    gpt = next((t for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+    if human is None or gpt is None:
+        raise DataError(f"{where}: field 'conversations' needs a 'human' and a 'gpt' turn")
+    question = require(human, "value", where + ", human turn", str)
+    if question.count("<image>") > len(images):
+        raise DataError(f"{where}: field 'conversations' has {question.count('<image>')} <image> tokens for "
+                        f"{len(images)} images")
+    question = question.replace("<image>", "").strip()
+    return Sample(rid, images, question, require(gpt, "value", where + ", gpt turn", str).strip(), "caption",
+                  modality=str(record.get("modality", "")), groups={"body_part": str(record.get("body_part", ""))})

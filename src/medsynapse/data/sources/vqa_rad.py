@@ -1,0 +1,87 @@
+"""VQA-RAD test split: the OSF original (JSON + image folder) or the HF parquet copy (`flaviagiammarino/vqa-rad`).
+
+Closed-ended: OSF rows with `answer_type == "CLOSED"` (272 of 451); the HF copy has no answer type, so there closed
+means a yes/no answer (251 of 451). The two definitions give different numbers; the one used is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medsynapse.data.schema import DataError
+from medsynapse.data.sources.common import (
+    BadRecords,
+    Benchmark,
+    ImageStore,
+    closed_sample,
+    image_bytes,
+    image_path,
+    is_yes_no,
+    read_parquet_rows,
+    require,
+)
+
+OSF_FILE = "VQA_RAD Dataset Public.json"
+OSF_IMAGES = "VQA_RAD Image Folder"
+
+
+def load(data_root: Path, store: ImageStore, bad: BadRecords) -> Benchmark:
+    osf = data_root / "vqa_rad" / OSF_FILE
+    if osf.is_file():
+        return load_osf(osf, bad)
+    hf = sorted((data_root / "vqa_rad_hf" / "data").glob("test-*.parquet"))
+    if hf:
+        return load_hf(hf[0], store, bad)
+    raise DataError(f"{data_root}: no VQA-RAD copy found (looked for vqa_rad/{OSF_FILE} and "
+                    "vqa_rad_hf/data/test-*.parquet)")
+
+
+def load_osf(path: Path, bad: BadRecords) -> Benchmark:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    samples, excluded = [], {"train split": 0, "open-ended (answer_type OPEN)": 0}
+    for index, record in enumerate(records):
+        rid = record.get("qid", index) if isinstance(record, dict) else index
+        where = f"{path}, record {index} (qid {rid!r})"
+        try:
+            if not str(require(record, "phrase_type", where, str)).startswith("test"):
+                excluded["train split"] += 1
+                continue
+            if str(require(record, "answer_type", where, str)).strip().upper() != "CLOSED":
+                excluded["open-ended (answer_type OPEN)"] += 1
+                continue
+            image = image_path(path.parent / OSF_IMAGES, require(record, "image_name", where, str), where,
+                               "image_name")
+            samples.append(closed_sample(
+                f"vqa-rad-{rid}", [image], require(record, "question", where, str),
+                str(require(record, "answer", where)).strip(),  # some answers are not strings: cast
+                question_type=str(record.get("question_type", "")),
+                groups={"organ": str(record.get("image_organ", ""))}))
+        except DataError as err:
+            bad.handle(err, str(rid))
+    return Benchmark("vqa-rad", str(path), "OSF test rows (phrase_type starts with 'test') with answer_type == CLOSED",
+                     samples, len(records), excluded, bad.skipped)
+
+
+def load_hf(path: Path, store: ImageStore, bad: BadRecords) -> Benchmark:
+    rows = read_parquet_rows(path)
+    samples, excluded = [], {"open-ended (answer not yes/no)": 0}
+    for index, row in enumerate(rows):
+        where = f"{path}, record {index}"
+        try:
+            answer = str(require(row, "answer", where)).strip()
+            if not is_yes_no(answer):
+                excluded["open-ended (answer not yes/no)"] += 1
+                continue
+            image = store.put(image_bytes(require(row, "image", where), where))
+            samples.append(closed_sample(f"vqa-rad-test-{index}", [image], require(row, "question", where, str),
+                                         answer))
+        except DataError as err:
+            bad.handle(err, f"test-{index}")
+    return Benchmark("vqa-rad", str(path), "HF parquet test split; closed = answer in {yes, no} (no answer_type "
+                     "column in this copy)", samples, len(rows), excluded, bad.skipped)

@@ -1,0 +1,222 @@
+"""Benchmark and training-corpus loaders on fixtures that mirror the published layouts."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medsynapse.data.schema import DataError
+from medsynapse.data.sources import PAPER_BENCHMARKS, load_source
+from medsynapse.data.sources.fixtures import write_fixtures
+from medsynapse.data.sources.omnimedvqa import normalise_modality
+
+
+@pytest.fixture()
+def root(tmp_path):
+    return write_fixtures(tmp_path / "data")
+
+
+def load(root, name, **kw):
+    return load_source(name, root, root.parent / "image-cache", **kw)
+
+
+def by_id(benchmark):
+    return {s.id: s for s in benchmark.samples}
+
+
+def test_vqa_rad_osf_split_rule_closed_filter_and_cast(root):
+    bench = load(root, "vqa-rad")
+    assert bench.n_records == 4 and bench.source.endswith("VQA_RAD Dataset Public.json")
+    samples = by_id(bench)
+    assert sorted(samples) == ["vqa-rad-2", "vqa-rad-4"]  # qid 1 is train, qid 3 is OPEN
+    assert bench.excluded == {"train split": 1, "open-ended (answer_type OPEN)": 1}
+    assert samples["vqa-rad-2"].answer == "yes" and samples["vqa-rad-2"].answer_type == "yes_no"
+    assert samples["vqa-rad-4"].answer == "2" and samples["vqa-rad-4"].answer_type == "open"  # int cast to str
+    assert samples["vqa-rad-2"].prompt.endswith("Please output 'yes' or 'no'(no extra output).")
+    assert "answer_type == CLOSED" in bench.closed_definition
+
+
+def test_vqa_rad_hf_copy_closed_means_yes_no(root):
+    shutil.rmtree(root / "vqa_rad")
+    bench = load(root, "vqa-rad")
+    assert len(bench.samples) == 2 and bench.n_records == 3
+    assert [s.answer for s in bench.samples] == ["yes", "no"]
+    assert "yes, no" in bench.closed_definition
+    assert all(Path(s.images[0]).read_bytes()[:2] == b"\x89P" for s in bench.samples)  # materialised PNG bytes
+
+
+def test_slake_english_closed_only_with_exact_match_for_choice_answers(root):
+    bench = load(root, "slake")
+    samples = by_id(bench)
+    assert sorted(samples) == ["slake-11938", "slake-11940"]
+    assert bench.excluded == {"language not 'en'": 1, "answer_type not CLOSED": 1}
+    assert samples["slake-11938"].answer_type == "yes_no" and samples["slake-11938"].answer == "no"
+    assert samples["slake-11940"].answer_type == "open" and samples["slake-11940"].answer == "Lung"
+    assert samples["slake-11938"].modality == "CT" and samples["slake-11938"].question_type == "Organ"
+
+
+def test_slake_accepts_validate_json_and_open_train_split(root):
+    (root / "slake" / "validation.json").rename(root / "slake" / "validate.json")
+    assert len(load(root, "slake", split="validation", answer_type="").samples) == 1
+    train = load(root, "slake-open-train")
+    assert [s.answer for s in train.samples] == ["Lung"] and train.samples[0].answer_type == "open"
+
+
+def test_pathvqa_parquet_and_original_pickles_agree(root):
+    parquet = load(root, "pathvqa")
+    assert [s.answer for s in parquet.samples] == ["yes", "no"] and parquet.n_records == 3
+    shutil.rmtree(root / "path_vqa")
+    pickled = load(root, "pathvqa")
+    assert pickled.source.endswith("test_qa.pkl")
+    assert [(s.question, s.answer) for s in pickled.samples] == [(s.question, s.answer) for s in parquet.samples]
+    open_train = load(root, "pathvqa", split="test", open_only=True)
+    assert [s.answer for s in open_train.samples] == ["neutrophils"]
+
+
+def test_pathvqa_pickle_with_a_class_is_refused(root):
+    shutil.rmtree(root / "path_vqa")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (root / "pvqa" / "qas" / "test" / "test_qa.pkl").write_bytes(pickle.dumps([Payload()]))
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        load(root, "pathvqa")
+
+
+def test_pmc_vqa_both_answer_spellings_prefix_stripping_and_image_folders(root):
+    for file in ("test_clean.csv", "test.csv"):
+        bench = load(root, "pmc-vqa", file=file)
+        first, second = bench.samples
+        assert first.options == {"A": "Diffuse uptake pattern", "B": "Focal uptake pattern",
+                                  "C": "No uptake pattern", "D": "Cannot determine from the information given"}
+        assert (first.answer, second.answer) == ("B", "D")
+        assert "/images/" in first.images[0] and "/figures/" in second.images[0]
+        assert first.prompt.endswith("Answer with the option's letter from the given choices directly.")
+
+
+def test_pmc_vqa_without_label_uses_answer_text(root):
+    path = root / "pmc_vqa" / "test.csv"
+    lines = path.read_text().splitlines()
+    lines = [line.rsplit(",", 1)[0] for line in lines]  # drop Answer_label
+    path.write_text("\n".join(lines) + "\n")
+    assert [s.answer for s in load(root, "pmc-vqa", file="test.csv").samples] == ["B", "D"]
+
+
+def test_mmmu_options_literal_image_tags_multi_image_and_open(root):
+    bench = load(root, "mmmu-med")
+    samples = by_id(bench)
+    assert len(samples) == 3 and "subjects not found" in bench.closed_definition
+    first = samples["validation_Clinical_Medicine_1"]
+    assert first.options == {"A": "Pneumonia", "B": "Effusion", "C": "Pneumothorax", "D": "Normal"}
+    assert first.answer == "C" and first.question.startswith("[image 1] ")
+    assert "(C) Pneumothorax" in first.prompt and len(first.images) == 1
+    assert len(samples["validation_Clinical_Medicine_2"].images) == 2
+    pharmacy = samples["validation_Pharmacy_3"]
+    assert pharmacy.answer_type == "open" and pharmacy.answer == "2" and pharmacy.options == {}
+
+
+def test_medxpertqa_multi_image_no_duplicated_options(root):
+    bench = load(root, "medxpertqa-mm")
+    samples = by_id(bench)
+    assert len(samples) == 3 and len(samples["MM-0"].images) == 2
+    mm1 = samples["MM-1"]
+    assert mm1.answer == "D" and mm1.options["D"] == "Superior"
+    assert mm1.prompt.count("(D) Superior") == 1 and mm1.prompt.count("Superior") == 1
+    assert mm1.prompt.endswith("Among A through E, the answer is")
+    assert {s.question_type for s in samples.values()} == {"Reasoning", "Understanding"}
+
+
+def test_gmai_back_referenced_image_options_and_unscorable_test(root):
+    bench = load(root, "gmai-mmbench")
+    first, second = bench.samples
+    assert first.images == second.images  # row 1 reuses row 0's image
+    assert list(first.options) == ["A", "B", "C", "D"] and first.answer == "B"
+    assert list(second.options) == list("ABCDE") and second.answer == "E"
+    assert first.groups["department"] == "Ophthalmology" and first.question_type == "Disease Diagnosis"
+    assert first.prompt.startswith("Question: ") and "Please select the correct answer" in first.prompt
+    test = load(root, "gmai-mmbench", split="test")
+    assert not test.scorable and len(test.samples) == 2 and test.samples[0].answer == ""
+
+
+def test_hgv_bundle_text_to_letter_and_exclusions(root):
+    bench = load(root, "hgv-bundle")
+    assert [s.answer for s in bench.samples] == ["B", "B"]
+    assert bench.samples[1].options == {"A": "Pneumonia", "B": "Effusion", "C": "Normal"}
+    assert bench.excluded == {"question_type == 'open'": 1, "no gold answer ('?')": 1}
+    assert bench.samples[0].groups["dataset"] == "VQA-RAD_test"
+
+
+def test_omnimedvqa_modality_normalisation_leading_slash_and_balance(root):
+    bench = load(root, "omnimedvqa")
+    assert bench.n_records == 3
+    modalities = sorted(s.modality for s in bench.samples)
+    assert modalities == ["CT", "Fundus"]  # balanced: one per modality (CT has only one)
+    assert bench.excluded["balancing"] == 1
+    full = load(root, "omnimedvqa", per_modality=10)
+    assert len(full.samples) == 2  # capped by the rarest modality
+    ct = next(s for s in bench.samples if s.modality == "CT")
+    assert ct.answer == "A" and ct.images[0].endswith("000108.png")
+    assert ct.groups["raw_modality"] == "CT(Computed Tomography)"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("CT(Computed Tomography)", "CT"), ("MR (Mag-netic Resonance Imaging)", "MRI"), ("X-Ray", "X-Ray"),
+    ("Microscopy Images", "Microscopy"), ("OCT (Optical Coherence Tomography)", "OCT"),
+    ("Fundus Photography", "Fundus"), ("Dermoscopy", "Dermoscopy"), ("Ultrasound", "Ultrasound"),
+    ("Endoscopy", ""), ("Digital Photography", "")])
+def test_modality_names_normalise_onto_the_eight(raw, expected):
+    assert normalise_modality(raw) == expected
+
+
+def test_pubmedvision_multi_image_and_image_tokens_removed(root):
+    bench = load(root, "pubmedvision")
+    first, second = bench.samples
+    assert first.answer_type == "caption" and first.answer.startswith("Axial CT")
+    assert len(second.images) == 2 and second.question == "What is shown?"
+    assert len(load(root, "pubmedvision", modalities=("tomography",)).samples) == 1
+
+
+@pytest.mark.parametrize("name", PAPER_BENCHMARKS)
+def test_every_paper_benchmark_loads_from_the_fixtures(root, name):
+    bench = load(root, name)
+    assert bench.samples and bench.closed_definition
+    for sample in bench.samples:
+        assert sample.images and all(p for p in sample.images)
+
+
+def test_missing_field_names_file_record_and_field(root):
+    path = root / "slake" / "test.json"
+    records = json.loads(path.read_text())
+    del records[1]["answer"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"test\.json, record 1 \(qid 11938\): missing field 'answer'"):
+        load(root, "slake")
+    bench = load(root, "slake", skip_bad=True)
+    assert [s.id for s in bench.samples] == ["slake-11940"]
+    assert bench.skipped[0]["id"] == "11938" and "missing field 'answer'" in bench.skipped[0]["error"]
+
+
+def test_missing_image_names_the_record_and_field(root):
+    (root / "medxpertqa" / "images" / "MM-0-b.jpeg").unlink()
+    with pytest.raises(DataError, match=r"record 1 \(id 'MM-0'\): field 'images': image not found"):
+        load(root, "medxpertqa-mm")
+    assert [s.id for s in load(root, "medxpertqa-mm", skip_bad=True).samples] == ["MM-1", "MM-2"]
+
+
+def test_bad_base64_and_missing_dataset_are_clear_errors(root, tmp_path):
+    path = root / "gmai" / "GMAI-MMBench_VAL.tsv"
+    lines = path.read_text().splitlines()
+    cells = lines[1].split("\t")
+    cells[8] = "!!!" + "x" * 80
+    lines[1] = "\t".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"index '0'\): field 'image' is not valid base64"):
+        load(root, "gmai-mmbench")
+    with pytest.raises(DataError, match="no PMC-VQA|PMC-VQA file not found"):
+        load_source("pmc-vqa", tmp_path / "empty", tmp_path / "cache")
