@@ -18,15 +18,15 @@ import time
 def run_variant(name: str, positions: int, vocab: int, beta: float) -> dict:
     import torch
 
-    from medsynapse.eval.efficiency import _PeakRSS, _rss_mb
+    from medsynapse.eval.efficiency import PeakRSS, rss_mb
 
     torch.manual_seed(0)
     student = torch.randn(1, positions, vocab).mul_(2).requires_grad_(True)
     teacher = torch.randn(1, positions, vocab).mul_(2)
     mask = torch.ones(1, positions, dtype=torch.bool)
     mask[0, : positions // 8] = False  # some masked positions, as a padded batch has
-    before = _rss_mb()
-    with _PeakRSS() as rss:
+    before = rss_mb()
+    with PeakRSS() as rss:
         start = time.perf_counter()
         if name == "ours":
             from medsynapse.objectives.jsd import generalized_jsd

@@ -65,3 +65,41 @@ def test_extraction_never_invents_an_answer(text):
     if got.answer is not None:
         assert got.answer in OPTIONS
     assert normalise(normalise(text)) == normalise(text)
+
+
+# --- traps seen in public evaluation code (benchmarks.md §12) ------------------------------------------------------
+FIVE = {"A": "Lateral", "B": "Inferior", "C": "Medial", "D": "Superior", "E": "Oblique"}
+ECHO = "Answer Choices: (A) Lateral (B) Inferior (C) Medial (D) Superior (E) Oblique"
+capitalised = st.text(alphabet=string.ascii_lowercase, min_size=1, max_size=8).map(lambda w: w.capitalize())
+
+
+@given(st.lists(st.one_of(word, capitalised), min_size=1, max_size=8))
+def test_capitalised_prose_is_never_an_option_letter(words):
+    """The reference code maps "The..." and "Yes" to E; a letter must stand alone."""
+    text = " ".join(w for w in words if len(w) > 1) or "Yes"
+    assert extract_option(text, FIVE).rule != "letter"
+    if not any(normalise(v) in normalise(text).split() for v in FIVE.values()):
+        assert extract_option(text, FIVE).answer is None
+
+
+@given(st.lists(word, max_size=5), st.sampled_from(list(FIVE)), st.sampled_from([
+    "The answer is {}.", "Therefore, among A through E, the answer is {}.", "Answer: ({})", "<answer>{}</answer>"]))
+def test_an_echoed_option_list_does_not_hide_the_committed_answer(prefix, letter, fmt):
+    """MedXpertQA questions already list the options; a model that echoes them still gives one answer."""
+    text = " ".join(prefix) + f"\n{ECHO}\n" + fmt.format(letter)
+    assert extract_option(text, FIVE).answer == letter
+
+
+@given(st.lists(word, max_size=5))
+def test_an_echoed_option_list_alone_is_unparseable(prefix):
+    assert extract_option(" ".join(prefix) + f" {ECHO}", FIVE).answer is None
+
+
+TRAPS = ["normal", "not", "note", "nodule", "none", "know", "yesterday", "eyes"]
+
+
+@given(st.sampled_from(TRAPS), st.lists(word, max_size=4))
+def test_yes_no_substrings_inside_words_never_count(trap, rest):
+    words = [w for w in rest if w not in ("yes", "no")]
+    assert extract_yes_no(" ".join([trap, *words])).answer is None
+    assert not is_correct(f"{trap} finding", "no", "yes_no")[0]

@@ -1,10 +1,11 @@
-"""Command line: `medsynapse demo | train stage1|stage2|stage3 | predict | inspect`."""
+"""Command line: `medsynapse demo | train | predict | eval | eval-summary | fixtures | convert | inspect | ...`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -68,6 +69,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
+
+    settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, branch=args.branch,
+                            skip_bad=args.skip_bad, limit=args.limit, max_pixels=args.max_pixels)
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    results = evaluate_benchmarks(args.model, names, args.data_root, args.output, settings)
+    print((Path(args.output) / "summary.md").read_text())
+    skipped = sum(m["n_skipped"] for m in results.values())
+    if skipped:
+        print(f"{skipped} bad records skipped (listed in each metrics.json)")
+    return 0
+
+
+def cmd_eval_summary(args: argparse.Namespace) -> int:
+    from medsynapse.eval.summary import write_summary
+
+    runs = {}
+    for spec in args.runs:
+        label, _, folder = spec.rpartition("=")
+        runs[label or Path(folder).name] = folder
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    print(write_summary(args.output, runs=runs))
+    return 0
+
+
+def cmd_fixtures(args: argparse.Namespace) -> int:
+    from medsynapse.data.sources.fixtures import write_fixtures
+
+    print(f"fixture layouts of every supported dataset written under {write_fixtures(args.out)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from medsynapse.data.schema import write_samples
+    from medsynapse.data.sources import load_source
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bench = load_source(args.source, args.data_root, out.parent / "images", skip_bad=args.skip_bad)
+    write_samples(out, bench.samples)
+    print(f"{len(bench.samples)} samples from {bench.source} ({bench.closed_definition}) written to {out}; "
+          f"excluded {bench.excluded}; skipped {len(bench.skipped)} bad records")
+    for item in bench.skipped:
+        print(f"  skipped {item['id']}: {item['error']}")
+    return 0
+
+
 def cmd_cache_features(args: argparse.Namespace) -> int:
     from medsynapse.recipes.stage1_warmup import cache_features
 
@@ -114,6 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--data", required=True, help="a JSON-lines sample file")
     cache.add_argument("--out", required=True, help="cache root; recipes read it with prior_cache: DIR")
     cache.set_defaults(func=cmd_cache_features)
+
+    from medsynapse.data.sources import SOURCES
+
+    evaluate = sub.add_parser("eval", help="evaluate a model on the public medical VQA benchmarks (resumable)")
+    evaluate.add_argument("--model", required=True, help="a saved MedSynapse stage or a plain local Qwen3-VL folder")
+    evaluate.add_argument("--benchmarks", required=True, help=f"comma-separated: {', '.join(SOURCES)}")
+    evaluate.add_argument("--data-root", required=True, help="folder holding the datasets in their published layouts")
+    evaluate.add_argument("--output", required=True)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--branch", choices=["privileged", "counterfactual", "autonomous"], default=None)
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip bad records/images (counted and listed)")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N scored questions per benchmark")
+    evaluate.add_argument("--max-pixels", type=int, default=None, help="cap the VLM's per-image pixel budget")
+    evaluate.set_defaults(func=cmd_eval)
+
+    summary = sub.add_parser("eval-summary", help="one Table-1 style summary of several eval outputs")
+    summary.add_argument("runs", nargs="+", metavar="[LABEL=]DIR")
+    summary.add_argument("--output", required=True)
+    summary.set_defaults(func=cmd_eval_summary)
+
+    fixtures = sub.add_parser("fixtures", help="write tiny copies of every supported dataset layout (for trying eval)")
+    fixtures.add_argument("--out", required=True)
+    fixtures.set_defaults(func=cmd_fixtures)
+
+    convert = sub.add_parser("convert", help="turn a training corpus (or any benchmark) into a MedSynapse JSONL file")
+    convert.add_argument("--source", required=True, choices=list(SOURCES))
+    convert.add_argument("--data-root", required=True)
+    convert.add_argument("--out", required=True, help="output .jsonl; embedded images go to its folder's images/")
+    convert.add_argument("--skip-bad", action="store_true")
+    convert.set_defaults(func=cmd_convert)
 
     inspect = sub.add_parser("inspect", help="parameter counts and training memory of a real-size config (meta device)")
     inspect.add_argument("--config", required=True)

@@ -27,21 +27,21 @@ from medsynapse.data.images import load_image
 from medsynapse.data.schema import Sample
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class _PeakRSS:
+class PeakRSS:
     def __init__(self):
-        self.peak = _rss_mb()
+        self.peak = rss_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
+            self.peak = max(self.peak, rss_mb())
             time.sleep(0.002)
 
     def __enter__(self):
@@ -51,7 +51,7 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self.peak = max(self.peak, rss_mb())
 
 
 def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: int = 20, warmup: int = 3,
@@ -63,9 +63,9 @@ def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: in
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = _rss_mb()
+    before = rss_mb()
     images = [load_image(s.images[0], s) for s in samples[:warmup + n_timed]]
-    with _PeakRSS() as rss:
+    with PeakRSS() as rss:
         model = load_model()
         times = []
         for index, (sample, image) in enumerate(zip(samples, images)):

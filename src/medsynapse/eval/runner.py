@@ -1,0 +1,244 @@
+"""`medsynapse eval`: a model on the public benchmarks, resumable, one predictions file and one metrics file each.
+
+Per benchmark, under OUT/<benchmark>/:
+- `predictions.jsonl`, append-only: one line per sample (id, prompt, raw output, extracted answer, rule, gold,
+  correct, ms), or per skipped sample (`skipped`: why). A batch's lines are written together and fsynced, so a kill
+  loses at most the batch in flight; a torn last line is cut off on restart. Restarting skips ids already written,
+  and batches keep their boundaries (ids are consumed in data order), so a resumed run generates exactly what an
+  uninterrupted one would.
+- `run.json`: the settings the predictions were made with; resuming with other settings is refused.
+- `metrics.json`: computed from the predictions file alone (accuracy, n, unparseable, rules fired, breakdowns, closed
+  definition, skips), plus an `efficiency` block measured in this process.
+Then OUT/summary.md, summary.csv and summary.png (eval/summary.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from medsynapse.data.images import load_image
+from medsynapse.data.schema import DataError, Sample
+from medsynapse.data.sources import Benchmark, load_source
+from medsynapse.eval.efficiency import PeakRSS, rss_mb
+from medsynapse.eval.report import write_json
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.vlm import core_vlm, vision_features
+from medsynapse.objectives.answers import extract, is_correct
+
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    branch: str | None = None  # None: the model's own memory (A_psi for a student, P_phi for a teacher)
+    skip_bad: bool = False
+    limit: int | None = None  # first N scored samples per benchmark (smoke runs)
+    max_pixels: int | None = None  # cap the VLM's image resolution (Qwen's default budget can run out of memory)
+    source_options: dict[str, dict] = field(default_factory=dict)  # per-benchmark loader options
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Finished lines; a torn last line (killed mid-write) is cut off the file, a bad line elsewhere is an error."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    good_end = data.rfind(b"\n") + 1
+    if good_end < len(data):  # the last line has no newline: it was being written when the process died
+        with path.open("r+b") as handle:
+            handle.truncate(good_end)
+    lines = []
+    for number, line in enumerate(data[:good_end].decode("utf-8").splitlines(), start=1):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}); fix or remove the file") from None
+    return lines
+
+
+def append_lines(path: Path, lines: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def set_max_pixels(model: MedSynapseV, max_pixels: int) -> None:
+    size = model.processor.image_processor.size
+    try:
+        size["longest_edge"] = max_pixels
+    except TypeError:
+        size.longest_edge = max_pixels
+
+
+class BenchmarkRun:
+    """Generation for one benchmark into its output folder, resuming what is there."""
+
+    def __init__(self, model: MedSynapseV, benchmark: Benchmark, out_dir: Path, settings: EvalSettings,
+                 model_path: str):
+        self.model, self.benchmark, self.settings = model, benchmark, settings
+        self.out_dir = out_dir
+        self.path = out_dir / PREDICTIONS
+        self.samples = benchmark.samples[: settings.limit] if settings.limit else benchmark.samples
+        self.run_info = {"model": model_path, "benchmark": benchmark.name, "source": benchmark.source,
+                         "closed_definition": benchmark.closed_definition, "max_new_tokens": settings.max_new_tokens,
+                         "branch": settings.branch, "max_pixels": settings.max_pixels, "limit": settings.limit,
+                         "batch_size": settings.batch_size}
+
+    def check_run_info(self) -> None:
+        path = self.out_dir / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            changed = [k for k in self.run_info if old.get(k) != self.run_info[k]]
+            if changed and self.path.is_file() and self.path.stat().st_size:
+                raise ValueError(f"{self.out_dir}: holds predictions made with other settings ({', '.join(changed)} "
+                                 "differ); use another --output or delete the folder")
+        write_json(path, self.run_info)
+
+    def run(self, on_batch: Callable[[int], None] | None = None) -> dict:
+        """Generate what is missing; returns the efficiency of this invocation (None fields if nothing ran)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.check_run_info()
+        done = {line["id"] for line in read_predictions(self.path)}
+        size = self.settings.batch_size
+        chunks = [self.samples[i:i + size] for i in range(0, len(self.samples), size)]
+        todo = [[s for s in chunk if s.id not in done] for chunk in chunks]
+        todo = [chunk for chunk in todo if chunk]
+        n_new = sum(len(c) for c in todo)
+        device = next(core_vlm(self.model.vlm).parameters()).device
+        elapsed, generated = 0.0, 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        before = rss_mb()
+        with PeakRSS() as peak, tqdm(total=len(self.samples), initial=len(self.samples) - n_new,
+                                     desc=self.benchmark.name, unit="q") as bar:
+            for index, chunk in enumerate(todo):
+                lines, seconds = self.answer_chunk(chunk, device)
+                append_lines(self.path, lines)
+                elapsed += seconds
+                generated += sum("skipped" not in line for line in lines)
+                bar.update(len(chunk))
+                if on_batch is not None:
+                    on_batch(index)
+        if not generated:
+            return {"ms_per_sample": None, "peak_mem_mb": None}
+        memory = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                  else peak.peak - before)
+        return {"ms_per_sample": 1000 * elapsed / generated, "peak_mem_mb": memory}
+
+    def load_images(self, sample: Sample) -> list:
+        return [load_image(path, sample) for path in sample.images]
+
+    @torch.no_grad()
+    def answer_chunk(self, chunk: list[Sample], device: torch.device) -> tuple[list[dict], float]:
+        lines, ready, images = [], [], []
+        for sample in chunk:
+            try:
+                images.append(self.load_images(sample))
+                ready.append(sample)
+            except DataError as err:
+                if not self.settings.skip_bad:
+                    raise DataError(f"{self.benchmark.name} ({self.benchmark.source}): {err}") from None
+                lines.append({"id": sample.id, "skipped": str(err)})
+        if not ready:
+            return lines, 0.0
+        start = time.perf_counter()
+        model = self.model
+        items = [model.prompts.encode(imgs, s.model_prompt) for imgs, s in zip(images, ready)]
+        batch = model.prompts.collate(items, with_answers=False).to(device)
+        features = vision_features(model.vlm, batch)
+        memory = model.memory_for(batch, [imgs[0] for imgs in images], features, self.settings.branch)
+        tokens = model.generate(batch, memory, max_new_tokens=self.settings.max_new_tokens, features=features)
+        texts = model.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        ms = 1000 * seconds / len(ready)
+        for sample, text in zip(ready, texts):
+            lines.append(self.score(sample, text.strip(), ms))
+        return lines, seconds
+
+    def score(self, sample: Sample, text: str, ms: float) -> dict:
+        if self.benchmark.scorable:
+            correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options)
+        else:
+            correct, got = None, extract(text, sample.answer_type, sample.options)
+        return {"id": sample.id, "prompt": sample.model_prompt, "n_images": len(sample.images), "raw": text,
+                "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct,
+                "answer_type": sample.answer_type, "modality": sample.modality,
+                "question_type": sample.question_type, "groups": sample.groups, "ms": round(ms, 3)}
+
+
+def _accuracy_table(lines: list[dict], key: Callable[[dict], str]) -> dict:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for line in lines:
+        groups[key(line)].append(bool(line["correct"]))
+    return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items()) if k}
+
+
+def compute_metrics(benchmark: Benchmark, lines: list[dict], settings: EvalSettings) -> dict:
+    """Everything but `efficiency` depends only on the predictions, so a resumed run reproduces it exactly."""
+    scored = [line for line in lines if "skipped" not in line]
+    skipped = benchmark.skipped + [{"id": line["id"], "error": line["skipped"]} for line in lines
+                                   if "skipped" in line]
+    n = len(scored)
+    metrics = {"benchmark": benchmark.name, "source": benchmark.source,
+               "closed_definition": benchmark.closed_definition, "scorable": benchmark.scorable, "n": n,
+               "n_records": benchmark.n_records, "excluded": benchmark.excluded,
+               "unparseable": sum(line["extracted"] is None for line in scored),
+               "rules": dict(sorted(Counter(line["rule"] for line in scored).items())),
+               "n_skipped": len(skipped), "skipped": skipped, "limit": settings.limit}
+    if not benchmark.scorable:
+        return {**metrics, "accuracy": None, "correct": None}
+    correct = sum(bool(line["correct"]) for line in scored)
+    group_keys = sorted({k for line in scored for k in line.get("groups", {})})
+    return {**metrics, "accuracy": correct / n if n else None, "correct": correct,
+            "by_modality": _accuracy_table(scored, lambda x: x.get("modality", "")),
+            "by_question_type": _accuracy_table(scored, lambda x: x.get("question_type", "")),
+            "by_answer_type": _accuracy_table(scored, lambda x: x.get("answer_type", "")),
+            "by_group": {g: _accuracy_table(scored, lambda x, g=g: x.get("groups", {}).get(g, ""))
+                         for g in group_keys}}
+
+
+def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str | Path, output: str | Path,
+                        settings: EvalSettings | None = None,
+                        on_batch: Callable[[str, int], None] | None = None) -> dict[str, dict]:
+    """Run every benchmark (resuming), write metrics and the summary; returns metrics per benchmark."""
+    from medsynapse.eval.summary import write_summary
+
+    settings = settings or EvalSettings()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    benches = {name: load_source(name, data_root, output / ".images", skip_bad=settings.skip_bad,
+                                 **settings.source_options.get(name, {})) for name in benchmarks}
+    model = MedSynapseV.from_pretrained(model_path, merge_adapter=True)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    if settings.max_pixels:
+        set_max_pixels(model, settings.max_pixels)
+    results = {}
+    for name, bench in benches.items():
+        out_dir = output / name
+        job = BenchmarkRun(model, bench, out_dir, settings, str(model_path))
+        efficiency = job.run(None if on_batch is None else lambda i, name=name: on_batch(name, i))
+        metrics = compute_metrics(bench, read_predictions(job.path), settings)
+        old = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
+        if efficiency["ms_per_sample"] is None:  # nothing left to generate: keep the last measurement
+            efficiency = old.get("efficiency", efficiency)
+        metrics["efficiency"] = {**efficiency, "batch_size": settings.batch_size,
+                                 "device": str(next(core_vlm(model.vlm).parameters()).device),
+                                 "settings": asdict(settings)}
+        write_json(out_dir / "metrics.json", metrics)
+        results[name] = metrics
+    write_summary(output, label=Path(model_path).name)
+    return results

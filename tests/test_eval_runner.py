@@ -1,0 +1,137 @@
+"""`medsynapse eval`: summary over all fixture benchmarks, exact resume after a kill, bad input, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import Interrupted
+
+from medsynapse.cli import main as cli_main
+from medsynapse.data.schema import DataError
+from medsynapse.data.sources import PAPER_BENCHMARKS, SOURCES
+from medsynapse.data.sources.fixtures import write_fixtures
+from medsynapse.eval.runner import PREDICTIONS, BenchmarkRun, EvalSettings, evaluate_benchmarks, read_predictions
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_fixtures(tmp_path_factory.mktemp("bench") / "data")
+
+
+@pytest.fixture(scope="module")
+def demo_model(tiny_env, tmp_path_factory):
+    """A saved Stage I-shaped model (VLM + prior encoder + P_phi), as the demo writes it."""
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    torch.manual_seed(0)
+    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
+    folder = tmp_path_factory.mktemp("stage1")
+    model.save_pretrained(folder)
+    return folder
+
+
+def without_efficiency(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "efficiency"}
+
+
+def test_eval_cli_writes_a_complete_summary_for_all_seven_benchmarks(demo_model, tiny_env, data_root, tmp_path):
+    out = tmp_path / "stage1"
+    assert cli_main(["eval", "--model", str(demo_model), "--benchmarks", ",".join(PAPER_BENCHMARKS),
+                     "--data-root", str(data_root), "--output", str(out), "--batch-size", "2",
+                     "--max-new-tokens", "4"]) == 0
+    header, row = (out / "summary.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert columns == ["model"] + [SOURCES[b].label for b in PAPER_BENCHMARKS] + ["Avg", "ms_per_sample",
+                                                                                   "peak_mem_mb"]
+    cells = row.split(",")
+    assert all(c != "—" for c in cells), row
+    assert (out / "summary.png").stat().st_size > 0 and "| VQA-RAD |" in (out / "summary.md").read_text()
+    for name in PAPER_BENCHMARKS:
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        lines = read_predictions(out / name / PREDICTIONS)
+        assert metrics["n"] == len(lines) == len({line["id"] for line in lines}) > 0
+        assert metrics["correct"] == sum(line["correct"] for line in lines)
+        assert metrics["unparseable"] == sum(line["extracted"] is None for line in lines)
+        assert metrics["closed_definition"] and metrics["efficiency"]["ms_per_sample"] > 0
+        assert {"id", "prompt", "raw", "extracted", "gold", "correct"} <= set(lines[0])
+    # the plain base VLM folder is accepted too, and eval-summary puts both rows in one table
+    base_out = tmp_path / "base"
+    evaluate_benchmarks(str(tiny_env.vlm), ["vqa-rad", "pmc-vqa"], data_root, base_out,
+                        EvalSettings(batch_size=4, max_new_tokens=4))
+    combined = tmp_path / "combined"
+    assert cli_main(["eval-summary", f"base={base_out}", f"stage1={out}", "--output", str(combined)]) == 0
+    rows = (combined / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["base", "stage1"]
+    assert rows[1].split(",")[3] == "—"  # base has no PathVQA result
+
+
+def test_interrupted_eval_resumes_to_the_same_metrics_without_regenerating(demo_model, data_root, tmp_path,
+                                                                          monkeypatch):
+    names = ["medxpertqa-mm", "mmmu-med"]
+    settings = EvalSettings(batch_size=1, max_new_tokens=4)
+    reference = evaluate_benchmarks(str(demo_model), names, data_root, tmp_path / "full", settings)
+
+    generated: list[str] = []
+    original = BenchmarkRun.answer_chunk
+
+    def counting(self, chunk, device):
+        generated.extend(s.id for s in chunk)
+        return original(self, chunk, device)
+
+    monkeypatch.setattr(BenchmarkRun, "answer_chunk", counting)
+
+    def kill_after_first_mmmu_batch(name: str, index: int) -> None:
+        if name == "mmmu-med" and index == 0:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        evaluate_benchmarks(str(demo_model), names, data_root, tmp_path / "resumed", settings,
+                            on_batch=kill_after_first_mmmu_batch)
+    first_run = list(generated)
+    assert first_run == ["MM-0", "MM-1", "MM-2", "validation_Clinical_Medicine_1"]
+    # a torn line from a kill mid-write is cut off and that sample generated again
+    with (tmp_path / "resumed" / "mmmu-med" / PREDICTIONS).open("a") as handle:
+        handle.write('{"id": "validation_Clinical_Medicine_2", "raw": "tru')
+    generated.clear()
+    resumed = evaluate_benchmarks(str(demo_model), names, data_root, tmp_path / "resumed", settings)
+    assert generated == ["validation_Clinical_Medicine_2", "validation_Pharmacy_3"]  # nothing finished is redone
+    for name in names:
+        assert without_efficiency(resumed[name]) == without_efficiency(reference[name])
+        full = read_predictions(tmp_path / "full" / name / PREDICTIONS)
+        again = read_predictions(tmp_path / "resumed" / name / PREDICTIONS)
+        assert [(p["id"], p["raw"]) for p in again] == [(p["id"], p["raw"]) for p in full]
+
+
+def test_resume_with_other_settings_is_refused(demo_model, data_root, tmp_path):
+    evaluate_benchmarks(str(demo_model), ["pmc-vqa"], data_root, tmp_path, EvalSettings(max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_new_tokens differ"):
+        evaluate_benchmarks(str(demo_model), ["pmc-vqa"], data_root, tmp_path, EvalSettings(max_new_tokens=8))
+
+
+def test_corrupt_image_stops_with_a_clear_error_or_is_skipped_and_listed(demo_model, tmp_path):
+    root = write_fixtures(tmp_path / "data")
+    (root / "pmc_vqa" / "figures" / "PMC1064097_F2.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"PMC1064097_F2\.jpg: corrupt or unreadable image \(record id 'pmc-vqa-1', "
+                                        r"field 'images'\)"):
+        evaluate_benchmarks(str(demo_model), ["pmc-vqa"], root, tmp_path / "strict", EvalSettings(max_new_tokens=4))
+    metrics = evaluate_benchmarks(str(demo_model), ["pmc-vqa", "slake"], root, tmp_path / "lenient",
+                                  EvalSettings(max_new_tokens=4, skip_bad=True))
+    assert metrics["pmc-vqa"]["n"] == 1 and metrics["pmc-vqa"]["n_skipped"] == 1
+    assert metrics["pmc-vqa"]["skipped"][0]["id"] == "pmc-vqa-1"
+    # a malformed record is skipped at load time and listed the same way
+    path = root / "slake" / "test.json"
+    records = json.loads(path.read_text())
+    del records[1]["question"]
+    path.write_text(json.dumps(records))
+    metrics = evaluate_benchmarks(str(demo_model), ["slake"], root, tmp_path / "lenient2",
+                                  EvalSettings(max_new_tokens=4, skip_bad=True))
+    assert metrics["slake"]["n"] == 1 and "missing field 'question'" in metrics["slake"]["skipped"][0]["error"]
+
+
+def test_unscorable_split_is_generated_but_not_scored(demo_model, data_root, tmp_path):
+    settings = EvalSettings(max_new_tokens=4, source_options={"gmai-mmbench": {"split": "test"}})
+    metrics = evaluate_benchmarks(str(demo_model), ["gmai-mmbench"], data_root, tmp_path, settings)["gmai-mmbench"]
+    assert metrics["scorable"] is False and metrics["accuracy"] is None and metrics["n"] == 2
+    assert "| — |" in (tmp_path / "summary.md").read_text()
