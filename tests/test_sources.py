@@ -220,3 +220,16 @@ def test_bad_base64_and_missing_dataset_are_clear_errors(root, tmp_path):
         load(root, "gmai-mmbench")
     with pytest.raises(DataError, match="no PMC-VQA|PMC-VQA file not found"):
         load_source("pmc-vqa", tmp_path / "empty", tmp_path / "cache")
+
+
+def test_convert_writes_a_training_file_the_recipes_read(root, tmp_path):
+    from medsynapse.cli import main as cli_main
+    from medsynapse.data.schema import read_samples
+
+    for source, answer_type in (("omnimedvqa", "multiple_choice"), ("pathvqa-open-train", "open"),
+                                ("pubmedvision", "caption")):
+        out = tmp_path / source / "train.jsonl"
+        assert cli_main(["convert", "--source", source, "--data-root", str(root), "--out", str(out)]) == 0
+        samples = read_samples(out)
+        assert samples and {s.answer_type for s in samples} == {answer_type}
+        assert all(Path(p).is_file() for s in samples for p in s.images)
