@@ -1,9 +1,10 @@
 """On-disk cache of frozen prior-encoder outputs (tokens + region masks), keyed by image content and encoder.
 
 Layout: `<root>/<encoder fingerprint>/index.json` + `shard_NNNNN.safetensors`. The fingerprint hashes the encoder
-folder's config.json and its weight files (name, size, first and last MiB), so a changed encoder never reads stale
-features. Images are keyed by the SHA-256 of their file bytes, so renamed copies hit and edited files miss. Shards are
-written to a temporary name and renamed; the index is rewritten atomically after each shard.
+folder's json files (config, tokenizer, settings such as SAM 3 prompts), its weight files (name, size, first and last
+MiB) and the settings the encoder resolves from code defaults (`encoder_settings`), so a changed encoder never reads
+stale features. Images are keyed by the SHA-256 of their file bytes, so renamed copies hit and edited files miss.
+Shards are written to a temporary name and renamed; the index is rewritten atomically after each shard.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from medsynapse.model.encoders import encoder_settings
 from medsynapse.model.encoders.base import PriorOutput
 
 _MIB = 2**20
@@ -34,6 +36,9 @@ def encoder_fingerprint(folder: str | Path) -> str:
                 digest.update(handle.read(_MIB))
                 handle.seek(max(0, size - _MIB))
                 digest.update(handle.read(_MIB))
+    settings = encoder_settings(folder)
+    if settings:  # only encoders with code-level defaults: the fingerprints of other folders stay as they were
+        digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
