@@ -1,4 +1,4 @@
-"""Stage I under `torchrun --nproc_per_node 2` (gloo, CPU) against one process with the same global batch."""
+"""Stages I-III under `torchrun --nproc_per_node 2` (gloo, CPU) against one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -46,18 +46,27 @@ def test_stage1_two_processes_match_one(tiny_env, tmp_path):
 
 
 @needs_torchrun
-def test_stage2_and_stage3_run_under_two_processes(tiny_env, tmp_path):
-    """Smoke: Stages II-III finish under DDP and save. Their rollouts are sampled per rank, so weights are not
-    comparable with a 1-process run (by construction)."""
-    one = tmp_path / "s1"
-    _train("stage1", _config(tiny_env, one))
-    s2 = tmp_path / "s2.yaml"
-    s2.write_text(f"model: {one}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / 's2'}\nlora_r: 4\n"
-                  "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 2\nmax_new_tokens: 3\nlr: 1.0e-3\n")
-    s3 = tmp_path / "s3.yaml"
-    s3.write_text(f"model: {tmp_path / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / 's3'}\n"
-                  "batch_size: 4\nmax_steps: 2\nmax_new_tokens: 3\nlr: 1.0e-3\n")
-    _train("stage2", s2, processes=2, port=29533)
-    _train("stage3", s3, processes=2, port=29533)
-    assert torch.isfinite(load_file(str(tmp_path / "s3" / "autonomous.safetensors"))["mlp.0.weight"]).all()
-    assert (tmp_path / "s2" / "adapter" / "adapter_model.safetensors").is_file()
+def test_stage2_and_stage3_two_processes_match_one(tiny_env, tmp_path):
+    """Keyed rollout sampling makes the B·G rollouts of a global batch the same on 1 or 2 processes, and Stage III
+    divides by the global token count, so the trained weights must agree as in Stage I."""
+    stage1 = tmp_path / "s1"
+    _train("stage1", _config(tiny_env, stage1))
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        (tmp_path / f"s2-{world}.yaml").write_text(
+            f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's2'}\nlora_r: 4\n"
+            "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 2\nmax_new_tokens: 3\nlr: 1.0e-3\n"
+            "temperature: 1.0\n")
+        (tmp_path / f"s3-{world}.yaml").write_text(
+            f"model: {out / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's3'}\nbatch_size: 4\n"
+            "max_steps: 2\nmax_new_tokens: 3\nlr: 1.0e-3\n")
+        _train("stage2", tmp_path / f"s2-{world}.yaml", processes=world, port=29533)
+        _train("stage3", tmp_path / f"s3-{world}.yaml", processes=world, port=29535)
+    for relative in ("s2/adapter/adapter_model.safetensors", "s3/autonomous.safetensors"):
+        a = load_file(str(tmp_path / "w1" / relative))
+        b = load_file(str(tmp_path / "w2" / relative))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.isfinite(a[name]).all()
+            # same tolerance and reason as Stage I: per-rank padding noise amplified by Adam over 2 steps
+            torch.testing.assert_close(a[name], b[name], atol=5e-3, rtol=0, msg=f"{relative}: {name}")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_logprobs, completion_mask, select_features, vision_features
 from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages, zero_std_fraction
 from medsynapse.objectives.rewards import accuracy_rewards, causal_rewards, total_reward
@@ -50,6 +51,8 @@ class Stage2Config:
     grad_clip: float = 1.0
     temperature: float = 0.7
     top_p: float = 0.95
+    rollout_sampling: str = "keyed"  # keyed: per-rollout noise from (seed, step, position), the same on any world
+    # size (model/sampling.py) | torch: transformers' sampler on the process RNG
     max_new_tokens: int = 16
     lambda_acc: float = 1.0
     lambda_causal: float = 0.5
@@ -82,11 +85,12 @@ class Rollouts:
     seconds: float
 
 
-def generate_rollouts(model: MedSynapseV, batch, memory, features, config: Stage2Config) -> Rollouts:
-    """All B·G rollouts in one cached, sampled `generate` call."""
+def generate_rollouts(model: MedSynapseV, batch, memory, features, config: Stage2Config,
+                      keys: torch.Tensor) -> Rollouts:
+    """All B·G rollouts in one cached, sampled `generate` call; `keys` (B·G,) seed each row's draws."""
     start = time.perf_counter()
-    tokens = model.generate(batch, memory, max_new_tokens=config.max_new_tokens, features=features, do_sample=True,
-                            temperature=config.temperature, top_p=config.top_p, top_k=0)
+    tokens = model.generate(batch, memory, max_new_tokens=config.max_new_tokens, features=features,
+                            **sampling_kwargs(keys, config.rollout_sampling, config.temperature, config.top_p))
     mask = completion_mask(tokens, model.prompts.eos_id)
     texts = model.processor.tokenizer.batch_decode(tokens * mask + (1 - mask) * model.prompts.eos_id,
                                                    skip_special_tokens=True)
@@ -169,7 +173,9 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         rollout_samples = [dataset.samples[indices[r]] for r in rows]
 
         unwrapped.eval()
-        rollouts = generate_rollouts(model, batch, memory, batch_features, config)
+        keys = row_keys(config.seed, step, trainer.global_positions(config.batch_size, accelerator.process_index,
+                                                                    accelerator.num_processes), G)
+        rollouts = generate_rollouts(model, batch, memory, batch_features, config, keys)
         r_acc = accuracy_rewards(rollouts.texts, rollout_samples).to(accelerator.device)
         if config.lambda_causal != 0.0:
             logp_f, logp_cf = factual_and_counterfactual_logprobs(unwrapped, batch, memory, memory_cf, rollouts,

@@ -22,6 +22,7 @@ from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
+from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import trainer
@@ -44,6 +45,7 @@ class Stage3Config:
     jsd_temperature: float = 1.0  # separate from the sampling temperature (one value served both in the reference)
     sample_temperature: float = 1.0
     top_p: float = 0.95
+    rollout_sampling: str = "keyed"  # keyed: world-size invariant draws (model/sampling.py) | torch
     max_new_tokens: int = 16
     fused_jsd: bool = False  # True: JSD from hidden states + lm_head chunk by chunk (no full logits)
     jsd_chunk_size: int = 32
@@ -106,11 +108,16 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         student_memory = student(features.pooler_output, grids, batch.images_per_sample)
 
         gen_start = time.perf_counter()
+        keys = row_keys(config.seed, step, trainer.global_positions(config.batch_size, accelerator.process_index,
+                                                                    accelerator.num_processes))
         tokens = model.generate(batch, student_memory.detach(), max_new_tokens=config.max_new_tokens,
-                                features=features, do_sample=True, temperature=config.sample_temperature,
-                                top_p=config.top_p, top_k=0)
+                                features=features, **sampling_kwargs(keys, config.rollout_sampling,
+                                                                     config.sample_temperature, config.top_p))
         gen_seconds = time.perf_counter() - gen_start
         mask = completion_mask(tokens, model.prompts.eos_id)
+        # Mean over the GLOBAL valid positions: DDP averages gradients over ranks, so each rank divides its sum by
+        # (global count / world); a per-rank mean would weight ranks with fewer tokens more.
+        num_items = max(accelerator.reduce(mask.sum().float(), "sum").item() / accelerator.num_processes, 1.0)
 
         with torch.no_grad():
             teacher_out = completion_outputs(model.vlm, batch, teacher_memory, tokens, mask, model.latent_id,
@@ -119,10 +126,10 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
                                          hidden=config.fused_jsd)
         if config.fused_jsd:
             loss = generalized_jsd_from_hidden(student_out, teacher_out, lm_head, mask, config.beta,
-                                               config.jsd_temperature, config.jsd_chunk_size)
+                                               config.jsd_temperature, config.jsd_chunk_size, num_items)
         else:
             loss = generalized_jsd(student_out, teacher_out, mask, config.beta, config.jsd_temperature,
-                                   config.jsd_chunk_size)
+                                   config.jsd_chunk_size, num_items)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
         optimizer.step()

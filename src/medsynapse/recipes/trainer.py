@@ -40,8 +40,13 @@ def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) 
 def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
     if len(indices) % world:
         raise ValueError(f"global batch {len(indices)} is not divisible by {world} processes")
-    per = len(indices) // world
-    return indices[rank * per:(rank + 1) * per]
+    return [indices[p] for p in global_positions(len(indices), rank, world)]
+
+
+def global_positions(global_batch: int, rank: int, world: int) -> list[int]:
+    """Positions in the global batch of this rank's slice (what `rank_slice` takes)."""
+    per = global_batch // world
+    return list(range(rank * per, (rank + 1) * per))
 
 
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
