@@ -140,11 +140,30 @@ def timed_inference(models: dict, image: Image.Image, question: str, n: int, tok
     return out
 
 
-def stage2_step(models: dict, image: Image.Image, question: str, prompts: int, group: int, tokens: int) -> dict:
+def batched_inference(models: dict, image: Image.Image, question: str, batch: int, tokens: int) -> dict:
+    """ms per question answering `batch` questions in one left-padded batch, as `medsynapse eval` does."""
+    out = {}
+    for name in ("base", "teacher"):
+        _peak_reset()
+        times = []
+        for index in range(3):
+            _sync()
+            start = time.perf_counter()
+            models[name].answer([image] * batch, [question] * batch, max_new_tokens=tokens, min_new_tokens=tokens)
+            _sync()
+            if index >= 1:
+                times.append((time.perf_counter() - start) * 1000 / batch)
+        out[name] = {"batch": batch, "ms_per_sample": statistics.median(times), "peak_mem_gib": _peak_gib()}
+    return out
+
+
+def stage2_step(models: dict, image: Image.Image, question: str, prompts: int, group: int, tokens: int,
+                sampling: str = "keyed") -> dict:
     from peft import LoraConfig, get_peft_model
 
     from medsynapse.data.schema import Sample
     from medsynapse.model.medsynapse import lora_target_regex
+    from medsynapse.model.sampling import row_keys
     from medsynapse.model.vlm import completion_logprobs, select_features, vision_features
     from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages
     from medsynapse.objectives.rewards import accuracy_rewards, causal_rewards
@@ -156,7 +175,7 @@ def stage2_step(models: dict, image: Image.Image, question: str, prompts: int, g
     teacher.vlm = get_peft_model(teacher.vlm, lora)
     trainable = [p for p in teacher.vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    config = Stage2Config(temperature=1.0, top_p=1.0, max_new_tokens=tokens)
+    config = Stage2Config(temperature=1.0, top_p=0.95, max_new_tokens=tokens, rollout_sampling=sampling)
     sample = Sample(id="x", images=["x"], question=question, answer="yes", answer_type="yes_no")
     device = next(teacher.vlm.parameters()).device
     results = []
@@ -173,7 +192,8 @@ def stage2_step(models: dict, image: Image.Image, question: str, prompts: int, g
         rows = [r for r in range(prompts) for _ in range(group)]
         batch, feats = batch0.select(rows), select_features(features, batch0.image_rows(rows))
         teacher.vlm.eval()
-        rollouts = generate_rollouts(teacher, batch, memory[rows], feats, config)
+        keys = row_keys(0, len(results), list(range(prompts)), group)
+        rollouts = generate_rollouts(teacher, batch, memory[rows], feats, config, keys)
         r_acc = accuracy_rewards(rollouts.texts, [sample] * len(rows)).to(device)
         logp_f, logp_cf = factual_and_counterfactual_logprobs(teacher.vlm, batch, memory[rows], memory_cf[rows],
                                                               rollouts, feats, teacher.latent_id, 1.0)
@@ -189,8 +209,8 @@ def stage2_step(models: dict, image: Image.Image, question: str, prompts: int, g
         _sync()
         results.append({"step_s": time.perf_counter() - start, "generate_s": rollouts.seconds,
                         "generated_tokens": int(rollouts.mask.sum()), "peak_mem_gib": _peak_gib()})
-    teacher.vlm = teacher.vlm.get_base_model()
-    return {"prompts": prompts, "group": group, "max_new_tokens": tokens,
+    teacher.vlm = teacher.vlm.unload()  # drop the LoRA layers so the next call starts from the plain VLM
+    return {"prompts": prompts, "group": group, "max_new_tokens": tokens, "sampling": sampling,
             "lora_params": sum(p.numel() for p in trainable), **results[-1]}
 
 
@@ -238,8 +258,12 @@ def main() -> None:
     question = "Is there a lesion in this image? Answer yes or no."
     report["inference"] = timed_inference(models, image, question, args.samples, 32)
     print(json.dumps(report["inference"]), flush=True)
+    report["batched_inference"] = batched_inference(models, image, question, 16, 32)
+    print(json.dumps(report["batched_inference"]), flush=True)
     report["stage2_step"] = stage2_step(models, image, question, prompts=4, group=4, tokens=64)
     print(json.dumps(report["stage2_step"]), flush=True)
+    report["stage2_step_torch_sampling"] = stage2_step(models, image, question, 4, 4, 64, sampling="torch")
+    print(json.dumps(report["stage2_step_torch_sampling"]), flush=True)
     del models
     report["jsd"] = jsd_full_vocab(device, args.jsd_positions, 151_936)
     report["total_s"] = time.perf_counter() - t0
