@@ -103,3 +103,13 @@ def test_yes_no_substrings_inside_words_never_count(trap, rest):
     words = [w for w in rest if w not in ("yes", "no")]
     assert extract_yes_no(" ".join([trap, *words])).answer is None
     assert not is_correct(f"{trap} finding", "no", "yes_no")[0]
+
+
+def test_articles_and_prose_are_not_option_letters():
+    assert extract_option("A medial approach is best.", FIVE).answer == "C"  # by option text, not as letter A
+    assert extract_option("The answer is a medial approach.", FIVE).answer == "C"
+    assert extract_option("To answer a question like this, C.", FIVE).answer == "C"
+    assert extract_option("The answer is A medial approach", FIVE).answer == "C"
+    assert extract_option("Answer: A", FIVE).answer == "A" and extract_option("A.", FIVE).answer == "A"
+    assert extract_option("A", FIVE).answer == "A" and extract_option("(A) Lateral", FIVE).answer == "A"
+    assert extract_option("A is correct", FIVE).answer == "A" and extract_option("A or B", FIVE).answer is None

@@ -104,8 +104,12 @@ def test_interrupted_eval_resumes_to_the_same_metrics_without_regenerating(demo_
         assert [(p["id"], p["raw"]) for p in again] == [(p["id"], p["raw"]) for p in full]
 
 
-def test_resume_with_other_settings_is_refused(demo_model, data_root, tmp_path):
+def test_resume_with_other_settings_is_refused_but_a_larger_limit_extends(demo_model, data_root, tmp_path):
+    first = evaluate_benchmarks(str(demo_model), ["pmc-vqa"], data_root, tmp_path,
+                                EvalSettings(max_new_tokens=4, limit=1))["pmc-vqa"]
+    assert first["n"] == 1
     evaluate_benchmarks(str(demo_model), ["pmc-vqa"], data_root, tmp_path, EvalSettings(max_new_tokens=4))
+    assert len(read_predictions(tmp_path / "pmc-vqa" / PREDICTIONS)) == 2
     with pytest.raises(ValueError, match="max_new_tokens differ"):
         evaluate_benchmarks(str(demo_model), ["pmc-vqa"], data_root, tmp_path, EvalSettings(max_new_tokens=8))
 
@@ -120,6 +124,12 @@ def test_corrupt_image_stops_with_a_clear_error_or_is_skipped_and_listed(demo_mo
                                   EvalSettings(max_new_tokens=4, skip_bad=True))
     assert metrics["pmc-vqa"]["n"] == 1 and metrics["pmc-vqa"]["n_skipped"] == 1
     assert metrics["pmc-vqa"]["skipped"][0]["id"] == "pmc-vqa-1"
+    # once the image is fixed, the skipped id is answered on the next run (and counted once)
+    (root / "pmc_vqa" / "figures" / "PMC1064097_F2.jpg").write_bytes(
+        (root / "pmc_vqa" / "images" / "PMC1064097_F1.jpg").read_bytes())
+    fixed = evaluate_benchmarks(str(demo_model), ["pmc-vqa"], root, tmp_path / "lenient",
+                                EvalSettings(max_new_tokens=4, skip_bad=True))["pmc-vqa"]
+    assert fixed["n"] == 2 and fixed["n_skipped"] == 0
     # a malformed record is skipped at load time and listed the same way
     path = root / "slake" / "test.json"
     records = json.loads(path.read_text())

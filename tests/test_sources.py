@@ -233,3 +233,38 @@ def test_convert_writes_a_training_file_the_recipes_read(root, tmp_path):
         samples = read_samples(out)
         assert samples and {s.answer_type for s in samples} == {answer_type}
         assert all(Path(p).is_file() for s in samples for p in s.images)
+
+
+def test_layout_option_picks_the_hf_copy_when_both_exist(root):
+    assert load(root, "vqa-rad", layout="hf").source.endswith(".parquet")
+    with pytest.raises(ValueError, match="layout"):
+        load(root, "vqa-rad", layout="xml")
+
+
+def test_parquet_shards_of_one_split_are_all_read(root):
+    import pyarrow.parquet as pq
+
+    folder = root / "path_vqa" / "data"
+    table = pq.read_table(folder / "test-00000-of-00001.parquet")
+    (folder / "test-00000-of-00001.parquet").unlink()
+    pq.write_table(table.slice(0, 2), folder / "test-00000-of-00002.parquet")
+    pq.write_table(table.slice(2), folder / "test-00001-of-00002.parquet")
+    bench = load(root, "pathvqa")
+    assert bench.n_records == 3 and [s.answer for s in bench.samples] == ["yes", "no"]
+
+
+def test_duplicate_ids_are_bad_records(root):
+    path = root / "slake" / "test.json"
+    records = json.loads(path.read_text())
+    records.append(dict(records[1]))
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match="duplicate sample id 'slake-11938'"):
+        load(root, "slake")
+    bench = load(root, "slake", skip_bad=True)
+    assert len(bench.samples) == 2 and bench.skipped[0]["id"] == "slake-11938"
+
+
+def test_a_byte_order_mark_does_not_hide_the_header(root):
+    path = root / "pmc_vqa" / "test_clean.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(load(root, "pmc-vqa").samples) == 2

@@ -69,12 +69,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_source_options(items: list[str], names: list[str]) -> dict[str, dict]:
+    """`BENCHMARK.KEY=VALUE` loader options (values parsed as YAML scalars/lists), e.g. pmc-vqa.file=test.csv."""
+    import yaml
+
+    options: dict[str, dict] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not sep or not dot or name not in names:
+            raise SystemExit(f"--option {item!r}: expected BENCHMARK.KEY=VALUE with BENCHMARK one of {names}")
+        options.setdefault(name, {})[key] = yaml.safe_load(value)
+    return options
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
 
     settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, branch=args.branch,
                             skip_bad=args.skip_bad, limit=args.limit, max_pixels=args.max_pixels)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    settings.source_options = parse_source_options(args.option or [], names)
     results = evaluate_benchmarks(args.model, names, args.data_root, args.output, settings)
     print((Path(args.output) / "summary.md").read_text())
     skipped = sum(m["n_skipped"] for m in results.values())
@@ -108,7 +123,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bench = load_source(args.source, args.data_root, out.parent / "images", skip_bad=args.skip_bad)
+    options = parse_source_options([f"{args.source}.{o}" for o in args.option or []], [args.source])
+    bench = load_source(args.source, args.data_root, out.parent / "images", skip_bad=args.skip_bad,
+                        **options.get(args.source, {}))
     write_samples(out, bench.samples)
     print(f"{len(bench.samples)} samples from {bench.source} ({bench.closed_definition}) written to {out}; "
           f"excluded {bench.excluded}; skipped {len(bench.skipped)} bad records")
@@ -172,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-root", required=True, help="folder holding the datasets in their published layouts")
     evaluate.add_argument("--output", required=True)
     evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="answer budget for every benchmark (default: each protocol's, 32 / MMMU 128 / HGV 64)")
+    evaluate.add_argument("--option", action="append", metavar="BENCHMARK.KEY=VALUE",
+                          help="loader option, e.g. pmc-vqa.file=test.csv, gmai-mmbench.split=test, "
+                               "omnimedvqa.per_modality=500, vqa-rad.layout=hf")
     evaluate.add_argument("--branch", choices=["privileged", "counterfactual", "autonomous"], default=None)
     evaluate.add_argument("--skip-bad", action="store_true", help="skip bad records/images (counted and listed)")
     evaluate.add_argument("--limit", type=int, default=None, help="first N scored questions per benchmark")
@@ -193,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--data-root", required=True)
     convert.add_argument("--out", required=True, help="output .jsonl; embedded images go to its folder's images/")
     convert.add_argument("--skip-bad", action="store_true")
+    convert.add_argument("--option", action="append", metavar="KEY=VALUE",
+                         help="loader option, e.g. per_modality=2000, modalities=[Computed Tomography, Microscopy]")
     convert.set_defaults(func=cmd_convert)
 
     inspect = sub.add_parser("inspect", help="parameter counts and training memory of a real-size config (meta device)")

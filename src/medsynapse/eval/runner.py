@@ -40,7 +40,7 @@ PREDICTIONS = "predictions.jsonl"
 @dataclass
 class EvalSettings:
     batch_size: int = 8
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # None: each benchmark's protocol budget (32; MMMU 128, HGV bundle 64)
     branch: str | None = None  # None: the model's own memory (A_psi for a student, P_phi for a teacher)
     skip_bad: bool = False
     limit: int | None = None  # first N scored samples per benchmark (smoke runs)
@@ -90,8 +90,9 @@ class BenchmarkRun:
         self.out_dir = out_dir
         self.path = out_dir / PREDICTIONS
         self.samples = benchmark.samples[: settings.limit] if settings.limit else benchmark.samples
+        self.max_new_tokens = settings.max_new_tokens or benchmark.max_new_tokens
         self.run_info = {"model": model_path, "benchmark": benchmark.name, "source": benchmark.source,
-                         "closed_definition": benchmark.closed_definition, "max_new_tokens": settings.max_new_tokens,
+                         "closed_definition": benchmark.closed_definition, "max_new_tokens": self.max_new_tokens,
                          "branch": settings.branch, "max_pixels": settings.max_pixels, "limit": settings.limit,
                          "batch_size": settings.batch_size}
 
@@ -99,7 +100,8 @@ class BenchmarkRun:
         path = self.out_dir / "run.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            changed = [k for k in self.run_info if old.get(k) != self.run_info[k]]
+            # what changes a prediction; a new --limit or --batch-size only changes which ids run and how fast
+            changed = [k for k in self.run_info if k not in ("limit", "batch_size") and old.get(k) != self.run_info[k]]
             if changed and self.path.is_file() and self.path.stat().st_size:
                 raise ValueError(f"{self.out_dir}: holds predictions made with other settings ({', '.join(changed)} "
                                  "differ); use another --output or delete the folder")
@@ -109,7 +111,7 @@ class BenchmarkRun:
         """Generate what is missing; returns the efficiency of this invocation (None fields if nothing ran)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.check_run_info()
-        done = {line["id"] for line in read_predictions(self.path)}
+        done = {line["id"] for line in latest_per_id(read_predictions(self.path)) if "skipped" not in line}
         size = self.settings.batch_size
         chunks = [self.samples[i:i + size] for i in range(0, len(self.samples), size)]
         todo = [[s for s in chunk if s.id not in done] for chunk in chunks]
@@ -158,7 +160,7 @@ class BenchmarkRun:
         batch = model.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(model.vlm, batch)
         memory = model.memory_for(batch, [imgs[0] for imgs in images], features, self.settings.branch)
-        tokens = model.generate(batch, memory, max_new_tokens=self.settings.max_new_tokens, features=features)
+        tokens = model.generate(batch, memory, max_new_tokens=self.max_new_tokens, features=features)
         texts = model.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -186,8 +188,14 @@ def _accuracy_table(lines: list[dict], key: Callable[[dict], str]) -> dict:
     return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items()) if k}
 
 
+def latest_per_id(lines: list[dict]) -> list[dict]:
+    """One line per id, the last written (a sample skipped earlier and answered after a fix counts once)."""
+    return list({line["id"]: line for line in lines}.values())
+
+
 def compute_metrics(benchmark: Benchmark, lines: list[dict], settings: EvalSettings) -> dict:
     """Everything but `efficiency` depends only on the predictions, so a resumed run reproduces it exactly."""
+    lines = latest_per_id(lines)
     scored = [line for line in lines if "skipped" not in line]
     skipped = benchmark.skipped + [{"id": line["id"], "error": line["skipped"]} for line in lines
                                    if "skipped" in line]

@@ -76,7 +76,8 @@ def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 3.4))
     width = 0.8 / max(len(runs), 1)
     for k, (label, metrics) in enumerate(runs.items()):
-        values = [100 * (metrics.get(c, {}).get("accuracy") or 0.0) for c in columns]
+        values = [100 * metrics[c]["accuracy"] if metrics.get(c, {}).get("accuracy") is not None else float("nan")
+                  for c in columns]  # missing or unscorable: no bar, not a zero
         ax.bar([i + k * width for i in range(len(columns))], values, width, label=label)
     ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(columns))])
     ax.set_xticklabels([SOURCES[c].label if c in SOURCES else c for c in columns], rotation=20, fontsize=8)

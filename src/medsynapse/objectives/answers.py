@@ -2,8 +2,8 @@
 
 - yes/no: whole words only ("normal", "not", "note" are not "no"); a reply with both "yes" and "no" is unparseable.
 - multiple choice: an explicit answer tag ("<answer>B</answer>", "answer: B", "answer is B"), then a single
-  standalone option letter (upper case, word-bounded: "The answer" is not option E, "a" is not A), then the text of
-  exactly one option appearing as a whole phrase.
+  standalone option letter (upper case, word-bounded: "The answer" is not option E, "a" is not A, and "A" followed
+  by a lower-case word is the article), then the text of exactly one option appearing as a whole phrase.
 - open: normalised exact match (lower case, no punctuation or articles, single spaces).
 Nothing found means unparseable: it scores 0. There is no random or default fallback.
 """
@@ -15,7 +15,9 @@ import string
 from dataclasses import dataclass
 
 _TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
-_ANSWER_IS = re.compile(r"\b(?:final answer|answer)\s*(?:is|:)?\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE)
+# "answer is B" / "Answer: (B)": the keyword in any case, then "is" or ":", then an upper-case letter standing alone.
+_ANSWER_IS = re.compile(r"\b(?i:final answer|answer)\s*(?i:is|:)\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z'])")
+_LETTER = re.compile(r"(?<![A-Za-z])[A-Z](?![A-Za-z'])")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
@@ -45,6 +47,17 @@ def extract_yes_no(text: str) -> Extraction:
     return Extraction("yes" if has_yes else "no", "yes_no")
 
 
+# Words that follow a letter used as a letter ("A or B", "A is correct"), never a noun phrase after the article "a".
+_AFTER_LETTER = {"or", "and", "nor", "but", "is", "was", "are", "seems", "appears", "vs", "versus", "then", "because",
+                 "as", "would", "should", "could", "might", "may", "will", "can", "fits", "matches", "best"}
+
+
+def _is_article(letter: str, rest: str) -> bool:
+    """ "A" followed by a lower-case word is the article ("A medial approach"), not option A ("A or B" is)."""
+    following = re.match(r" +([a-z]+)", rest)
+    return letter == "A" and following is not None and following.group(1) not in _AFTER_LETTER
+
+
 def extract_option(text: str, options: dict[str, str]) -> Extraction:
     letters = set(options)
     tagged = _TAG.search(text)
@@ -53,10 +66,12 @@ def extract_option(text: str, options: dict[str, str]) -> Extraction:
         if inner.upper() in letters and len(inner) == 1:
             return Extraction(inner.upper(), "tag")
         text = tagged.group(1)
-    explicit = [m.group(1).upper() for m in _ANSWER_IS.finditer(text) if m.group(1).upper() in letters]
+    explicit = [m.group(1) for m in _ANSWER_IS.finditer(text)
+                if m.group(1) in letters and not _is_article(m.group(1), text[m.end(1):])]
     if len(set(explicit)) == 1:
         return Extraction(explicit[0], "tag")
-    standalone = {m.group(0) for m in re.finditer(r"(?<![A-Za-z])[A-Z](?![A-Za-z'])", text) if m.group(0) in letters}
+    standalone = {m.group(0) for m in _LETTER.finditer(text)
+                  if m.group(0) in letters and not _is_article(m.group(0), text[m.end():])}
     if len(standalone) == 1:
         return Extraction(standalone.pop(), "letter")
     norm = f" {normalise(text)} "

@@ -47,6 +47,7 @@ class Stage1Config:
     loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
     resume: bool = False
     dtype: str = "float32"
+    gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
@@ -89,6 +90,9 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
                               layers=config.sampler_layers, heads=config.sampler_heads, seed=config.seed,
                               dtype=config.dtype)
     model.vlm.requires_grad_(False).eval().to(accelerator.device)
+    if config.gradient_checkpointing:
+        trainer.enable_activation_checkpointing(model.vlm)
+        model.vlm.train()  # transformers only checkpoints in train mode (dropout is 0: same numbers)
     model.encoder.to(accelerator.device)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,

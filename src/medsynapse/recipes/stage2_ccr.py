@@ -74,6 +74,7 @@ class Stage2Config:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
@@ -127,6 +128,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         model.sampler.requires_grad_(False).eval()
     model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model.to(accelerator.device)
+    if config.gradient_checkpointing:
+        trainer.enable_activation_checkpointing(model.vlm)  # active in the train-mode update passes only
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False)

@@ -56,6 +56,7 @@ class Stage3Config:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
@@ -74,6 +75,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
         embed_rms=embedding_rms(vlm_core.get_input_embeddings())))
     model.to(accelerator.device)
+    if config.gradient_checkpointing:
+        trainer.enable_activation_checkpointing(model.vlm)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False)
@@ -122,8 +125,10 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         with torch.no_grad():
             teacher_out = completion_outputs(model.vlm, batch, teacher_memory, tokens, mask, model.latent_id,
                                              features, hidden=config.fused_jsd)
+        model.vlm.train(config.gradient_checkpointing)  # checkpointing acts in train mode only (dropout is 0)
         student_out = completion_outputs(model.vlm, batch, student_memory, tokens, mask, model.latent_id, features,
                                          hidden=config.fused_jsd)
+        model.vlm.eval()
         if config.fused_jsd:
             loss = generalized_jsd_from_hidden(student_out, teacher_out, lm_head, mask, config.beta,
                                                config.jsd_temperature, config.jsd_chunk_size, num_items)

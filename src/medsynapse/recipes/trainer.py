@@ -49,6 +49,19 @@ def global_positions(global_batch: int, rank: int, world: int) -> list[int]:
     return list(range(rank * per, (rank + 1) * per))
 
 
+def enable_activation_checkpointing(vlm) -> None:
+    """Non-reentrant activation checkpointing of the VLM's layers, to trade compute for memory at 8B scale.
+
+    Non-reentrant because the weights are frozen while gradients still flow through them to P_phi / LoRA / A_psi
+    (reentrant checkpointing drops gradients when no layer input requires grad). Transformers checkpoints only in
+    train mode, so the gradient-carrying forwards run in train mode; Qwen3-VL's dropout rates are 0, so no number
+    changes (tested: same weights as without).
+    """
+    from medsynapse.model.vlm import core_vlm
+
+    core_vlm(vlm).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and gains (1-D parameters)."""
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]

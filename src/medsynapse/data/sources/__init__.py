@@ -33,6 +33,7 @@ class Source:
     loader: Callable[..., Benchmark]
     folders: str  # where under the data root it is read from (for help texts)
     options: dict = field(default_factory=dict)
+    max_new_tokens: int = 32  # answer budget: closed answers are short; MMMU's official budget is 128
 
 
 # The paper's Table 1 columns, in its order.
@@ -43,10 +44,10 @@ SOURCES: dict[str, Source] = {
     "slake": Source("SLAKE", slake.load, "slake/"),
     "pathvqa": Source("PathVQA", pathvqa.load, "path_vqa/ (HF parquet) or pvqa/ (original pickles)"),
     "pmc-vqa": Source("PMC-VQA", pmc_vqa.load, "pmc_vqa/"),
-    "mmmu-med": Source("MMMU H&M", mmmu.load, "mmmu/<Subject>/"),
+    "mmmu-med": Source("MMMU H&M", mmmu.load, "mmmu/<Subject>/", max_new_tokens=128),
     "medxpertqa-mm": Source("MedXpertQA-MM", medxpertqa.load, "medxpertqa/"),
     "gmai-mmbench": Source("GMAI-MMBench", gmai.load, "gmai/"),
-    "hgv-bundle": Source("HGV closed MCQ", hgv_bundle.load, "medical_multimodal_eval/"),
+    "hgv-bundle": Source("HGV closed MCQ", hgv_bundle.load, "medical_multimodal_eval/", max_new_tokens=64),
     "omnimedvqa": Source("OmniMedVQA", omnimedvqa.load, "omnimedvqa/"),
     # training corpora
     "pubmedvision": Source("PubMedVision", pubmedvision.load, "pubmedvision/"),
@@ -63,8 +64,11 @@ def load_source(name: str, data_root: str | Path, image_cache: str | Path, skip_
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(SOURCES)}")
     source = SOURCES[name]
     loader = partial(source.loader, **{**source.options, **options})
-    benchmark = loader(Path(data_root).expanduser(), ImageStore(image_cache), BadRecords(skip_bad))
+    bad = BadRecords(skip_bad)
+    benchmark = loader(Path(data_root).expanduser(), ImageStore(image_cache), bad)
+    benchmark.drop_duplicate_ids(bad)
     benchmark.name = name
+    benchmark.max_new_tokens = source.max_new_tokens
     return benchmark
 
 

@@ -35,12 +35,22 @@ class Benchmark:
     excluded: dict[str, int] = field(default_factory=dict)  # reason -> count (filtered on purpose)
     skipped: list[dict] = field(default_factory=list)  # bad records passed over with --skip-bad: {id, error}
     scorable: bool = True  # False for splits without public answers (GMAI-MMBench TEST)
+    max_new_tokens: int = 32  # the protocol's answer budget (overridable per run)
 
-    def __post_init__(self) -> None:
+    def drop_duplicate_ids(self, bad: BadRecords) -> None:
+        """Ids key the resumable predictions: a repeated id is a bad record (an error, or skipped and listed)."""
         counts = Counter(s.id for s in self.samples)
-        dupes = [i for i, c in counts.items() if c > 1]
-        if dupes:
-            raise DataError(f"{self.source}: duplicate sample ids {dupes[:5]} (ids key the resumable predictions)")
+        if all(c == 1 for c in counts.values()):
+            return
+        seen: set[str] = set()
+        kept = []
+        for sample in self.samples:
+            if sample.id in seen:
+                bad.handle(DataError(f"{self.source}: duplicate sample id {sample.id!r} (field 'id')"), sample.id)
+                continue
+            seen.add(sample.id)
+            kept.append(sample)
+        self.samples = kept
 
 
 class BadRecords:
@@ -100,13 +110,21 @@ def image_bytes(cell: object, where: str, name: str = "image") -> bytes:
     return bytes(cell)
 
 
-def read_parquet_rows(path: Path) -> list[dict]:
+def read_parquet_rows(paths: Path | list[Path]) -> list[dict]:
+    """Rows of one parquet file, or of a split's shards (`test-00000-of-00003...`) in order."""
     import pyarrow.parquet as pq
 
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises several types for bad files
-        raise DataError(f"{path}: unreadable parquet file: {err}") from None
+    rows: list[dict] = []
+    for path in [paths] if isinstance(paths, Path) else paths:
+        try:
+            rows.extend(pq.read_table(path).to_pylist())
+        except Exception as err:  # pyarrow raises several types for bad files
+            raise DataError(f"{path}: unreadable parquet file: {err}") from None
+    return rows
+
+
+def describe(paths: list[Path]) -> str:
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0].parent}/{{{', '.join(p.name for p in paths)}}}"
 
 
 class _PlainDataUnpickler(pickle.Unpickler):

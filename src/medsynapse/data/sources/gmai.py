@@ -28,11 +28,25 @@ def prompt_for(row: dict, options: dict[str, str]) -> str:
             "Please select the correct answer from the options above. \n")
 
 
-def _rows(path: Path) -> list[dict]:
+def _rows(path: Path):
+    """Stream rows with lower-cased headers (the VAL file is 9 GB: never held in memory at once)."""
     csv.field_size_limit(sys.maxsize)  # base64 images are far larger than csv's 128 kB default
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    return [{(k or "").strip().lower(): (v if v is not None else "") for k, v in row.items()} for row in rows]
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            yield {(k or "").strip().lower(): (v if v is not None else "") for k, v in row.items()}
+
+
+def _store_images(path: Path, store: ImageStore) -> dict[str, str]:
+    """First pass: decode every full image cell to the image store; returns row index -> image path."""
+    paths: dict[str, str] = {}
+    for row in _rows(path):
+        cell = row.get("image", "").strip()
+        if len(cell) > 64:
+            try:
+                paths[row.get("index", "")] = store.put(base64.b64decode(cell, validate=True))
+            except (binascii.Error, ValueError):
+                paths[row.get("index", "")] = ""  # reported (or skipped) with its record in the second pass
+    return paths
 
 
 def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "val") -> Benchmark:
@@ -47,14 +61,13 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "val"
     samples: list[Sample] = []
     n_records, scorable = 0, split == "val"
     for path in paths:
-        rows = _rows(path)
-        n_records += len(rows)
-        by_index = {row.get("index", ""): row for row in rows}
-        for line, row in enumerate(rows, start=2):
+        images = _store_images(path, store)
+        for line, row in enumerate(_rows(path), start=2):
+            n_records += 1
             rid = row.get("index", str(line))
             where = f"{path}, record {line} (index {rid!r})"
             try:
-                samples.append(_sample(row, by_index, where, store, scorable))
+                samples.append(_sample(row, images, where, scorable))
             except DataError as err:
                 bad.handle(err, rid)
     definition = "all VAL rows (multiple choice, options A-E)" if scorable else "TEST rows: no answers (unscorable)"
@@ -62,26 +75,24 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "val"
                      scorable=scorable)
 
 
-def _image(row: dict, by_index: dict[str, dict], where: str, store: ImageStore) -> str:
+def _image(row: dict, images: dict[str, str], where: str) -> str:
     cell = require(row, "image", where, str).strip()
-    if len(cell) <= 64:  # a back-reference to another row's image
-        target = by_index.get(cell)
-        if target is None or len(target.get("image", "")) <= 64:
-            raise DataError(f"{where}: field 'image' refers to row index {cell!r}, which has no image")
-        cell = target["image"].strip()
-    try:
-        return store.put(base64.b64decode(cell, validate=True))
-    except (binascii.Error, ValueError):
-        raise DataError(f"{where}: field 'image' is not valid base64") from None
+    key = cell if len(cell) <= 64 else row.get("index", "")  # a short cell refers to another row's image
+    if key not in images:
+        raise DataError(f"{where}: field 'image' refers to row index {cell!r}, which has no image")
+    if not images[key]:
+        raise DataError(f"{where}: field 'image' is not valid base64" if len(cell) > 64 else
+                        f"{where}: field 'image' refers to row index {cell!r}, whose image is not valid base64")
+    return images[key]
 
 
-def _sample(row: dict, by_index: dict, where: str, store: ImageStore, scorable: bool) -> Sample:
+def _sample(row: dict, images: dict[str, str], where: str, scorable: bool) -> Sample:
     question = require(row, "question", where, str)
     options = {k: row[k.lower()].strip() for k in "ABCDE"
                if row.get(k.lower(), "").strip() and row[k.lower()].strip().lower() != "nan"}
     if len(options) < 2:
         raise DataError(f"{where}: fewer than two option columns (A-E) are filled")
-    image = _image(row, by_index, where, store)
+    image = _image(row, images, where)
     groups = {c: row[c] for c in GROUP_COLUMNS if row.get(c)}
     extra = {"question_type": row.get("clinical vqa task", ""), "modality": row.get("modality", ""),
              "groups": groups}

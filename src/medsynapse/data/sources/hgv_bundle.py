@@ -34,7 +34,7 @@ def load(data_root: Path, store, bad: BadRecords) -> Benchmark:
     if not path.is_file():
         raise DataError(f"{path}: HuatuoGPT-Vision evaluation bundle not found")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
     samples, excluded = [], {"question_type == 'open'": 0, "no gold answer ('?')": 0}
@@ -50,6 +50,8 @@ def load(data_root: Path, store, bad: BadRecords) -> Benchmark:
                 continue
             options = dict(zip(LETTERS, _options(require(record, "options", where), where), strict=False))
             images = [image_path(root, str(p), where, "image") for p in require(record, "image", where, list)]
+            if not images:
+                raise DataError(f"{where}: field 'image' is empty")
             dataset = require(record, "dataset", where, str)
             samples.append(mcq_sample(f"hgv-{index}", images, require(record, "question", where, str), options,
                                       letter_of(answer, options, where), where, question_type=dataset,

@@ -37,7 +37,7 @@ def load(data_root: Path, store, bad: BadRecords, split: str = "test") -> Benchm
     if not path.is_file():
         raise DataError(f"{path}: MedXpertQA MM file not found")
     samples, n_records = [], 0
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

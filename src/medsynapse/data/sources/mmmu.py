@@ -46,7 +46,7 @@ def parse_options(value: object, where: str) -> list[str]:
 
 def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "validation") -> Benchmark:
     root = data_root / "mmmu"
-    files = [f for subject in SUBJECTS for f in sorted((root / subject).glob(f"{split}-*.parquet"))[:1]]
+    files = [f for subject in SUBJECTS for f in sorted((root / subject).glob(f"{split}-*.parquet"))]
     if not files:
         raise DataError(f"{root}: no MMMU {split} parquet for any of {', '.join(SUBJECTS)}")
     missing = [s for s in SUBJECTS if not any(f.parent.name == s for f in files)]

@@ -3,7 +3,8 @@
 There is no official split. Modality strings vary across files ("CT(Computed Tomography)", "MR (Mag-netic Resonance
 Imaging)", "Microscopy Images", ...) and one file spells the key `modality`: they are normalised onto the eight
 modalities of the Med-R1 set, and `balanced` draws the same number of questions from each. `gt_answer` is option text;
-it becomes the option's letter. Image paths may start with "/".
+it becomes the option's letter. Image paths may start with "/". Only Open-access is read by default (as MedEvalKit
+does; the Restricted-access images are not in the public zip).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def normalise_modality(text: str) -> str:
     return ""
 
 
-def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] = ("Open-access", "Restricted-access"),
+def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] | str = ("Open-access",),
          per_modality: int | None = None, seed: int = 0) -> Benchmark:
     root = data_root / "omnimedvqa"
+    access = (access,) if isinstance(access, str) else tuple(access)
     files = [f for a in access for f in sorted((root / "QA_information" / a).glob("*.json"))]
     if not files:
         raise DataError(f"{root}: no QA_information/<access>/*.json files")
@@ -50,7 +52,7 @@ def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] = ("Op
     n_records, outside = 0, 0
     for path in files:
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
         n_records += len(records)

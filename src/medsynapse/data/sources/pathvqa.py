@@ -16,6 +16,7 @@ from medsynapse.data.sources.common import (
     Benchmark,
     ImageStore,
     closed_sample,
+    describe,
     image_bytes,
     image_path,
     is_yes_no,
@@ -39,7 +40,7 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test
     hf = sorted((data_root / "path_vqa" / "data").glob(f"{HF_SPLITS[split]}-*.parquet"))
     pickled = data_root / "pvqa" / "qas" / PICKLE_SPLITS[split] / f"{PICKLE_SPLITS[split]}_qa.pkl"
     if hf:
-        path, rows = hf[0], read_parquet_rows(hf[0])
+        path, rows = hf[0], read_parquet_rows(hf)
     elif pickled.is_file():
         path, rows = pickled, read_plain_pickle(pickled)
         if not isinstance(rows, list):
@@ -67,5 +68,6 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test
             samples.append(_sample(sample_id, image, question, answer, open_only))
         except DataError as err:
             bad.handle(err, f"{split}-{index}")
-    return Benchmark("pathvqa", str(path), f"{split} split; kept: {keep} (no answer-type field in PathVQA)", samples,
+    source = describe(hf) if hf else str(path)
+    return Benchmark("pathvqa", source, f"{split} split; kept: {keep} (no answer-type field in PathVQA)", samples,
                      len(rows), excluded, bad.skipped)

@@ -35,7 +35,7 @@ def load(data_root: Path, store, bad: BadRecords, file: str = "test_clean.csv") 
     path = root / file
     if not path.is_file():
         raise DataError(f"{path}: PMC-VQA file not found (the 2,000-question set is test_clean.csv)")
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         rows = list(csv.DictReader(handle))
     samples = []
     for index, row in enumerate(rows):

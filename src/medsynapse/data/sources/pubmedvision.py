@@ -1,8 +1,9 @@
 """PubMedVision (`PubMedVision_Alignment_VQA.json` or `_InstructionTuning_VQA.json`): image-text pairs for Stage I.
 
-Each record has a list of images and a LLaVA-style conversation (human, then gpt). Images are passed as images, so
-any literal `<image>` tokens in the human turn are removed (their count may not exceed the image count). `modalities`
-keeps only records whose `modality` contains one of the given words (e.g. the radiology + pathology subset).
+Each record has a list of images and a LLaVA-style conversation (human, then gpt; the first pair is used). Images
+are passed as images, so any literal `<image>` tokens in the human turn are removed (their count may not exceed the
+image count). `modalities` keeps only records whose `modality` contains one of the given words (e.g. the radiology +
+pathology subset).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def load(data_root: Path, store, bad: BadRecords, file: str = "PubMedVision_Alig
     if not path.is_file():
         raise DataError(f"{path}: PubMedVision file not found")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
     samples, excluded = [], {"modality not selected": 0}
@@ -30,8 +31,7 @@ def load(data_root: Path, store, bad: BadRecords, file: str = "PubMedVision_Alig
         rid = str(record.get("id", f"pubmedvision-{index}")) if isinstance(record, dict) else str(index)
         where = f"{path}, record {index} (id {rid!r})"
         try:
-            modality = str(require(record, "modality", where, str))
-            if wanted and not any(w in modality.lower() for w in wanted):
+            if wanted and not any(w in str(require(record, "modality", where, str)).lower() for w in wanted):
                 excluded["modality not selected"] += 1
                 continue
             samples.append(_sample(record, rid, root, where))

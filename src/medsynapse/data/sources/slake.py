@@ -28,7 +28,7 @@ def read_records(root: Path, split: str) -> tuple[Path, list]:
         path = root / name
         if path.is_file():
             try:
-                records = json.loads(path.read_text(encoding="utf-8"))
+                records = json.loads(path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
             if not isinstance(records, list):

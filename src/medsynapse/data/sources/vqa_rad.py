@@ -15,6 +15,7 @@ from medsynapse.data.sources.common import (
     Benchmark,
     ImageStore,
     closed_sample,
+    describe,
     image_bytes,
     image_path,
     is_yes_no,
@@ -26,20 +27,23 @@ OSF_FILE = "VQA_RAD Dataset Public.json"
 OSF_IMAGES = "VQA_RAD Image Folder"
 
 
-def load(data_root: Path, store: ImageStore, bad: BadRecords) -> Benchmark:
+def load(data_root: Path, store: ImageStore, bad: BadRecords, layout: str = "auto") -> Benchmark:
+    """`layout`: "osf", "hf", or "auto" (the OSF original when present, else the HF copy)."""
+    if layout not in ("auto", "osf", "hf"):
+        raise ValueError(f"VQA-RAD layout must be auto, osf or hf, got {layout!r}")
     osf = data_root / "vqa_rad" / OSF_FILE
-    if osf.is_file():
+    if osf.is_file() and layout != "hf":
         return load_osf(osf, bad)
     hf = sorted((data_root / "vqa_rad_hf" / "data").glob("test-*.parquet"))
-    if hf:
-        return load_hf(hf[0], store, bad)
+    if hf and layout != "osf":
+        return load_hf(hf, store, bad)
     raise DataError(f"{data_root}: no VQA-RAD copy found (looked for vqa_rad/{OSF_FILE} and "
                     "vqa_rad_hf/data/test-*.parquet)")
 
 
 def load_osf(path: Path, bad: BadRecords) -> Benchmark:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(records, list):
@@ -68,8 +72,8 @@ def load_osf(path: Path, bad: BadRecords) -> Benchmark:
                      samples, len(records), excluded, bad.skipped)
 
 
-def load_hf(path: Path, store: ImageStore, bad: BadRecords) -> Benchmark:
-    rows = read_parquet_rows(path)
+def load_hf(paths: list[Path], store: ImageStore, bad: BadRecords) -> Benchmark:
+    rows, path = read_parquet_rows(paths), describe(paths)
     samples, excluded = [], {"open-ended (answer not yes/no)": 0}
     for index, row in enumerate(rows):
         where = f"{path}, record {index}"
@@ -83,5 +87,5 @@ def load_hf(path: Path, store: ImageStore, bad: BadRecords) -> Benchmark:
                                          answer))
         except DataError as err:
             bad.handle(err, f"test-{index}")
-    return Benchmark("vqa-rad", str(path), "HF parquet test split; closed = answer in {yes, no} (no answer_type "
+    return Benchmark("vqa-rad", path, "HF parquet test split; closed = answer in {yes, no} (no answer_type "
                      "column in this copy)", samples, len(rows), excluded, bad.skipped)
