@@ -8,6 +8,7 @@ the record is counted and listed, never silently dropped.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from collections import Counter
@@ -108,6 +109,17 @@ def image_bytes(cell: object, where: str, name: str = "image") -> bytes:
     if not isinstance(cell, bytes | bytearray) or not cell:
         raise DataError(f"{where}: field '{name}' holds no image bytes")
     return bytes(cell)
+
+
+def read_json_list(path: Path) -> list:
+    """A JSON file holding a list of records (a byte-order mark is tolerated)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    return records
 
 
 def read_parquet_rows(paths: Path | list[Path]) -> list[dict]:

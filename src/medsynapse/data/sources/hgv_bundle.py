@@ -8,11 +8,19 @@ The answer is an option text; it becomes the option's letter. Accuracy is also b
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 from medsynapse.data.schema import DataError
-from medsynapse.data.sources.common import LETTERS, BadRecords, Benchmark, image_path, letter_of, mcq_sample, require
+from medsynapse.data.sources.common import (
+    LETTERS,
+    BadRecords,
+    Benchmark,
+    image_path,
+    letter_of,
+    mcq_sample,
+    read_json_list,
+    require,
+)
 
 FILE = "medical_multimodel_evaluation_data.json"  # sic: "multimodel" is the published file name
 
@@ -33,10 +41,7 @@ def load(data_root: Path, store, bad: BadRecords) -> Benchmark:
     path = root / FILE
     if not path.is_file():
         raise DataError(f"{path}: HuatuoGPT-Vision evaluation bundle not found")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    records = read_json_list(path)
     samples, excluded = [], {"question_type == 'open'": 0, "no gold answer ('?')": 0}
     for index, record in enumerate(records):
         where = f"{path}, record {index}"

@@ -9,14 +9,21 @@ does; the Restricted-access images are not in the public zip).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from medsynapse.data.schema import DataError, Sample
-from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, letter_of, mcq_sample, require
+from medsynapse.data.sources.common import (
+    BadRecords,
+    Benchmark,
+    image_path,
+    letter_of,
+    mcq_sample,
+    read_json_list,
+    require,
+)
 
 MODALITIES = ("CT", "MRI", "X-Ray", "Ultrasound", "Dermoscopy", "Fundus", "OCT", "Microscopy")
 # Order matters: OCT before CT ("optical coherence tomography" also contains "tomography").
@@ -51,10 +58,7 @@ def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] | str 
     samples: list[Sample] = []
     n_records, outside = 0, 0
     for path in files:
-        try:
-            records = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        records = read_json_list(path)
         n_records += len(records)
         for index, record in enumerate(records):
             rid = record.get("question_id", index) if isinstance(record, dict) else index

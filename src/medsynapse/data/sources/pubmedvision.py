@@ -8,11 +8,10 @@ pathology subset).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medsynapse.data.schema import DataError, Sample
-from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, require
+from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, read_json_list, require
 
 
 def load(data_root: Path, store, bad: BadRecords, file: str = "PubMedVision_Alignment_VQA.json",
@@ -21,10 +20,7 @@ def load(data_root: Path, store, bad: BadRecords, file: str = "PubMedVision_Alig
     path = root / file
     if not path.is_file():
         raise DataError(f"{path}: PubMedVision file not found")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    records = read_json_list(path)
     samples, excluded = [], {"modality not selected": 0}
     wanted = tuple(m.lower() for m in modalities)
     for index, record in enumerate(records):

@@ -7,7 +7,6 @@ The `split` argument also reads the training split for Stage II (open-ended ques
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medsynapse.data.schema import DataError, Sample
@@ -17,6 +16,7 @@ from medsynapse.data.sources.common import (
     Benchmark,
     closed_sample,
     image_path,
+    read_json_list,
     require,
 )
 
@@ -27,13 +27,7 @@ def read_records(root: Path, split: str) -> tuple[Path, list]:
     for name in SPLIT_FILES[split]:
         path = root / name
         if path.is_file():
-            try:
-                records = json.loads(path.read_text(encoding="utf-8-sig"))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-            if not isinstance(records, list):
-                raise DataError(f"{path}: expected a JSON list of records")
-            return path, records
+            return path, read_json_list(path)
     raise DataError(f"{root}: no SLAKE {split} file (looked for {', '.join(SPLIT_FILES[split])})")
 
 

@@ -6,7 +6,6 @@ means a yes/no answer (251 of 451). The two definitions give different numbers; 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medsynapse.data.schema import DataError
@@ -19,6 +18,7 @@ from medsynapse.data.sources.common import (
     image_bytes,
     image_path,
     is_yes_no,
+    read_json_list,
     read_parquet_rows,
     require,
 )
@@ -42,12 +42,7 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, layout: str = "aut
 
 
 def load_osf(path: Path, bad: BadRecords) -> Benchmark:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records")
+    records = read_json_list(path)
     samples, excluded = [], {"train split": 0, "open-ended (answer_type OPEN)": 0}
     for index, record in enumerate(records):
         rid = record.get("qid", index) if isinstance(record, dict) else index
