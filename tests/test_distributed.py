@@ -70,3 +70,35 @@ def test_stage2_and_stage3_two_processes_match_one(tiny_env, tmp_path):
             assert torch.isfinite(a[name]).all()
             # same tolerance and reason as Stage I: per-rank padding noise amplified by Adam over 2 steps
             torch.testing.assert_close(a[name], b[name], atol=5e-3, rtol=0, msg=f"{relative}: {name}")
+
+
+@needs_torchrun
+def test_eval_under_two_processes_equals_one(tiny_env, tmp_path):
+    """Batches are dealt to ranks round-robin and merged in data order: the same predictions and metrics."""
+    import json
+
+    from medsynapse.data.sources.fixtures import write_fixtures
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32,
+                      dtype="float32").save_pretrained(model_dir)
+    root = write_fixtures(tmp_path / "data")
+    names = "mmmu-med,medxpertqa-mm,pmc-vqa"
+    args = ["-m", "medsynapse.cli", "eval", "--model", str(model_dir), "--benchmarks", names, "--data-root", str(root),
+            "--batch-size", "1", "--max-new-tokens", "4"]
+    for world, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        launcher = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29537"] if world == 2 else [sys.executable]
+        run = subprocess.run([*launcher, *args, "--output", str(out)], env=ENV, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+    for name in names.split(","):
+        one = json.loads((tmp_path / "one" / name / "metrics.json").read_text())
+        two = json.loads((tmp_path / "two" / name / "metrics.json").read_text())
+        assert two["efficiency"]["processes"] == 2 and one["efficiency"]["processes"] == 1
+        one.pop("efficiency")
+        two.pop("efficiency")
+        assert one == two
+        lines = [(tmp_path / d / name / "predictions.jsonl").read_text().splitlines() for d in ("one", "two")]
+        assert [json.loads(x)["raw"] for x in lines[0]] == [json.loads(x)["raw"] for x in lines[1]]
+        assert not list((tmp_path / "two" / name).glob("predictions.part*"))

@@ -145,3 +145,28 @@ def test_unscorable_split_is_generated_but_not_scored(demo_model, data_root, tmp
     metrics = evaluate_benchmarks(str(demo_model), ["gmai-mmbench"], data_root, tmp_path, settings)["gmai-mmbench"]
     assert metrics["scorable"] is False and metrics["accuracy"] is None and metrics["n"] == 2
     assert "| — |" in (tmp_path / "summary.md").read_text()
+
+
+def test_parts_left_by_a_killed_multi_process_run_are_merged_and_completed(demo_model, data_root, tmp_path,
+                                                                             monkeypatch):
+    settings = EvalSettings(batch_size=1, max_new_tokens=4)
+    reference = evaluate_benchmarks(str(demo_model), ["medxpertqa-mm"], data_root, tmp_path, settings)
+    folder = tmp_path / "medxpertqa-mm"
+    lines = (folder / PREDICTIONS).read_text().splitlines(keepends=True)
+    (folder / "predictions.part0.jsonl").write_text(lines[0])  # rank 0 was killed before its second batch (MM-2)
+    (folder / "predictions.part1.jsonl").write_text(lines[1])
+    (folder / PREDICTIONS).unlink()
+    generated: list[str] = []
+    original = BenchmarkRun.answer_chunk
+
+    def counting(self, chunk, device):
+        generated.extend(s.id for s in chunk)
+        return original(self, chunk, device)
+
+    monkeypatch.setattr(BenchmarkRun, "answer_chunk", counting)
+    again = evaluate_benchmarks(str(demo_model), ["medxpertqa-mm"], data_root, tmp_path, settings)
+    assert generated == ["MM-2"]
+    assert [json.loads(x)["raw"] for x in (folder / PREDICTIONS).read_text().splitlines()] == [
+        json.loads(x)["raw"] for x in lines]
+    assert not list(folder.glob("predictions.part*"))
+    assert without_efficiency(again["medxpertqa-mm"]) == without_efficiency(reference["medxpertqa-mm"])

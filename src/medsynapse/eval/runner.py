@@ -10,6 +10,10 @@ Per benchmark, under OUT/<benchmark>/:
 - `metrics.json`: computed from the predictions file alone (accuracy, n, unparseable, rules fired, breakdowns, closed
   definition, skips), plus an `efficiency` block measured in this process.
 Then OUT/summary.md, summary.csv and summary.png (eval/summary.py).
+
+Under `torchrun` / `accelerate launch`, batch k goes to rank k % world (the same batches as one process, so the same
+outputs); each rank appends to its own `predictions.partN.jsonl`, and rank 0 merges them into `predictions.jsonl` in
+data order once all ranks are done. A restart (with any number of processes) reads the merged file and any parts.
 """
 
 from __future__ import annotations
@@ -82,13 +86,15 @@ def set_max_pixels(model: MedSynapseV, max_pixels: int) -> None:
 
 
 class BenchmarkRun:
-    """Generation for one benchmark into its output folder, resuming what is there."""
+    """Generation for one benchmark into its output folder, resuming what is there; rank `rank` of `world`."""
 
     def __init__(self, model: MedSynapseV, benchmark: Benchmark, out_dir: Path, settings: EvalSettings,
-                 model_path: str):
+                 model_path: str, rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None):
         self.model, self.benchmark, self.settings = model, benchmark, settings
         self.out_dir = out_dir
         self.path = out_dir / PREDICTIONS
+        self.rank, self.world, self.barrier = rank, world, barrier
+        self.own_path = self.path if world == 1 else out_dir / f"predictions.part{rank}.jsonl"
         self.samples = benchmark.samples[: settings.limit] if settings.limit else benchmark.samples
         self.max_new_tokens = settings.max_new_tokens or benchmark.max_new_tokens
         self.run_info = {"model": model_path, "benchmark": benchmark.name, "source": benchmark.source,
@@ -107,14 +113,37 @@ class BenchmarkRun:
                                  "differ); use another --output or delete the folder")
         write_json(path, self.run_info)
 
+    def all_lines(self) -> list[dict]:
+        """The merged predictions, then any per-rank parts (from a multi-process run killed before its merge)."""
+        lines = read_predictions(self.path)
+        for part in sorted(self.out_dir.glob("predictions.part*.jsonl")):
+            lines += read_predictions(part)
+        return lines
+
+    def merge(self) -> None:
+        """Rank 0, after every rank is done: one predictions.jsonl in data order, written atomically; parts removed."""
+        parts = sorted(self.out_dir.glob("predictions.part*.jsonl"))
+        if not parts:
+            return
+        latest = {line["id"]: line for line in self.all_lines()}
+        order = [s.id for s in self.benchmark.samples if s.id in latest]
+        order += [i for i in latest if i not in set(order)]  # ids from an earlier, larger --limit
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(latest[i], ensure_ascii=False) + "\n" for i in order), encoding="utf-8")
+        tmp.replace(self.path)
+        for part in parts:
+            part.unlink()
+
     def run(self, on_batch: Callable[[int], None] | None = None) -> dict:
         """Generate what is missing; returns the efficiency of this invocation (None fields if nothing ran)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.check_run_info()
-        done = {line["id"] for line in latest_per_id(read_predictions(self.path)) if "skipped" not in line}
+        if self.rank == 0:
+            self.check_run_info()
+        self.barrier()
+        done = {line["id"] for line in latest_per_id(self.all_lines()) if "skipped" not in line}
         size = self.settings.batch_size
         chunks = [self.samples[i:i + size] for i in range(0, len(self.samples), size)]
-        todo = [[s for s in chunk if s.id not in done] for chunk in chunks]
+        todo = [[s for s in chunk if s.id not in done] for k, chunk in enumerate(chunks) if k % self.world == self.rank]
         todo = [chunk for chunk in todo if chunk]
         n_new = sum(len(c) for c in todo)
         device = next(core_vlm(self.model.vlm).parameters()).device
@@ -122,21 +151,23 @@ class BenchmarkRun:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         before = rss_mb()
-        with PeakRSS() as peak, tqdm(total=len(self.samples), initial=len(self.samples) - n_new,
-                                     desc=self.benchmark.name, unit="q") as bar:
+        with PeakRSS() as peak, tqdm(total=n_new, desc=self.benchmark.name, unit="q", disable=self.rank != 0) as bar:
             for index, chunk in enumerate(todo):
                 lines, seconds = self.answer_chunk(chunk, device)
-                append_lines(self.path, lines)
+                append_lines(self.own_path, lines)
                 elapsed += seconds
                 generated += sum("skipped" not in line for line in lines)
                 bar.update(len(chunk))
                 if on_batch is not None:
                     on_batch(index)
+        self.barrier()
+        if self.rank == 0:
+            self.merge()
         if not generated:
-            return {"ms_per_sample": None, "peak_mem_mb": None}
+            return {"ms_per_sample": None, "peak_mem_mb": None, "generated": 0}
         memory = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                   else peak.peak - before)
-        return {"ms_per_sample": 1000 * elapsed / generated, "peak_mem_mb": memory}
+        return {"ms_per_sample": 1000 * elapsed / generated, "peak_mem_mb": memory, "generated": generated}
 
     def load_images(self, sample: Sample) -> list:
         return [load_image(path, sample) for path in sample.images]
@@ -222,31 +253,52 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
                         settings: EvalSettings | None = None,
                         on_batch: Callable[[str, int], None] | None = None) -> dict[str, dict]:
     """Run every benchmark (resuming), write metrics and the summary; returns metrics per benchmark."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
     from medsynapse.eval.summary import write_summary
 
+    # one process, or torchrun / accelerate launch; cpu=True is what makes accelerate see a gloo run on CPU
+    state = PartialState(cpu=not torch.cuda.is_available())
     settings = settings or EvalSettings()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     benches = {name: load_source(name, data_root, output / ".images", skip_bad=settings.skip_bad,
                                  **settings.source_options.get(name, {})) for name in benchmarks}
     model = MedSynapseV.from_pretrained(model_path, merge_adapter=True)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model.to(state.device)
     if settings.max_pixels:
         set_max_pixels(model, settings.max_pixels)
     results = {}
     for name, bench in benches.items():
         out_dir = output / name
-        job = BenchmarkRun(model, bench, out_dir, settings, str(model_path))
+        job = BenchmarkRun(model, bench, out_dir, settings, str(model_path), state.process_index,
+                           state.num_processes, state.wait_for_everyone)
         efficiency = job.run(None if on_batch is None else lambda i, name=name: on_batch(name, i))
+        if state.num_processes > 1:
+            efficiency = combine_efficiency(gather_object([efficiency]))
+        if not state.is_main_process:
+            continue
         metrics = compute_metrics(bench, read_predictions(job.path), settings)
         old = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
         if efficiency["ms_per_sample"] is None:  # nothing left to generate: keep the last measurement
             efficiency = old.get("efficiency", efficiency)
-        metrics["efficiency"] = {**efficiency, "batch_size": settings.batch_size,
+        metrics["efficiency"] = {**efficiency, "batch_size": settings.batch_size, "processes": state.num_processes,
                                  "device": str(next(core_vlm(model.vlm).parameters()).device),
                                  "settings": asdict(settings)}
         write_json(out_dir / "metrics.json", metrics)
         results[name] = metrics
-    write_summary(output, label=Path(model_path).name)
+    if state.is_main_process:
+        write_summary(output, label=Path(model_path).name)
+    state.wait_for_everyone()
     return results
+
+
+def combine_efficiency(per_rank: list[dict]) -> dict:
+    """ms per question weighted by what each rank generated (per-process time: ranks run in parallel); peak = max."""
+    ran = [e for e in per_rank if e.get("generated")]
+    if not ran:
+        return {"ms_per_sample": None, "peak_mem_mb": None, "generated": 0}
+    total = sum(e["generated"] for e in ran)
+    return {"ms_per_sample": sum(e["ms_per_sample"] * e["generated"] for e in ran) / total,
+            "peak_mem_mb": max(e["peak_mem_mb"] for e in ran), "generated": total}
