@@ -170,3 +170,15 @@ def test_parts_left_by_a_killed_multi_process_run_are_merged_and_completed(demo_
         json.loads(x)["raw"] for x in lines]
     assert not list(folder.glob("predictions.part*"))
     assert without_efficiency(again["medxpertqa-mm"]) == without_efficiency(reference["medxpertqa-mm"])
+
+
+def test_a_protocol_system_message_reaches_the_chat_template(demo_model, data_root, tmp_path):
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    model = MedSynapseV.from_pretrained(demo_model)
+    text = model.prompts.prompt_text("Q?", 1, system="You are a helpful medical assistant.")
+    assert text.startswith("<|im_start|>system\nYou are a helpful medical assistant.<|im_end|>\n<|im_start|>user\n")
+    assert not model.prompts.prompt_text("Q?", 1).startswith("<|im_start|>system")
+    evaluate_benchmarks(str(demo_model), ["medxpertqa-mm"], data_root, tmp_path, EvalSettings(max_new_tokens=2))
+    line = read_predictions(tmp_path / "medxpertqa-mm" / PREDICTIONS)[0]
+    assert line["system"] == "You are a helpful medical assistant."

@@ -129,6 +129,7 @@ def test_medxpertqa_multi_image_no_duplicated_options(root):
     assert mm1.answer == "D" and mm1.options["D"] == "Superior"
     assert mm1.prompt.count("(D) Superior") == 1 and mm1.prompt.count("Superior") == 1
     assert mm1.prompt.endswith("Among A through E, the answer is")
+    assert mm1.system == "You are a helpful medical assistant."
     assert {s.question_type for s in samples.values()} == {"Reasoning", "Understanding"}
 
 

@@ -33,7 +33,8 @@ class VQADataset:
         if index not in self._encoded:
             sample = self.samples[index]
             answer = sample.answer if self.with_answers else None
-            self._encoded[index] = self.prompts.encode(self.images(index), sample.model_prompt, answer)
+            self._encoded[index] = self.prompts.encode(self.images(index), sample.model_prompt, answer,
+                                                      sample.system)
         return self._encoded[index]
 
     def validate(self) -> None:

@@ -31,6 +31,7 @@ class Sample:
     mask: str | None = None
     prompt: str = ""  # the text the model sees (benchmark protocol applied); empty means `question`
     groups: dict[str, str] = field(default_factory=dict)  # extra breakdown columns (e.g. GMAI department)
+    system: str = ""  # a system message the protocol prescribes (MedXpertQA), else none
 
     @property
     def model_prompt(self) -> str:
@@ -42,7 +43,7 @@ class Sample:
 
 _REQUIRED = {"id": str, "images": list, "question": str, "answer": str, "answer_type": str}
 _OPTIONAL = {"options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None)),
-             "prompt": str, "groups": dict}
+             "prompt": str, "groups": dict, "system": str}
 
 
 def sample_from_record(record: object, source: str, line: int) -> Sample:

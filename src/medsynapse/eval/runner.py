@@ -187,7 +187,7 @@ class BenchmarkRun:
             return lines, 0.0
         start = time.perf_counter()
         model = self.model
-        items = [model.prompts.encode(imgs, s.model_prompt) for imgs, s in zip(images, ready)]
+        items = [model.prompts.encode(imgs, s.model_prompt, system=s.system) for imgs, s in zip(images, ready)]
         batch = model.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(model.vlm, batch)
         memory = model.memory_for(batch, [imgs[0] for imgs in images], features, self.settings.branch)
@@ -206,7 +206,8 @@ class BenchmarkRun:
             correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options)
         else:
             correct, got = None, extract(text, sample.answer_type, sample.options)
-        return {"id": sample.id, "prompt": sample.model_prompt, "n_images": len(sample.images), "raw": text,
+        return {"id": sample.id, "prompt": sample.model_prompt, **({"system": sample.system} if sample.system else {}),
+                "n_images": len(sample.images), "raw": text,
                 "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct,
                 "answer_type": sample.answer_type, "modality": sample.modality,
                 "question_type": sample.question_type, "groups": sample.groups, "ms": round(ms, 3)}

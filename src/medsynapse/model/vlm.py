@@ -150,14 +150,17 @@ class PromptBuilder:
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.suppressed_ids = structural_token_ids(self.tokenizer)
 
-    def prompt_text(self, question: str, n_images: int) -> str:
+    def prompt_text(self, question: str, n_images: int, system: str = "") -> str:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-        text = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+        messages = [{"role": "system", "content": system}] if system else []
+        text = self.processor.apply_chat_template([*messages, {"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
         return text + LATENT_TOKEN * self.n_memory
 
-    def encode(self, images: list[Image.Image], question: str, answer: str | None = None) -> EncodedPrompt:
-        enc = self.processor(text=[self.prompt_text(question, len(images))], images=images, return_tensors="pt")
+    def encode(self, images: list[Image.Image], question: str, answer: str | None = None,
+               system: str = "") -> EncodedPrompt:
+        enc = self.processor(text=[self.prompt_text(question, len(images), system)], images=images,
+                             return_tensors="pt")
         if answer is None:
             answer_ids = torch.zeros(0, dtype=torch.long)
         else:

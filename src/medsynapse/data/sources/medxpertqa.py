@@ -1,9 +1,9 @@
 """MedXpertQA multimodal (`MM/test.jsonl`, 2,000 five-option questions, all scored; "Total" accuracy).
 
 The question text already ends with "Answer Choices: (A) ... (E) ...", so the options are not listed again (MedEvalKit
-does, and the model then sees them twice). Prompt: the official zero-shot template. Multi-image questions pass every
-image. Also reads the repo's own input layout (options as [{letter, content}], label as a list, images as
-[{image_path}]).
+does, and the model then sees them twice). Prompt: the official zero-shot template and system message. Multi-image
+questions pass every image. Also reads the repo's own input layout (options as [{letter, content}], label as a list,
+images as [{image_path}]).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 
 from medsynapse.data.schema import DataError
 from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, mcq_sample, require
+
+SYSTEM = "You are a helpful medical assistant."  # the official system prompt (MXQ:eval/config/prompt_templates.py)
 
 
 def _options(value: object, where: str) -> dict[str, str]:
@@ -60,7 +62,7 @@ def load(data_root: Path, store, bad: BadRecords, split: str = "test") -> Benchm
                     require(record, "id", where, str), images, question, _options(require(record, "options", where),
                                                                                   where),
                     _label(require(record, "label", where), where), where,
-                    prompt=f"Q: {question}\nA: Among A through E, the answer is",
+                    prompt=f"Q: {question}\nA: Among A through E, the answer is", system=SYSTEM,
                     question_type=str(record.get("question_type", "")),
                     groups={"medical_task": str(record.get("medical_task", "")),
                             "body_system": str(record.get("body_system", ""))}))
