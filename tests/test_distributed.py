@@ -102,3 +102,15 @@ def test_eval_under_two_processes_equals_one(tiny_env, tmp_path):
         lines = [(tmp_path / d / name / "predictions.jsonl").read_text().splitlines() for d in ("one", "two")]
         assert [json.loads(x)["raw"] for x in lines[0]] == [json.loads(x)["raw"] for x in lines[1]]
         assert not list((tmp_path / "two" / name).glob("predictions.part*"))
+
+
+def test_sharded_launch_types_are_refused_up_front():
+    from accelerate.utils import DistributedType
+
+    from medsynapse.recipes.trainer import check_supported
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(NotImplementedError, match="ddp.yaml"):
+            check_supported(kind)
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_supported(kind)

@@ -22,8 +22,27 @@ CHECKPOINTS = "checkpoints"
 
 
 def make_accelerator(output_dir: str | Path) -> Accelerator:
-    """CPU or GPU, DDP/DeepSpeed/FSDP as `accelerate launch` or `torchrun` set it up; TensorBoard logs in output_dir."""
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=str(output_dir))
+    """CPU or GPU, one process or DDP as `accelerate launch` / `torchrun` set it up; TensorBoard logs in output_dir."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=str(output_dir))
+    check_supported(accelerator.distributed_type)
+    return accelerator
+
+
+def check_supported(distributed_type) -> None:
+    """Refuse sharded training before any work is done, rather than fail (or save garbage) hours later.
+
+    The recipes call the VLM's submodules directly (embedding splice, vision tower, lm_head for the fused JSD) and
+    write checkpoints per module from the main process; FSDP- or ZeRO-3-sharded parameters allow neither, and ZeRO's
+    partitioned optimizer state is not gathered by our checkpoints. DDP with the frozen VLM replicated per rank fits
+    an 80 GB GPU in bf16 (see `medsynapse inspect`).
+    """
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise NotImplementedError(
+            f"{distributed_type.value} is not supported by the MedSynapse recipes yet: they use DDP (every rank holds "
+            "the frozen VLM; one trainable module is wrapped). Launch with configs/accelerate/ddp.yaml or torchrun. "
+            "See README, 'Scaling up'.")
 
 
 def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> list[int]:
