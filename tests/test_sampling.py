@@ -61,3 +61,19 @@ def test_bad_settings_are_refused():
         KeyedSampler(torch.arange(2), temperature=0.0)
     with pytest.raises(ValueError, match="rows but"):
         KeyedSampler(torch.arange(2))(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 5))
+
+
+def test_noise_never_reaches_one_and_masked_tokens_stay_masked():
+    """At a real vocabulary size some hashes hit the top of the range: u must still be < 1 (no +inf noise) and a
+    suppressed (-inf) token must never win."""
+    vocab, keys = 151_936, torch.arange(64)
+    scores = torch.zeros(64, vocab)
+    scores[:, ::2] = float("-inf")  # every even token suppressed
+    worst = 0.0
+    for position in range(12):
+        u = keyed_uniform(keys, position, vocab)
+        worst = max(worst, float(u.max()))
+        out = KeyedSampler(keys)(torch.zeros(64, position, dtype=torch.long), scores)
+        assert torch.isneginf(out[:, ::2]).all() and torch.isfinite(out[:, 1::2]).all()
+        assert (out.argmax(-1) % 2 == 1).all()
+    assert worst < 1.0

@@ -52,13 +52,14 @@ class EvalSettings:
     source_options: dict[str, dict] = field(default_factory=dict)  # per-benchmark loader options
 
 
-def read_predictions(path: Path) -> list[dict]:
-    """Finished lines; a torn last line (killed mid-write) is cut off the file, a bad line elsewhere is an error."""
+def read_predictions(path: Path, repair: bool = True) -> list[dict]:
+    """Finished lines; a torn last line (killed mid-write) is ignored, and cut off the file when `repair` (only the
+    file's writer repairs it: another rank may be appending to it), a bad line elsewhere is an error."""
     if not path.is_file():
         return []
     data = path.read_bytes()
     good_end = data.rfind(b"\n") + 1
-    if good_end < len(data):  # the last line has no newline: it was being written when the process died
+    if good_end < len(data) and repair:  # the last line has no newline: it was being written when the process died
         with path.open("r+b") as handle:
             handle.truncate(good_end)
     lines = []
@@ -108,16 +109,16 @@ class BenchmarkRun:
             old = json.loads(path.read_text())
             # what changes a prediction; a new --limit or --batch-size only changes which ids run and how fast
             changed = [k for k in self.run_info if k not in ("limit", "batch_size") and old.get(k) != self.run_info[k]]
-            if changed and self.path.is_file() and self.path.stat().st_size:
+            if changed and self.all_lines():  # the merged file or parts of a killed multi-process run
                 raise ValueError(f"{self.out_dir}: holds predictions made with other settings ({', '.join(changed)} "
                                  "differ); use another --output or delete the folder")
         write_json(path, self.run_info)
 
     def all_lines(self) -> list[dict]:
         """The merged predictions, then any per-rank parts (from a multi-process run killed before its merge)."""
-        lines = read_predictions(self.path)
+        lines = read_predictions(self.path, repair=self.own_path == self.path)
         for part in sorted(self.out_dir.glob("predictions.part*.jsonl")):
-            lines += read_predictions(part)
+            lines += read_predictions(part, repair=part == self.own_path)
         return lines
 
     def merge(self) -> None:
@@ -125,7 +126,7 @@ class BenchmarkRun:
         parts = sorted(self.out_dir.glob("predictions.part*.jsonl"))
         if not parts:
             return
-        latest = {line["id"]: line for line in self.all_lines()}
+        latest = {line["id"]: line for line in latest_per_id(self.all_lines())}
         order = [s.id for s in self.benchmark.samples if s.id in latest]
         order += [i for i in latest if i not in set(order)]  # ids from an earlier, larger --limit
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -221,13 +222,22 @@ def _accuracy_table(lines: list[dict], key: Callable[[dict], str]) -> dict:
 
 
 def latest_per_id(lines: list[dict]) -> list[dict]:
-    """One line per id, the last written (a sample skipped earlier and answered after a fix counts once)."""
-    return list({line["id"]: line for line in lines}.values())
+    """One line per id: an answer over a skip (a sample skipped earlier and answered after a fix counts once; answered
+    ids are never redone, so an answer is always the newer line, whichever file it is in), else the last line."""
+    chosen: dict[str, dict] = {}
+    for line in lines:
+        if line["id"] not in chosen or "skipped" in chosen[line["id"]] or "skipped" not in line:
+            chosen[line["id"]] = line
+    return list(chosen.values())
 
 
 def compute_metrics(benchmark: Benchmark, lines: list[dict], settings: EvalSettings) -> dict:
-    """Everything but `efficiency` depends only on the predictions, so a resumed run reproduces it exactly."""
-    lines = latest_per_id(lines)
+    """Everything but `efficiency` depends only on the predictions, so a resumed run reproduces it exactly.
+
+    Only this run's questions count (an earlier run with a larger --limit may have answered more).
+    """
+    wanted = {s.id for s in (benchmark.samples[: settings.limit] if settings.limit else benchmark.samples)}
+    lines = [line for line in latest_per_id(lines) if line["id"] in wanted]
     scored = [line for line in lines if "skipped" not in line]
     skipped = benchmark.skipped + [{"id": line["id"], "error": line["skipped"]} for line in lines
                                    if "skipped" in line]
@@ -282,11 +292,13 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
             continue
         metrics = compute_metrics(bench, read_predictions(job.path), settings)
         old = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
-        if efficiency["ms_per_sample"] is None:  # nothing left to generate: keep the last measurement
-            efficiency = old.get("efficiency", efficiency)
-        metrics["efficiency"] = {**efficiency, "batch_size": settings.batch_size, "processes": state.num_processes,
-                                 "device": str(next(core_vlm(model.vlm).parameters()).device),
-                                 "settings": asdict(settings)}
+        if efficiency["ms_per_sample"] is None and "efficiency" in old:
+            metrics["efficiency"] = old["efficiency"]  # nothing left to generate: the last measurement, as it was
+        else:
+            metrics["efficiency"] = {**efficiency, "batch_size": settings.batch_size,
+                                     "processes": state.num_processes,
+                                     "device": str(next(core_vlm(model.vlm).parameters()).device),
+                                     "settings": asdict(settings)}
         write_json(out_dir / "metrics.json", metrics)
         results[name] = metrics
     if state.is_main_process:

@@ -38,8 +38,9 @@ def keyed_uniform(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor
     """(rows, vocab) uniforms in (0, 1), a pure function of (key, position, token id)."""
     row = hash32(hash32(keys) ^ hash32(keys >> 32) ^ hash32(torch.tensor(position * 0x9E3779B9)))
     tokens = hash32(torch.arange(vocab, device=keys.device) * 0x85EBCA6B + 0x27D4EB2F)
-    bits = hash32(row[:, None] ^ tokens[None, :]) >> 8  # 24 bits: exact in float32, so u is never 0 or 1
-    return (bits.float() + 0.5) / 2.0**24
+    # 23 bits: bits + 0.5 is exact in float32 (24-bit significand), so u lies in [2^-24, 1 - 2^-24], never 0 or 1
+    bits = hash32(row[:, None] ^ tokens[None, :]) >> 9
+    return (bits.float() + 0.5) / 2.0**23
 
 
 class KeyedSampler(LogitsProcessor):
@@ -59,7 +60,8 @@ class KeyedSampler(LogitsProcessor):
         if self.top_p < 1.0:
             scores = top_p_filter(scores, self.top_p)
         uniform = keyed_uniform(self.keys.to(scores.device), input_ids.shape[1], scores.shape[-1])
-        return scores + -torch.log(-torch.log(uniform))
+        gumbel = -torch.log(-torch.log(uniform))
+        return torch.where(torch.isneginf(scores), scores, scores + gumbel)  # masked tokens stay masked
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:

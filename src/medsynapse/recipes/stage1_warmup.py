@@ -92,7 +92,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     model.vlm.requires_grad_(False).eval().to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
-        model.vlm.train()  # transformers only checkpoints in train mode (dropout is 0: same numbers)
+        trainer.train_without_dropout(model.vlm)  # transformers only checkpoints in train mode
     model.encoder.to(accelerator.device)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,

@@ -125,7 +125,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         with torch.no_grad():
             teacher_out = completion_outputs(model.vlm, batch, teacher_memory, tokens, mask, model.latent_id,
                                              features, hidden=config.fused_jsd)
-        model.vlm.train(config.gradient_checkpointing)  # checkpointing acts in train mode only (dropout is 0)
+        if config.gradient_checkpointing:
+            trainer.train_without_dropout(model.vlm)  # checkpointing acts in train mode only
         student_out = completion_outputs(model.vlm, batch, student_memory, tokens, mask, model.latent_id, features,
                                          hidden=config.fused_jsd)
         model.vlm.eval()

@@ -81,6 +81,15 @@ def enable_activation_checkpointing(vlm) -> None:
     core_vlm(vlm).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def train_without_dropout(module: nn.Module) -> None:
+    """Train mode (so activation checkpointing acts) with every dropout off: the frozen VLM's numbers must not change
+    (a Stage II LoRA with lora_dropout > 0 would otherwise drop activations in Stage III's student passes)."""
+    module.train()
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.eval()
+
+
 def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and gains (1-D parameters)."""
     decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
