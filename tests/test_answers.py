@@ -113,3 +113,13 @@ def test_articles_and_prose_are_not_option_letters():
     assert extract_option("Answer: A", FIVE).answer == "A" and extract_option("A.", FIVE).answer == "A"
     assert extract_option("A", FIVE).answer == "A" and extract_option("(A) Lateral", FIVE).answer == "A"
     assert extract_option("A is correct", FIVE).answer == "A" and extract_option("A or B", FIVE).answer is None
+
+
+def test_mmmu_open_rule_matches_numbers_and_contained_strings():
+    cases = [("The patient should take 2 tablets per day.", "2", True), ("3", "2", False), ("2.0", "2", True),
+             ("The total dose is 1,000 mg", "1000", True), ("Neutrophils.", "neutrophils", True),
+             ("so the cells are neutrophils", "Neutrophils", True), ("eosinophils", "neutrophils", False),
+             ("The answer is 2.004", "2", True), ("", "2", False)]  # 2.004 rounds to 2.0, as in MMMU
+    for text, gold, expected in cases:
+        assert is_correct(text, gold, "mmmu_open")[0] is expected, (text, gold)
+    assert extract("", "mmmu_open").answer is None

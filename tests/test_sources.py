@@ -118,7 +118,7 @@ def test_mmmu_options_literal_image_tags_multi_image_and_open(root):
     assert "(C) Pneumothorax" in first.prompt and len(first.images) == 1
     assert len(samples["validation_Clinical_Medicine_2"].images) == 2
     pharmacy = samples["validation_Pharmacy_3"]
-    assert pharmacy.answer_type == "open" and pharmacy.answer == "2" and pharmacy.options == {}
+    assert pharmacy.answer_type == "mmmu_open" and pharmacy.answer == "2" and pharmacy.options == {}
 
 
 def test_medxpertqa_multi_image_no_duplicated_options(root):

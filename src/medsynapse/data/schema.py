@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ANSWER_TYPES = ("yes_no", "multiple_choice", "open", "caption")
+ANSWER_TYPES = ("yes_no", "multiple_choice", "open", "mmmu_open", "caption")
 
 
 class DataError(ValueError):

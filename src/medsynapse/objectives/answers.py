@@ -5,6 +5,9 @@
   standalone option letter (upper case, word-bounded: "The answer" is not option E, "a" is not A, and "A" followed
   by a lower-case word is the article), then the text of exactly one option appearing as a whole phrase.
 - open: normalised exact match (lower case, no punctuation or articles, single spaces).
+- mmmu_open: the official MMMU open-question rule (`parse_open_response` + `eval_open`, MMMU-Benchmark/MMMU
+  eval_utils.py @ 51ce7f3): key sub-responses after indicator words, numbers rounded to 2 decimals, and the
+  normalised gold contained in a string prediction or equal to a number.
 Nothing found means unparseable: it scores 0. There is no random or default fallback.
 """
 
@@ -83,11 +86,60 @@ def extract_option(text: str, options: dict[str, str]) -> Extraction:
     return Extraction(None, "none")
 
 
+_NUMBER_PATTERNS = (r"-?\b\d{1,3}(?:,\d{3})+\b", r"-?\d+(?:\.\d+)?[eE][+-]?\d+",
+                    r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+_KEY_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+
+
+def _mmmu_normalise(text: str) -> list[str | float]:
+    text = text.strip()
+    try:
+        return [round(float(text.replace(",", "")), 2)]
+    except ValueError:
+        text = text.lower()
+        return [" " + text, text + " "] if len(text) == 1 else [text]  # a single letter must stand alone
+
+
+def mmmu_open_predictions(text: str) -> list[str | float]:
+    """MMMU's `parse_open_response`, ported (its quirks kept: the split lower-cases before looking for capitals)."""
+    response = text.strip().strip(".").lower()
+    if not response:
+        return []
+    parts = re.split(r"\.\s(?=[A-Z])|\n", response)
+    keys = []
+    for index, part in enumerate(parts):
+        indicators = _KEY_INDICATORS + (("=",) if index == len(parts) - 1 else ())
+        tails = [part.split(i)[-1].strip() for i in indicators if i in part]
+        shortest = min(tails, key=len) if tails else None
+        if shortest and shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
+            keys.append(shortest)
+    keys = keys or [response]
+    predictions = list(keys)
+    for key in keys:
+        predictions += [n for pattern in _NUMBER_PATTERNS for n in re.findall(pattern, key)]
+    return list(dict.fromkeys(p for item in predictions for p in _mmmu_normalise(item)))
+
+
+def mmmu_open_correct(predictions: list[str | float], gold: str) -> bool:
+    """MMMU's `eval_open`: a gold string inside a string prediction, or a gold number equal to a predicted one."""
+    golds = _mmmu_normalise(gold)
+    for pred in predictions:
+        if isinstance(pred, str):
+            if any(isinstance(g, str) and g in pred for g in golds):
+                return True
+        elif pred in golds:
+            return True
+    return False
+
+
 def extract(text: str, answer_type: str, options: dict[str, str] | None = None) -> Extraction:
     if answer_type == "yes_no":
         return extract_yes_no(text)
     if answer_type == "multiple_choice":
         return extract_option(text, options or {})
+    if answer_type == "mmmu_open":
+        predictions = mmmu_open_predictions(text)
+        return Extraction(" | ".join(map(str, predictions)) or None, "mmmu_open" if predictions else "none")
     answer = normalise(_answer_span(text))
     return Extraction(answer or None, "exact" if answer else "none")
 
@@ -100,4 +152,6 @@ def is_correct(text: str, gold: str, answer_type: str,
         return False, got
     if answer_type == "multiple_choice":
         return got.answer == gold.strip().upper(), got
+    if answer_type == "mmmu_open":
+        return mmmu_open_correct(mmmu_open_predictions(text), gold), got
     return got.answer == normalise(gold), got

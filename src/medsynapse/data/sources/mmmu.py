@@ -2,8 +2,8 @@
 
 All questions are scored (the official MMMU accuracy). Options are the string repr of a Python list (parsed with
 `ast.literal_eval`, never `eval`); `<image n>` tags in the text become "[image n]" and every present image (1-7) is
-passed, in order. Differences from the official scorer: no random letter when nothing parses (counted unparseable),
-and open answers are a normalised exact match rather than MMMU's number/string containment.
+passed, in order. Open questions use MMMU's own open-answer rule (`mmmu_open` in objectives/answers.py). The one
+difference from the official scorer: no random letter when nothing parses (counted unparseable instead).
 """
 
 from __future__ import annotations
@@ -82,5 +82,5 @@ def _sample(row: dict, subject: str, where: str, store: ImageStore) -> Sample:
         options = dict(zip(LETTERS, parse_options(require(row, "options", where), where), strict=False))
         prompt = f"{question}\n\n{render_options(options, 'paren')}\n\n{MCQ_INSTRUCTION}"
         return mcq_sample(sample_id, images, question, options, answer.upper(), where, prompt=prompt, **extra)
-    return Sample(sample_id, images, question, answer, "open", prompt=f"{question}\n\n{SHORT_ANSWER_INSTRUCTION}",
-                  **extra)
+    return Sample(sample_id, images, question, answer, "mmmu_open",
+                  prompt=f"{question}\n\n{SHORT_ANSWER_INSTRUCTION}", **extra)
