@@ -18,6 +18,7 @@ def _quiet() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*fast processor.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft, not ours
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
