@@ -32,6 +32,19 @@ def demo_model(tiny_env, tmp_path_factory):
     return folder
 
 
+def count_generated(monkeypatch) -> list[str]:
+    """Record the id of every sample the runner generates an answer for."""
+    generated: list[str] = []
+    original = BenchmarkRun.answer_chunk
+
+    def counting(self, chunk, device):
+        generated.extend(s.id for s in chunk)
+        return original(self, chunk, device)
+
+    monkeypatch.setattr(BenchmarkRun, "answer_chunk", counting)
+    return generated
+
+
 def without_efficiency(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "efficiency"}
 
@@ -73,14 +86,7 @@ def test_interrupted_eval_resumes_to_the_same_metrics_without_regenerating(demo_
     settings = EvalSettings(batch_size=1, max_new_tokens=4)
     reference = evaluate_benchmarks(str(demo_model), names, data_root, tmp_path / "full", settings)
 
-    generated: list[str] = []
-    original = BenchmarkRun.answer_chunk
-
-    def counting(self, chunk, device):
-        generated.extend(s.id for s in chunk)
-        return original(self, chunk, device)
-
-    monkeypatch.setattr(BenchmarkRun, "answer_chunk", counting)
+    generated = count_generated(monkeypatch)
 
     def kill_after_first_mmmu_batch(name: str, index: int) -> None:
         if name == "mmmu-med" and index == 0:
@@ -156,14 +162,7 @@ def test_parts_left_by_a_killed_multi_process_run_are_merged_and_completed(demo_
     (folder / "predictions.part0.jsonl").write_text(lines[0])  # rank 0 was killed before its second batch (MM-2)
     (folder / "predictions.part1.jsonl").write_text(lines[1])
     (folder / PREDICTIONS).unlink()
-    generated: list[str] = []
-    original = BenchmarkRun.answer_chunk
-
-    def counting(self, chunk, device):
-        generated.extend(s.id for s in chunk)
-        return original(self, chunk, device)
-
-    monkeypatch.setattr(BenchmarkRun, "answer_chunk", counting)
+    generated = count_generated(monkeypatch)
     again = evaluate_benchmarks(str(demo_model), ["medxpertqa-mm"], data_root, tmp_path, settings)
     assert generated == ["MM-2"]
     assert [json.loads(x)["raw"] for x in (folder / PREDICTIONS).read_text().splitlines()] == [
