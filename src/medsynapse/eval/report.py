@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 
 
-def write_json(path: str | Path, data: dict) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves half a file."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def stage_table(results: dict) -> str:

@@ -33,9 +33,9 @@ from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
 from medsynapse.eval.efficiency import PeakRSS, rss_mb
-from medsynapse.eval.report import write_json
+from medsynapse.eval.report import write_json, write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.model.vlm import core_vlm, vision_features
+from medsynapse.model.vlm import core_vlm
 from medsynapse.objectives.answers import extract, is_correct
 
 PREDICTIONS = "predictions.jsonl"
@@ -129,9 +129,7 @@ class BenchmarkRun:
         latest = {line["id"]: line for line in latest_per_id(self.all_lines())}
         order = [s.id for s in self.benchmark.samples if s.id in latest]
         order += [i for i in latest if i not in set(order)]  # ids from an earlier, larger --limit
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(latest[i], ensure_ascii=False) + "\n" for i in order), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(latest[i], ensure_ascii=False) + "\n" for i in order))
         for part in parts:
             part.unlink()
 
@@ -170,15 +168,12 @@ class BenchmarkRun:
                   else peak.peak - before)
         return {"ms_per_sample": 1000 * elapsed / generated, "peak_mem_mb": memory, "generated": generated}
 
-    def load_images(self, sample: Sample) -> list:
-        return [load_image(path, sample) for path in sample.images]
-
     @torch.no_grad()
     def answer_chunk(self, chunk: list[Sample], device: torch.device) -> tuple[list[dict], float]:
         lines, ready, images = [], [], []
         for sample in chunk:
             try:
-                images.append(self.load_images(sample))
+                images.append([load_image(path, sample) for path in sample.images])
                 ready.append(sample)
             except DataError as err:
                 if not self.settings.skip_bad:
@@ -187,19 +182,15 @@ class BenchmarkRun:
         if not ready:
             return lines, 0.0
         start = time.perf_counter()
-        model = self.model
-        items = [model.prompts.encode(imgs, s.model_prompt, system=s.system) for imgs, s in zip(images, ready)]
-        batch = model.prompts.collate(items, with_answers=False).to(device)
-        features = vision_features(model.vlm, batch)
-        memory = model.memory_for(batch, [imgs[0] for imgs in images], features, self.settings.branch)
-        tokens = model.generate(batch, memory, max_new_tokens=self.max_new_tokens, features=features)
-        texts = model.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        items = [self.model.prompts.encode(imgs, s.model_prompt, system=s.system) for imgs, s in zip(images, ready)]
+        texts = self.model.answer_encoded(items, [imgs[0] for imgs in images], self.max_new_tokens,
+                                          self.settings.branch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         ms = 1000 * seconds / len(ready)
         for sample, text in zip(ready, texts):
-            lines.append(self.score(sample, text.strip(), ms))
+            lines.append(self.score(sample, text, ms))
         return lines, seconds
 
     def score(self, sample: Sample, text: str, ms: float) -> dict:

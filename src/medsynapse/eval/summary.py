@@ -4,10 +4,12 @@ the efficiency columns; written as markdown, CSV and a bar plot, from the metric
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from medsynapse.data.sources import PAPER_BENCHMARKS, SOURCES
+from medsynapse.eval.report import write_text_atomic
 
 
 def read_run(run_dir: str | Path) -> dict[str, dict]:
@@ -94,12 +96,10 @@ def write_summary(output: str | Path, label: str | None = None, runs: dict[str, 
     output = Path(output)
     loaded = {name: read_run(d) for name, d in (runs or {label or output.name: output}).items()}
     text = markdown(loaded)
-    tmp = output / "summary.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(output / "summary.md")
+    write_text_atomic(output / "summary.md", text)
     header, rows = summary_rows(loaded)
-    with (output / "summary.csv.tmp").open("w", newline="") as handle:
-        csv.writer(handle).writerows([header, *rows])
-    (output / "summary.csv.tmp").replace(output / "summary.csv")
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([header, *rows])
+    write_text_atomic(output / "summary.csv", table.getvalue())
     plot(loaded, output / "summary.png")
     return text

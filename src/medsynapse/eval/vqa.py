@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 from medsynapse.data.dataset import VQADataset
 from medsynapse.data.schema import Sample
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.model.vlm import vision_features
 from medsynapse.objectives.answers import is_correct
 
 
@@ -24,23 +23,15 @@ def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = Non
     """
     model.eval()
     dataset = VQADataset(samples, model.prompts, with_answers=False)
-    device = next(model.vlm.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         indices = list(range(start, min(start + batch_size, len(samples))))
-        batch = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=False).to(device)
-        features = vision_features(model.vlm, batch)  # once: shared by A_psi (if any) and generation
-        images = [dataset.images(i)[0] for i in indices]
-        if branch == "counterfactual":
-            memory = model.memory(model.prior(images), branch, intervention)
-        else:
-            memory = model.memory_for(batch, images, features, branch)
-        tokens = model.generate(batch, memory, max_new_tokens=max_new_tokens, features=features)
-        texts = model.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        texts = model.answer_encoded([dataset.encoded(i) for i in indices], [dataset.images(i)[0] for i in indices],
+                                     max_new_tokens, branch, intervention)
         for i, text in zip(indices, texts):
             sample = samples[i]
             correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options)
-            predictions.append({"id": sample.id, "question_type": sample.question_type, "raw": text.strip(),
+            predictions.append({"id": sample.id, "question_type": sample.question_type, "raw": text,
                                 "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct})
     by_type: dict[str, list[bool]] = defaultdict(list)
     for p in predictions:

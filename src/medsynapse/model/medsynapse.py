@@ -24,6 +24,7 @@ from medsynapse.model.memory import (
     embedding_rms,
 )
 from medsynapse.model.vlm import (
+    EncodedPrompt,
     PromptBatch,
     PromptBuilder,
     core_vlm,
@@ -191,23 +192,32 @@ class MedSynapseV(nn.Module):
         return generate_with_memory(self.vlm, batch, memory, self.latent_id, max_new_tokens=max_new_tokens,
                                     suppress_tokens=self.prompts.suppressed_ids, **kwargs)
 
-    def memory_for(self, batch: PromptBatch, images: list[Image.Image], features, branch: str | None = None):
+    def memory_for(self, batch: PromptBatch, images: list[Image.Image], features, branch: str | None = None,
+                   intervention: str = "zero"):
         """Memory for a prompt batch: autonomous (A_psi) when present, else P_phi's branch; None for the base VLM."""
         branch = branch or ("autonomous" if self.autonomous is not None else "privileged")
         if branch == "autonomous":
             return self.autonomous_memory(batch, features)
         if self.sampler is None:
             return None
-        return self.memory(self.prior(images), branch)
+        return self.memory(self.prior(images), branch, intervention)
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 16,
                branch: str | None = None, **generate_kwargs) -> list[str]:
-        """Greedy answers, one image per question. Vision features are computed once and reused for the memory."""
+        """Greedy answers, one image per question."""
         items = [self.prompts.encode([img], q) for img, q in zip(images, questions)]
+        return self.answer_encoded(items, images, max_new_tokens, branch, **generate_kwargs)
+
+    @torch.no_grad()
+    def answer_encoded(self, items: list[EncodedPrompt], first_images: list[Image.Image], max_new_tokens: int = 16,
+                       branch: str | None = None, intervention: str = "zero", **generate_kwargs) -> list[str]:
+        """Greedy answers to already-encoded prompts (the one generation path of `answer`, evaluation and the
+        benchmark runner). Vision features are computed once and reused for A_psi and generation; the prior encoder
+        sees each sample's first image."""
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(self.vlm, batch)
-        memory = self.memory_for(batch, images, features, branch)
+        memory = self.memory_for(batch, first_images, features, branch, intervention)
         tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
         return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]

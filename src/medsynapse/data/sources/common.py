@@ -157,15 +157,6 @@ def read_plain_pickle(path: Path):
             raise DataError(f"{path}: unreadable pickle: {err}") from None
 
 
-def find_file(root: Path, candidates: list[str], what: str) -> Path:
-    """The first existing candidate path under `root`, or an error listing everything that was looked for."""
-    for name in candidates:
-        matches = sorted(root.glob(name))
-        if matches:
-            return matches[0]
-    raise DataError(f"{root}: no {what} found (looked for {', '.join(candidates)})")
-
-
 def is_yes_no(answer: str) -> bool:
     return normalise(answer) in ("yes", "no")
 

@@ -60,12 +60,10 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test
             question = require(row, "question", where, str)
             if path.suffix == ".parquet":
                 image = store.put(image_bytes(require(row, "image", where), where))
-                sample_id = f"pathvqa-{split}-{index}"
             else:
                 name = require(row, "image", where, str)
                 image = image_path(data_root / "pvqa" / "images" / PICKLE_SPLITS[split], f"{name}.jpg", where)
-                sample_id = f"pathvqa-{split}-{index}"
-            samples.append(_sample(sample_id, image, question, answer, open_only))
+            samples.append(_sample(f"pathvqa-{split}-{index}", image, question, answer, open_only))
         except DataError as err:
             bad.handle(err, f"{split}-{index}")
     source = describe(hf) if hf else str(path)
