@@ -128,7 +128,8 @@ class BenchmarkRun:
             return
         latest = {line["id"]: line for line in latest_per_id(self.all_lines())}
         order = [s.id for s in self.benchmark.samples if s.id in latest]
-        order += [i for i in latest if i not in set(order)]  # ids from an earlier, larger --limit
+        listed = set(order)
+        order += [i for i in latest if i not in listed]  # ids from an earlier, larger --limit
         write_text_atomic(self.path, "".join(json.dumps(latest[i], ensure_ascii=False) + "\n" for i in order))
         for part in parts:
             part.unlink()
