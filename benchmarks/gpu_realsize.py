@@ -195,14 +195,14 @@ def stage2_step(models: dict, image: Image.Image, question: str, prompts: int, g
         keys = row_keys(0, len(results), list(range(prompts)), group)
         rollouts = generate_rollouts(teacher, batch, memory[rows], feats, config, keys)
         r_acc = accuracy_rewards(rollouts.texts, [sample] * len(rows)).to(device)
-        logp_f, logp_cf = factual_and_counterfactual_logprobs(teacher.vlm, batch, memory[rows], memory_cf[rows],
-                                                              rollouts, feats, teacher.latent_id, 1.0)
+        logp_old, logp_f, logp_cf = factual_and_counterfactual_logprobs(
+            teacher.vlm, batch, memory[rows], memory_cf[rows], rollouts, feats, teacher.latent_id, 1.0)
         rewards = r_acc + 0.5 * causal_rewards(logp_f, logp_cf, rollouts.mask)
         advantages = group_advantages(rewards.float(), group)
         teacher.vlm.train()
         logp = completion_logprobs(teacher.vlm, batch, memory[rows], rollouts.tokens, rollouts.mask,
                                    teacher.latent_id, feats)
-        loss = clipped_policy_loss(logp, logp_f, advantages, rollouts.mask).loss
+        loss = clipped_policy_loss(logp, logp_old, advantages, rollouts.mask).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

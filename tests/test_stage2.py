@@ -51,10 +51,11 @@ def test_batched_causal_reward_equals_per_sample_reference(tiny_env, stage1_dir)
                                 features=select_features(features, prompts.image_rows(rows)))
     mask = completion_mask(tokens, model.prompts.eos_id)
     rollouts = Rollouts(tokens, mask, [], 0.0)
-    logp_f, logp_cf = factual_and_counterfactual_logprobs(
+    scored = factual_and_counterfactual_logprobs(
         model.vlm, batch, memory[rows], memory_cf[rows], rollouts, select_features(features, prompts.image_rows(rows)),
         model.latent_id, temperature=1.0)
-    batched = causal_rewards(logp_f, logp_cf, mask)
+    assert torch.equal(scored.old, scored.factual)  # at T = 1 the ratio's old log-probs are r_causal's factual ones
+    batched = causal_rewards(scored.factual, scored.counterfactual, mask)
 
     slow = []
     with torch.no_grad():
@@ -123,3 +124,15 @@ def test_stage2_with_kl_drop_intervention_and_dapo_runs_and_logs(tiny_env, stage
 def test_memory_off_needs_lambda_causal_zero(tiny_env, stage1_dir, tmp_path):
     with pytest.raises(ValueError, match="lambda_causal"):
         train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "off", use_memory=False))
+
+
+def test_stage2_ranked_form_with_floor_and_temperature_runs_and_logs(tiny_env, stage1_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train_stage2(_stage2_config(tiny_env, stage1_dir, tmp_path / "ranked", causal_form="ranked",
+                                      advantage_std_floor=0.1, temperature=0.7, max_steps=2, num_iterations=1))
+    events = next(p for p in (out / "stage2").iterdir() if p.is_file() and p.name.startswith("events"))
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert {"inverted_groups", "advantage_abs_mean"} <= set(accumulator.Tags()["scalars"])
+    assert all(event.value == 0.0 for event in accumulator.Scalars("inverted_groups"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medsynapse.model.counterfactual import counterfactual_tokens
 from medsynapse.model.encoders import PriorEncoder, PriorOutput, load_encoder
 from medsynapse.model.memory import (
     AutonomousConfig,
@@ -35,7 +37,6 @@ from medsynapse.model.vlm import (
 )
 
 BRANCHES = ("privileged", "counterfactual", "autonomous")
-INTERVENTIONS = ("zero", "drop")
 MANIFEST = "medsynapse.json"
 ADAPTER_DIR = "adapter"
 
@@ -96,8 +97,8 @@ class MedSynapseV(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": 1, "vlm": str(Path(self.vlm_path).resolve()),
-                    "encoder": str(Path(self.encoder_path).resolve()) if self.encoder_path else None,
+        manifest = {"format": 1, "vlm": str(Path(self.vlm_path).expanduser().resolve()),
+                    "encoder": str(Path(self.encoder_path).expanduser().resolve()) if self.encoder_path else None,
                     "sampler": self.sampler.config.to_dict() if self.sampler is not None else None,
                     "adapter": ADAPTER_DIR if self.has_adapter or self.adapter_path else None,
                     "autonomous": self.autonomous.config.to_dict() if self.autonomous is not None else None}
@@ -170,18 +171,16 @@ class MedSynapseV(nn.Module):
         return self.autonomous(features.pooler_output, grids, counts)
 
     def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero") -> torch.Tensor:
-        """M = P_phi(S) for the privileged branch; M' = P_phi(S ⊙ ¬B) (zero) or with B's tokens dropped (drop)."""
+        """M = P_phi(S) for the privileged branch; M' = P_phi(S with the region B removed) for the counterfactual
+        (`intervention`: zero = S ⊙ ¬B as in the paper, drop, or inpaint; see model/counterfactual.py)."""
         if self.sampler is None:
             raise ValueError("this model has no memory sampler")
         if branch == "privileged":
             return self.sampler(prior.tokens, prior.grid)
         if branch != "counterfactual":
             raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES}")
-        if intervention == "zero":
-            return self.sampler(prior.tokens * (~prior.region_mask).unsqueeze(-1).to(prior.tokens.dtype), prior.grid)
-        if intervention == "drop":
-            return self.sampler(prior.tokens, prior.grid, drop=prior.region_mask)
-        raise ValueError(f"unknown intervention {intervention!r}; expected one of {INTERVENTIONS}")
+        tokens, drop = counterfactual_tokens(prior.tokens, prior.grid, prior.region_mask, intervention)
+        return self.sampler(tokens, prior.grid, drop=drop)
 
     # --- VLM passes ---------------------------------------------------------------------------------------------
     def forward(self, batch: PromptBatch, memory: torch.Tensor | None, features=None, **kwargs):
@@ -194,7 +193,14 @@ class MedSynapseV(nn.Module):
 
     def memory_for(self, batch: PromptBatch, images: list[Image.Image], features, branch: str | None = None,
                    intervention: str = "zero"):
-        """Memory for a prompt batch: autonomous (A_psi) when present, else P_phi's branch; None for the base VLM."""
+        """Memory for a prompt batch: autonomous (A_psi) when present, else P_phi's branch; None for the base VLM.
+
+        An explicit "privileged" or "counterfactual" branch on a model without the prior encoder and P_phi (an
+        encoder-free student, a plain VLM) is an error, not a silent run without memory."""
+        if branch in ("privileged", "counterfactual") and (self.sampler is None or self.encoder is None):
+            kind = "an encoder-free student (A_psi only)" if self.autonomous is not None else "a plain VLM"
+            raise ValueError(f"the {branch} branch needs the prior encoder and the memory sampler P_phi, and this "
+                             f"model is {kind}; use branch=None (the model's own memory)")
         branch = branch or ("autonomous" if self.autonomous is not None else "privileged")
         if branch == "autonomous":
             return self.autonomous_memory(batch, features)
@@ -211,13 +217,20 @@ class MedSynapseV(nn.Module):
 
     @torch.no_grad()
     def answer_encoded(self, items: list[EncodedPrompt], first_images: list[Image.Image], max_new_tokens: int = 16,
-                       branch: str | None = None, intervention: str = "zero", **generate_kwargs) -> list[str]:
+                       branch: str | None = None, intervention: str = "zero",
+                       memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       **generate_kwargs) -> list[str]:
         """Greedy answers to already-encoded prompts (the one generation path of `answer`, evaluation and the
         benchmark runner). Vision features are computed once and reused for A_psi and generation; the prior encoder
-        sees each sample's first image."""
+        sees each sample's first image. `memory_transform` maps the memory (B, N, H) to what the VLM receives
+        instead (the diagnostics' zeroed / mean / shuffled / noise memories); None leaves the path unchanged."""
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(self.vlm, batch)
         memory = self.memory_for(batch, first_images, features, branch, intervention)
+        if memory_transform is not None:
+            if memory is None:
+                raise ValueError("memory_transform given, but this model has no memory (a plain VLM)")
+            memory = memory_transform(memory)
         tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
         return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]

@@ -104,12 +104,17 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+POOLINGS = ("attention", "grid")
+
+
 @dataclass
 class AutonomousConfig:
     hidden_size: int  # the VLM's text hidden size: merged visual tokens and memory vectors both live there
     n_memory: int = 16
     mlp_hidden: int = 0  # 0 = hidden_size (2 x H^2 weights: 33.6 M at Qwen3-VL-8B's H = 4096)
     embed_rms: float = 1.0
+    pooling: str = "grid"  # attention (content-selective, recommended) | grid (folders written before it existed)
+    attention_dim: int = 256  # query/key width of the attention pooling (H x 256 + N x 256 weights: ~1 M at 8B)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,40 +123,72 @@ class AutonomousConfig:
 class AutonomousMemoryModule(nn.Module):
     """A_psi: memory from the VLM's own merged visual tokens, so inference needs no prior encoder and no sampler.
 
-    Pooling: adaptive average pooling of each image's merged token grid to a sqrt(N) x sqrt(N) grid, one slot per
-    cell, plus a learned per-slot embedding. Chosen because it has no parameters, keeps the 2-D layout (slot k always
-    looks at the same part of the image, as the prior tokens' positions did for P_phi), and handles any resolution;
-    attention pooling would add ~2 H^2 parameters. Each slot then goes through a 2-layer MLP + LayerNorm and the same
-    learnable gain (initialised to the embedding RMS) as P_phi. Several images of one sample: their slots are averaged.
+    Pooling the visual tokens to N slots:
+    - ``attention`` (recommended): N learned queries attend over all merged visual tokens of the sample's images
+      (keys: a projection of the LayerNorm-ed tokens plus fixed 2-D sine-cosine positions; values: the tokens
+      themselves). Each slot can pick the tokens that hold a finding wherever it is, as P_phi's probes do over the
+      prior tokens; the attention maps show where the student looked. Several images: their tokens form one key set.
+    - ``grid``: adaptive average pooling of each image's token grid to a sqrt(N) x sqrt(N) grid (no parameters, slot
+      k always looks at the same part of the image). A lesion covering a few pixels is averaged with its cell, which
+      is why a student built this way kept little of the presence evidence on SynthMed. Several images: averaged.
+    Each slot then goes through a 2-layer MLP + LayerNorm and a learnable gain initialised to the embedding RMS.
     """
 
     def __init__(self, config: AutonomousConfig):
         super().__init__()
-        side = int(round(config.n_memory ** 0.5))
-        if side * side != config.n_memory:
-            raise ValueError(f"n_memory must be a square number for spatial pooling, got {config.n_memory}")
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"unknown A_psi pooling {config.pooling!r}; expected one of {POOLINGS}")
         self.config = config
-        self.side = side
         hidden, inner = config.hidden_size, config.mlp_hidden or config.hidden_size
+        if config.pooling == "grid":
+            side = int(round(config.n_memory ** 0.5))
+            if side * side != config.n_memory:
+                raise ValueError(f"n_memory must be a square number for grid pooling, got {config.n_memory}")
+            self.side = side
+        else:
+            self.key_norm = nn.LayerNorm(hidden)
+            self.key_proj = nn.Linear(hidden, config.attention_dim)
+            self.queries = nn.Parameter(torch.randn(config.n_memory, config.attention_dim) * 0.02)
         self.slot_embed = nn.Parameter(torch.zeros(config.n_memory, hidden))
         self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
         self.norm = nn.LayerNorm(hidden)
         self.gain = nn.Parameter(torch.tensor(float(config.embed_rms)))
 
     def pool(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(h*w, H) merged tokens of one image -> (N, H) slots."""
+        """Grid pooling: (h*w, H) merged tokens of one image -> (N, H) slots."""
         h, w = grid
         image = tokens.reshape(h, w, -1).permute(2, 0, 1).unsqueeze(0)
         pooled = nn.functional.adaptive_avg_pool2d(image, (self.side, self.side))
         return pooled.flatten(2).squeeze(0).transpose(0, 1)
 
+    def attend(self, visual_tokens, grids, images_per_sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention pooling: slots (B, N, H), attention weights (B, N, K) over each sample's K padded tokens, and
+        the key padding mask (B, K) (True = padding)."""
+        keys = [self.key_proj(self.key_norm(t)) + sincos_2d(g, self.config.attention_dim, t.device).to(t.dtype)
+                for t, g in zip(visual_tokens, grids)]
+        per_sample_keys, per_sample_values, start = [], [], 0
+        for count in images_per_sample:
+            per_sample_keys.append(torch.cat(keys[start:start + count]))
+            per_sample_values.append(torch.cat(list(visual_tokens[start:start + count])))
+            start += count
+        key = nn.utils.rnn.pad_sequence(per_sample_keys, batch_first=True)
+        value = nn.utils.rnn.pad_sequence(per_sample_values, batch_first=True)
+        lengths = torch.tensor([len(k) for k in per_sample_keys], device=key.device)
+        padding = torch.arange(key.shape[1], device=key.device)[None] >= lengths[:, None]
+        scores = torch.einsum("nd,bkd->bnk", self.queries.to(key.dtype), key) / self.config.attention_dim ** 0.5
+        weights = scores.masked_fill(padding[:, None], float("-inf")).softmax(-1)
+        return weights @ value, weights, padding
+
     def forward(self, visual_tokens: list[torch.Tensor] | tuple[torch.Tensor, ...], grids: list[tuple[int, int]],
                 images_per_sample: list[int]) -> torch.Tensor:
         """Per-image merged tokens (the vision tower's `pooler_output`) -> memory (B, N, H)."""
-        slots = [self.pool(t, g) for t, g in zip(visual_tokens, grids)]
-        per_sample, start = [], 0
-        for count in images_per_sample:
-            per_sample.append(torch.stack(slots[start:start + count]).mean(0))
-            start += count
-        x = torch.stack(per_sample) + self.slot_embed
-        return self.norm(self.mlp(x)) * self.gain
+        if self.config.pooling == "attention":
+            x = self.attend(visual_tokens, grids, images_per_sample)[0]
+        else:
+            slots = [self.pool(t, g) for t, g in zip(visual_tokens, grids)]
+            per_sample, start = [], 0
+            for count in images_per_sample:
+                per_sample.append(torch.stack(slots[start:start + count]).mean(0))
+                start += count
+            x = torch.stack(per_sample)
+        return self.norm(self.mlp(x + self.slot_embed)) * self.gain

@@ -300,6 +300,27 @@ def completion_logprobs(model, batch: PromptBatch, memory: torch.Tensor | None, 
     return logp * mask
 
 
+def completion_logprobs_at(model, batch: PromptBatch, memory: torch.Tensor | None, tokens: torch.Tensor,
+                           mask: torch.Tensor, latent_id: int, features=None,
+                           temperatures: tuple[float, ...] = (1.0,)) -> tuple[torch.Tensor, ...]:
+    """`completion_logprobs` at several temperatures from ONE forward: one (N, T) tensor per entry of `temperatures`.
+
+    Each is computed from the shared logits exactly as `completion_logprobs` computes it (logits / T, log-softmax,
+    gather), so it equals that function's result at the same T; repeated temperatures are computed once.
+    """
+    full = append_completions(batch, tokens, mask)
+    width = tokens.shape[1]
+    logits = forward_with_memory(model, full, memory, latent_id, features=features,
+                                 logits_to_keep=width + 1).logits[:, :-1].float()
+    index = tokens.unsqueeze(-1)
+    done: dict[float, torch.Tensor] = {}
+    for temperature in temperatures:
+        if temperature not in done:
+            scaled = logits if temperature == 1.0 else logits / temperature
+            done[temperature] = torch.gather(scaled.log_softmax(-1), 2, index).squeeze(-1) * mask
+    return tuple(done[t] for t in temperatures)
+
+
 def completion_outputs(model, batch: PromptBatch, memory: torch.Tensor | None, tokens: torch.Tensor,
                        mask: torch.Tensor, latent_id: int, features=None, hidden: bool = False) -> torch.Tensor:
     """Per-position outputs that predict each completion token: logits (N, T, V), or the final (normed) hidden states

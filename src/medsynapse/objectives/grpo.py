@@ -7,6 +7,7 @@ rewards are all equal gets advantage 0 and contributes no gradient. The per-toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,18 @@ import torch
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """(B*G,) rewards ordered (prompt, rollout) -> advantages. NaN rewards are ignored; groups of one get 0."""
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True,
+                     std_floor: float | None = None) -> torch.Tensor:
+    """(B*G,) rewards ordered (prompt, rollout) -> advantages. NaN rewards are ignored; groups of one get 0.
+
+    A = (R − mean) / (σ + eps) (TRL) when `std_floor` is 0 or None; A = (R − mean) / max(σ + eps, std_floor)
+    otherwise, and a group whose rewards are all equal then gets exactly 0 (its float mean is not always exactly
+    that value). The floor is in reward units: it stops a group whose rewards differ only by noise, e.g.
+    1e-3 nats of r_causal among all-correct rollouts, from being stretched to advantages of ±1, and leaves any group
+    with σ ≥ floor unchanged. A positive scale is monotone, so the order of R within a group is kept either way.
+    """
+    if std_floor is not None and not (math.isfinite(std_floor) and std_floor >= 0):
+        raise ValueError(f"std_floor must be a finite number >= 0, got {std_floor}")
     grouped = rewards.view(-1, group_size)
     mean = torch.nanmean(grouped, dim=1, keepdim=True)
     advantages = grouped - mean
@@ -23,7 +34,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
         count = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
         var = torch.nanmean((grouped - mean) ** 2, dim=1, keepdim=True) * count / (count - 1).clamp(min=1)
         std = torch.where(count > 1, var.sqrt(), torch.full_like(var, float("nan")))
-        advantages = advantages / (std + eps)
+        denominator = (std + eps).clamp(min=std_floor) if std_floor else std + eps
+        advantages = advantages / denominator
+    if std_floor:
+        low = grouped.nan_to_num(nan=float("inf")).amin(dim=1, keepdim=True)
+        high = grouped.nan_to_num(nan=float("-inf")).amax(dim=1, keepdim=True)
+        advantages = advantages.masked_fill(low == high, 0.0)
     return torch.nan_to_num(advantages, nan=0.0).view(-1)
 
 

@@ -1,6 +1,14 @@
-"""Stage II rewards: answer accuracy (shared extraction) and the causal counterfactual reward (paper Eq. 5)."""
+"""Stage II rewards: answer accuracy (shared extraction) and the causal counterfactual reward (paper Eq. 5).
+
+Two ways to combine them (`causal_form`):
+- "paper": R = λ_acc·r_acc + λ_causal·r_causal, the paper's composite reward with Eq. 5 as is (`total_reward`).
+- "ranked": R = λ_acc·r_acc + λ_causal·b(r_causal), b a bounded odd squash, with 2·λ_causal ≤ λ_acc
+  (`ranked_reward`): correctness always ranks first, r_causal only orders rollouts of equal correctness.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -9,6 +17,10 @@ from medsynapse.objectives.answers import is_correct
 
 CAUSAL_REDUCTIONS = ("sum", "mean")
 CAUSAL_GATES = ("none", "correct")
+CAUSAL_FORMS = ("paper", "ranked")
+# b(r) = (1 - RANKED_MARGIN)·tanh(r / scale). tanh rounds to exactly ±1 in floating point once |r| / scale exceeds
+# ~9 (float32) or ~19 (float64); the margin keeps |b| ≤ 0.999 < 1 so dominance stays strict at 2·λ_causal = λ_acc.
+RANKED_MARGIN = 1e-3
 
 
 def accuracy_rewards(texts: list[str], samples: list[Sample]) -> torch.Tensor:
@@ -45,3 +57,58 @@ def total_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, lambda_acc: float 
         raise ValueError(f"unknown causal gate {gate!r}; expected one of {CAUSAL_GATES}")
     causal = r_causal * (r_acc > 0).to(r_causal.dtype) if gate == "correct" else r_causal
     return lambda_acc * r_acc + lambda_causal * causal
+
+
+def check_ranked(lambda_acc: float, lambda_causal: float, scale: float) -> None:
+    """ValueError unless the ranked form's guarantee holds: λ_acc > 0, 0 ≤ 2·λ_causal ≤ λ_acc, 0 < scale < inf."""
+    if not (math.isfinite(lambda_acc) and lambda_acc > 0):
+        raise ValueError(f"causal_form 'ranked' needs lambda_acc > 0, got {lambda_acc}")
+    if not (math.isfinite(lambda_causal) and 0 <= 2 * lambda_causal <= lambda_acc):
+        raise ValueError(f"causal_form 'ranked' needs 0 <= 2·lambda_causal <= lambda_acc (so that every correct "
+                         f"rollout outranks every wrong one), got lambda_causal={lambda_causal}, "
+                         f"lambda_acc={lambda_acc}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"causal_scale must be a positive finite number of nats, got {scale}")
+
+
+def causal_bonus(r_causal: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """b(r) = (1 − RANKED_MARGIN)·tanh(r / scale) ∈ [−0.999, 0.999], in float64; monotone non-decreasing and odd.
+
+    Odd: the sign of the causal effect is kept (b(0) = 0: memory without effect earns nothing). Near 0 it is linear
+    with slope 1/scale, so small effects are ranked in proportion; effects ≫ scale saturate instead of growing
+    without bound (Eq. 5 is a log-ratio summed over tokens, unbounded in both directions).
+    """
+    return (1.0 - RANKED_MARGIN) * torch.tanh(r_causal.double() / scale)
+
+
+def ranked_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, lambda_acc: float = 1.0, lambda_causal: float = 0.5,
+                  scale: float = 1.0) -> torch.Tensor:
+    """R = λ_acc·r_acc + λ_causal·b(r_causal) for binary r_acc, with 2·λ_causal ≤ λ_acc (ValueError otherwise).
+
+    Why it ranks: |b| ≤ 1 − m (m = RANKED_MARGIN), so a correct rollout has R ≥ λ_acc − λ_causal·(1 − m) and a wrong
+    one R ≤ λ_causal·(1 − m); their difference is ≥ λ_acc − 2·λ_causal·(1 − m) ≥ 2·m·λ_causal (or λ_acc when
+    λ_causal = 0) > 0. So every correct rollout of a group gets a strictly higher R than every wrong one, whatever
+    r_causal is (the causal term can never buy a wrong answer a better rank: the paper form's reward hacking, see
+    README), and within the correct and within the wrong rollouts R = const + λ_causal·b(r_causal) follows the
+    r_causal order: never inverted, strictly where tanh is not saturated and the difference survives rounding
+    (equal r_causal give exactly equal R). Computed in float64, returned in the inputs' (promoted) float dtype;
+    rounding to it is monotone, so these orders hold in the returned tensor too. Unlike `total_reward`'s gate
+    "correct", wrong rollouts keep their causal order as well.
+    """
+    check_ranked(lambda_acc, lambda_causal, scale)
+    dtype = torch.promote_types(torch.promote_types(r_acc.dtype, r_causal.dtype), torch.float32)
+    reward = lambda_acc * r_acc.double() + lambda_causal * causal_bonus(r_causal, scale)
+    return reward.to(dtype)
+
+
+def composite_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, form: str = "paper", lambda_acc: float = 1.0,
+                     lambda_causal: float = 0.5, gate: str = "none", scale: float = 1.0) -> torch.Tensor:
+    """Stage II's R in the chosen `form`: "paper" → `total_reward` (with `gate`), "ranked" → `ranked_reward`."""
+    if form not in CAUSAL_FORMS:
+        raise ValueError(f"unknown causal_form {form!r}; expected one of {CAUSAL_FORMS}")
+    if form == "paper":
+        return total_reward(r_acc, r_causal, lambda_acc, lambda_causal, gate)
+    if gate != "none":
+        raise ValueError("causal_gate is a paper-form option; causal_form 'ranked' already ranks correct rollouts "
+                         "first (set causal_gate: none)")
+    return ranked_reward(r_acc, r_causal, lambda_acc, lambda_causal, scale)

@@ -1,22 +1,30 @@
 """Stage II, Causal Counterfactual Refinement: GRPO on an LLM LoRA with R = λ_acc·r_acc + λ_causal·r_causal.
 
+`causal_form: paper` (default) is that reward with Eq. 5 as is; `causal_form: ranked` squashes r_causal to
+λ_causal·(1 − 1e-3)·tanh(r_causal / causal_scale) with 2·λ_causal ≤ λ_acc, so correctness always ranks first and
+r_causal only orders rollouts of equal correctness (objectives/rewards.py); use it with `advantage_std_floor: 0.1`.
+
 Per step, top to bottom:
 1. B prompts; their prior tokens (cached table), memory M and counterfactual memory M' (frozen sampler, no grad) and
    vision features are computed once per prompt and reused by every rollout and every pass below.
 2. G rollouts per prompt in one batched, KV-cached `generate` over the B·G batch (eval mode: no dropout).
-3. r_acc from the shared answer extraction; r_causal from ONE no-grad forward over 2·B·G rows (M rows, then M' rows).
-   The M rows' log-probs are also the old log-probs of the clipped ratio (same policy, same mode): no extra pass.
-4. Group-normalised advantages; `num_iterations` optimisation passes with the clipped surrogate (+ optional k3 KL to
-   the adapter-disabled model).
+3. r_acc from the shared answer extraction; r_causal from ONE no-grad forward over 2·B·G rows (M rows, then M' rows),
+   from the policy's own distribution (log-softmax of the unscaled logits, T = 1). The M rows' log-probs at the
+   sampling temperature, from the same logits, are the old log-probs of the clipped ratio (same policy, same mode,
+   as TRL scales them): no extra pass.
+4. Group-normalised advantages (optionally with a σ floor); `num_iterations` optimisation passes with the clipped
+   surrogate (+ optional k3 KL to the adapter-disabled model).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +33,23 @@ from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.sampling import row_keys, sampling_kwargs
-from medsynapse.model.vlm import completion_logprobs, completion_mask, select_features, vision_features
+from medsynapse.model.vlm import (
+    completion_logprobs,
+    completion_logprobs_at,
+    completion_mask,
+    select_features,
+    vision_features,
+)
 from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages, zero_std_fraction
-from medsynapse.objectives.rewards import accuracy_rewards, causal_rewards, total_reward
+from medsynapse.objectives.rewards import (
+    CAUSAL_FORMS,
+    CAUSAL_GATES,
+    CAUSAL_REDUCTIONS,
+    accuracy_rewards,
+    causal_rewards,
+    check_ranked,
+    composite_reward,
+)
 from medsynapse.recipes import trainer
 from medsynapse.recipes.stage1_warmup import prior_table
 
@@ -58,7 +80,14 @@ class Stage2Config:
     lambda_causal: float = 0.5
     causal_reduction: str = "sum"  # sum (paper Eq. 5) | mean
     causal_clip: float | None = None
-    causal_gate: str = "none"  # none (paper) | correct (r_causal credited to correct rollouts only)
+    causal_gate: str = "none"  # none (paper) | correct (r_causal credited to correct rollouts only); paper form only
+    causal_form: str = "paper"  # paper: λ_acc·r_acc + λ_causal·r_causal (Eq. 5 as is) | ranked: λ_acc·r_acc +
+    # λ_causal·0.999·tanh(r_causal / causal_scale), needs 2·λ_causal ≤ λ_acc: every correct rollout outranks every
+    # wrong one, r_causal orders rollouts of equal correctness (objectives/rewards.py)
+    causal_scale: float = 1.0  # ranked: r_causal (nats) at which the bonus is tanh(1) ≈ 0.76 of its bound
+    advantage_std_floor: float = 0.0  # A = (R − mean) / max(σ + eps, floor); 0 = TRL. 0.1 with ranked: in a group of
+    # equal correctness |A| ≤ λ_causal·Δr_causal / (causal_scale·floor) = 5·Δr (r_causal 1e-3 nats apart: ≤ 5e-3, not
+    # ±1); a mixed group (σ ≥ λ_acc/√G = 0.25 for G ≤ 16 when r_causal is small) is unchanged
     intervention: str = "zero"  # zero (paper) | drop
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo
     epsilon: float = 0.2
@@ -98,19 +127,70 @@ def generate_rollouts(model: MedSynapseV, batch, memory, features, config: Stage
     return Rollouts(tokens, mask, texts, time.perf_counter() - start)
 
 
+class RolloutLogprobs(NamedTuple):
+    """Per-token log-probs (N, T) of the rollouts, 0 where masked."""
+
+    old: torch.Tensor  # log π(o_t | M) at the sampling temperature: the clipped ratio's old log-probs (as TRL)
+    factual: torch.Tensor  # log π(o_t | M) at T = 1: Eq. 5's numerator
+    counterfactual: torch.Tensor  # log π(o_t | M') at T = 1: Eq. 5's denominator
+
+
 @torch.no_grad()
 def factual_and_counterfactual_logprobs(policy, batch, memory, memory_cf, rollouts: Rollouts, features,
-                                        latent_id: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(o_t | M) and log π(o_t | M') from one forward over the two conditions stacked."""
+                                        latent_id: int, temperature: float) -> RolloutLogprobs:
+    """One forward over the two memory conditions stacked (M rows, then M' rows).
+
+    r_causal reads the policy's own distribution, log-softmax of the unscaled logits (T = 1): Eq. 5 is about π_θ,
+    and the sampling temperature is a property of the sampler (at T = 0.5 every log-ratio would be doubled). The
+    old log-probs of the clipped ratio stay at the sampling temperature, like the update pass's (TRL's convention);
+    both come from the same logits, so no extra forward (equal tensors when `temperature` is 1).
+    """
     n = rollouts.tokens.shape[0]
     both = batch.select(list(range(n)) * 2)
     both_features = None if features is None else select_features(features, batch.image_rows(list(range(n))) * 2)
-    logp = completion_logprobs(policy, both, torch.cat([memory, memory_cf]), rollouts.tokens.repeat(2, 1),
-                               rollouts.mask.repeat(2, 1), latent_id, features=both_features, temperature=temperature)
-    return logp[:n], logp[n:]
+    at_sampling, at_one = completion_logprobs_at(policy, both, torch.cat([memory, memory_cf]),
+                                                 rollouts.tokens.repeat(2, 1), rollouts.mask.repeat(2, 1), latent_id,
+                                                 features=both_features, temperatures=(temperature, 1.0))
+    return RolloutLogprobs(at_sampling[:n], at_one[:n], at_one[n:])
+
+
+def check_config(config: Stage2Config) -> None:
+    """ValueError for reward / advantage settings that are unknown or break the chosen form's guarantees."""
+    if config.causal_form not in CAUSAL_FORMS:
+        raise ValueError(f"unknown causal_form {config.causal_form!r}; expected one of {CAUSAL_FORMS}")
+    if config.causal_gate not in CAUSAL_GATES:
+        raise ValueError(f"unknown causal_gate {config.causal_gate!r}; expected one of {CAUSAL_GATES}")
+    if config.causal_reduction not in CAUSAL_REDUCTIONS:
+        raise ValueError(f"unknown causal_reduction {config.causal_reduction!r}; expected one of {CAUSAL_REDUCTIONS}")
+    if config.causal_clip is not None and not config.causal_clip > 0:
+        raise ValueError(f"causal_clip must be > 0 or null, got {config.causal_clip}")
+    if not (math.isfinite(config.advantage_std_floor) and config.advantage_std_floor >= 0):
+        raise ValueError(f"advantage_std_floor must be a finite number >= 0, got {config.advantage_std_floor}")
+    if not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {config.temperature}")
+    if config.causal_form == "ranked":
+        check_ranked(config.lambda_acc, config.lambda_causal, config.causal_scale)
+        if config.causal_gate != "none":
+            raise ValueError("causal_gate is a paper-form option; causal_form 'ranked' already ranks every correct "
+                             "rollout first and keeps the order of the wrong ones (set causal_gate: none)")
+        if config.causal_clip is not None:
+            raise ValueError("causal_clip is a paper-form option; causal_form 'ranked' bounds r_causal with tanh "
+                             "(set causal_clip: null, and causal_scale for where it saturates)")
+
+
+def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups where some wrong rollout's R ≥ some correct rollout's R (accuracy-only ranks them below).
+
+    Always 0 for the ranked form; the paper form's r_causal can invert them (the reward hacking of README, Stage II).
+    """
+    acc, reward = r_acc.view(-1, group_size) > 0, rewards.view(-1, group_size)
+    lowest_correct = reward.masked_fill(~acc, float("inf")).amin(dim=1)
+    highest_wrong = reward.masked_fill(acc, float("-inf")).amax(dim=1)
+    return float((highest_wrong >= lowest_correct).float().mean())
 
 
 def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = None) -> Path:
+    check_config(config)
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
     torch.manual_seed(config.seed)
@@ -181,16 +261,19 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         rollouts = generate_rollouts(model, batch, memory, batch_features, config, keys)
         r_acc = accuracy_rewards(rollouts.texts, rollout_samples).to(accelerator.device)
         if config.lambda_causal != 0.0:
-            logp_f, logp_cf = factual_and_counterfactual_logprobs(unwrapped, batch, memory, memory_cf, rollouts,
-                                                                  batch_features, model.latent_id, config.temperature)
-            r_causal = causal_rewards(logp_f, logp_cf, rollouts.mask, config.causal_reduction, config.causal_clip)
+            scored = factual_and_counterfactual_logprobs(unwrapped, batch, memory, memory_cf, rollouts,
+                                                         batch_features, model.latent_id, config.temperature)
+            old_logp = scored.old
+            r_causal = causal_rewards(scored.factual, scored.counterfactual, rollouts.mask, config.causal_reduction,
+                                      config.causal_clip)
         else:  # no counterfactual pass: only the old log-probs are needed
             with torch.no_grad():
-                logp_f = completion_logprobs(unwrapped, batch, memory, rollouts.tokens, rollouts.mask,
-                                             model.latent_id, batch_features, config.temperature)
+                old_logp = completion_logprobs(unwrapped, batch, memory, rollouts.tokens, rollouts.mask,
+                                               model.latent_id, batch_features, config.temperature)
             r_causal = torch.zeros_like(r_acc)
-        rewards = total_reward(r_acc, r_causal, config.lambda_acc, config.lambda_causal, config.causal_gate)
-        advantages = group_advantages(rewards, G, config.advantage_eps)
+        rewards = composite_reward(r_acc, r_causal, config.causal_form, config.lambda_acc, config.lambda_causal,
+                                   config.causal_gate, config.causal_scale)
+        advantages = group_advantages(rewards, G, config.advantage_eps, std_floor=config.advantage_std_floor)
         ref_logp = None
         if config.beta != 0.0:
             with torch.no_grad(), unwrapped.disable_adapter():
@@ -204,7 +287,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         for _ in range(config.num_iterations):
             logp = completion_logprobs(policy, batch, memory, rollouts.tokens, rollouts.mask, model.latent_id,
                                        batch_features, config.temperature)
-            result = clipped_policy_loss(logp, logp_f, advantages, rollouts.mask, config.epsilon, config.epsilon_high,
+            result = clipped_policy_loss(logp, old_logp, advantages, rollouts.mask, config.epsilon, config.epsilon_high,
                                          config.loss_type, config.max_new_tokens, config.beta, ref_logp)
             accelerator.backward(result.loss)
             accelerator.clip_grad_norm_(policy.parameters(), config.grad_clip)
@@ -219,8 +302,15 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
                     "reward_std": float(rewards.std()),
                     "r_acc": float(r_acc.mean()), "r_causal": float(r_causal.mean()),
                     "zero_std_groups": zero_std_fraction(rewards, G), "clip_fraction": result.clip_fraction,
+                    "inverted_groups": inverted_group_fraction(r_acc, rewards, G),
+                    "advantage_abs_mean": float(advantages.abs().mean()),
                     "kl": result.kl, "generated_tokens_per_s": generated / max(rollouts.seconds, 1e-9),
                     "lr": scheduler.get_last_lr()[0]}
+            correct = r_acc > 0
+            if config.lambda_causal != 0.0 and bool(correct.any()):
+                logs["r_causal_correct"] = float(r_causal[correct].mean())
+            if config.lambda_causal != 0.0 and bool((~correct).any()):
+                logs["r_causal_wrong"] = float(r_causal[~correct].mean())
             accelerator.log(logs, step=step)
             bar.set_postfix(r_acc=f"{logs['r_acc']:.2f}", r_causal=f"{logs['r_causal']:.2f}")
         done = step + 1

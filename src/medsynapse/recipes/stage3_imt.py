@@ -35,6 +35,8 @@ class Stage3Config:
     train_file: str = ""
     output_dir: str = "runs/stage3"
     mlp_hidden: int = 0  # 0 = the VLM hidden size (paper: 2-layer MLP at width 4096)
+    pooling: str = "attention"  # A_psi's pooling of the visual tokens: attention (content-selective) | grid
+    attention_dim: int = 256
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.03
@@ -73,7 +75,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     vlm_core = core_vlm(model.vlm)
     model.autonomous = AutonomousMemoryModule(AutonomousConfig(
         hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
-        embed_rms=embedding_rms(vlm_core.get_input_embeddings())))
+        embed_rms=embedding_rms(vlm_core.get_input_embeddings()), pooling=config.pooling,
+        attention_dim=config.attention_dim))
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)

@@ -1,0 +1,153 @@
+"""SFT control: LoRA on the VLM's language model with next-token loss on the answer tokens, and no memory.
+
+The control for the memory stages: "a model that also learnt the answer format, without memory". It trains on the
+same questions as Stage I / II (the same `families` / `answer_types` filters), with the same LoRA as Stage II
+(`MedSynapseV.add_lora`, language-model projections only: the vision tower and every base weight stay frozen) and the
+same answer loss as Stage I (`objectives.ntp.answer_nll`), on a plain VLM with no memory slots.
+
+Per step, top to bottom:
+1. the global batch for (seed, step), this rank's slice, collated with the answers (left-padded: answers at the end);
+2. vision features once, without gradients (the vision tower has no LoRA);
+3. one forward that keeps only the logits of the answer window (`logits_to_keep`: the full-sequence (B, T, V) logits
+   of an 8B VLM would dominate memory), the answer loss, backward, clip, AdamW, cosine schedule;
+4. checkpoints of the LoRA tensors + optimiser/scheduler/RNG for exact resume; TensorBoard logs (loss, lr, grad norm).
+
+The saved folder names the base VLM and holds the adapter (no sampler, no encoder):
+`MedSynapseV.from_pretrained(output, merge_adapter=True)` loads the VLM with the LoRA folded in and answers without
+memory, like the base VLM does.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from medsynapse.config import to_dict
+from medsynapse.data.dataset import training_dataset
+from medsynapse.model.medsynapse import MANIFEST, MedSynapseV
+from medsynapse.model.vlm import PromptBatch, forward_with_memory, load_vlm, vision_features
+from medsynapse.objectives.ntp import answer_nll
+from medsynapse.recipes import trainer
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""  # a plain VLM folder, or any MedSynapse folder: only the base VLM it names is used
+    train_file: str = ""
+    output_dir: str = "runs/sft"
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    batch_size: int = 32  # global batch, split over processes
+    max_steps: int = 500
+    loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
+    families: list[str] = field(default_factory=list)  # empty = every family
+    answer_types: list[str] = field(default_factory=list)  # empty = every answer type (captions included)
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
+
+
+def base_vlm_path(folder: str | Path) -> str:
+    """The VLM folder itself, or the base VLM a MedSynapse folder names (its sampler, encoder, A_psi and any adapter
+    are not used: the control starts from the same base VLM as the memory stages)."""
+    folder = Path(folder).expanduser()  # expanded here: the saved manifest records the path as given, resolved
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return str(folder)
+    data = json.loads(manifest.read_text())
+    if data.get("adapter"):
+        warnings.warn(f"{folder}: its LoRA adapter is not used; SFT trains a fresh one on the base VLM {data['vlm']}",
+                      stacklevel=2)
+    return data["vlm"]
+
+
+def answer_window(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every answer token, plus the one that predicts the first answer token."""
+    answer_columns = (labels != -100).any(0).nonzero()
+    if len(answer_columns) == 0:
+        raise ValueError("batch has no answer tokens")
+    return labels.shape[1] - int(answer_columns[0]) + 1
+
+
+def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reduction: str = "token") -> torch.Tensor:
+    """Answer-token next-token loss; only the answer window's logits are computed (same value as full logits)."""
+    keep = answer_window(batch.labels)
+    logits = forward_with_memory(policy, batch, None, latent_id, features=features, logits_to_keep=keep).logits
+    return answer_nll(logits, batch.labels[:, -keep:], reduction)
+
+
+def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -> Path:
+    output = Path(config.output_dir)
+    accelerator = trainer.make_accelerator(output)
+    torch.manual_seed(config.seed)
+
+    vlm_path = base_vlm_path(config.model)
+    vlm, processor = load_vlm(vlm_path, dtype=config.dtype)
+    model = MedSynapseV(vlm, processor, vlm_path=vlm_path)  # plain VLM, no memory slots
+    model.vlm.requires_grad_(False)
+    model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)  # seeded init
+    model.to(accelerator.device)
+    if config.gradient_checkpointing:
+        trainer.enable_activation_checkpointing(model.vlm)
+
+    dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
+                               with_answers=True)
+
+    optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
+    scheduler = trainer.cosine_schedule(optimizer, config.max_steps, config.warmup_ratio)
+    policy, optimizer, scheduler = accelerator.prepare(model.vlm, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(policy)
+    model.vlm = unwrapped
+
+    start = 0
+    checkpoint = trainer.latest_checkpoint(output) if config.resume else None
+    if checkpoint is not None:
+        start = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)["step"]
+    accelerator.init_trackers("sft", config={k: str(v) for k, v in to_dict(config).items()})
+
+    unwrapped.train()  # LoRA dropout (if any) on; Qwen3-VL's own dropout rates are 0
+    bar = tqdm(range(start, config.max_steps), desc="sft", disable=not accelerator.is_main_process,
+               initial=start, total=config.max_steps)
+    for step in bar:
+        indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
+                                     accelerator.process_index, accelerator.num_processes)
+        batch = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=True).to(accelerator.device)
+        with torch.no_grad():
+            features = vision_features(unwrapped, batch)
+        loss = sft_loss(policy, batch, model.latent_id, features, config.loss_reduction)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.log_every == 0 or step == config.max_steps - 1:
+            logs = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            accelerator.log(logs, step=step)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        done = step + 1
+        if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
+            trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler)
+        if on_step is not None:
+            on_step(done)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.eval()
+        model.save_pretrained(output)
+    accelerator.end_training()
+    return output
