@@ -28,8 +28,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     defaults = to_dict(DemoConfig())
     defaults.update({"output": args.output, **({"cache_dir": args.cache_dir} if args.cache_dir else {})})
+    if args.seeds:
+        defaults["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.ablations:
+        defaults["ablations"] = True
     data = apply_overrides(defaults, args.set or [])
     results = run_demo(from_dict(DemoConfig, data, "demo"))
+    if "seeds" in results:
+        print(f"\nseeds {results['seeds']}: {args.output}/summary.json, summary.md, accuracy.png (per seed: seed_K/)")
+        return 0
     print()
     print(stage_table(results))
     print()
@@ -48,6 +55,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.stage == "stage2":
         from medsynapse.recipes.stage2_ccr import Stage2Config as config_class
         from medsynapse.recipes.stage2_ccr import train_stage2 as train
+    elif args.stage == "sft":
+        from medsynapse.recipes.sft import SFTConfig as config_class
+        from medsynapse.recipes.sft import train_sft as train
     else:
         from medsynapse.recipes.stage3_imt import Stage3Config as config_class
         from medsynapse.recipes.stage3_imt import train_stage3 as train
@@ -151,6 +161,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from medsynapse.data.schema import DataError
+    from medsynapse.eval.diagnostics import diagnose
+    from medsynapse.model.vlm import ModelNotFoundError
+
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    try:
+        result = diagnose(args.model, args.data, args.train_data, args.output, batch_size=args.batch_size,
+                          families=families, intervention=args.intervention, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens)
+    except (DataError, ModelNotFoundError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"medsynapse diagnose: error: {err}", file=sys.stderr)
+        return 2
+    print((Path(args.output) / "diagnostics.md").read_text())
+    if result["n_skipped"]:
+        print(f"{result['n_skipped']} item(s) skipped (listed in diagnostics.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsynapse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,11 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded SynthMed task")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--cache-dir", default=None, help="where data and tiny models are cached")
+    demo.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2: one run per seed "
+                      "(data, base VLM and encoder shared) and a summary with mean ± sd and 95 %% intervals")
+    demo.add_argument("--ablations", action="store_true",
+                      help="also train the Stage II reward ablations (lambda_causal 0, the paper's exact Eq. 5)")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override demo settings, e.g. stage1.max_steps=50")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="train one stage")
-    train.add_argument("stage", choices=["stage1", "stage2", "stage3"])
+    train = sub.add_parser("train", help="train one stage (or the no-memory SFT control: sft)")
+    train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft"])
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")
@@ -224,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     inspect.set_defaults(func=cmd_inspect)
+
+    diag = sub.add_parser("diagnose", help="memory-reliance report: accuracy with the memory zeroed / mean / shuffled "
+                                           "/ counterfactual / noise, collapse, leak and readability probes")
+    diag.add_argument("--model", required=True, help="a saved MedSynapse stage folder")
+    diag.add_argument("--data", required=True, help="a JSON-lines sample file (SynthMed test split for the probes)")
+    diag.add_argument("--train-data", default=None, help="train sample file for the linear probes (none: probes "
+                                                         "skipped, and the report says so)")
+    diag.add_argument("--output", default="runs/diagnose", help="writes diagnostics.json and diagnostics.md here")
+    diag.add_argument("--batch-size", type=int, default=16)
+    diag.add_argument("--families", default=None, help="comma-separated question families to score, e.g. lesion")
+    diag.add_argument("--intervention", default="zero", help="counterfactual intervention for M' (default zero)")
+    diag.add_argument("--seed", type=int, default=0, help="seed of the shuffle derangement, the noise and the probes")
+    diag.add_argument("--max-new-tokens", type=int, default=8)
+    diag.add_argument("--debug", action="store_true", help="show the full traceback on bad input")
+    diag.set_defaults(func=cmd_diagnose)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -15,19 +16,26 @@ from medsynapse.objectives.answers import is_correct
 
 @torch.no_grad()
 def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = None, intervention: str = "zero",
-             batch_size: int = 64, max_new_tokens: int = 8, desc: str = "eval") -> dict:
+             batch_size: int = 64, max_new_tokens: int = 8, desc: str = "eval",
+             memory_transform: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> dict:
     """Returns accuracy, n, unparseable count, per-question-type accuracy and the per-sample predictions.
 
     `branch`: None = the model's own memory (A_psi for an encoder-free student, else P_phi), or "privileged",
     "counterfactual" (M' with `intervention`), "autonomous".
+    `memory_transform(memory, indices)`: replaces each batch's memory (B, N, H) by what it returns before generation;
+    `indices` are the positions in `samples` of the batch's rows (eval/diagnostics.py). None: the memory as is.
     """
     model.eval()
     dataset = VQADataset(samples, model.prompts, with_answers=False)
     predictions = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         indices = list(range(start, min(start + batch_size, len(samples))))
+        transform = None
+        if memory_transform is not None:
+            def transform(memory, indices=indices):
+                return memory_transform(memory, indices)
         texts = model.answer_encoded([dataset.encoded(i) for i in indices], [dataset.images(i)[0] for i in indices],
-                                     max_new_tokens, branch, intervention)
+                                     max_new_tokens, branch, intervention, memory_transform=transform)
         for i, text in zip(indices, texts):
             sample = samples[i]
             correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options)
