@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
@@ -22,8 +22,16 @@ CHECKPOINTS = "checkpoints"
 
 
 def make_accelerator(output_dir: str | Path) -> Accelerator:
-    """CPU or GPU, one process or DDP as `accelerate launch` / `torchrun` set it up; TensorBoard logs in output_dir."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=str(output_dir))
+    """CPU or GPU, one process or DDP as `accelerate launch` / `torchrun` set it up; TensorBoard logs in output_dir.
+
+    `split_batches=True` states the recipes' convention: `batch_size` is the global batch and each rank takes its
+    slice (`rank_slice`), so one optimizer step is one step of the schedule whatever the number of processes. Without
+    it, accelerate assumes per-process batches and steps a prepared scheduler once per process at every optimizer step
+    (an N-process run would go through the learning-rate schedule N times too fast). The recipes prepare no data
+    loader, so the flag changes nothing else.
+    """
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=str(output_dir),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
     check_supported(accelerator.distributed_type)
     return accelerator
 

@@ -1,0 +1,108 @@
+"""Driver for tests/test_distributed.py, run as a script by `python` or `torchrun` (not collected by pytest).
+
+    distributed_probe.py recipe OUT medsynapse-args...      run `medsynapse ARGS` in this process, recording
+    distributed_probe.py plumbing OUT TOTAL WARMUP RESUME_AT  the trainer plumbing alone on a toy module, saving a
+                                                              checkpoint after RESUME_AT steps and resuming from it
+                                                              into fresh objects
+
+Both record the learning rate of every optimizer step as the optimizer saw it when it stepped (a global step
+pre-hook: what was used, not what a log says) in OUT/lrs.rank{RANK}.json. `recipe` also writes, on rank 0, the
+trained module's parameters when its optimizer was built and when the run ended (OUT/before.safetensors,
+OUT/after.safetensors), so a test can check how far the weights moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from medsynapse.recipes import trainer
+
+RANK = int(os.environ.get("RANK", "0"))
+if os.environ.get("PROBE_FLOAT64"):  # modules built by the recipes (sampler, LoRA, A_psi) in float64 too
+    from medsynapse.model.encoders.tiny_seg import TinySegEncoder
+
+    torch.set_default_dtype(torch.float64)
+    encode_pixels = TinySegEncoder.encode_pixels
+    TinySegEncoder.encode_pixels = lambda self, pixels: encode_pixels(self, pixels.double())
+
+
+def record_learning_rates() -> list[list[float]]:
+    used: list[list[float]] = []
+    register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: used.append(
+        [group["lr"] for group in optimizer.param_groups]))
+    return used
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.clone().contiguous() for name, p in trainer.trainable_state(module).items()}
+
+
+def recipe(out: Path, args: list[str]) -> int:
+    from medsynapse import cli
+
+    used = record_learning_rates()
+    trained: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
+    build_optimizer = trainer.adamw
+
+    def adamw(module, lr, weight_decay):  # every recipe builds its one optimizer here
+        trained.append((module, snapshot(module)))
+        return build_optimizer(module, lr, weight_decay)
+
+    trainer.adamw = adamw
+    code = cli.main(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"lrs.rank{RANK}.json").write_text(json.dumps(used))
+    if RANK == 0:
+        (module, before), = trained
+        save_file(before, str(out / "before.safetensors"))
+        save_file(snapshot(module), str(out / "after.safetensors"))
+    return code or 0
+
+
+def plumbing(out: Path, total: int, warmup_ratio: float, resume_at: int) -> int:
+    """make_accelerator + adamw + cosine_schedule + prepare, as every recipe uses them, on a linear layer."""
+    used = record_learning_rates()
+    accelerator = trainer.make_accelerator(out / "run")
+
+    def build():
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 2)
+        optimizer = trainer.adamw(module, 1e-3, 0.01)
+        scheduler = trainer.cosine_schedule(optimizer, total, warmup_ratio)
+        return accelerator.prepare(module, optimizer, scheduler)
+
+    def train(wrapped, optimizer, scheduler, steps):
+        for step in steps:
+            rows = trainer.rank_slice(list(range(4)), accelerator.process_index, accelerator.num_processes)
+            x = torch.arange(16.0).view(4, 4)[rows] / (step + 1)
+            wrapped(x).pow(2).mean().backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    wrapped, optimizer, scheduler = build()
+    train(wrapped, optimizer, scheduler, range(resume_at))
+    if accelerator.is_main_process:
+        trainer.save_checkpoint(out / "run", resume_at, accelerator.unwrap_model(wrapped), optimizer, scheduler)
+    accelerator.wait_for_everyone()
+    wrapped, optimizer, scheduler = build()  # a fresh process would start here
+    state = trainer.load_checkpoint(trainer.latest_checkpoint(out / "run"), accelerator.unwrap_model(wrapped),
+                                    optimizer, scheduler)
+    train(wrapped, optimizer, scheduler, range(state["step"], total))
+    (out / f"lrs.rank{RANK}.json").write_text(json.dumps(used))
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    mode, out, rest = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    if mode == "recipe":
+        sys.exit(recipe(out, rest))
+    sys.exit(plumbing(out, int(rest[0]), float(rest[1]), int(rest[2])))
