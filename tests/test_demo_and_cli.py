@@ -12,7 +12,8 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     code = main(["demo", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--set",
                  "train_images=16", "test_images=4", "base_steps=4", "encoder_steps=4", "stage1.max_steps=3",
                  "stage1.batch_size=4", "stage2.max_steps=2", "stage2.batch_size=2", "stage3.max_steps=2",
-                 "stage3.batch_size=4", "efficiency_samples=1", "eval_batch_size=8"])
+                 "stage3.batch_size=4", "sft.max_steps=2", "sft.batch_size=4", "efficiency_samples=1",
+                 "eval_batch_size=8"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 0
@@ -25,8 +26,19 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     assert {"accuracy", "n", "counterfactual_accuracy", "mean_causal_reward_correct",
             "mean_causal_reward_wrong"} <= set(stage2)
     assert (out / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
-    for name in ("stage3_teacher", "stage3_student"):
+    for name in ("stage3_teacher", "stage3_student", "sft", "grpo_only"):
         assert 0.0 <= results["stages"][name]["accuracy"] <= 1.0
+        assert set(results["stages"][name]["by_question_type"]) <= {"presence", "count", "location", "size",
+                                                                     "density"}
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "grpo_only" / "sampler.safetensors").exists()  # the controls have no memory
+    diagnostics = results["diagnostics"]
+    assert {"memory", "counterfactual", "chance"} <= set(diagnostics["leak_probe"])
+    for stage in ("stage1", "stage2", "stage3_student"):
+        assert {"as_is", "zeroed", "mean", "shuffled", "counterfactual", "noise",
+                "collapse_cosine"} <= set(diagnostics["reliance"][stage])
+    assert diagnostics["reliance"]["stage3_student"]["counterfactual"] is None  # a student has no M'
+    assert results["claims"]["student_latency_ratio"] > 0
     for name in ("base", "stage3_teacher", "stage3_student"):
         assert results["efficiency"][name]["ms_per_sample"] > 0 and results["efficiency"][name]["peak_mem_mb"] > 0
     assert (out / "stage3_student" / "autonomous.safetensors").is_file()
@@ -55,3 +67,26 @@ def test_cli_train_stage1_and_predict(tiny_env, tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "s1"), "--image", str(image), "--question",
                  "Is there a lesion in this image? Answer yes or no.", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] is not None
+
+
+def test_demo_over_seeds_summarises_and_reuses_finished_seeds(tmp_path, capsys):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    args = ["demo", "--output", str(out), "--cache-dir", str(cache), "--seeds", "0,1", "--set", "train_images=12",
+            "test_images=4", "base_steps=2", "encoder_steps=2", "stage1.max_steps=1", "stage1.batch_size=4",
+            "stage2.max_steps=1", "stage2.batch_size=2", "stage3.max_steps=1", "stage3.batch_size=4",
+            "controls=false", "diagnostics=false", "efficiency_samples=1", "eval_batch_size=8"]
+    assert main(args) == 0
+    per_seed = [json.loads((out / f"seed_{k}" / "results.json").read_text()) for k in (0, 1)]
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    row = summary["stages"]["stage1"]["accuracy"]
+    values = [r["stages"]["stage1"]["accuracy"] for r in per_seed]
+    assert row["values"] == values and abs(row["mean"] - sum(values) / 2) < 1e-12
+    assert row["ci95"][0] <= row["mean"] <= row["ci95"][1]
+    assert "± " in (out / "summary.md").read_text()
+    # rerun: finished seeds are reused, not retrained (their results files are untouched)
+    stamp = (out / "seed_0" / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert (out / "seed_0" / "results.json").stat().st_mtime_ns == stamp
+    assert "already finished" in capsys.readouterr().out

@@ -72,3 +72,101 @@ def efficiency_table(results: dict) -> str:
         ratio = f"{row['ms_per_sample'] / base:.2f}" if base else "—"
         lines.append(f"| {name} | {row['ms_per_sample']:.1f} | {ratio} | {row['peak_mem_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def mean_sd_ci(values: list[float], confidence: float = 0.95) -> dict:
+    """Mean, sample sd and a Student-t interval for the mean over seeds (sd and interval None for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "sd": None, "ci95": None, "n": n, "values": values}
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / n ** 0.5
+    return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "n": n, "values": values}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Per-seed result dicts -> the same tree with every number shared by all runs replaced by `mean_sd_ci`."""
+    out = {}
+    for key in runs[0]:
+        values = [run.get(key) for run in runs]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            out[key] = mean_sd_ci([float(v) for v in values])
+        elif all(isinstance(v, dict) for v in values):
+            nested = aggregate(values)
+            if nested:
+                out[key] = nested
+    return out
+
+
+def summarize_seeds(per_seed: dict[int, dict]) -> dict:
+    runs = [per_seed[seed] for seed in sorted(per_seed)]
+    sections = ("stages", "claims", "diagnostics", "efficiency")
+    return {"seeds": sorted(per_seed), **aggregate([{k: run.get(k, {}) for k in sections} for run in runs])}
+
+
+def _stat(stat: dict | None, digits: int = 3) -> str:
+    if not stat:
+        return "—"
+    if stat["sd"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def summary_report(summary: dict) -> str:
+    """Markdown over seeds: mean ± sd [95 % t-interval] per row, per question type, claims and diagnostics."""
+    stages = summary["stages"]
+    lines = [f"# MedSynapse demo over seeds {', '.join(map(str, summary['seeds']))}",
+             "Cells: mean ± sd [95 % t-interval of the mean] over seeds.", "",
+             "| stage | accuracy | counterfactual accuracy | accuracy(M) − accuracy(M') |", "|---|---|---|---|"]
+    for name, row in stages.items():
+        lines.append(f"| {name} | {_stat(row.get('accuracy'))} | {_stat(row.get('counterfactual_accuracy'))} | "
+                     f"{_stat(row.get('counterfactual_sensitivity'))} |")
+    types = sorted({t for row in stages.values() for t in row.get("by_question_type", {})})
+    lines += ["", "| question type | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for t in types:
+        cells = [_stat(row.get("by_question_type", {}).get(t, {}).get("accuracy"), 2) for row in stages.values()]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## Claims", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {_stat(v)} |" for k, v in summary.get("claims", {}).items()]
+    if summary.get("efficiency"):
+        lines += ["", "## Efficiency", "", "| model | ms / sample | ratio to base |", "|---|---|---|"]
+        lines += [f"| {k} | {_stat(v.get('ms_per_sample'), 1)} | {_stat(v.get('ratio_to_base'), 2)} |"
+                  for k, v in summary["efficiency"].items()]
+    if summary.get("diagnostics"):
+        lines += ["", "## Diagnostics", "", diagnostics_tables(summary["diagnostics"])]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict) and "mean" in value:
+        return _stat(value)
+    if isinstance(value, dict) and "accuracy" in value:
+        return _cell(value["accuracy"])
+    return "—" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+RELIANCE_KEYS = ("as_is", "zeroed", "mean", "shuffled", "counterfactual", "noise", "collapse_cosine")
+
+
+def diagnostics_tables(diagnostics: dict) -> str:
+    """Leak probe, readability probes and the reliance report as markdown (one seed or aggregated over seeds)."""
+    lines = ["Leak probe (linear classifier for the largest lesion's quadrant, trained on train-split memories):", "",
+             "| features | accuracy | chance |", "|---|---|---|"]
+    for name in ("leak_probe", "leak_probe_zero"):
+        probe = diagnostics.get(name) or {}
+        label = "demo intervention" if name == "leak_probe" else "paper's zero intervention"
+        for key in ("memory", "counterfactual"):
+            if key in probe:
+                lines.append(f"| {key} ({label}) | {_cell(probe[key])} | {_cell(probe.get('chance'))} |")
+    lines += ["", "Readability of lesion presence (linear probe):", "", "| features | accuracy |", "|---|---|"]
+    for key, value in (diagnostics.get("readability") or {}).items():
+        lines.append(f"| {key} | {_cell(value)} |")
+    lines += ["", "Memory reliance (accuracy with the memory replaced; collapse = mean cross-image cosine):", "",
+              "| stage | " + " | ".join(RELIANCE_KEYS) + " |", "|---" * (len(RELIANCE_KEYS) + 1) + "|"]
+    for stage, row in (diagnostics.get("reliance") or {}).items():
+        lines.append(f"| {stage} | " + " | ".join(_cell(row.get(k)) for k in RELIANCE_KEYS) + " |")
+    return "\n".join(lines)

@@ -81,8 +81,10 @@ class DiagnosticMemorySampler(nn.Module):
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int], drop: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, M, d_f) -> memory (B, N, H). `drop` (B, M) True = token removed from cross-attention."""
         if drop is not None:
-            # A row with every token dropped would attend to nothing (NaN); keep it whole, i.e. fall back to zeroing.
-            drop = drop & ~drop.all(dim=1, keepdim=True)
+            # A row with every token dropped would attend to nothing (NaN): fall back to zeroing its tokens instead.
+            everything = drop.all(dim=1, keepdim=True)
+            tokens = tokens.masked_fill(everything.unsqueeze(-1), 0.0)
+            drop = drop & ~everything
         # Both terms are learnt projections, so neither the positions nor the content swamps the other at init.
         pos = self.pos_proj(sincos_2d(grid, self.config.width, tokens.device).to(tokens.dtype))
         context = self.input_proj(self.input_norm(tokens)) + pos

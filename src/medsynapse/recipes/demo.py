@@ -1,9 +1,12 @@
 """`medsynapse demo`: the whole pipeline on SynthMed, on a laptop CPU.
 
-data -> tiny Qwen3-VL (built offline) -> base-VLM preparation -> prior encoder (trained on masks, frozen)
--> Stage I -> Stage II -> evaluation of base vs each stage (and each stage with the counterfactual memory) on the
-held-out test split.
-Data, the tiny VLMs and the encoder are cached (keyed by the settings that shape them); stages are always re-run.
+Shared by every seed (cached, keyed by the settings that shape them): data -> tiny Qwen3-VL (built offline) ->
+base-VLM preparation -> prior encoder (trained on masks, frozen).
+Per training seed (always re-run): Stage I -> Stage II -> Stage III; the no-memory controls (SFT, GRPO-only) on the
+same questions and budgets; optional Stage II reward ablations from the same Stage I; evaluation of every row on the
+held-out lesion questions (Stage I/II rows also with the counterfactual memory M'); the memory-reliance report, leak
+and readability probes; latency and memory of base vs teacher vs encoder-free student.
+Several seeds: one folder per seed (a finished seed is reused) and a summary with mean ± sd and 95 % intervals.
 """
 
 from __future__ import annotations
@@ -18,14 +21,26 @@ from pathlib import Path
 
 import torch
 
-from medsynapse.data.schema import read_samples
+from medsynapse.data.schema import Sample, read_samples
 from medsynapse.data.synthmed import SYNTHMED_VERSION, corpus_lines, generate_split
+from medsynapse.eval.diagnostics import leak_probe, readability_probes, reliance_report
 from medsynapse.eval.efficiency import compare_latency, measure_isolated
-from medsynapse.eval.report import efficiency_table, plot_accuracy, stage_table, type_table, write_json
+from medsynapse.eval.report import (
+    diagnostics_tables,
+    efficiency_table,
+    plot_accuracy,
+    stage_table,
+    summarize_seeds,
+    summary_report,
+    type_table,
+    write_json,
+    write_text_atomic,
+)
 from medsynapse.eval.vqa import evaluate
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
-from medsynapse.recipes.prepare_base import BasePrepConfig, prepare_base
+from medsynapse.recipes.prepare_base import BASE_VERSION, BasePrepConfig, prepare_base
+from medsynapse.recipes.sft import SFTConfig, train_sft
 from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
 from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
 from medsynapse.recipes.stage3_imt import Stage3Config, train_stage3
@@ -38,12 +53,16 @@ ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training cha
 class DemoConfig:
     output: str = "runs/demo"
     cache_dir: str = ""  # default: $MEDSYNAPSE_CACHE or ~/.cache/medsynapse
-    seed: int = 0
+    seed: int = 0  # training seed of every stage and control (initialisation, data order, rollouts)
+    seeds: list[int] = field(default_factory=list)  # several: one pipeline per seed under OUTPUT/seed_K + summary
+    data_seed: int = 0  # SynthMed, the base VLM and the prior encoder: shared by every seed
     image_size: int = 64
     vlm_resolution: int = 128  # the tiny VLM sees each scan at 128 px: 4x4 merged visual tokens (A_psi: 16 slots)
     train_images: int = 1000
     test_images: int = 150
     base_steps: int = 500
+    base_vision_steps: int = 600  # vision pre-training of the tiny tower (lesion-coverage head), recipes/prepare_base
+    base_grounding_weight: float = 1.0  # that head's loss kept as an auxiliary term while the language is trained
     encoder_steps: int = 250
     stage1: dict = field(default_factory=lambda: {
         "lr": 1e-3, "max_steps": 500, "batch_size": 32, "n_memory": 16, "sampler_width": 128, "save_every": 100,
@@ -51,11 +70,27 @@ class DemoConfig:
     stage2: dict = field(default_factory=lambda: {
         "lr": 3e-4, "max_steps": 250, "batch_size": 16, "group_size": 4, "lora_r": 16, "lora_alpha": 32,
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_clip": 0.9, "causal_gate": "correct",
+        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_form": "ranked", "advantage_std_floor": 0.1,
+        "intervention": "inpaint",
         "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice"], "save_every": 100})
     stage3: dict = field(default_factory=lambda: {
         "lr": 3e-3, "max_steps": 500, "batch_size": 32, "max_new_tokens": 6, "families": ["lesion"],
+        "pooling": "attention", "save_every": 100})
+    # Controls without memory, trained on the same questions with the budget of the stage that shares their objective:
+    # SFT = Stage I's data, steps and batch (LoRA instead of memory); GRPO-only = Stage II's (accuracy reward only).
+    controls: bool = True
+    sft: dict = field(default_factory=lambda: {
+        "lr": 1e-3, "max_steps": 500, "batch_size": 32, "lora_r": 16, "lora_alpha": 32,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "warmup_ratio": 0.05, "answer_types": ["yes_no", "multiple_choice", "open"], "loss_reduction": "sample",
         "save_every": 100})
+    grpo_only: dict = field(default_factory=lambda: {"use_memory": False, "lambda_causal": 0.0})  # + stage2's
+    # Stage II reward ablations (Stage I shared): each trains another Stage II from the same Stage I model.
+    ablations: bool = False
+    stage2_ablations: dict = field(default_factory=lambda: {
+        "stage2_lambda0": {"lambda_causal": 0.0},
+        "stage2_paper_eq5": {"causal_form": "paper", "advantage_std_floor": 0.0}})
+    diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
     efficiency_samples: int = 60  # timed samples per model (after 3 warm-up); medians are noisy below ~50 here
     eval_batch_size: int = 64
     threads: int = 0  # 0 = torch default
@@ -84,72 +119,115 @@ def _cached(folder: Path, build) -> Path:
     return folder
 
 
-def run_demo(config: DemoConfig) -> dict:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    t0 = time.perf_counter()
-    timing: dict[str, float] = {}
-    cache = _cache_root(config)
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Shared:
+    """What does not depend on the training seed: data, base VLM, prior encoder and the evaluation split."""
 
+    data: Path
+    vlm_base: Path
+    encoder: Path
+    encoder_info: dict
+    test: list[Sample]
+    train_n: int
+    timing: dict[str, float]
+
+    @property
+    def train_file(self) -> str:
+        return str(self.data / "train.jsonl")
+
+
+def _timer(timing: dict[str, float]):
     def timed(name, fn):
         start = time.perf_counter()
         value = fn()
         timing[name] = round(time.perf_counter() - start, 2)
         return value
+    return timed
+
+
+def prepare_shared(config: DemoConfig) -> Shared:
+    """Data, tiny VLM, base-VLM preparation and the prior encoder, each cached under a key of what shapes it."""
+    timing: dict[str, float] = {}
+    timed = _timer(timing)
+    cache = _cache_root(config)
+    seed = config.data_seed
 
     def make_data(tmp: Path) -> None:
-        generate_split(tmp, "train", config.train_images, config.seed, config.image_size)
-        generate_split(tmp, "test", config.test_images, config.seed, config.image_size)
+        generate_split(tmp, "train", config.train_images, seed, config.image_size)
+        generate_split(tmp, "test", config.test_images, seed, config.image_size)
 
-    spec = TinyVLMSpec(image_size=config.image_size, vlm_resolution=config.vlm_resolution, seed=config.seed)
-    data_key = _key(SYNTHMED_VERSION, config.seed, config.image_size, config.train_images, config.test_images)
+    spec = TinyVLMSpec(image_size=config.image_size, vlm_resolution=config.vlm_resolution, seed=seed)
+    data_key = _key(SYNTHMED_VERSION, seed, config.image_size, config.train_images, config.test_images)
     vlm_key = _key(data_key, asdict(spec))
     data = timed("data", lambda: _cached(cache / f"data-{data_key}", make_data))
     train_file = str(data / "train.jsonl")
-
-    def make_vlm(tmp: Path) -> None:
-        build_tiny_vlm(tmp, corpus_lines(), spec)
-
-    vlm_init = timed("build_vlm", lambda: _cached(cache / f"vlm_init-{vlm_key}", make_vlm))
+    vlm_init = timed("build_vlm", lambda: _cached(cache / f"vlm_init-{vlm_key}",
+                                                  lambda tmp: build_tiny_vlm(tmp, corpus_lines(), spec)))
 
     def make_base(tmp: Path) -> None:
         prepare_base(BasePrepConfig(vlm=str(vlm_init), train_file=train_file, output_dir=str(tmp),
-                                    steps=config.base_steps, seed=config.seed))
+                                    steps=config.base_steps, seed=seed,
+                                    vision_steps=config.base_vision_steps,
+                                    grounding_weight=config.base_grounding_weight))
 
-    vlm_base = timed("base_prep", lambda: _cached(cache / f"vlm_base-{_key(vlm_key, config.base_steps)}", make_base))
+    base_key = _key(vlm_key, config.base_steps, BASE_VERSION, config.base_vision_steps, config.base_grounding_weight)
+    vlm_base = timed("base_prep", lambda: _cached(cache / f"vlm_base-{base_key}", make_base))
 
     def make_encoder(tmp: Path) -> None:
         _, info = train_encoder(EncoderTrainConfig(train_file=train_file, output_dir=str(tmp),
                                                    image_size=config.image_size, steps=config.encoder_steps,
-                                                   seed=config.seed))
+                                                   seed=seed))
         (tmp / "train_metrics.json").write_text(json.dumps(info))
 
     encoder_key = _key(data_key, ENCODER_VERSION, config.encoder_steps)
     encoder = timed("encoder", lambda: _cached(cache / f"encoder-{encoder_key}", make_encoder))
-    encoder_info = json.loads((encoder / "train_metrics.json").read_text())
-
-    stage1_dir = out / "stage1"
-    shutil.rmtree(stage1_dir, ignore_errors=True)
-    stage1_cfg = Stage1Config(vlm=str(vlm_base), encoder=str(encoder), train_file=train_file,
-                              output_dir=str(stage1_dir), seed=config.seed, **config.stage1)
-    timed("stage1", lambda: train_stage1(stage1_cfg))
-
-    stage2_dir = out / "stage2"
-    shutil.rmtree(stage2_dir, ignore_errors=True)
-    stage2_cfg = Stage2Config(model=str(stage1_dir), train_file=train_file, output_dir=str(stage2_dir),
-                              seed=config.seed, **config.stage2)
-    timed("stage2", lambda: train_stage2(stage2_cfg))
-
-    stage3_dir = out / "stage3_student"
-    shutil.rmtree(stage3_dir, ignore_errors=True)
-    stage3_cfg = Stage3Config(model=str(stage2_dir), train_file=train_file, output_dir=str(stage3_dir),
-                              seed=config.seed, **config.stage3)
-    timed("stage3", lambda: train_stage3(stage3_cfg))
-
     test = [s for s in read_samples(data / "test.jsonl") if s.family == "lesion" and s.answer_type != "caption"]
     train_n = len([s for s in read_samples(data / "train.jsonl") if s.answer_type != "caption"])
+    return Shared(data, vlm_base, encoder, json.loads((encoder / "train_metrics.json").read_text()), test, train_n,
+                  timing)
+
+
+def _fresh(folder: Path) -> str:
+    shutil.rmtree(folder, ignore_errors=True)
+    return str(folder)
+
+
+def run_seed(config: DemoConfig, shared: Shared, seed: int, out: Path) -> dict:
+    """One seed: Stage I -> II -> III, the controls and ablations, evaluation, diagnostics, efficiency, reports."""
+    t0 = time.perf_counter()
+    timing: dict[str, float] = {}
+    timed = _timer(timing)
+    out.mkdir(parents=True, exist_ok=True)
+    train_file, test = shared.train_file, shared.test
+    stage2_settings = {**config.stage2}
+    intervention = stage2_settings.get("intervention", "zero")
+
+    stage1_dir = out / "stage1"
+    timed("stage1", lambda: train_stage1(Stage1Config(vlm=str(shared.vlm_base), encoder=str(shared.encoder),
+                                                      train_file=train_file, output_dir=_fresh(stage1_dir),
+                                                      seed=seed, **config.stage1)))
+    stage2_dir = out / "stage2"
+    timed("stage2", lambda: train_stage2(Stage2Config(model=str(stage1_dir), train_file=train_file,
+                                                      output_dir=_fresh(stage2_dir), seed=seed, **stage2_settings)))
+    stage3_dir = out / "stage3_student"
+    timed("stage3", lambda: train_stage3(Stage3Config(model=str(stage2_dir), train_file=train_file,
+                                                      output_dir=_fresh(stage3_dir), seed=seed, **config.stage3)))
+    control_dirs: dict[str, Path] = {}
+    if config.controls:
+        control_dirs = {"sft": out / "sft", "grpo_only": out / "grpo_only"}
+        timed("sft", lambda: train_sft(SFTConfig(model=str(shared.vlm_base), train_file=train_file,
+                                                 output_dir=_fresh(control_dirs["sft"]), seed=seed, **config.sft)))
+        timed("grpo_only", lambda: train_stage2(Stage2Config(
+            model=str(shared.vlm_base), train_file=train_file, output_dir=_fresh(control_dirs["grpo_only"]),
+            seed=seed, **{**stage2_settings, **config.grpo_only})))
+    ablation_dirs: dict[str, Path] = {}
+    if config.ablations:
+        for name, overrides in config.stage2_ablations.items():
+            ablation_dirs[name] = out / name
+            timed(name, lambda n=name, o=overrides: train_stage2(Stage2Config(
+                model=str(stage1_dir), train_file=train_file, output_dir=_fresh(ablation_dirs[n]), seed=seed,
+                **{**stage2_settings, **o})))
+
     evaluations: dict[str, dict] = {}
 
     def evaluate_stage(name: str, folder: Path, counterfactual: bool) -> dict:
@@ -161,20 +239,35 @@ def run_demo(config: DemoConfig) -> dict:
                "by_question_type": result["by_question_type"]}
         if counterfactual:
             cf = timed(f"eval_{name}_cf", lambda: evaluate(model, test, branch="counterfactual",
+                                                           intervention=intervention,
                                                            batch_size=config.eval_batch_size, desc=f"eval {name} cf"))
             evaluations[f"{name}_counterfactual"] = cf
             row["counterfactual_accuracy"] = cf["accuracy"]
+            row["counterfactual_sensitivity"] = result["accuracy"] - cf["accuracy"]
+            row["counterfactual_by_question_type"] = cf["by_question_type"]
         return row
 
-    stages = {"base": evaluate_stage("base", vlm_base, False), "stage1": evaluate_stage("stage1", stage1_dir, True),
-              "stage2": evaluate_stage("stage2", stage2_dir, True),
-              "stage3_student": evaluate_stage("stage3_student", stage3_dir, False)}
+    stages = {"base": evaluate_stage("base", shared.vlm_base, False)}
+    for name, folder in control_dirs.items():
+        stages[name] = evaluate_stage(name, folder, False)
+    stages["stage1"] = evaluate_stage("stage1", stage1_dir, True)
+    stages["stage2"] = evaluate_stage("stage2", stage2_dir, True)
+    for name, folder in ablation_dirs.items():
+        stages[name] = evaluate_stage(name, folder, True)
+        stages[name].update(_causal_summary(folder))
     # The Stage III teacher is the Stage II model with its privileged memory: same weights, same answers.
     stages["stage3_teacher"] = {k: stages["stage2"][k] for k in ("accuracy", "n", "unparseable", "by_question_type")}
-    stages["stage3_student"] = stages.pop("stage3_student")
+    stages["stage3_student"] = evaluate_stage("stage3_student", stage3_dir, False)
+    stages["stage2"].update(_causal_summary(stage2_dir))
+
+    diagnostics = {}
+    if config.diagnostics:
+        diagnostics = timed("diagnostics", lambda: run_diagnostics(
+            {"stage1": stage1_dir, "stage2": stage2_dir, "stage3_student": stage3_dir}, shared, intervention,
+            config.eval_batch_size))
 
     # Latency side by side in one process; memory of each model in a fresh process (clean peak).
-    folders = {"base": vlm_base, "stage3_teacher": stage2_dir, "stage3_student": stage3_dir}
+    folders = {"base": shared.vlm_base, "stage3_teacher": stage2_dir, "stage3_student": stage3_dir}
     timed_ids = [s.id for s in test[:config.efficiency_samples + 3]]
     latency = timed("efficiency_latency", lambda: compare_latency(
         {name: (lambda f=f: MedSynapseV.from_pretrained(f, merge_adapter=True)) for name, f in folders.items()},
@@ -182,43 +275,129 @@ def run_demo(config: DemoConfig) -> dict:
     efficiency = {}
     for name, folder in folders.items():
         isolated = timed(f"efficiency_memory_{name}", lambda f=folder: measure_isolated(
-            str(f), str(data / "test.jsonl"), timed_ids, n_timed=config.efficiency_samples))
-        efficiency[name] = {"ms_per_sample": latency[name], "peak_mem_mb": isolated["peak_mem_mb"],
+            str(f), str(shared.data / "test.jsonl"), timed_ids, n_timed=config.efficiency_samples))
+        efficiency[name] = {"ms_per_sample": latency[name], "ratio_to_base": latency[name] / latency["base"],
+                            "peak_mem_mb": isolated["peak_mem_mb"],
                             "ms_per_sample_isolated_run": isolated["ms_per_sample"],
                             "memory_measure": isolated["memory_measure"], "n_timed": config.efficiency_samples}
-    causal = json.loads((stage2_dir / "causal_reward_summary.json").read_text())
-    stages["stage2"].update({k: causal[k] for k in ("mean_causal_reward_correct", "mean_causal_reward_wrong")})
 
     results = {
-        "seed": config.seed,
-        "splits": {"train": train_n, "test": len(test)},
+        "seed": seed,
+        "data_seed": config.data_seed,
+        "splits": {"train": shared.train_n, "test": len(test)},
         "stages": stages,
-        "encoder": encoder_info,
-        "stage2_causal_reward": causal,
+        "claims": claims(stages, efficiency),
+        "diagnostics": diagnostics,
+        "encoder": shared.encoder_info,
+        "stage2_causal_reward": json.loads((stage2_dir / "causal_reward_summary.json").read_text()),
         "efficiency": efficiency,
-        "timing_s": {**timing, "total": round(time.perf_counter() - t0, 2)},
+        "timing_s": {**shared.timing, **timing, "total": round(time.perf_counter() - t0, 2)},
         "config": asdict(config),
     }
     for name, result in evaluations.items():
-        with (out / f"predictions_{name}.jsonl").open("w") as handle:
-            for p in result["predictions"]:
-                handle.write(json.dumps(p) + "\n")
+        write_text_atomic(out / f"predictions_{name}.jsonl",
+                          "".join(json.dumps(p) + "\n" for p in result["predictions"]))
     write_json(out / "results.json", results)
-    report = "\n\n".join([
-        f"# MedSynapse demo (SynthMed, seed {config.seed})",
-        f"Held-out test split: {len(test)} lesion questions on {config.test_images} images never seen in training.",
-        stage_table(results),
-        f"Stage II mean causal reward (last 20 % of training): correct rollouts "
-        f"{_fmt(causal['mean_causal_reward_correct'])}, wrong rollouts {_fmt(causal['mean_causal_reward_wrong'])}.",
-        f"## Efficiency (batch 1, {config.efficiency_samples} timed samples, same questions and tokens)",
-        efficiency_table(results),
-        "## By question type",
-        type_table(results),
-        f"Wall time: {results['timing_s']['total']:.1f} s ({json.dumps(timing)})\n"])
-    (out / "report.md").write_text(report)
+    write_text_atomic(out / "report.md", seed_report(results, config))
     plot_accuracy(results, out / "accuracy.png")
     return results
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _causal_summary(folder: Path) -> dict:
+    causal = json.loads((folder / "causal_reward_summary.json").read_text())
+    return {k: causal[k] for k in ("mean_causal_reward_correct", "mean_causal_reward_wrong")}
+
+
+def run_diagnostics(models: dict[str, Path], shared: Shared, intervention: str, batch_size: int) -> dict:
+    """Reliance per stage; the leak probe (M vs M', with the demo's and the paper's interventions) and the
+    readability probes (where the lesion evidence is: the VLM's visual tokens vs the prior encoder's tokens)."""
+    train = [s for s in read_samples(shared.train_file) if s.family == "lesion"]
+    test = [s for s in read_samples(shared.data / "test.jsonl") if s.family == "lesion"]
+    reliance = {}
+    for name, folder in models.items():
+        model = MedSynapseV.from_pretrained(folder, merge_adapter=True)
+        reliance[name] = reliance_report(model, shared.test, batch_size=batch_size, intervention=intervention)
+        reliance[name].pop("by_question_type", None)
+    teacher = MedSynapseV.from_pretrained(models["stage2"], merge_adapter=True)
+    student = MedSynapseV.from_pretrained(models["stage3_student"], merge_adapter=True)
+    return {"intervention": intervention,
+            "leak_probe": leak_probe(teacher, train, test, intervention),
+            "leak_probe_zero": leak_probe(teacher, train, test, "zero"),
+            "readability": {**readability_probes(teacher, train, test),
+                            "student_memory": readability_probes(student, train, test).get("autonomous_memory")},
+            "reliance": reliance}
+
+
+def claims(stages: dict, efficiency: dict) -> dict:
+    """The issue's acceptance quantities, computed from this run's rows (no thresholds applied here)."""
+    def presence(name: str) -> float:
+        return stages[name]["by_question_type"]["presence"]["accuracy"]
+
+    base, teacher, student = (stages[n]["accuracy"] for n in ("base", "stage3_teacher", "stage3_student"))
+    out = {"student_gain_retention": _ratio(student - base, teacher - base),
+           "student_gain_retention_presence": _ratio(presence("stage3_student") - presence("base"),
+                                                     presence("stage3_teacher") - presence("base")),
+           "student_latency_ratio": efficiency.get("stage3_student", {}).get("ratio_to_base")}
+    for control in ("sft", "grpo_only"):
+        if control in stages:
+            out[f"stage2_minus_{control}"] = stages["stage2"]["accuracy"] - stages[control]["accuracy"]
+    return out
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator != 0 else None
+
+
+def seed_report(results: dict, config: DemoConfig) -> str:
+    parts = [f"# MedSynapse demo (SynthMed, seed {results['seed']}, data seed {results['data_seed']})",
+             f"Held-out test split: {results['splits']['test']} lesion questions on {config.test_images} images "
+             "never seen in training.",
+             stage_table(results),
+             "## Claims", "```json\n" + json.dumps(results["claims"], indent=2) + "\n```",
+             f"## Efficiency (batch 1, {config.efficiency_samples} timed samples, same questions and tokens)",
+             efficiency_table(results), "## By question type", type_table(results)]
+    if results["diagnostics"]:
+        parts += ["## Diagnostics", diagnostics_tables(results["diagnostics"])]
+    parts.append(f"Wall time: {results['timing_s']['total']:.1f} s ({json.dumps(results['timing_s'])})\n")
+    return "\n\n".join(parts)
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """One seed into OUTPUT (the default), or several seeds into OUTPUT/seed_K plus a summary over seeds.
+
+    Resumable over seeds: a seed whose results.json was written with the same settings is not run again.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = prepare_shared(config)
+    if not config.seeds:
+        return run_seed(config, shared, config.seed, out)
+    per_seed = {}
+    for seed in config.seeds:
+        folder = out / f"seed_{seed}"
+        previous = _finished(folder, config)
+        if previous is not None:
+            print(f"seed {seed}: already finished in {folder}, reusing its results")
+            per_seed[seed] = previous
+            continue
+        print(f"seed {seed}: running ({len(per_seed)} of {len(config.seeds)} done)")
+        per_seed[seed] = run_seed(config, shared, seed, folder)
+    summary = summarize_seeds(per_seed)
+    write_json(out / "summary.json", summary)
+    write_text_atomic(out / "summary.md", summary_report(summary))
+    plot_accuracy({"stages": {k: {"accuracy": v["accuracy"]["mean"],
+                                  "counterfactual_accuracy": (v.get("counterfactual_accuracy") or {}).get("mean")}
+                              for k, v in summary["stages"].items()}}, out / "accuracy.png")
+    return summary
+
+
+def _finished(folder: Path, config: DemoConfig) -> dict | None:
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    mine = {k: v for k, v in asdict(config).items() if k not in ("output", "seeds", "seed", "cache_dir", "threads")}
+    theirs = {k: v for k, v in results.get("config", {}).items() if k in mine}
+    return results if theirs == mine else None
