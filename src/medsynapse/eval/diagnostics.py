@@ -409,8 +409,12 @@ def extract_features(model: MedSynapseV, table: ImageTable, kinds: Sequence[str]
             if "memory" in kinds:
                 out["memory"].append(model.memory(prior, "privileged").flatten(1).float().cpu())
             if "counterfactual" in kinds:
-                out["counterfactual"].append(
-                    model.memory(prior, "counterfactual", intervention).flatten(1).float().cpu())
+                if intervention == "pixels":  # the image edited and re-encoded (model/counterfactual.py)
+                    edited = model.encoder.encode_counterfactual(images)
+                    counterfactual = model.sampler(edited.tokens, edited.grid)
+                else:
+                    counterfactual = model.memory(prior, "counterfactual", intervention)
+                out["counterfactual"].append(counterfactual.flatten(1).float().cpu())
         if {"vlm_visual_tokens", "autonomous_memory"} & set(kinds):
             batch = model.prompts.collate([model.prompts.encode([img], "") for img in images],
                                           with_answers=False).to(device)

@@ -7,11 +7,18 @@ Three interventions:
   lesion's quadrant from M' as well as from M).
 - ``drop``: the region's tokens are left out of P_phi's cross-attention. The hole still shows (attention renormalises
   over the remaining positions), and tokens at the region's edge keep evidence.
-- ``inpaint`` (recommended): the region is grown by ``dilation`` tokens (its edge tokens carry spill-over evidence
+- ``inpaint``: the region is grown by ``dilation`` tokens (its edge tokens carry spill-over evidence
   below the mask threshold), then filled by harmonic interpolation from the surrounding tokens: each removed token is
   repeatedly set to the mean of its 4-neighbours while the kept tokens stay fixed (Jacobi iterations of Laplace's
   equation, started from the mean kept token). The filled tokens look like the tissue around them, sit at their
-  usual positions, and carry no marker of where the region was; the leak probe (eval/diagnostics.py) checks this.
+  usual positions. Measured on the demo (leak probe, eval/diagnostics.py): still leaks, a linear probe reads the
+  lesion's quadrant from M' as well as from M (0.70 vs 0.67, chance 0.28), even with the ground-truth lesion mask as
+  the region. A token-sized hole is conspicuous however it is filled: its size and smoothness give its place away.
+- ``pixels``: the finding is removed from the *image* and the encoder runs again, S' = E_ana(inpaint(X, region)):
+  the encoder's pixel-level region (grown by one pixel) is filled by the same harmonic interpolation from the
+  surrounding pixels, so only the lesion's few pixels change and the tokens see ordinary tissue there. Needs the
+  images and an encoder that gives a pixel-level region (`PriorEncoder.region_pixels`); used by evaluation and the
+  diagnostics (`MedSynapseV.memory_for`), not yet by the Stage II recipe, which reads cached prior tokens.
 
 Hand-written because no library inpaints a token grid in feature space; it is a few tensor operations.
 """
@@ -21,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-INTERVENTIONS = ("zero", "drop", "inpaint")
+INTERVENTIONS = ("zero", "drop", "inpaint", "pixels")
+TOKEN_INTERVENTIONS = ("zero", "drop", "inpaint")  # act on the prior tokens; "pixels" re-encodes an edited image
 
 
 def dilate_region(region: torch.Tensor, grid: tuple[int, int], steps: int) -> torch.Tensor:
@@ -63,6 +71,15 @@ def harmonic_fill(tokens: torch.Tensor, grid: tuple[int, int], region: torch.Ten
     return image.reshape(batch, dim, h * w).transpose(1, 2)
 
 
+def inpaint_pixels(pixels: torch.Tensor, region: torch.Tensor, dilation: int = 1, iterations: int = 64) -> torch.Tensor:
+    """Images (B, C, H, W) with the `region` (B, H, W) pixels, grown by `dilation` pixels, filled harmonically."""
+    batch, channels, h, w = pixels.shape
+    grown = dilate_region(region.reshape(batch, h * w), (h, w), dilation)
+    flat = pixels.permute(0, 2, 3, 1).reshape(batch, h * w, channels)
+    filled = harmonic_fill(flat, (h, w), grown, iterations)
+    return filled.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
+
+
 def counterfactual_tokens(tokens: torch.Tensor, grid: tuple[int, int], region: torch.Tensor, intervention: str,
                           dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tokens for P_phi, tokens to drop from its cross-attention or None) with the region removed.
@@ -75,4 +92,7 @@ def counterfactual_tokens(tokens: torch.Tensor, grid: tuple[int, int], region: t
         return tokens, region
     if intervention == "inpaint":
         return harmonic_fill(tokens, grid, dilate_region(region, grid, dilation)), None
+    if intervention == "pixels":
+        raise ValueError("the 'pixels' intervention edits the image and re-encodes it: use MedSynapseV.memory_for "
+                         "(it needs the images), not the prior tokens alone")
     raise ValueError(f"unknown intervention {intervention!r}; expected one of {INTERVENTIONS}")

@@ -206,6 +206,10 @@ class MedSynapseV(nn.Module):
             return self.autonomous_memory(batch, features)
         if self.sampler is None:
             return None
+        if branch == "counterfactual" and intervention == "pixels":
+            with torch.no_grad():
+                edited = self.encoder.encode_counterfactual(images)
+            return self.sampler(edited.tokens, edited.grid)
         return self.memory(self.prior(images), branch, intervention)
 
     @torch.no_grad()

@@ -44,6 +44,20 @@ class PriorEncoder(nn.Module, ABC):
         device = next(self.parameters()).device
         return self.encode_pixels(self.preprocess(images).to(device))
 
+    def region_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The diagnostic region at pixel level (B, H, W) bool, for the image-space counterfactual."""
+        raise NotImplementedError(f"{type(self).__name__} gives no pixel-level region; use a token intervention "
+                                  "(zero, drop, inpaint)")
+
+    @torch.no_grad()
+    def encode_counterfactual(self, images: list[Image.Image]) -> PriorOutput:
+        """Prior tokens of the images with the region removed in pixel space (model/counterfactual.py, "pixels")."""
+        from medsynapse.model.counterfactual import inpaint_pixels
+
+        device = next(self.parameters()).device
+        pixels = self.preprocess(images).to(device)
+        return self.encode_pixels(inpaint_pixels(pixels, self.region_pixels(pixels)))
+
 
 def top_region(cell_confidence: torch.Tensor, threshold: float) -> torch.Tensor:
     """Region mask from per-token confidence (B, M): tokens at or above `threshold`, else the single best token.

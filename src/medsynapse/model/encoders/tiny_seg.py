@@ -74,6 +74,9 @@ class TinySegEncoder(PriorEncoder):
         region = top_region(confidence.flatten(1), self.config.threshold)
         return PriorOutput(tokens, (int(grid[0]), int(grid[1])), region)
 
+    def region_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(pixels)[1][:, 0]) >= self.config.threshold
+
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
