@@ -70,7 +70,7 @@ class DemoConfig:
     stage2: dict = field(default_factory=lambda: {
         "lr": 3e-4, "max_steps": 250, "batch_size": 16, "group_size": 4, "lora_r": 16, "lora_alpha": 32,
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_form": "ranked", "advantage_std_floor": 0.1,
+        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_form": "ranked", "advantage_std_floor": 0.5,
         "intervention": "inpaint",
         "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice"], "save_every": 100})
     stage3: dict = field(default_factory=lambda: {
@@ -89,7 +89,8 @@ class DemoConfig:
     ablations: bool = False
     stage2_ablations: dict = field(default_factory=lambda: {
         "stage2_lambda0": {"lambda_causal": 0.0},
-        "stage2_paper_eq5": {"causal_form": "paper", "advantage_std_floor": 0.0}})
+        "stage2_paper_eq5": {"causal_form": "paper", "advantage_std_floor": 0.0},
+        "stage2_floor0.1": {"advantage_std_floor": 0.1}})
     diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
     efficiency_samples: int = 60  # timed samples per model (after 3 warm-up); medians are noisy below ~50 here
     eval_batch_size: int = 64

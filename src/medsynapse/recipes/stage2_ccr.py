@@ -2,7 +2,7 @@
 
 `causal_form: paper` (default) is that reward with Eq. 5 as is; `causal_form: ranked` squashes r_causal to
 λ_causal·(1 − 1e-3)·tanh(r_causal / causal_scale) with 2·λ_causal ≤ λ_acc, so correctness always ranks first and
-r_causal only orders rollouts of equal correctness (objectives/rewards.py); use it with `advantage_std_floor: 0.1`.
+r_causal only orders rollouts of equal correctness (objectives/rewards.py); use it with `advantage_std_floor: 0.5`.
 
 Per step, top to bottom:
 1. B prompts; their prior tokens (cached table), memory M and counterfactual memory M' (frozen sampler, no grad) and
@@ -85,10 +85,11 @@ class Stage2Config:
     # λ_causal·0.999·tanh(r_causal / causal_scale), needs 2·λ_causal ≤ λ_acc: every correct rollout outranks every
     # wrong one, r_causal orders rollouts of equal correctness (objectives/rewards.py)
     causal_scale: float = 1.0  # ranked: r_causal (nats) at which the bonus is tanh(1) ≈ 0.76 of its bound
-    advantage_std_floor: float = 0.0  # A = (R − mean) / max(σ + eps, floor); 0 = TRL. 0.1 with ranked: in a group of
-    # equal correctness |A| ≤ λ_causal·Δr_causal / (causal_scale·floor) = 5·Δr (r_causal 1e-3 nats apart: ≤ 5e-3, not
-    # ±1); a mixed group (σ ≥ λ_acc/√G = 0.25 for G ≤ 16 when r_causal is small) is unchanged
-    intervention: str = "zero"  # zero (paper) | drop
+    advantage_std_floor: float = 0.0  # A = (R − mean) / max(σ + eps, floor); 0 = TRL. With ranked use λ_acc/2 = 0.5:
+    # the std of a G = 4 group with one right answer, so a group of equal correctness, whose reward spread comes from
+    # r_causal alone, never gets larger advantages than a group split by correctness (r_causal 1e-3 nats apart:
+    # |A| ≤ 1e-3). With 0.1 those groups got |A| up to ~5 and dominated the update (demo, README: Stage II)
+    intervention: str = "zero"  # zero (paper) | drop | inpaint (model/counterfactual.py)
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo
     epsilon: float = 0.2
     epsilon_high: float | None = None
