@@ -48,7 +48,8 @@ def _probe(args: list[str], out: Path, processes: int = 1, port: int = 29531, mo
            env: dict = FLOAT64) -> Probe:
     launcher = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(port)] if processes > 1 \
         else [sys.executable]
-    run = subprocess.run([*launcher, PROBE, mode, str(out), *args], env=env, capture_output=True, text=True)
+    run = subprocess.run([*launcher, PROBE, mode, str(out), *args], env=env, capture_output=True, text=True,
+                         timeout=900)  # a hung rank fails the test instead of stalling the suite
     assert run.returncode == 0, run.stderr[-3000:]
     lrs = [json.loads((out / f"lrs.rank{rank}.json").read_text()) for rank in range(processes)]
     weights = [load_file(str(out / f"{name}.safetensors")) if mode == "recipe" else {} for name in ("before", "after")]
@@ -166,7 +167,8 @@ def test_eval_under_two_processes_equals_one(tiny_env, tmp_path):
             "--batch-size", "1", "--max-new-tokens", "4"]
     for world, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
         launcher = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29537"] if world == 2 else [sys.executable]
-        run = subprocess.run([*launcher, *args, "--output", str(out)], env=ENV, capture_output=True, text=True)
+        run = subprocess.run([*launcher, *args, "--output", str(out)], env=ENV, capture_output=True, text=True,
+                             timeout=900)
         assert run.returncode == 0, run.stderr[-3000:]
     for name in names.split(","):
         one = json.loads((tmp_path / "one" / name / "metrics.json").read_text())
