@@ -52,14 +52,14 @@ def test_drop_reads_only_the_kept_tokens_at_their_positions_and_never_nans():
     drop = torch.zeros(3, 9, dtype=torch.bool)
     drop[0, [0, 4, 5]] = True
     drop[1, :8] = True  # one token left
-    drop[2] = True  # everything dropped: falls back to keeping the row whole (attention over nothing is NaN)
+    drop[2] = True  # everything dropped: falls back to zeroing the row (attention over nothing is NaN)
     out = sampler(tokens, (3, 3), drop=drop)
     assert torch.isfinite(out).all()
     for row in range(2):
         reference = kept_only(sampler, tokens[row:row + 1], (3, 3), ~drop[row])
         torch.testing.assert_close(out[row:row + 1], reference, atol=1e-12, rtol=0)
         assert (out[row] - sampler(tokens[row:row + 1], (3, 3))[0]).abs().max() > 1e-6  # not a no-op (noise ~1e-15)
-    torch.testing.assert_close(out[2:], sampler(tokens[2:], (3, 3)), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[2:], sampler(torch.zeros_like(tokens[2:]), (3, 3)), atol=1e-12, rtol=0)
 
 
 def _prior(model, dtype=torch.float64):
