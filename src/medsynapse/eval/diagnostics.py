@@ -410,8 +410,7 @@ def extract_features(model: MedSynapseV, table: ImageTable, kinds: Sequence[str]
                 out["memory"].append(model.memory(prior, "privileged").flatten(1).float().cpu())
             if "counterfactual" in kinds:
                 if intervention == "pixels":  # the image edited and re-encoded (model/counterfactual.py)
-                    edited = model.encoder.encode_counterfactual(images)
-                    counterfactual = model.sampler(edited.tokens, edited.grid)
+                    counterfactual = model.image_counterfactual_memory(images)
                 else:
                     counterfactual = model.memory(prior, "counterfactual", intervention)
                 out["counterfactual"].append(counterfactual.flatten(1).float().cpu())

@@ -207,10 +207,14 @@ class MedSynapseV(nn.Module):
         if self.sampler is None:
             return None
         if branch == "counterfactual" and intervention == "pixels":
-            with torch.no_grad():
-                edited = self.encoder.encode_counterfactual(images)
-            return self.sampler(edited.tokens, edited.grid)
+            return self.image_counterfactual_memory(images)
         return self.memory(self.prior(images), branch, intervention)
+
+    def image_counterfactual_memory(self, images: list[Image.Image]) -> torch.Tensor:
+        """M' with the finding removed from the images themselves and the encoder run again ("pixels")."""
+        with torch.no_grad():
+            edited = self.encoder.encode_counterfactual(images)
+        return self.sampler(edited.tokens, edited.grid)
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 16,

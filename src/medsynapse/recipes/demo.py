@@ -314,13 +314,12 @@ def run_diagnostics(models: dict[str, Path], shared: Shared, intervention: str, 
     readability probes (where the lesion evidence is: the VLM's visual tokens vs the prior encoder's tokens)."""
     train = [s for s in read_samples(shared.train_file) if s.family == "lesion"]
     test = [s for s in read_samples(shared.data / "test.jsonl") if s.family == "lesion"]
+    loaded = {name: MedSynapseV.from_pretrained(folder, merge_adapter=True) for name, folder in models.items()}
     reliance = {}
-    for name, folder in models.items():
-        model = MedSynapseV.from_pretrained(folder, merge_adapter=True)
+    for name, model in loaded.items():
         reliance[name] = reliance_report(model, shared.test, batch_size=batch_size, intervention=intervention)
         reliance[name].pop("by_question_type", None)
-    teacher = MedSynapseV.from_pretrained(models["stage2"], merge_adapter=True)
-    student = MedSynapseV.from_pretrained(models["stage3_student"], merge_adapter=True)
+    teacher, student = loaded["stage2"], loaded["stage3_student"]
     return {"intervention": intervention,
             "leak_probe": leak_probe(teacher, train, test, intervention),
             "leak_probe_zero": leak_probe(teacher, train, test, "zero"),
