@@ -12,7 +12,6 @@ from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages
 from medsynapse.objectives.rewards import causal_rewards
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-trl_utils = pytest.importorskip("trl.trainer.utils")
 
 
 class _IdentityAccelerator:
@@ -47,11 +46,30 @@ def trl_loss(logp, old_logp, advantages, mask, loss_type, epsilon=0.2, beta=0.0,
     return trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
 
 
+class _OneProcess(_IdentityAccelerator):
+    process_index = 0
+    device = torch.device("cpu")
+
+
 def trl_advantages(rewards, group):
-    """TRL's group normalisation (grpo_trainer.py, `_generate_and_score_completions`) with its own `nanstd`."""
-    mean = torch.nanmean(rewards.view(-1, group), dim=1).repeat_interleave(group)
-    std = trl_utils.nanstd(rewards.view(-1, group), dim=1).repeat_interleave(group)
-    return torch.nan_to_num((rewards - mean) / (std + 1e-4), nan=0.0)
+    """Run TRL's own `_generate_and_score_completions` on a fake trainer whose generation returns one-token
+    completions and whose single reward function returns `rewards`: the advantages are TRL's, not a re-typed copy."""
+    n = rewards.numel()
+    fake = SimpleNamespace(
+        accelerator=_OneProcess(), model=SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        environment_factories=None, tools=None, environments=None,
+        _generate=lambda prompts: ([[1]] * n, [[2]] * n, None, ["c"] * n, None, None, None, None),
+        _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
+        args=SimpleNamespace(per_device_train_batch_size=n, steps_per_generation=1, gradient_accumulation_steps=1,
+                             gradient_checkpointing_kwargs=None),
+        num_iterations=1, use_vllm=False, vllm_importance_sampling_correction=False, beta=0.0,
+        _calculate_rewards=lambda *a: rewards.view(-1, 1).clone(), num_generations=group,
+        multi_objective_aggregation="sum_then_normalize", scale_rewards="group", reward_weights=torch.ones(1),
+        reward_func_names=["r"], _metrics=defaultdict(lambda: defaultdict(list)),
+        _logs={"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
+               "extra": defaultdict(list)},
+        _pending_extra_logs={}, _pending_metrics={}, log_multimodal=False, _is_vlm=False)
+    return trl_grpo.GRPOTrainer._generate_and_score_completions(fake, [{"prompt": "p"}] * n)["advantages"]
 
 
 def _fixed(seed=0, n=6, t=5):
@@ -65,9 +83,12 @@ def _fixed(seed=0, n=6, t=5):
     return logp, old, adv, mask, ref
 
 
-def test_group_advantages_equal_trl():
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.2, 0.2, 0.9, 0.1, 3.0, 3.0, 3.0, 3.0])
-    torch.testing.assert_close(group_advantages(rewards, 4), trl_advantages(rewards, 4))
+@pytest.mark.parametrize("group", [2, 4, 6])
+def test_group_advantages_equal_trl(group):
+    g = torch.Generator().manual_seed(group)
+    rewards = torch.cat([torch.rand(group * 3, generator=g), torch.full((group,), 3.0)])  # last group: zero std
+    rewards[1] = float("nan")  # an unscorable rollout
+    torch.testing.assert_close(group_advantages(rewards, group), trl_advantages(rewards, group), atol=0, rtol=1e-6)
 
 
 def test_zero_std_group_gets_zero_advantage_and_no_nan():
