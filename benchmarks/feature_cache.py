@@ -24,7 +24,8 @@ def main() -> None:
     from transformers.utils import logging
 
     from medsynapse.data.dataset import training_dataset
-    from medsynapse.recipes.stage1_warmup import Stage1Config, cache_features, train_stage1
+    from medsynapse.recipes.priors import cache_features
+    from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()

@@ -55,7 +55,7 @@ def test_stage1_loss_goes_down(tiny_env, tmp_path):
     """A few dozen steps on a fixed small set must fit it better than the initial sampler."""
     from medsynapse.data.dataset import VQADataset
     from medsynapse.data.schema import read_samples
-    from medsynapse.recipes.stage1_warmup import prior_table
+    from medsynapse.recipes.priors import prior_table
 
     def mean_loss(model):
         samples = [s for s in read_samples(tiny_env.train_file) if s.answer_type != "caption"][:16]

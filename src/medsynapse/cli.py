@@ -146,7 +146,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_features(args: argparse.Namespace) -> int:
-    from medsynapse.recipes.stage1_warmup import cache_features
+    from medsynapse.recipes.priors import cache_features
 
     count = cache_features(args.encoder, args.data, args.out)
     print(f"prior features for {count} images cached under {args.out}")

@@ -51,7 +51,7 @@ from medsynapse.objectives.rewards import (
     composite_reward,
 )
 from medsynapse.recipes import trainer
-from medsynapse.recipes.stage1_warmup import prior_table
+from medsynapse.recipes.priors import prior_table
 
 
 @dataclass

@@ -26,7 +26,7 @@ from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import trainer
-from medsynapse.recipes.stage1_warmup import prior_table
+from medsynapse.recipes.priors import prior_table
 
 
 @dataclass

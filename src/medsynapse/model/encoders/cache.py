@@ -1,16 +1,19 @@
 """On-disk cache of frozen prior-encoder outputs (tokens + region masks), keyed by image content and encoder.
 
 Layout: `<root>/<encoder fingerprint>/index.json` + `shard_NNNNN.safetensors`. The fingerprint hashes the encoder
-folder's json files (config, tokenizer, settings such as SAM 3 prompts), its weight files (name, size, first and last
-MiB) and the settings the encoder resolves from code defaults (`encoder_settings`), so a changed encoder never reads
+folder's json files (config, tokenizer, settings such as SAM 3 prompts), the whole content of its weight files and the
+settings the encoder resolves from code defaults (`encoder_settings`), so a changed encoder never reads
 stale features. Images are keyed by the SHA-256 of their file bytes, so renamed copies hit and edited files miss.
-Shards are written to a temporary name and renamed; the index is rewritten atomically after each shard.
+Hashing every byte of a multi-GB checkpoint takes seconds to a minute, so a weight file's digest is remembered by
+(resolved path, size, mtime in ns), in the process and in `<root>/file_digests.json`: rewriting a file (a retrained
+encoder of the same size) changes its mtime and is hashed again. Shards are written to a temporary name and renamed; the index is rewritten atomically after each shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,22 +23,37 @@ from medsynapse.model.encoders import encoder_settings
 from medsynapse.model.encoders.base import PriorOutput
 
 _MIB = 2**20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_DIGESTS: dict[str, str] = {}  # "path:size:mtime_ns" -> sha256 of the file, for this process
 
 
-def encoder_fingerprint(folder: str | Path) -> str:
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(16 * _MIB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path, memo: dict[str, str] | None = None) -> str:
+    """SHA-256 of the whole file, remembered by (resolved path, size, mtime_ns) in `memo` (default: the process's)."""
+    memo = _DIGESTS if memo is None else memo
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = _hash_file(path)
+    return memo[key]
+
+
+def encoder_fingerprint(folder: str | Path, memo: dict[str, str] | None = None) -> str:
     folder = Path(folder).expanduser()
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
         if path.suffix == ".json":
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-        elif path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
-            size = path.stat().st_size
-            digest.update(f"{path.name}:{size}".encode())
-            with path.open("rb") as handle:
-                digest.update(handle.read(_MIB))
-                handle.seek(max(0, size - _MIB))
-                digest.update(handle.read(_MIB))
+        elif path.suffix in WEIGHT_SUFFIXES:
+            digest.update(f"{path.name}:{file_digest(path, memo)}".encode())
     settings = encoder_settings(folder)
     if settings:  # only encoders with code-level defaults: the fingerprints of other folders stay as they were
         digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -46,9 +64,32 @@ def image_key(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _load_digests(path: Path) -> dict[str, str]:
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or half-written by a killed process: only a speed-up is lost
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _save_digests(path: Path, memo: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo, sort_keys=True))
+    os.replace(tmp, path)
+
+
 class PriorCache:
     def __init__(self, root: str | Path, encoder_folder: str | Path):
-        self.dir = Path(root).expanduser() / encoder_fingerprint(encoder_folder)
+        root = Path(root).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        digests_path = root / "file_digests.json"
+        memo = {**_load_digests(digests_path), **_DIGESTS}
+        known = dict(memo)
+        fingerprint = encoder_fingerprint(encoder_folder, memo)
+        _DIGESTS.update(memo)
+        if memo != known:
+            _save_digests(digests_path, memo)
+        self.dir = root / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
         index_path = self.dir / "index.json"
         self.index: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}

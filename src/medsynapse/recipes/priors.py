@@ -1,0 +1,57 @@
+"""Prior tokens for a training set, shared by every recipe that needs them (Stages I-III, `cache-features`).
+
+Each distinct image is encoded once by the frozen prior encoder, or read from the on-disk feature cache
+(`model.encoders.cache`), and every sample points at its image's row of the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from medsynapse.data.dataset import VQADataset
+from medsynapse.model.encoders import PriorOutput
+from medsynapse.model.encoders.cache import PriorCache, image_key
+
+
+def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None, dataset: VQADataset,
+                batch_size: int = 64, cache_dir: str = "") -> tuple[PriorOutput, list[int]]:
+    """Prior tokens for every distinct image, computed once (or read from the on-disk cache); returns the table and
+    each sample's row in it. Images missing from the cache are encoded and added to it."""
+    rows: dict[str, int] = {}  # image path -> row in the table
+    first_sample: dict[str, int] = {}  # image path -> a sample that shows it
+    for index, sample in enumerate(dataset.samples):
+        first_sample.setdefault(sample.images[0], index)
+        rows.setdefault(sample.images[0], len(rows))
+    order = [rows[sample.images[0]] for sample in dataset.samples]
+    paths = list(rows)
+    cache = PriorCache(cache_dir, encoder_path) if cache_dir and encoder_path else None
+    keys = [image_key(p) for p in paths] if cache is not None else paths
+    missing = [i for i, key in enumerate(keys) if cache is None or key not in cache]
+    computed: dict[int, tuple] = {}
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start:start + batch_size]
+        prior = encode([dataset.images(first_sample[paths[i]])[0] for i in chunk])
+        if cache is not None:
+            cache.put([keys[i] for i in chunk], prior)
+        for j, i in enumerate(chunk):
+            computed[i] = (prior.tokens[j].cpu(), prior.region_mask[j].cpu(), prior.grid)
+    parts = [computed[i] if i in computed else cache.get(keys[i]) for i in range(len(paths))]
+    grids = {grid for _, _, grid in parts}
+    if len(grids) != 1:
+        raise ValueError(f"images give different prior grids {sorted(grids)}: resize them to one size first")
+    table = PriorOutput(torch.stack([t for t, _, _ in parts]), grids.pop(), torch.stack([r for _, r, _ in parts]))
+    return table, order
+
+
+def cache_features(encoder_folder: str, data_file: str, cache_dir: str) -> int:
+    """Fill the on-disk prior cache for every image of a data file; returns how many images the file has."""
+    from medsynapse.data.schema import read_samples
+    from medsynapse.model.encoders import load_encoder
+
+    encoder = load_encoder(encoder_folder)
+    dataset = VQADataset(read_samples(data_file), prompts=None)
+    dataset.validate()
+    table, _ = prior_table(encoder.encode, encoder_folder, dataset, cache_dir=cache_dir)
+    return table.tokens.shape[0]
