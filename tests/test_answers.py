@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,6 +37,18 @@ def test_open_answers_are_normalised_exact_matches():
     assert is_correct("Two.", "two", "open")[0]
     assert not is_correct("two lesions", "two", "open")[0]
     assert not is_correct("", "two", "open")[0]
+
+
+@pytest.mark.parametrize(("said", "gold"), [("2", "two"), ("two", "2"), ("Two.", "2"),
+                                            ("<answer>12</answer>", "twelve"), ("twenty", "20"), ("zero", "0"),
+                                            ("ninety", "90")])
+def test_open_number_words_and_digits_are_the_same_answer(said, gold):
+    assert is_correct(said, gold, "open")[0]
+
+
+@pytest.mark.parametrize(("said", "gold"), [("3", "two"), ("two", "12"), ("twenty one", "20"), ("2 lesions", "two")])
+def test_open_numbers_still_have_to_match(said, gold):
+    assert not is_correct(said, gold, "open")[0]
 
 
 word = st.text(alphabet=string.ascii_lowercase, min_size=1, max_size=8)

@@ -181,3 +181,64 @@ def test_a_protocol_system_message_reaches_the_chat_template(demo_model, data_ro
     evaluate_benchmarks(str(demo_model), ["medxpertqa-mm"], data_root, tmp_path, EvalSettings(max_new_tokens=2))
     line = read_predictions(tmp_path / "medxpertqa-mm" / PREDICTIONS)[0]
     assert line["system"] == "You are a helpful medical assistant."
+
+
+# A scripted model: the raw output for every fixture question, and what each must score.
+SCRIPT = {
+    "vqa-rad-2": ("Yes.", True), "vqa-rad-4": ("two", True),  # gold "2": a number word is the same answer
+    "slake-11938": ("yes", False), "slake-11940": ("The lung.", True),
+    "pathvqa-test-0": ("no", False), "pathvqa-test-2": ("I cannot tell", None),  # None: unparseable, scores 0
+    "pmc-vqa-0": ("<answer>B</answer>", True), "pmc-vqa-1": ("A", False),
+    "validation_Clinical_Medicine_1": ("Pneumothorax", True), "validation_Clinical_Medicine_2": ("A", False),
+    "validation_Pharmacy_3": ("The answer is 2.", True),
+    "MM-0": ("A", True), "MM-1": ("D", True), "MM-2": ("C", False),
+    "gmai-0": ("B", True), "gmai-1": ("A or B", None),
+}
+
+
+def scripted_model(monkeypatch) -> None:
+    """Replace generation (only generation: loading, encoding, scoring and metrics run as they are) by SCRIPT."""
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    current: list = []
+    original = BenchmarkRun.answer_chunk
+
+    def remember(self, chunk, device):
+        current[:] = chunk
+        return original(self, chunk, device)
+
+    def answer_encoded(self, items, images, max_new_tokens, branch=None):
+        assert len(items) == len(current)
+        return [SCRIPT[sample.id][0] for sample in current]
+
+    monkeypatch.setattr(BenchmarkRun, "answer_chunk", remember)
+    monkeypatch.setattr(MedSynapseV, "answer_encoded", answer_encoded)
+
+
+def test_scripted_answers_give_the_known_accuracy_breakdowns_and_average(demo_model, data_root, tmp_path,
+                                                                         monkeypatch):
+    scripted_model(monkeypatch)
+    out = tmp_path / "scripted"
+    metrics = evaluate_benchmarks(str(demo_model), list(PAPER_BENCHMARKS), data_root, out,
+                                  EvalSettings(batch_size=2, max_new_tokens=4))
+    expected_accuracy = {"vqa-rad": 1.0, "slake": 0.5, "pathvqa": 0.0, "pmc-vqa": 0.5, "mmmu-med": 2 / 3,
+                         "medxpertqa-mm": 2 / 3, "gmai-mmbench": 0.5}
+    for name, accuracy in expected_accuracy.items():
+        lines = {line["id"]: line for line in read_predictions(out / name / PREDICTIONS)}
+        for sample_id, line in lines.items():
+            assert line["correct"] is bool(SCRIPT[sample_id][1]), (sample_id, line)
+        assert metrics[name]["accuracy"] == pytest.approx(accuracy, abs=1e-12), name
+        assert metrics[name]["unparseable"] == sum(SCRIPT[i][1] is None for i in lines), name
+    assert metrics["vqa-rad"]["by_question_type"] == {"COUNT": {"accuracy": 1.0, "n": 1},
+                                                      "PRES": {"accuracy": 1.0, "n": 1}}
+    assert metrics["slake"]["by_question_type"] == {"Abnormality": {"accuracy": 1.0, "n": 1},
+                                                    "Organ": {"accuracy": 0.0, "n": 1}}
+    assert metrics["medxpertqa-mm"]["by_group"]["body_system"] == {
+        "Reproductive": {"accuracy": 1.0, "n": 1}, "Respiratory": {"accuracy": 0.0, "n": 1},
+        "Skeletal": {"accuracy": 1.0, "n": 1}}
+    assert metrics["gmai-mmbench"]["by_modality"] == {"Fundus Photography": {"accuracy": 0.5, "n": 2}}
+    header, row = (out / "summary.csv").read_text().splitlines()
+    cells = dict(zip(header.split(","), row.split(",")))
+    average = 100 * sum(expected_accuracy.values()) / len(expected_accuracy)  # 54.76...
+    assert cells["Avg"] == f"{average:.1f}" == "54.8"
+    assert cells["VQA-RAD"] == "100.0" and cells["PathVQA"] == "0.0"

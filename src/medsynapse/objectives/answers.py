@@ -4,7 +4,8 @@
 - multiple choice: an explicit answer tag ("<answer>B</answer>", "answer: B", "answer is B"), then a single
   standalone option letter (upper case, word-bounded: "The answer" is not option E, "a" is not A, and "A" followed
   by a lower-case word is the article), then the text of exactly one option appearing as a whole phrase.
-- open: normalised exact match (lower case, no punctuation or articles, single spaces).
+- open: normalised exact match (lower case, no punctuation or articles, single spaces; number words zero-twenty and
+  the tens are read as digits, so "two" matches a gold "2" and "2" a gold "two").
 - mmmu_open: the official MMMU open-question rule (`parse_open_response` + `eval_open`, MMMU-Benchmark/MMMU
   eval_utils.py @ 51ce7f3): key sub-responses after indicator words, numbers rounded to 2 decimals, and the
   normalised gold contained in a string prediction or equal to a number.
@@ -31,10 +32,22 @@ class Extraction:
     rule: str  # which rule fired ("tag", "letter", "option_text", "yes_no", "exact", "none")
 
 
+_NUMBER_WORDS = {word: str(value) for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                      "ninety": "90", "hundred": "100"})
+
+
 def normalise(text: str) -> str:
     text = text.lower().translate(_PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+def normalise_open(text: str) -> str:
+    """`normalise`, then every number word as its digits (open answers: "two" and "2" are the same answer)."""
+    return " ".join(_NUMBER_WORDS.get(word, word) for word in normalise(text).split())
 
 
 def _answer_span(text: str) -> str:
@@ -140,7 +153,7 @@ def extract(text: str, answer_type: str, options: dict[str, str] | None = None) 
     if answer_type == "mmmu_open":
         predictions = mmmu_open_predictions(text)
         return Extraction(" | ".join(map(str, predictions)) or None, "mmmu_open" if predictions else "none")
-    answer = normalise(_answer_span(text))
+    answer = normalise_open(_answer_span(text))
     return Extraction(answer or None, "exact" if answer else "none")
 
 
@@ -154,4 +167,4 @@ def is_correct(text: str, gold: str, answer_type: str,
         return got.answer == gold.strip().upper(), got
     if answer_type == "mmmu_open":
         return mmmu_open_correct(mmmu_open_predictions(text), gold), got
-    return got.answer == normalise(gold), got
+    return got.answer == normalise_open(gold), got
