@@ -98,9 +98,39 @@ def test_stage3_resumes_exactly_and_student_loads_without_encoder_or_sampler(tin
     answers = student.answer([load_image(str(image))] * 2, ["Is there a lesion in this image? Answer yes or no.",
                                                             "How many lesions are visible? Answer with one word."])
     assert len(answers) == 2 and all(isinstance(x, str) for x in answers)
-    unmerged = MedSynapseV.from_pretrained(straight)
-    assert unmerged.answer([load_image(str(image))], ["Describe the image."]) == \
-        student.answer([load_image(str(image))], ["Describe the image."])  # merging the LoRA changes nothing
+
+
+def _student_logits(model: MedSynapseV, samples, images) -> torch.Tensor:
+    batch = model.prompts.collate([model.prompts.encode([im], s.question, s.answer) for im, s in zip(images, samples)])
+    with torch.no_grad():
+        features = vision_features(model.vlm, batch)
+        memory = model.memory_for(batch, images, features)
+        return model.forward(batch, memory, features=features, labels=None).logits
+
+
+def test_merging_a_non_trivial_lora_changes_nothing(tiny_env, stage2_dir, tmp_path):
+    """The Stage II LoRA folded into the weights gives the same logits as the adapter applied on the fly, for an
+    adapter that really changes the model (a 2-step adapter is ~0 and would pass whatever merging did)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    student_dir = train_stage3(_config(tiny_env, stage2_dir, tmp_path / "student", max_steps=1))
+    adapter = next(student_dir.rglob("adapter_model.safetensors"))
+    weights = load_file(str(adapter))
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=g) * 0.3 for k, v in weights.items()}, str(adapter))
+    samples = read_samples(tiny_env.train_file)[:3]
+    images = [load_image(s.images[0], s) for s in samples]
+    unmerged = MedSynapseV.from_pretrained(student_dir)
+    merged = MedSynapseV.from_pretrained(student_dir, merge_adapter=True)
+    a, b = _student_logits(unmerged, samples, images), _student_logits(merged, samples, images)
+    with unmerged.vlm.disable_adapter():
+        without = _student_logits(unmerged, samples, images)
+    effect = (a - without).abs().max()
+    assert effect > 1.0  # the adapter moves the logits by more than a nat
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # >= 10^4 below the adapter's effect
+    shutil.rmtree(student_dir)
 
 
 def _write_dicom(path, pixels, photometric="MONOCHROME2", window=None, slope=1.0, intercept=0.0):
@@ -133,9 +163,36 @@ def test_dicom_windowing(tmp_path):
     assert img[0, 0, 0] == 0 and img[0, -1, 0] == 255  # air black, bone white under a soft-tissue window
     mid = np.asarray(load_image(str(path), window=(0, 2000)))[0, 32, 0]
     assert 110 < mid < 145  # 0 HU sits mid-grey in a wide window
+    lung = np.asarray(load_image(str(path), window=(-600, 1500)))[0, :, 0]  # off-centre: [-1350, 150] HU
+    stored = (hu[0] + 1024).astype(np.int16) - 1024.0  # the integer HU the file holds
+    expected = np.clip((stored + 1350) / 1500, 0, 1) * 255
+    assert np.abs(lung.astype(float) - expected).max() <= 0.5 + 1e-9  # rounding only
     inverted = tmp_path / "mono1.dcm"
     _write_dicom(inverted, hu + 1024, photometric="MONOCHROME1", intercept=-1024)
     assert np.asarray(load_image(str(inverted)))[0, 0, 0] == 255
+
+
+@pytest.mark.parametrize("center", [40.0, [40.0, -600.0]])  # one window, or several (the first is the default)
+def test_a_slice_inside_the_files_window_keeps_its_grey_levels(tmp_path, center):
+    """Values -100..100 HU under the file's soft-tissue window (40, 400) = [-160, 240] HU: grey 38..166, not the
+    black-to-white stretch that min-max scaling of the slice would give."""
+    hu = np.tile(np.linspace(-100, 100, 64), (64, 1))
+    path = tmp_path / "inside.dcm"
+    width = [400.0, 1500.0] if isinstance(center, list) else 400.0
+    _write_dicom(path, hu + 1024, slope=1.0, intercept=-1024, window=(center, width))
+    img = np.asarray(load_image(str(path)))[0, :, 0].astype(float)
+    stored = (hu[0] + 1024).astype(np.int16) - 1024.0  # the integer HU the file holds
+    expected = (stored + 160) / 400 * 255
+    assert np.abs(img - expected).max() <= 0.5 + 1e-9
+    assert 35 < img.min() < 40 and 163 < img.max() < 168
+
+
+@pytest.mark.parametrize("window", [(40, 0), (40, -400), (float("nan"), 400), (40, float("inf"))])
+def test_an_impossible_window_is_refused_with_its_values(tmp_path, window):
+    path = tmp_path / "ct.dcm"
+    _write_dicom(path, np.zeros((8, 8)) + 1024, intercept=-1024)
+    with pytest.raises(ValueError, match="width > 0"):
+        load_image(str(path), window=window)
 
 
 def test_corrupt_dicom_is_named(tmp_path):

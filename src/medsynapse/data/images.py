@@ -9,11 +9,36 @@ from medsynapse.data.schema import DataError, Sample
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
+def file_window(ds) -> tuple[float, float] | None:
+    """The file's own (WindowCenter, WindowWidth), the first pair when several are listed; None if it has none."""
+    from pydicom.multival import MultiValue
+
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+
+    def first(value) -> float:
+        return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
+
+    return first(ds.WindowCenter), first(ds.WindowWidth)
+
+
+def check_window(window: tuple[float, float], where: str) -> tuple[float, float]:
+    import math
+
+    center, width = (float(v) for v in window)
+    if not (math.isfinite(center) and math.isfinite(width) and width > 0):
+        raise ValueError(f"{where}: window (center {center}, width {width}) needs a finite center and a width > 0")
+    return center, width
+
+
 def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Image:
     """A DICOM slice as 8-bit RGB: modality LUT (rescale slope/intercept to e.g. Hounsfield units), then windowing.
 
-    Window: `window=(center, width)` if given, else the file's VOI LUT / WindowCenter-WindowWidth, else the pixel
-    range. MONOCHROME1 (inverted grey) is flipped so that dense is bright, as in MONOCHROME2.
+    Window: `window=(center, width)` if given, else the file's own WindowCenter / WindowWidth (the first pair), else
+    its VOI LUT table (scaled by the table's output range), else the pixel range. A window maps
+    [center − width/2, center + width/2] linearly to [0, 255] and clips outside it, so a slice whose values all lie
+    inside the window keeps its place in the grey scale (it is not stretched to black-white). MONOCHROME1 (inverted
+    grey) is flipped so that dense is bright, as in MONOCHROME2.
     """
     import numpy as np
     import pydicom
@@ -26,12 +51,14 @@ def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Im
     if getattr(ds, "SamplesPerPixel", 1) == 3:
         return Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("RGB")
     values = apply_modality_lut(pixels, ds).astype(np.float64)
+    window = check_window(window, path) if window is not None else file_window(ds)
     if window is not None:
-        center, width = window
+        center, width = check_window(window, path)
         low, high = center - width / 2, center + width / 2
-    elif "WindowCenter" in ds or "VOILUTSequence" in ds:
+    elif "VOILUTSequence" in ds:
         values = apply_voi_lut(values, ds).astype(np.float64)
-        low, high = float(values.min()), float(values.max())
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        low, high = 0.0, float(2**bits - 1)
     else:
         low, high = float(values.min()), float(values.max())
     scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0)
@@ -44,6 +71,8 @@ def load_image(path: str, sample: Sample | None = None, field: str = "images",
                window: tuple[float, float] | None = None) -> Image.Image:
     """Open an image fully (so corruption shows here, not deep inside a batch) as RGB; DICOM is windowed."""
     where = f"record id {sample.id!r}, field '{field}'" if sample is not None else "image"
+    if window is not None:
+        window = check_window(window, "--window")  # the caller's setting, not the file's fault
     if str(path).lower().endswith(DICOM_SUFFIXES):
         try:
             return load_dicom(path, window)
