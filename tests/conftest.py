@@ -8,9 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# `make mutation` runs the selected tests once per mutant: property tests draw fewer examples there (the normal suite
+# keeps its counts). MEDSYNAPSE_MUTATION is set by the Makefile target only.
+MUTATION_RUN = bool(os.environ.get("MEDSYNAPSE_MUTATION"))
+settings.register_profile("mutation", max_examples=25, deadline=None, database=None)
+if MUTATION_RUN:
+    settings.load_profile("mutation")
+
+
+def examples(count: int) -> int:
+    """`count` property-test examples, or 25 under mutation testing."""
+    return min(count, 25) if MUTATION_RUN else count
 
 
 class Interrupted(RuntimeError):
@@ -34,8 +47,7 @@ class TinyEnv:
     test_file: Path
 
 
-@pytest.fixture(scope="session")
-def tiny_env(tmp_path_factory) -> TinyEnv:
+def build_tiny_env(root: Path) -> TinyEnv:
     from transformers.utils import logging
 
     from medsynapse.data.synthmed import corpus_lines, generate_split
@@ -44,7 +56,6 @@ def tiny_env(tmp_path_factory) -> TinyEnv:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    root = tmp_path_factory.mktemp("tiny")
     vlm = build_tiny_vlm(root / "vlm", corpus_lines())
     torch.manual_seed(0)
     encoder = TinySegEncoder().eval()
@@ -52,6 +63,32 @@ def tiny_env(tmp_path_factory) -> TinyEnv:
     train = generate_split(root / "data", "train", 12, seed=0)
     test = generate_split(root / "data", "test", 4, seed=0)
     return TinyEnv(root, vlm, root / "encoder", train, test)
+
+
+def mutation_tiny_env(tmp_path_factory) -> TinyEnv:
+    """Under `make mutation` every mutant starts a test session: build the (deterministic) tiny environment once into
+    a shared folder, renamed into place when complete, and give each session a private copy of it."""
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.gettempdir()) / f"medsynapse-mutation-tiny-{os.getuid()}"
+    if not (shared / "vlm" / "config.json").is_file():
+        staging = Path(tempfile.mkdtemp(dir=shared.parent, prefix=shared.name + ".building."))
+        build_tiny_env(staging)
+        try:
+            staging.rename(shared)
+        except OSError:  # another session finished first: use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    root = tmp_path_factory.mktemp("tiny")
+    shutil.copytree(shared, root, dirs_exist_ok=True)
+    return TinyEnv(root, root / "vlm", root / "encoder", root / "data" / "train.jsonl", root / "data" / "test.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_env(tmp_path_factory) -> TinyEnv:
+    if MUTATION_RUN:
+        return mutation_tiny_env(tmp_path_factory)
+    return build_tiny_env(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,7 +55,7 @@ def _assert_ranked_order(values: torch.Tensor, r_acc: torch.Tensor, r_causal: to
             assert bool((vs[:, None] == vs[None, :])[same].all())
 
 
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=examples(400), deadline=None, database=None)
 @given(ranked_groups())
 def test_ranked_reward_and_advantages_keep_correctness_first_and_causal_order(case):
     group, r_acc, r_causal, lambda_acc, lambda_causal, scale, floor = case
@@ -67,7 +68,7 @@ def test_ranked_reward_and_advantages_keep_correctness_first_and_causal_order(ca
     assert inverted_group_fraction(r_acc, rewards, group) == 0.0
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=examples(200), deadline=None, database=None)
 @given(st.lists(st.floats(min_value=-3, max_value=3), min_size=2, max_size=8, unique=True),
        st.sampled_from([0.0, 1.0]))
 def test_ranked_order_is_strict_where_tanh_is_not_saturated(unscaled, acc):
@@ -89,7 +90,7 @@ def test_ranked_reward_formula_and_huge_values():
     assert torch.equal(composite_reward(r_acc, r_causal, "ranked", 1.0, 0.5, scale=2.0), rewards)
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=examples(200), deadline=None, database=None)
 @given(st.integers(min_value=1, max_value=6), st.integers(min_value=1, max_value=9), st.integers(0, 2**31 - 1),
        st.sampled_from([(1.0, 0.5), (1.0, 0.0), (2.0, 3.0)]))
 def test_paper_form_is_eq5_exactly(n, width, seed, lambdas):

@@ -162,20 +162,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from medsynapse.data.schema import DataError
     from medsynapse.eval.diagnostics import diagnose
-    from medsynapse.model.vlm import ModelNotFoundError
 
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
-    try:
-        result = diagnose(args.model, args.data, args.train_data, args.output, batch_size=args.batch_size,
-                          families=families, intervention=args.intervention, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens)
-    except (DataError, ModelNotFoundError, ValueError) as err:
-        if args.debug:
-            raise
-        print(f"medsynapse diagnose: error: {err}", file=sys.stderr)
-        return 2
+    result = diagnose(args.model, args.data, args.train_data, args.output, batch_size=args.batch_size,
+                      families=families, intervention=args.intervention, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens)
     print((Path(args.output) / "diagnostics.md").read_text())
     if result["n_skipped"]:
         print(f"{result['n_skipped']} item(s) skipped (listed in diagnostics.json)")
@@ -184,9 +176,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsynapse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line naming what is wrong")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)  # every command takes --debug (parents=[common])
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on the embedded SynthMed task")
+    demo = sub.add_parser("demo", parents=[common],
+                             help="run the whole pipeline on the embedded SynthMed task")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--cache-dir", default=None, help="where data and tiny models are cached")
     demo.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2: one run per seed "
@@ -196,14 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override demo settings, e.g. stage1.max_steps=50")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="train one stage (or the no-memory SFT control: sft)")
+    train = sub.add_parser("train", parents=[common],
+                             help="train one stage (or the no-memory SFT control: sft)")
     train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft"])
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")
     train.set_defaults(func=cmd_train)
 
-    predict = sub.add_parser("predict", help="answer one question about one image (PNG, JPEG or DICOM)")
+    predict = sub.add_parser("predict", parents=[common],
+                             help="answer one question about one image (PNG, JPEG or DICOM)")
     predict.add_argument("--model", required=True)
     predict.add_argument("--image", required=True)
     predict.add_argument("--question", required=True)
@@ -211,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
                          help="DICOM window (e.g. 40 400 for soft tissue); default: the file's own window")
     predict.set_defaults(func=cmd_predict)
-    cache = sub.add_parser("cache-features", help="precompute frozen prior-encoder features into safetensors shards")
+    cache = sub.add_parser("cache-features", parents=[common],
+                             help="precompute frozen prior-encoder features into safetensors shards")
     cache.add_argument("--encoder", required=True, help="prior-encoder folder")
     cache.add_argument("--data", required=True, help="a JSON-lines sample file")
     cache.add_argument("--out", required=True, help="cache root; recipes read it with prior_cache: DIR")
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from medsynapse.data.sources import SOURCES
 
-    evaluate = sub.add_parser("eval", help="evaluate a model on the public medical VQA benchmarks (resumable)")
+    evaluate = sub.add_parser("eval", parents=[common],
+                             help="evaluate a model on the public medical VQA benchmarks (resumable)")
     evaluate.add_argument("--model", required=True, help="a saved MedSynapse stage or a plain local Qwen3-VL folder")
     evaluate.add_argument("--benchmarks", required=True, help=f"comma-separated: {', '.join(SOURCES)}")
     evaluate.add_argument("--data-root", required=True, help="folder holding the datasets in their published layouts")
@@ -236,16 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-pixels", type=int, default=None, help="cap the VLM's per-image pixel budget")
     evaluate.set_defaults(func=cmd_eval)
 
-    summary = sub.add_parser("eval-summary", help="one Table-1 style summary of several eval outputs")
+    summary = sub.add_parser("eval-summary", parents=[common],
+                             help="one Table-1 style summary of several eval outputs")
     summary.add_argument("runs", nargs="+", metavar="[LABEL=]DIR")
     summary.add_argument("--output", required=True)
     summary.set_defaults(func=cmd_eval_summary)
 
-    fixtures = sub.add_parser("fixtures", help="write tiny copies of every supported dataset layout (for trying eval)")
+    fixtures = sub.add_parser("fixtures", parents=[common],
+                             help="write tiny copies of every supported dataset layout (for trying eval)")
     fixtures.add_argument("--out", required=True)
     fixtures.set_defaults(func=cmd_fixtures)
 
-    convert = sub.add_parser("convert", help="turn a training corpus (or any benchmark) into a MedSynapse JSONL file")
+    convert = sub.add_parser("convert", parents=[common],
+                             help="turn a training corpus (or any benchmark) into a MedSynapse JSONL file")
     convert.add_argument("--source", required=True, choices=list(SOURCES))
     convert.add_argument("--data-root", required=True)
     convert.add_argument("--out", required=True, help="output .jsonl; embedded images go to its folder's images/")
@@ -254,13 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="loader option, e.g. per_modality=2000, modalities=[Computed Tomography, Microscopy]")
     convert.set_defaults(func=cmd_convert)
 
-    inspect = sub.add_parser("inspect", help="parameter counts and training memory of a real-size config (meta device)")
+    inspect = sub.add_parser("inspect", parents=[common],
+                             help="parameter counts and training memory of a real-size config (meta device)")
     inspect.add_argument("--config", required=True)
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     inspect.set_defaults(func=cmd_inspect)
 
-    diag = sub.add_parser("diagnose", help="memory-reliance report: accuracy with the memory zeroed / mean / shuffled "
+    diag = sub.add_parser("diagnose", parents=[common],
+                             help="memory-reliance report: accuracy with the memory zeroed / mean / shuffled "
                                            "/ counterfactual / noise, collapse, leak and readability probes")
     diag.add_argument("--model", required=True, help="a saved MedSynapse stage folder")
     diag.add_argument("--data", required=True, help="a JSON-lines sample file (SynthMed test split for the probes)")
@@ -272,15 +278,32 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--intervention", default="zero", help="counterfactual intervention for M' (default zero)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the shuffle derangement, the noise and the probes")
     diag.add_argument("--max-new-tokens", type=int, default=8)
-    diag.add_argument("--debug", action="store_true", help="show the full traceback on bad input")
     diag.set_defaults(func=cmd_diagnose)
     return parser
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a busy folder, not a bug: shown as one line (the message names the file,
+    record and field); anything else keeps its traceback."""
+    from medsynapse.config import ConfigError
+    from medsynapse.data.schema import DataError
+    from medsynapse.locking import FolderInUseError
+    from medsynapse.model.processor import ModelNotFoundError
+
+    return (ConfigError, DataError, FolderInUseError, ModelNotFoundError, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except expected_errors() as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"medsynapse {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

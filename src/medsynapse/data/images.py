@@ -48,8 +48,18 @@ def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Im
     pixels = ds.pixel_array
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[pixels.shape[0] // 2]  # a multi-frame series: the middle frame
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut  # indices into the file's colour table: look the colours up
+
+        colours = apply_color_lut(pixels, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return Image.fromarray(scale_to_8bit(colours, bits)).convert("RGB")
     if getattr(ds, "SamplesPerPixel", 1) == 3:
-        return Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("RGB")
+        if pixels.ndim == 4:  # multi-frame colour: the middle frame
+            pixels = pixels[pixels.shape[0] // 2]
+        # (pydicom's pixel_array already converts YBR colour to RGB)
+        bits = int(getattr(ds, "BitsStored", 8) or 8)  # 16-bit colour keeps its range (not wrapped modulo 256)
+        return Image.fromarray(scale_to_8bit(pixels, bits)).convert("RGB")
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     window = check_window(window, path) if window is not None else file_window(ds)
     if window is not None:
@@ -67,13 +77,24 @@ def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Im
     return Image.fromarray((scaled * 255).round().astype(np.uint8)).convert("RGB")
 
 
+def has_dicom_preamble(path: str) -> bool:
+    """A DICOM file whatever its name (hospital exports often have no extension): "DICM" after the 128-byte
+    preamble."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
 def load_image(path: str, sample: Sample | None = None, field: str = "images",
                window: tuple[float, float] | None = None) -> Image.Image:
     """Open an image fully (so corruption shows here, not deep inside a batch) as RGB; DICOM is windowed."""
     where = f"record id {sample.id!r}, field '{field}'" if sample is not None else "image"
     if window is not None:
         window = check_window(window, "--window")  # the caller's setting, not the file's fault
-    if str(path).lower().endswith(DICOM_SUFFIXES):
+    if str(path).lower().endswith(DICOM_SUFFIXES) or has_dicom_preamble(path):
         try:
             return load_dicom(path, window)
         except FileNotFoundError:
@@ -83,11 +104,46 @@ def load_image(path: str, sample: Sample | None = None, field: str = "images",
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise DataError(f"{path}: image not found ({where})") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: image too large ({where}): {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"{path}: corrupt or unreadable image ({where}): {err}") from None
+
+
+def significant_bits(values) -> int:
+    """Bits needed for the largest value (at least 8): 12-bit scans stored in 16-bit files use 0-4095."""
+    import numpy as np
+
+    top = int(np.max(values)) if np.size(values) else 0
+    return max(8, top.bit_length())
+
+
+def scale_to_8bit(values, bits: int):
+    """Integer samples of `bits` significant bits to uint8 over their full range."""
+    import numpy as np
+
+    scaled = np.asarray(values, dtype=np.float64) * (255.0 / (2**bits - 1))
+    return np.clip(scaled.round(), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB without losing range: PIL's own conversion clips 16-bit grey ("I;16", "I") at 255 and maps floats
+    ("F") without scaling, so those are scaled here, integers by their significant bit depth (inferred from the
+    largest value, as PNG readers do when no sBIT chunk is given) and floats by their min-max range."""
+    import numpy as np
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(img).astype(np.int64).clip(min=0)
+        return Image.fromarray(scale_to_8bit(values, significant_bits(values))).convert("RGB")
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / max(high - low, 1e-12) * 255
+        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
 
 
 def load_mask(path: str, sample: Sample | None = None) -> Image.Image:

@@ -5,13 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary name, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+from medsynapse.locking import write_text_atomic  # noqa: F401  (re-exported: the reports' writers import it here)
 
 
 def write_json(path: str | Path, data: dict) -> None:

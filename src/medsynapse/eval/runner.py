@@ -23,6 +23,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
 from medsynapse.eval.efficiency import PeakRSS, rss_mb
 from medsynapse.eval.report import write_json, write_text_atomic
+from medsynapse.locking import FolderInUseError, exclusive_output
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
 from medsynapse.objectives.answers import extract, is_correct
@@ -257,15 +259,32 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
                         on_batch: Callable[[str, int], None] | None = None) -> dict[str, dict]:
     """Run every benchmark (resuming), write metrics and the summary; returns metrics per benchmark."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    from medsynapse.eval.summary import write_summary
+    from accelerate.utils import broadcast_object_list
 
     # one process, or torchrun / accelerate launch; cpu=True is what makes accelerate see a gloo run on CPU
     state = PartialState(cpu=not torch.cuda.is_available())
     settings = settings or EvalSettings()
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        refusal = [None]
+        if state.is_main_process:  # one lock per launch: rank 0 holds it for every rank
+            try:
+                stack.enter_context(exclusive_output(output, "evaluation"))
+            except FolderInUseError as err:
+                refusal = [str(err)]
+        if state.num_processes > 1:
+            broadcast_object_list(refusal)
+        if refusal[0]:
+            raise FolderInUseError(refusal[0])
+        return _evaluate_locked(state, model_path, benchmarks, data_root, output, settings, on_batch)
+
+
+def _evaluate_locked(state, model_path: str, benchmarks: list[str], data_root: str | Path, output: Path,
+                     settings: EvalSettings, on_batch: Callable[[str, int], None] | None) -> dict[str, dict]:
+    from accelerate.utils import gather_object
+
+    from medsynapse.eval.summary import write_summary
+
     benches = {name: load_source(name, data_root, output / ".images", skip_bad=settings.skip_bad,
                                  **settings.source_options.get(name, {})) for name in benchmarks}
     model = MedSynapseV.from_pretrained(model_path, merge_adapter=True)

@@ -25,6 +25,7 @@ from medsynapse.model.memory import (
     SamplerConfig,
     embedding_rms,
 )
+from medsynapse.model.processor import ModelNotFoundError
 from medsynapse.model.vlm import (
     EncodedPrompt,
     PromptBatch,
@@ -44,6 +45,19 @@ ADAPTER_DIR = "adapter"
 def lora_target_regex(projections: list[str]) -> str:
     """Restrict LoRA to the language model's layers (vision blocks use other names, but be explicit)."""
     return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(projections)})"
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_local_adapter(folder: Path) -> None:
+    """The LoRA folder a manifest names must hold its files here. peft treats a path it cannot find as a hub repo id
+    and downloads from it (an `ns/name`-shaped relative path could even fetch someone else's weights); MedSynapse
+    never loads from the hub at run time, so a missing file is a local error naming it."""
+    for name in ADAPTER_FILES:
+        if not (folder / name).is_file():
+            raise ModelNotFoundError(f"{folder / name}: the LoRA adapter file named by the model manifest ({MANIFEST}) "
+                                     "is missing (the model folder is incomplete; nothing is fetched from the hub)")
 
 
 class MedSynapseV(nn.Module):
@@ -146,6 +160,7 @@ class MedSynapseV(nn.Module):
             from peft import PeftModel
 
             adapter_path = str(folder / manifest["adapter"])
+            check_local_adapter(Path(adapter_path))
             vlm = PeftModel.from_pretrained(vlm, adapter_path, is_trainable=False)
             if merge_adapter:
                 vlm = vlm.merge_and_unload()

@@ -92,6 +92,7 @@ def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reductio
 
 
 def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -> Path:
+    trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
     torch.manual_seed(config.seed)
@@ -115,7 +116,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     model.vlm = unwrapped
 
     start = 0
-    checkpoint = trainer.latest_checkpoint(output) if config.resume else None
+    checkpoint = trainer.resume_point(output, config, config.max_steps)
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)["step"]
     accelerator.init_trackers("sft", config={k: str(v) for k, v in to_dict(config).items()})
@@ -141,7 +142,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
         done = step + 1
         if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
-            trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler)
+            trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler, config=config)
         if on_step is not None:
             on_step(done)
 

@@ -51,6 +51,7 @@ class Stage1Config:
 
 
 def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
+    trainer.check_steps(config.max_steps, minimum=0)  # before anything is loaded
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
     torch.manual_seed(config.seed)
@@ -75,7 +76,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     wrapped, optimizer, scheduler = accelerator.prepare(sampler, optimizer, scheduler)
 
     start = 0
-    checkpoint = trainer.latest_checkpoint(output) if config.resume else None
+    checkpoint = trainer.resume_point(output, config, total_steps)
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(wrapped), optimizer, scheduler)["step"]
     accelerator.init_trackers("stage1", config={k: str(v) for k, v in to_dict(config).items()})
@@ -101,7 +102,8 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
         done = step + 1
         if accelerator.is_main_process and (done % config.save_every == 0 or done == total_steps):
-            trainer.save_checkpoint(output, done, accelerator.unwrap_model(wrapped), optimizer, scheduler)
+            trainer.save_checkpoint(output, done, accelerator.unwrap_model(wrapped), optimizer, scheduler,
+                                    config=config)
         if on_step is not None:
             on_step(done)
     accelerator.wait_for_everyone()

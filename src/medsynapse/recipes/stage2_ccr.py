@@ -192,6 +192,7 @@ def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_si
 
 def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = None) -> Path:
     check_config(config)
+    trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
     torch.manual_seed(config.seed)
@@ -226,7 +227,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
 
     start = 0
     record: dict[str, list[float]] = {"correct": [], "wrong": []}
-    checkpoint = trainer.latest_checkpoint(output) if config.resume else None
+    checkpoint = trainer.resume_point(output, config, config.max_steps)
     if checkpoint is not None:
         state = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
         start, record = state["step"], state.get("causal_record", record)
@@ -316,7 +317,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
             bar.set_postfix(r_acc=f"{logs['r_acc']:.2f}", r_causal=f"{logs['r_causal']:.2f}")
         done = step + 1
         if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
-            trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler, extra={"causal_record": record})
+            trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler, extra={"causal_record": record},
+                                    config=config)
         if on_step is not None:
             on_step(done)
 

@@ -63,6 +63,7 @@ class Stage3Config:
 
 
 def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
+    trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
     torch.manual_seed(config.seed)
@@ -91,7 +92,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     student, optimizer, scheduler = accelerator.prepare(model.autonomous.train(), optimizer, scheduler)
 
     start = 0
-    checkpoint = trainer.latest_checkpoint(output) if config.resume else None
+    checkpoint = trainer.resume_point(output, config, config.max_steps)
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
     accelerator.init_trackers("stage3", config={k: str(v) for k, v in to_dict(config).items()})
@@ -152,7 +153,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
             bar.set_postfix(jsd=f"{logs['jsd']:.4f}")
         done = step + 1
         if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
-            trainer.save_checkpoint(output, done, accelerator.unwrap_model(student), optimizer, scheduler)
+            trainer.save_checkpoint(output, done, accelerator.unwrap_model(student), optimizer, scheduler,
+                                    config=config)
         if on_step is not None:
             on_step(done)
 

@@ -3,6 +3,11 @@
 Data order is a pure function of (seed, step): each epoch is a seeded permutation, each step takes the next global
 batch and each rank its slice. Resuming from a checkpoint therefore needs only the step number, and a 2-process run
 sees the same global batches as a 1-process run.
+
+A checkpoint records the settings of the run that wrote it (`run_settings`); `resume_point` refuses to start a new run
+over another run's checkpoints (its pruning would delete them, or they its own) and to resume with other settings, and
+it skips a damaged checkpoint (an empty or missing file, as a power loss leaves) for the previous intact one, naming
+the file. Checkpoint files are fsynced before the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from medsynapse.locking import fsync_tree
+
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+# settings that change neither what is trained nor in what order: a resume may change them
+RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache")
 
 
 def make_accelerator(output_dir: str | Path) -> Accelerator:
@@ -110,12 +121,85 @@ def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+def check_steps(max_steps: int, minimum: int = 0) -> None:
+    """Refuse a step count below `minimum` (0 where 0 means "use epochs") before anything is loaded."""
+    if not isinstance(max_steps, int) or max_steps < minimum:
+        meaning = " (0: use epochs)" if minimum == 0 else ""
+        raise ValueError(f"max_steps must be an integer >= {minimum}{meaning}, got {max_steps!r}")
+
+
+def run_settings(config) -> dict:
+    """The config as JSON values, without the settings a resume may change."""
+    from medsynapse.config import to_dict
+
+    values = json.loads(json.dumps(to_dict(config), default=str))
+    return {k: v for k, v in sorted(values.items()) if k not in RESUMABLE_SETTINGS}
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every `step_*` folder (intact or not), oldest first."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+
+
+def damaged_file(folder: Path) -> Path | None:
+    """The first file of a checkpoint that is missing or empty, or whose state.json does not parse; None if intact."""
+    for name in CHECKPOINT_FILES:
+        path = folder / name
+        if not path.is_file() or path.stat().st_size == 0:
+            return path
+    try:
+        json.loads((folder / "state.json").read_text())["step"]
+    except (ValueError, KeyError):
+        return folder / "state.json"
+    return None
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint; each newer damaged one is skipped with a warning naming its bad file."""
+    for folder in reversed(checkpoint_folders(output_dir)):
+        bad = damaged_file(folder)
+        if bad is None:
+            return folder
+        warnings.warn(f"{folder}: damaged checkpoint ({bad} is missing or empty); trying the one before it",
+                      stacklevel=2)
+    return None
+
+
+def resume_point(output_dir: str | Path, config, total_steps: int) -> Path | None:
+    """The checkpoint this run continues from, or None for a fresh start; refuses to mix runs in one folder.
+
+    Without `resume`, existing checkpoints mean another run owns the folder: ValueError (pruning would delete one
+    run's checkpoints in favour of the other's). With `resume`: the newest intact checkpoint, which must have been
+    written with the same settings (`run_settings`; checkpoints from before this check carry none and are accepted)
+    and at a step within this run's `total_steps`.
+    """
+    existing = checkpoint_folders(output_dir)
+    if not config.resume:
+        if existing:
+            raise ValueError(f"{Path(output_dir) / CHECKPOINTS} holds checkpoints of an earlier run (up to "
+                             f"{existing[-1].name}); continue it with --resume (resume: true), or train into another "
+                             "output_dir")
         return None
-    steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if (p / "state.json").is_file())
-    return steps[-1][1] if steps else None
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        warnings.warn(f"resume: no intact checkpoint in {Path(output_dir) / CHECKPOINTS}; starting from step 0",
+                      stacklevel=2)
+        return None
+    state = json.loads((checkpoint / "state.json").read_text())
+    recorded = state.get("settings")
+    if recorded is not None:
+        wanted = run_settings(config)
+        changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+        if changed:
+            raise ValueError(f"{checkpoint}: written by a run with other settings ({', '.join(changed)} differ); "
+                             "resume with the settings it was started with, or train into another output_dir")
+    if state["step"] > total_steps:
+        raise ValueError(f"{checkpoint}: step {state['step']} is past this run's {total_steps} steps; nothing would "
+                         "be trained")
+    return checkpoint
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -136,8 +220,9 @@ def load_trainable_state(module: nn.Module, weights: dict[str, torch.Tensor]) ->
 
 
 def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimizer, scheduler,
-                    extra: dict | None = None, keep: int = 2) -> Path:
-    """Trainable weights (safetensors), optimiser and scheduler state, RNG; written to a temp dir then renamed."""
+                    extra: dict | None = None, keep: int = 2, config=None) -> Path:
+    """Trainable weights (safetensors), optimiser and scheduler state, RNG and the run's settings (`config`);
+    written to a temp dir, fsynced, then renamed."""
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -148,7 +233,9 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimi
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    settings = {"settings": run_settings(config)} if config is not None else {}
+    (tmp / "state.json").write_text(json.dumps({"step": step, **settings, **(extra or {})}))
+    fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(root.glob("step_*"))[:-keep]:

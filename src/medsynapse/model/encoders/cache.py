@@ -6,7 +6,8 @@ settings the encoder resolves from code defaults (`encoder_settings`), so a chan
 stale features. Images are keyed by the SHA-256 of their file bytes, so renamed copies hit and edited files miss.
 Hashing every byte of a multi-GB checkpoint takes seconds to a minute, so a weight file's digest is remembered by
 (resolved path, size, mtime in ns), in the process and in `<root>/file_digests.json`: rewriting a file (a retrained
-encoder of the same size) changes its mtime and is hashed again. Shards are written to a temporary name and renamed; the index is rewritten atomically after each shard.
+encoder of the same size) changes its mtime and is hashed again.
+Shards are written to a temporary name and renamed; the index is rewritten atomically after each shard.
 """
 
 from __future__ import annotations

@@ -1,0 +1,253 @@
+"""No silent data loss or corruption: one writer per eval folder, checkpoints owned by their run and checked on
+resume, no hub fallback for a missing adapter, images read with their full range and colours."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from medsynapse.data.images import load_image
+from medsynapse.locking import FolderInUseError, exclusive_output, write_text_atomic
+from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
+
+
+def _stage1(tiny_env, out, **kw) -> Stage1Config:
+    base = dict(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
+                output_dir=str(out), n_memory=4, sampler_width=32, batch_size=4, max_steps=4, save_every=1,
+                lr=1e-3, log_every=1, answer_types=["yes_no", "multiple_choice", "open"])
+    base.update(kw)
+    return Stage1Config(**base)
+
+
+# --- one writer per eval folder -------------------------------------------------------------------------------------
+def test_a_second_eval_into_a_busy_folder_is_refused_and_writes_nothing(tiny_env, tmp_path):
+    from medsynapse.data.sources.fixtures import write_fixtures
+    from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
+
+    data_root = write_fixtures(tmp_path / "data")
+    out = tmp_path / "eval"
+    with exclusive_output(out, "evaluation"):  # what a first `medsynapse eval` holds while it runs
+        with pytest.raises(FolderInUseError, match="another medsynapse process is writing into this folder"):
+            evaluate_benchmarks(str(tiny_env.vlm), ["vqa-rad"], data_root, out, EvalSettings(max_new_tokens=2))
+        assert sorted(p.name for p in out.iterdir()) == [".medsynapse.lock"]  # nothing else written
+    # once the first one is done, the folder is free again
+    evaluate_benchmarks(str(tiny_env.vlm), ["vqa-rad"], data_root, out, EvalSettings(max_new_tokens=2))
+    assert (out / "vqa-rad" / "predictions.jsonl").is_file()
+
+
+def test_the_lock_is_held_across_processes_and_dropped_when_the_holder_dies(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom medsynapse.locking import exclusive_output\n"
+         f"with exclusive_output({str(out)!r}, 'evaluation'):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUseError), exclusive_output(out, "evaluation"):
+            pass
+    finally:
+        holder.kill()  # kill -9: the OS releases the lock, no stale lock file blocks the next run
+        holder.wait()
+    with exclusive_output(out, "evaluation"):
+        pass
+
+
+def test_atomic_write_keeps_the_old_file_when_the_rename_fails_and_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "run.json"
+    write_text_atomic(target, "old")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+# --- checkpoints belong to their run ---------------------------------------------------------------------------------
+def test_a_new_run_over_another_runs_checkpoints_is_refused_and_they_are_kept(tiny_env, tmp_path):
+    out = tmp_path / "s1"
+    train_stage1(_stage1(tiny_env, out))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        train_stage1(_stage1(tiny_env, out, lr=5e-3, max_steps=8))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_resume_with_other_settings_or_past_the_end_is_refused(tiny_env, tmp_path):
+    out = tmp_path / "s1"
+    train_stage1(_stage1(tiny_env, out))
+    with pytest.raises(ValueError, match=r"other settings \(lr differ\)"):
+        train_stage1(_stage1(tiny_env, out, lr=5e-3, resume=True))
+    with pytest.raises(ValueError, match="past this run's 2 steps"):
+        train_stage1(_stage1(tiny_env, out, max_steps=2, resume=True))
+
+
+def test_resume_with_no_checkpoint_says_so(tiny_env, tmp_path):
+    with pytest.warns(UserWarning, match="no intact checkpoint"):
+        train_stage1(_stage1(tiny_env, tmp_path / "fresh", max_steps=1, resume=True))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_env, tmp_path):
+    straight = train_stage1(_stage1(tiny_env, tmp_path / "a"))
+    out = tmp_path / "b"
+    from conftest import Interrupted, crash_at
+
+    with pytest.raises(Interrupted):
+        train_stage1(_stage1(tiny_env, out), on_step=crash_at(3))
+    damaged = out / "checkpoints" / "step_0000003" / "optimizer.pt"
+    damaged.write_bytes(b"")  # what a power loss leaves of an unsynced file
+    with pytest.warns(UserWarning, match=str(damaged)):
+        resumed = train_stage1(_stage1(tiny_env, out, resume=True))
+    a, b = load_file(str(straight / "sampler.safetensors")), load_file(str(resumed / "sampler.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2: the same weights as never interrupted
+
+
+def test_checkpoints_record_the_run_settings(tiny_env, tmp_path):
+    out = train_stage1(_stage1(tiny_env, tmp_path / "s1", max_steps=1))
+    state = json.loads((out / "checkpoints" / "step_0000001" / "state.json").read_text())
+    assert state["step"] == 1 and state["settings"]["lr"] == 1e-3 and "resume" not in state["settings"]
+
+
+@pytest.mark.parametrize("steps", [-1, -100])
+def test_negative_steps_are_refused_before_anything_is_loaded(tiny_env, tmp_path, monkeypatch, steps):
+    from medsynapse.model.medsynapse import MedSynapseV
+    from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
+    from medsynapse.recipes.stage3_imt import Stage3Config, train_stage3
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(MedSynapseV, "build", never)
+    monkeypatch.setattr(MedSynapseV, "from_pretrained", never)
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 0"):
+        train_stage1(_stage1(tiny_env, tmp_path / "s1", max_steps=steps))
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+        train_stage2(Stage2Config(model="x", train_file="x", output_dir=str(tmp_path / "s2"), max_steps=steps))
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+        train_stage3(Stage3Config(model="x", train_file="x", output_dir=str(tmp_path / "s3"), max_steps=steps))
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+
+
+# --- no hub fallback --------------------------------------------------------------------------------------------------
+def test_a_missing_adapter_file_is_a_local_error_and_nothing_touches_the_network(tiny_env, tmp_path, monkeypatch):
+    from medsynapse.model.medsynapse import MedSynapseV
+    from medsynapse.model.processor import ModelNotFoundError
+
+    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
+    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])
+    folder = tmp_path / "ns" / "name"  # a relative `ns/name` would look like a hub repo id to peft
+    model.save_pretrained(folder)
+    manifest = json.loads((folder / "medsynapse.json").read_text())
+    missing = folder / manifest["adapter"] / "adapter_model.safetensors"
+    missing.unlink()
+    attempts = []
+
+    def blocked(self, address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", blocked)
+    monkeypatch.setattr(socket.socket, "connect_ex", blocked)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="adapter_model.safetensors"):
+        MedSynapseV.from_pretrained("ns/name")
+    assert attempts == []
+
+
+# --- images as they are -----------------------------------------------------------------------------------------------
+def test_a_16_bit_grey_png_keeps_its_range(tmp_path):
+    scan = np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (32, 1))  # 12-bit data in a 16-bit PNG
+    path = tmp_path / "scan.png"
+    Image.fromarray(scan).save(path)
+    assert Image.open(path).mode.startswith("I")
+    grey = np.asarray(load_image(str(path)))[..., 0].astype(float)
+    assert (grey == 255).mean() < 0.05  # PIL's own conversion puts ~94 % of such pixels at 255
+    assert np.abs(grey[0] - scan[0] * 255 / 4095).max() <= 0.5 + 1e-9
+    full = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))  # real 16-bit data
+    Image.fromarray(full).save(tmp_path / "full.png")
+    assert np.abs(np.asarray(load_image(str(tmp_path / "full.png")))[0, :, 0] - full[0] * 255 / 65535).max() <= 0.5
+
+
+def _pydicom_file(name: str) -> str:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not shipped with this pydicom")
+    return path
+
+
+def test_16_bit_rgb_dicom_keeps_its_range_instead_of_wrapping():
+    import pydicom
+
+    path = _pydicom_file("SC_rgb_rle_16bit.dcm")
+    raw = pydicom.dcmread(path).pixel_array.astype(float)
+    assert raw.max() > 255  # really 16-bit colour
+    rgb = np.asarray(load_image(path)).astype(float)
+    assert np.abs(rgb - raw * 255 / 65535).max() <= 0.5 + 1e-9
+
+
+def test_palette_colour_dicom_is_shown_in_its_colours():
+    import pydicom
+    from pydicom.pixels import apply_color_lut
+
+    path = _pydicom_file("examples_palette.dcm")
+    ds = pydicom.dcmread(path)
+    colours = apply_color_lut(ds.pixel_array, ds).astype(float)
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    rgb = np.asarray(load_image(path)).astype(float)
+    assert rgb.shape == colours.shape[-3:]
+    assert np.abs(rgb - colours * 255 / (2**bits - 1)).max() <= 0.5 + 1e-9
+    assert (rgb[..., 0] != rgb[..., 1]).mean() > 0.1  # colours, not the grey indices
+
+
+def test_an_oversized_image_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
+    from medsynapse.data.schema import DataError
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64*64 > 2 * 100: PIL's DecompressionBombError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="huge.png: image too large"):
+            load_image(str(path))
+
+
+# every codec hospitals export, from the files pydicom ships: lossless ones decode to the uncompressed reference
+LOSSLESS_PAIRS = [("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"), ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+                  ("MR_small_RLE.dcm", "MR_small.dcm")]
+COMPRESSED = ["JPGExtended.dcm", "JPEGLSNearLossless_16.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+              "SC_rgb_rle_16bit_2frame.dcm", "693_J2KI.dcm", "SC_rgb_jls_lossy_line.dcm"]
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_compressed_dicom_loads(name):
+    image = np.asarray(load_image(_pydicom_file(name)))
+    assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 1
+
+
+@pytest.mark.parametrize(("compressed", "reference"), LOSSLESS_PAIRS)
+def test_lossless_dicom_codecs_decode_to_the_uncompressed_image(compressed, reference):
+    assert np.array_equal(np.asarray(load_image(_pydicom_file(compressed))),
+                          np.asarray(load_image(_pydicom_file(reference))))
+
+
+def test_a_dicom_without_extension_is_recognised(tmp_path):
+    import shutil
+
+    plain = tmp_path / "IM0001"  # as PACS exports name them
+    shutil.copy(_pydicom_file("CT_small.dcm"), plain)
+    assert np.array_equal(np.asarray(load_image(str(plain))), np.asarray(load_image(_pydicom_file("CT_small.dcm"))))
