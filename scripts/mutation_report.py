@@ -2,8 +2,8 @@
 
 Reads `mutmut results --all true` ("<module>.x_<function>__mutmut_<k>: <status>"), groups by module and prints a
 markdown table: killed (a test failed, or the mutant timed out), survived, no tests (no selected test reaches the
-function), and the score killed / all mutants, counting untested mutants as survivors. Writes the same numbers to
-mutants/mutation_report.json.
+function), not checked (not run yet, e.g. a sampled run), and the score killed / checked, counting "no tests" as
+survivors. Writes the same numbers to mutants/mutation_report.json.
 """
 
 from __future__ import annotations
@@ -38,17 +38,20 @@ def table(per_module: dict[str, Counter]) -> tuple[str, dict]:
         totals.update(counts)
         rows.append(_row(module, counts, report))
     rows.append(_row("**all**", totals, report))
-    header = "| module | mutants | killed | survived | no tests | score |\n|---|---|---|---|---|---|\n"
+    header = ("| module | mutants | checked | killed | survived | no tests | score (killed / checked) |\n"
+              "|---|---|---|---|---|---|---|\n")
     return header + "\n".join(rows), report
 
 
 def _row(name: str, counts: Counter, report: dict) -> str:
     total = sum(counts.values())
+    checked = total - counts["not checked"]
     killed = sum(counts[s] for s in KILLED)
-    score = killed / total if total else 0.0
-    report[name.strip("*")] = {"mutants": total, "killed": killed, "survived": counts["survived"],
-                               "no_tests": counts["no tests"], "score": score, "statuses": dict(counts)}
-    return (f"| {name} | {total} | {killed} | {counts['survived']} | {counts['no tests']} | "
+    score = killed / checked if checked else 0.0
+    report[name.strip("*")] = {"mutants": total, "checked": checked, "killed": killed,
+                               "survived": counts["survived"], "no_tests": counts["no tests"], "score": score,
+                               "statuses": dict(counts)}
+    return (f"| {name} | {total} | {checked} | {killed} | {counts['survived']} | {counts['no tests']} | "
             f"{100 * score:.1f} % |")
 
 

@@ -5,10 +5,19 @@ from __future__ import annotations
 import string
 
 import pytest
-from hypothesis import given
+from conftest import examples
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medsynapse.objectives.answers import extract, extract_option, extract_yes_no, is_correct, normalise
+from medsynapse.objectives.answers import (
+    extract,
+    extract_option,
+    extract_yes_no,
+    is_correct,
+    mmmu_open_correct,
+    mmmu_open_predictions,
+    normalise,
+)
 
 OPTIONS = {"A": "upper left", "B": "upper right", "C": "lower left", "D": "lower right"}
 
@@ -136,3 +145,27 @@ def test_mmmu_open_rule_matches_numbers_and_contained_strings():
     for text, gold, expected in cases:
         assert is_correct(text, gold, "mmmu_open")[0] is expected, (text, gold)
     assert extract("", "mmmu_open").answer is None
+
+
+# --- the MMMU open rule against MMMU's own scorer (tests/reference, verbatim) ---------------------------------------
+_FRAGMENTS = st.one_of(
+    st.integers(-5000, 5000).map(str), st.floats(-1e4, 1e4, allow_nan=False).map(lambda x: f"{x:.3f}"),
+    st.sampled_from(["1,234", "12,345.6", "3e5", "2.5E-3", ".75", "-0.5", "1/2", "100%"]),
+    st.sampled_from(["the answer is ", "so ", "thus ", "therefore ", "final answer: ", "result ", "could be ",
+                     "x = ", "= ", "is ", "Answer ", "The result is"]),
+    st.sampled_from([". ", ".\n", "\n", ", ", "! ", "? ", "; ", ":", "'", " "]),
+    st.sampled_from(["A", "b", "mg", "Aspirin", "left lung", "It", "We", "Therefore", "pneumonia", "mL/min"]),
+)
+_GOLDS = st.one_of(st.integers(-100, 5000).map(str), st.sampled_from(
+    ["2", "2.5", "0.75", "1234", "1,234", "12345.6", "300000", "a", "B", "aspirin", "left lung", "mg", "-0.5", "3"]))
+
+
+@settings(max_examples=examples(1500), deadline=None, database=None)
+@given(st.lists(_FRAGMENTS, min_size=0, max_size=12).map("".join), _GOLDS)
+def test_mmmu_open_rule_equals_the_official_scorer(response, gold):
+    from reference.mmmu_eval_utils import eval_open, parse_open_response
+
+    official = parse_open_response(response)
+    ours = mmmu_open_predictions(response)
+    assert sorted(map(repr, ours)) == sorted(map(repr, official))
+    assert mmmu_open_correct(ours, gold) == eval_open(gold, official)

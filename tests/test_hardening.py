@@ -91,7 +91,14 @@ def test_resume_with_other_settings_or_past_the_end_is_refused(tiny_env, tmp_pat
     train_stage1(_stage1(tiny_env, out))
     with pytest.raises(ValueError, match=r"other settings \(lr differ\)"):
         train_stage1(_stage1(tiny_env, out, lr=5e-3, resume=True))
-    with pytest.raises(ValueError, match="past this run's 2 steps"):
+    with pytest.raises(ValueError, match=r"other settings \(max_steps differ\)"):  # another schedule
+        train_stage1(_stage1(tiny_env, out, max_steps=2, resume=True))
+    # a checkpoint from before settings were recorded is accepted, but never past the run's end
+    state_file = out / "checkpoints" / "step_0000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="step 4 is past this run's 2 steps"):
         train_stage1(_stage1(tiny_env, out, max_steps=2, resume=True))
 
 
@@ -175,10 +182,10 @@ def test_a_16_bit_grey_png_keeps_its_range(tmp_path):
     assert Image.open(path).mode.startswith("I")
     grey = np.asarray(load_image(str(path)))[..., 0].astype(float)
     assert (grey == 255).mean() < 0.05  # PIL's own conversion puts ~94 % of such pixels at 255
-    assert np.abs(grey[0] - scan[0] * 255 / 4095).max() <= 0.5 + 1e-9
+    assert np.abs(grey[0] - scan[0].astype(float) * 255 / 4095).max() <= 0.5 + 1e-9
     full = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (8, 1))  # real 16-bit data
     Image.fromarray(full).save(tmp_path / "full.png")
-    assert np.abs(np.asarray(load_image(str(tmp_path / "full.png")))[0, :, 0] - full[0] * 255 / 65535).max() <= 0.5
+    assert np.abs(np.asarray(load_image(str(tmp_path / "full.png")))[0, :, 0] - full[0].astype(float) * 255 / 65535).max() <= 0.5
 
 
 def _pydicom_file(name: str) -> str:

@@ -76,3 +76,52 @@ def test_identical_distributions_give_zero_and_no_teacher_gradient():
     assert teacher.grad is None
     empty = generalized_jsd(student, student, torch.zeros(3, 7, dtype=torch.bool))
     assert float(empty) == 0.0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("num_items", [None, 17.0])
+def test_fused_path_with_its_defaults_equals_trl_over_many_chunks(masked, num_items):
+    """Defaults (β 0.5, τ 1, chunks of 32) against TRL's own defaults; 45 rows > the hidden width, several chunks,
+    `num_items` as the denominator, and a backward scaled by 1.7."""
+    g = torch.Generator().manual_seed(5)
+    hidden_s, hidden_t = torch.randn(3, 15, 8, generator=g), torch.randn(3, 15, 8, generator=g)
+    weight = torch.randn(30, 8, generator=g)
+    mask = torch.ones(3, 15, dtype=torch.bool)
+    if masked:
+        mask[0, :4] = False
+    labels = torch.where(mask, torch.zeros(3, 15, dtype=torch.long), torch.full((3, 15), -100))
+    ours_in = hidden_s.clone().requires_grad_(True)
+    theirs_in = hidden_s.clone().requires_grad_(True)
+    ours = generalized_jsd_from_hidden(ours_in, hidden_t, weight, mask if masked else None, num_items=num_items)
+    theirs = trl_jsd(theirs_in @ weight.T, hidden_t @ weight.T, labels=labels)  # TRL: β 0.5, τ 1, batchmean
+    scale = 1.0 if num_items is None else int(mask.sum()) / num_items
+    torch.testing.assert_close(ours, theirs * scale, atol=1e-5, rtol=1e-5)
+    (ours * 1.7).backward()
+    (theirs * scale * 1.7).backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # no gradient wanted (e.g. evaluation): the same value
+        torch.testing.assert_close(generalized_jsd_from_hidden(hidden_s, hidden_t, weight, mask, num_items=num_items),
+                                   ours.detach())
+
+
+@pytest.mark.parametrize("num_items", [None, 9.0])
+def test_logits_path_with_its_defaults_and_num_items_equals_trl(num_items):
+    student, teacher = _logits(6, shape=(2, 40, 30))
+    labels = torch.zeros(2, 40, dtype=torch.long)
+    ours_in = student.clone().requires_grad_(True)
+    theirs_in = student.clone().requires_grad_(True)
+    ours = generalized_jsd(ours_in, teacher, num_items=num_items)
+    theirs = trl_jsd(theirs_in, teacher, labels=labels)
+    scale = 1.0 if num_items is None else 80 / num_items
+    torch.testing.assert_close(ours, theirs * scale, atol=1e-5, rtol=1e-5)
+    ours.backward()
+    (theirs * scale).backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_trainable_lm_head_is_refused_by_name():
+    weight = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^the fused JSD treats lm_head as frozen; pass lm_head.weight.detach\(\)"):
+        generalized_jsd_from_hidden(torch.randn(2, 4), torch.randn(2, 4), weight)
+    with pytest.raises(ValueError, match=r"^beta must be in \[0, 1\], got 1.5$"):
+        generalized_jsd(torch.randn(2, 5), torch.randn(2, 5), beta=1.5)

@@ -73,9 +73,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medsynapse.data.images import load_image
     from medsynapse.model.medsynapse import MedSynapseV
 
-    model = MedSynapseV.from_pretrained(args.model, merge_adapter=True)
     window = tuple(args.window) if args.window else None
-    image = load_image(args.image, window=window)
+    image = load_image(args.image, window=window)  # a bad image or window fails before the model is loaded
+    model = MedSynapseV.from_pretrained(args.model, merge_adapter=True)
     print(model.answer([image], [args.question], max_new_tokens=args.max_new_tokens)[0])
     return 0
 

@@ -144,7 +144,11 @@ class MedSynapseV(nn.Module):
         if not (folder / MANIFEST).is_file():
             vlm, processor = load_vlm(folder, dtype=dtype)
             return cls(vlm, processor, vlm_path=str(folder))
-        manifest = json.loads((folder / MANIFEST).read_text())
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except json.JSONDecodeError as err:
+            raise ModelNotFoundError(f"{folder / MANIFEST}: not valid JSON ({err}); the model folder is "
+                                     "damaged") from None
         vlm, processor = load_vlm(manifest["vlm"], dtype=dtype)
         encoder = load_encoder(manifest["encoder"]) if manifest.get("encoder") else None
         sampler = None

@@ -114,16 +114,19 @@ def _mmmu_normalise(text: str) -> list[str | float]:
 
 
 def mmmu_open_predictions(text: str) -> list[str | float]:
-    """MMMU's `parse_open_response`, ported (its quirks kept: the split lower-cases before looking for capitals)."""
+    """MMMU's `parse_open_response`, ported with its quirks (the split lower-cases before looking for capitals; an
+    empty tail gives way to the next indicator's). Equal to the official code on random responses (tests/reference)."""
     response = text.strip().strip(".").lower()
-    if not response:
-        return []
     parts = re.split(r"\.\s(?=[A-Z])|\n", response)
     keys = []
     for index, part in enumerate(parts):
         indicators = _KEY_INDICATORS + (("=",) if index == len(parts) - 1 else ())
-        tails = [part.split(i)[-1].strip() for i in indicators if i in part]
-        shortest = min(tails, key=len) if tails else None
+        shortest = ""
+        for indicator in (i for i in indicators if i in part):
+            tail = part.split(indicator)[-1].strip()
+            # MMMU's rule: an empty tail is replaced by the next indicator's, even a longer one
+            if not shortest or len(tail) < len(shortest):
+                shortest = tail
         if shortest and shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
             keys.append(shortest)
     keys = keys or [response]

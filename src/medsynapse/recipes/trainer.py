@@ -128,6 +128,15 @@ def check_steps(max_steps: int, minimum: int = 0) -> None:
         raise ValueError(f"max_steps must be an integer >= {minimum}{meaning}, got {max_steps!r}")
 
 
+def check_positive(config, names: tuple[str, ...]) -> None:
+    """Every named setting must be a finite number > 0: checked before anything is loaded, naming the setting
+    (a zero batch size or save interval would otherwise fail later with an unrelated error)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
 def run_settings(config) -> dict:
     """The config as JSON values, without the settings a resume may change."""
     from medsynapse.config import to_dict

@@ -1,0 +1,84 @@
+"""Bad input at the command line: exit code 2, one line on stderr naming the culprit, no traceback, nothing written.
+
+Table-driven: each case builds its files, runs `medsynapse ...` in-process and checks the same four promises.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from medsynapse.cli import main
+
+
+def _image(tmp_path):
+    path = tmp_path / "scan.png"
+    Image.new("RGB", (32, 32), (80, 80, 80)).save(path)
+    return path
+
+
+def _stage1_yaml(tiny_env, tmp_path, extra: str = "") -> str:
+    path = tmp_path / "stage1.yaml"
+    path.write_text(f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
+                    f"output_dir: {tmp_path / 'out'}\nn_memory: 4\nsampler_width: 32\nbatch_size: 4\n{extra}")
+    return str(path)
+
+
+def _broken_model(tmp_path):
+    folder = tmp_path / "broken_model"
+    folder.mkdir()
+    (folder / "medsynapse.json").write_text('{"vlm": "x", ')
+    return str(folder)
+
+
+CASES = {
+    "missing image": (lambda env, t: ["predict", "--model", str(env.vlm), "--image", str(t / "nope.png"),
+                                      "--question", "q"], "nope.png"),
+    "impossible window": (lambda env, t: ["predict", "--model", str(env.vlm), "--image", str(_image(t)),
+                                          "--question", "q", "--window", "40", "0"], "width > 0"),
+    "missing config": (lambda env, t: ["train", "stage1", "--config", str(t / "none.yaml")], "none.yaml"),
+    "duplicate key": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t, "batch_size: 8\n")],
+                      "'batch_size' is given twice"),
+    "unknown key": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t, "learning_rate: 1\n")],
+                    "learning_rate"),
+    "broken yaml": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t, "lr: [1,\n")],
+                    "not valid YAML"),
+    "negative steps": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set",
+                                       "max_steps=-1"], "max_steps"),
+    "zero batch": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set", "batch_size=0"],
+                   "batch_size must be a number > 0"),
+    "not a model folder": (lambda env, t: ["eval", "--model", str(t / "no_model"), "--benchmarks", "vqa-rad",
+                                           "--data-root", str(t), "--output", str(t / "out")], "no_model"),
+    "unknown benchmark": (lambda env, t: ["eval", "--model", str(env.vlm), "--benchmarks", "vqa-rud",
+                                          "--data-root", str(t), "--output", str(t / "out")], "vqa-rud"),
+    "damaged manifest": (lambda env, t: ["predict", "--model", _broken_model(t), "--image", str(_image(t)),
+                                         "--question", "q"], "medsynapse.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing(case, tiny_env, tmp_path, capsys):
+    build, culprit = CASES[case]
+    argv = build(tiny_env, tmp_path)
+    before = {p for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err and culprit in lines[0], lines[0]
+    assert lines[0].startswith(f"medsynapse {argv[0]}: error: ")
+    assert {p for p in tmp_path.rglob("*")} == before  # nothing written
+
+
+def test_debug_keeps_the_traceback(tiny_env, tmp_path):
+    with pytest.raises(ValueError, match="max_steps"):
+        main(["train", "stage1", "--config", _stage1_yaml(tiny_env, tmp_path), "--set", "max_steps=-1", "--debug"])
+
+
+def test_a_good_config_still_trains(tiny_env, tmp_path):
+    assert main(["train", "stage1", "--config", _stage1_yaml(tiny_env, tmp_path), "--set", "max_steps=1"]) == 0
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step_0000001" / "state.json").read_text())
+    assert state["settings"]["batch_size"] == 4
