@@ -1,7 +1,8 @@
 """Mutation score per module from mutmut's results (`make mutation` runs it after `mutmut run`).
 
 Reads `mutmut results --all true` ("<module>.x_<function>__mutmut_<k>: <status>"), groups by module and prints a
-markdown table: killed (a test failed, or the mutant timed out), survived, no tests (no selected test reaches the
+markdown table: killed (a test failed, or the mutant timed out: mutmut's convention; timeouts are also shown apart),
+survived, no tests (no selected test reaches the
 function), not checked (not run yet, e.g. a sampled run), and the score killed / checked, counting "no tests" as
 survivors. Writes the same numbers to mutants/mutation_report.json.
 """
@@ -38,8 +39,8 @@ def table(per_module: dict[str, Counter]) -> tuple[str, dict]:
         totals.update(counts)
         rows.append(_row(module, counts, report))
     rows.append(_row("**all**", totals, report))
-    header = ("| module | mutants | checked | killed | survived | no tests | score (killed / checked) |\n"
-              "|---|---|---|---|---|---|---|\n")
+    header = ("| module | mutants | checked | killed | of which timeout | survived | no tests | "
+              "score (killed / checked) |\n|---|---|---|---|---|---|---|---|\n")
     return header + "\n".join(rows), report
 
 
@@ -51,8 +52,8 @@ def _row(name: str, counts: Counter, report: dict) -> str:
     report[name.strip("*")] = {"mutants": total, "checked": checked, "killed": killed,
                                "survived": counts["survived"], "no_tests": counts["no tests"], "score": score,
                                "statuses": dict(counts)}
-    return (f"| {name} | {total} | {checked} | {killed} | {counts['survived']} | {counts['no tests']} | "
-            f"{100 * score:.1f} % |")
+    return (f"| {name} | {total} | {checked} | {killed} | {counts['timeout']} | {counts['survived']} | "
+            f"{counts['no tests']} | {100 * score:.1f} % |")
 
 
 def main() -> int:

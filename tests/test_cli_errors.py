@@ -53,6 +53,11 @@ CASES = {
                                            "--data-root", str(t), "--output", str(t / "out")], "no_model"),
     "unknown benchmark": (lambda env, t: ["eval", "--model", str(env.vlm), "--benchmarks", "vqa-rud",
                                           "--data-root", str(t), "--output", str(t / "out")], "vqa-rud"),
+    "unknown loader option": (lambda env, t: ["eval", "--model", str(env.vlm), "--benchmarks", "vqa-rad",
+                                              "--data-root", str(t), "--output", str(t / "out"), "--option",
+                                              "vqa-rad.layuot=hf"], "unknown option(s) ['layuot']; valid: layout"),
+    "empty vlm": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set", "vlm="],
+                  "vlm is empty"),
     "damaged manifest": (lambda env, t: ["predict", "--model", _broken_model(t), "--image", str(_image(t)),
                                          "--question", "q"], "medsynapse.json"),
 }

@@ -254,16 +254,19 @@ def compute_metrics(benchmark: Benchmark, lines: list[dict], settings: EvalSetti
                          for g in group_keys}}
 
 
-def check_inputs(model_path: str, benchmarks: list[str]) -> None:
-    """Unknown benchmark names and a model path that is not a local model folder, refused before anything is
-    written."""
-    from medsynapse.data.sources import SOURCES
+def check_inputs(model_path: str, benchmarks: list[str], source_options: dict[str, dict] | None = None) -> None:
+    """Unknown benchmark names or loader options and a model path that is not a local model folder, refused before
+    anything is written."""
+    from medsynapse.data.sources import SOURCES, check_options
     from medsynapse.model.medsynapse import MANIFEST
     from medsynapse.model.processor import resolve_local_model
 
     unknown = [name for name in benchmarks if name not in SOURCES]
     if unknown or not benchmarks:
         raise ValueError(f"unknown benchmark(s) {unknown or benchmarks}; known: {', '.join(SOURCES)}")
+    for name, options in (source_options or {}).items():
+        if name in SOURCES:
+            check_options(name, options)
     if not (Path(model_path) / MANIFEST).is_file():
         resolve_local_model(model_path)
 
@@ -279,7 +282,7 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
     state = PartialState(cpu=not torch.cuda.is_available())
     settings = settings or EvalSettings()
     output = Path(output)
-    check_inputs(model_path, benchmarks)  # before the output folder is created
+    check_inputs(model_path, benchmarks, settings.source_options)  # before the output folder is created
     with ExitStack() as stack:
         refusal = [None]
         if state.is_main_process:  # one lock per launch: rank 0 holds it for every rank

@@ -93,6 +93,7 @@ def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reductio
 
 def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
+    trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lora_r", "lora_alpha", "lr", "batch_size", "save_every", "log_every"))
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)

@@ -52,6 +52,7 @@ class Stage1Config:
 
 def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=0)  # before anything is loaded
+    trainer.check_paths(config, ("vlm", "encoder", "train_file"))
     trainer.check_positive(config, ("n_memory", "sampler_width", "sampler_layers", "sampler_heads", "lr",
                                     "batch_size", "save_every", "log_every"))
     output = Path(config.output_dir)

@@ -193,6 +193,7 @@ def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_si
 def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = None) -> Path:
     check_config(config)
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
+    trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lora_r", "lora_alpha", "group_size", "batch_size", "lr", "max_new_tokens",
                                     "save_every", "log_every", "num_iterations"))
     output = Path(config.output_dir)

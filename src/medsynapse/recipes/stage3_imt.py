@@ -64,6 +64,7 @@ class Stage3Config:
 
 def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
+    trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lr", "batch_size", "max_new_tokens", "save_every", "log_every"))
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)

@@ -137,6 +137,13 @@ def check_positive(config, names: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
+def check_paths(config, names: tuple[str, ...]) -> None:
+    """Every named path setting must be given (an empty `vlm:` would otherwise surface as ".: no config.json")."""
+    for name in names:
+        if not str(getattr(config, name) or "").strip():
+            raise ValueError(f"{name} is empty: set it to a local path (config file or --set {name}=PATH)")
+
+
 def run_settings(config) -> dict:
     """The config as JSON values, without the settings a resume may change."""
     from medsynapse.config import to_dict

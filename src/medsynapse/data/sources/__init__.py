@@ -7,6 +7,7 @@ excluded or skipped.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,12 +58,21 @@ SOURCES: dict[str, Source] = {
 }
 
 
+def check_options(name: str, options: dict) -> None:
+    """Loader options by name: an unknown one is an error listing the valid ones (not a raw TypeError)."""
+    known = list(inspect.signature(SOURCES[name].loader).parameters)[3:]  # after (data_root, store, bad)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; valid: {', '.join(known) or 'none'}")
+
+
 def load_source(name: str, data_root: str | Path, image_cache: str | Path, skip_bad: bool = False,
                 **options) -> Benchmark:
     """Load one source. `image_cache` receives images embedded in parquet/TSV files (content-addressed)."""
     if name not in SOURCES:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(SOURCES)}")
     source = SOURCES[name]
+    check_options(name, options)
     loader = partial(source.loader, **{**source.options, **options})
     bad = BadRecords(skip_bad)
     benchmark = loader(Path(data_root).expanduser(), ImageStore(image_cache), bad)
@@ -72,4 +82,4 @@ def load_source(name: str, data_root: str | Path, image_cache: str | Path, skip_
     return benchmark
 
 
-__all__ = ["PAPER_BENCHMARKS", "SOURCES", "Benchmark", "BadRecords", "ImageStore", "load_source"]
+__all__ = ["PAPER_BENCHMARKS", "SOURCES", "Benchmark", "BadRecords", "ImageStore", "check_options", "load_source"]
