@@ -6,10 +6,11 @@ import string
 
 import pytest
 from conftest import examples
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from medsynapse.objectives.answers import (
+    Extraction,
     extract,
     extract_option,
     extract_yes_no,
@@ -162,6 +163,12 @@ _GOLDS = st.one_of(st.integers(-100, 5000).map(str), st.sampled_from(
 
 @settings(max_examples=examples(1500), deadline=None, database=None)
 @given(st.lists(_FRAGMENTS, min_size=0, max_size=12).map("".join), _GOLDS)
+@example("", "0")
+@example("the answer is . ", "2")
+@example("It is 3.\nSo the result is ?", "3")
+@example("x = 2", "2")
+@example("Thus: ,", "a")
+@example("The answer is 1,234.", "1234")
 def test_mmmu_open_rule_equals_the_official_scorer(response, gold):
     from reference.mmmu_eval_utils import eval_open, parse_open_response
 
@@ -169,3 +176,20 @@ def test_mmmu_open_rule_equals_the_official_scorer(response, gold):
     ours = mmmu_open_predictions(response)
     assert sorted(map(repr, ours)) == sorted(map(repr, official))
     assert mmmu_open_correct(ours, gold) == eval_open(gold, official)
+
+
+@pytest.mark.parametrize("trivial", [":", ",", ".", "!", "?", ";", "'"])
+def test_mmmu_a_punctuation_tail_is_not_an_answer(trivial):
+    from reference.mmmu_eval_utils import parse_open_response
+
+    response = f"so {trivial}\nthe result is {trivial}"
+    assert sorted(map(repr, mmmu_open_predictions(response))) == sorted(map(repr, parse_open_response(response)))
+
+
+def test_rules_are_named_and_a_tag_must_hold_an_option():
+    options = {"A": "left", "B": "right", "C": "both", "D": "neither"}
+    assert extract_option("<answer>B</answer>", options) == Extraction("B", "tag")
+    assert extract_option("The answer is C", options) == Extraction("C", "tag")
+    assert extract_option("<answer>Z</answer>", options).answer is None  # one character, but not an option
+    assert extract("", "mmmu_open") == Extraction(None, "none")
+    assert extract("the answer is 2", "mmmu_open").rule == "mmmu_open"

@@ -36,6 +36,8 @@ def test_paper_reward_and_its_gate_by_value():
                                torch.tensor([1.2, 0.0, 0.7, 0.0]))
     with pytest.raises(ValueError, match="causal gate"):
         total_reward(r_acc, r_causal, gate="wrong")
+    with pytest.raises(ValueError, match=r"ranks correct rollouts first \(set causal_gate: none\)$"):
+        composite_reward(r_acc, r_causal, "ranked", 1.0, 0.5, "correct")
 
 
 def test_causal_reward_reductions_and_clip_by_value():

@@ -52,7 +52,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return number
     if annotation is str:
-        return str(value)
+        return "" if value is None else str(value)  # `key:` or `--set key=` means empty, not the text "None"
     return value
 
 

@@ -154,8 +154,8 @@ def extract(text: str, answer_type: str, options: dict[str, str] | None = None) 
     if answer_type == "multiple_choice":
         return extract_option(text, options or {})
     if answer_type == "mmmu_open":
-        predictions = mmmu_open_predictions(text)
-        return Extraction(" | ".join(map(str, predictions)) or None, "mmmu_open" if predictions else "none")
+        answer = " | ".join(map(str, mmmu_open_predictions(text))) or None
+        return Extraction(answer, "mmmu_open" if answer else "none")
     answer = normalise_open(_answer_span(text))
     return Extraction(answer or None, "exact" if answer else "none")
 
