@@ -87,3 +87,27 @@ def test_check_positive_refuses_by_name(value):
 
     with pytest.raises(ValueError, match=r"^batch_size must be a number > 0"):
         trainer.check_positive(Config(), ("lr", "batch_size"))
+
+
+def test_sincos_2d_positions_by_value():
+    """Row-major (y, x) cells; [sin(y·f), cos(y·f), sin(x·f), cos(x·f)] with f_k = 10000^(−k/(dim/4)), zero-padded."""
+    from medsynapse.model.memory import sincos_2d
+
+    h, w, dim = 2, 3, 10  # quarter = 2, two padding columns
+    pos = sincos_2d((h, w), dim)
+    assert pos.shape == (h * w, dim)
+    for y in range(h):
+        for x in range(w):
+            row = []
+            for coord in (y, x):
+                freqs = [10000 ** (-k / 2) for k in range(2)]
+                row += [math.sin(coord * f) for f in freqs] + [math.cos(coord * f) for f in freqs]
+            expected = torch.tensor(row + [0.0, 0.0])
+            torch.testing.assert_close(pos[y * w + x], expected, atol=1e-6, rtol=0)
+
+
+def test_step_errors_say_what_zero_means():
+    with pytest.raises(ValueError, match=r"^max_steps must be an integer >= 0 \(0: use epochs\), got -1$"):
+        trainer.check_steps(-1)
+    with pytest.raises(ValueError, match=r"^max_steps must be an integer >= 1, got 0$"):
+        trainer.check_steps(0, minimum=1)
