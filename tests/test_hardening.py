@@ -81,7 +81,8 @@ def test_a_new_run_over_another_runs_checkpoints_is_refused_and_they_are_kept(ti
     out = tmp_path / "s1"
     train_stage1(_stage1(tiny_env, out))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(up to step_0000004\); continue it "
+                                         r"with --resume \(resume: true\), or train into another output_dir$"):
         train_stage1(_stage1(tiny_env, out, lr=5e-3, max_steps=8))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
@@ -206,6 +207,29 @@ def test_16_bit_rgb_dicom_keeps_its_range_instead_of_wrapping():
     assert raw.max() > 255  # really 16-bit colour
     rgb = np.asarray(load_image(path)).astype(float)
     assert np.abs(rgb - raw * 255 / 65535).max() <= 0.5 + 1e-9
+
+
+def test_synthetic_16_bit_rgb_dicom_keeps_its_range(tmp_path):
+    """pydicom's 16-bit RGB file holds 8-bit values × 257, which wrap to themselves modulo 256; these do not."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    rgb16 = (np.arange(8 * 8 * 3, dtype=np.uint32).reshape(8, 8, 3) * 331 % 65536).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 8, 8, 3, 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = rgb16.tobytes()
+    path = tmp_path / "rgb16.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    loaded = np.asarray(load_image(str(path))).astype(float)
+    assert np.abs(loaded - rgb16.astype(float) * 255 / 65535).max() <= 0.5 + 1e-9
 
 
 def test_palette_colour_dicom_is_shown_in_its_colours():
