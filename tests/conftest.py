@@ -97,3 +97,40 @@ def model(tiny_env):
 
     torch.manual_seed(0)
     return MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
+
+
+def stage1_config(tiny_env: TinyEnv, out, **overrides):
+    """A tiny Stage I config on the shared environment (4 memory slots, width 32), with overrides."""
+    from medsynapse.recipes.stage1_warmup import Stage1Config
+
+    base = dict(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
+                output_dir=str(out), n_memory=4, sampler_width=32, batch_size=4, max_steps=6, save_every=2,
+                lr=1e-3, log_every=1, answer_types=["yes_no", "multiple_choice", "open"])
+    return Stage1Config(**{**base, **overrides})
+
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", window=None, slope=1.0, intercept=0.0) -> None:
+    """An uncompressed DICOM: a signed 16-bit grey slice (with rescale and window), or (H, W, 3) unsigned 16-bit RGB."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    colour = pixels.ndim == 3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (3, "RGB") if colour else (1, photometric)
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0 if colour else 1
+    if not colour:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16 if colour else np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)

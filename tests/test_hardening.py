@@ -11,20 +11,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import stage1_config, write_dicom
 from PIL import Image
 from safetensors.torch import load_file
 
 from medsynapse.data.images import load_image
 from medsynapse.locking import FolderInUseError, exclusive_output, write_text_atomic
-from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
+from medsynapse.recipes.stage1_warmup import train_stage1
 
 
-def _stage1(tiny_env, out, **kw) -> Stage1Config:
-    base = dict(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
-                output_dir=str(out), n_memory=4, sampler_width=32, batch_size=4, max_steps=4, save_every=1,
-                lr=1e-3, log_every=1, answer_types=["yes_no", "multiple_choice", "open"])
-    base.update(kw)
-    return Stage1Config(**base)
+def _stage1_config(tiny_env, out, **overrides):
+    """Checkpoints at every one of 4 steps."""
+    return stage1_config(tiny_env, out, **{"max_steps": 4, "save_every": 1, **overrides})
 
 
 # --- one writer per eval folder -------------------------------------------------------------------------------------
@@ -79,52 +77,52 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails_and_leaves_no_tem
 # --- checkpoints belong to their run ---------------------------------------------------------------------------------
 def test_a_new_run_over_another_runs_checkpoints_is_refused_and_they_are_kept(tiny_env, tmp_path):
     out = tmp_path / "s1"
-    train_stage1(_stage1(tiny_env, out))
+    train_stage1(_stage1_config(tiny_env, out))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(up to step_0000004\); continue it "
                                          r"with --resume \(resume: true\), or train into another output_dir$"):
-        train_stage1(_stage1(tiny_env, out, lr=5e-3, max_steps=8))
+        train_stage1(_stage1_config(tiny_env, out, lr=5e-3, max_steps=8))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_resume_with_other_settings_or_past_the_end_is_refused(tiny_env, tmp_path):
     out = tmp_path / "s1"
-    train_stage1(_stage1(tiny_env, out))
+    train_stage1(_stage1_config(tiny_env, out))
     with pytest.raises(ValueError, match=r"other settings \(lr differ\)"):
-        train_stage1(_stage1(tiny_env, out, lr=5e-3, resume=True))
+        train_stage1(_stage1_config(tiny_env, out, lr=5e-3, resume=True))
     with pytest.raises(ValueError, match=r"other settings \(max_steps differ\)"):  # another schedule
-        train_stage1(_stage1(tiny_env, out, max_steps=2, resume=True))
+        train_stage1(_stage1_config(tiny_env, out, max_steps=2, resume=True))
     # a checkpoint from before settings were recorded is accepted, but never past the run's end
     state_file = out / "checkpoints" / "step_0000004" / "state.json"
     state = json.loads(state_file.read_text())
     del state["settings"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="step 4 is past this run's 2 steps"):
-        train_stage1(_stage1(tiny_env, out, max_steps=2, resume=True))
+        train_stage1(_stage1_config(tiny_env, out, max_steps=2, resume=True))
 
 
 def test_resume_with_no_checkpoint_says_so(tiny_env, tmp_path):
     with pytest.warns(UserWarning, match="no intact checkpoint"):
-        train_stage1(_stage1(tiny_env, tmp_path / "fresh", max_steps=1, resume=True))
+        train_stage1(_stage1_config(tiny_env, tmp_path / "fresh", max_steps=1, resume=True))
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_env, tmp_path):
-    straight = train_stage1(_stage1(tiny_env, tmp_path / "a"))
+    straight = train_stage1(_stage1_config(tiny_env, tmp_path / "a"))
     out = tmp_path / "b"
     from conftest import Interrupted, crash_at
 
     with pytest.raises(Interrupted):
-        train_stage1(_stage1(tiny_env, out), on_step=crash_at(3))
+        train_stage1(_stage1_config(tiny_env, out), on_step=crash_at(3))
     damaged = out / "checkpoints" / "step_0000003" / "optimizer.pt"
     damaged.write_bytes(b"")  # what a power loss leaves of an unsynced file
     with pytest.warns(UserWarning, match=str(damaged)):
-        resumed = train_stage1(_stage1(tiny_env, out, resume=True))
+        resumed = train_stage1(_stage1_config(tiny_env, out, resume=True))
     a, b = load_file(str(straight / "sampler.safetensors")), load_file(str(resumed / "sampler.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2: the same weights as never interrupted
 
 
 def test_checkpoints_record_the_run_settings(tiny_env, tmp_path):
-    out = train_stage1(_stage1(tiny_env, tmp_path / "s1", max_steps=1))
+    out = train_stage1(_stage1_config(tiny_env, tmp_path / "s1", max_steps=1))
     state = json.loads((out / "checkpoints" / "step_0000001" / "state.json").read_text())
     assert state["step"] == 1 and state["settings"]["lr"] == 1e-3 and "resume" not in state["settings"]
 
@@ -141,7 +139,7 @@ def test_negative_steps_are_refused_before_anything_is_loaded(tiny_env, tmp_path
     monkeypatch.setattr(MedSynapseV, "build", never)
     monkeypatch.setattr(MedSynapseV, "from_pretrained", never)
     with pytest.raises(ValueError, match="max_steps must be an integer >= 0"):
-        train_stage1(_stage1(tiny_env, tmp_path / "s1", max_steps=steps))
+        train_stage1(_stage1_config(tiny_env, tmp_path / "s1", max_steps=steps))
     with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
         train_stage2(Stage2Config(model="x", train_file="x", output_dir=str(tmp_path / "s2"), max_steps=steps))
     with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
@@ -211,23 +209,9 @@ def test_16_bit_rgb_dicom_keeps_its_range_instead_of_wrapping():
 
 def test_synthetic_16_bit_rgb_dicom_keeps_its_range(tmp_path):
     """pydicom's 16-bit RGB file holds 8-bit values × 257, which wrap to themselves modulo 256; these do not."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
     rgb16 = (np.arange(8 * 8 * 3, dtype=np.uint32).reshape(8, 8, 3) * 331 % 65536).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 8, 8, 3, 0
-    ds.PhotometricInterpretation = "RGB"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = rgb16.tobytes()
     path = tmp_path / "rgb16.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, rgb16)
     loaded = np.asarray(load_image(str(path))).astype(float)
     assert np.abs(loaded - rgb16.astype(float) * 255 / 65535).max() <= 0.5 + 1e-9
 

@@ -6,29 +6,21 @@ import json
 
 import pytest
 import torch
-from conftest import Interrupted, crash_at
+from conftest import Interrupted, crash_at, stage1_config
 from safetensors.torch import load_file
 
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
-
-
-def _config(tiny_env, out, **kw) -> Stage1Config:
-    base = dict(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
-                output_dir=str(out), n_memory=4, sampler_width=32, batch_size=4, max_steps=6, save_every=2,
-                lr=1e-3, log_every=1, answer_types=["yes_no", "multiple_choice", "open"])
-    base.update(kw)
-    return Stage1Config(**base)
+from medsynapse.recipes.stage1_warmup import train_stage1
 
 
 def test_resume_after_interruption_gives_identical_weights(tiny_env, tmp_path):
-    train_stage1(_config(tiny_env, tmp_path / "straight"))
+    train_stage1(stage1_config(tiny_env, tmp_path / "straight"))
     straight = load_file(str(tmp_path / "straight" / "sampler.safetensors"))
 
     with pytest.raises(Interrupted):  # like a kill: step 5's work is lost, the step-4 checkpoint survives
-        train_stage1(_config(tiny_env, tmp_path / "resumed"), on_step=crash_at(5))
+        train_stage1(stage1_config(tiny_env, tmp_path / "resumed"), on_step=crash_at(5))
     assert not (tmp_path / "resumed" / "sampler.safetensors").exists()
-    train_stage1(_config(tiny_env, tmp_path / "resumed", resume=True))
+    train_stage1(stage1_config(tiny_env, tmp_path / "resumed", resume=True))
     resumed = load_file(str(tmp_path / "resumed" / "sampler.safetensors"))
     assert straight.keys() == resumed.keys()
     for name in straight:
@@ -36,7 +28,7 @@ def test_resume_after_interruption_gives_identical_weights(tiny_env, tmp_path):
 
 
 def test_stage1_trains_only_the_sampler_and_saves_a_loadable_folder(tiny_env, tmp_path):
-    out = train_stage1(_config(tiny_env, tmp_path / "s1", max_steps=3))
+    out = train_stage1(stage1_config(tiny_env, tmp_path / "s1", max_steps=3))
     manifest = json.loads((out / "medsynapse.json").read_text())
     assert manifest["sampler"]["n_memory"] == 4
     assert (out / "checkpoints").is_dir()
@@ -66,6 +58,6 @@ def test_stage1_loss_goes_down(tiny_env, tmp_path):
             return float(model.forward(batch, model.memory(priors.select(rows))).loss)
 
     before = mean_loss(MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32))
-    out = train_stage1(_config(tiny_env, tmp_path / "fit", max_steps=30, batch_size=8, lr=3e-3, save_every=100))
+    out = train_stage1(stage1_config(tiny_env, tmp_path / "fit", max_steps=30, batch_size=8, lr=3e-3, save_every=100))
     after = mean_loss(MedSynapseV.from_pretrained(out))
     assert after < before - 0.1

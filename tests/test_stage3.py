@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Interrupted, crash_at
+from conftest import Interrupted, crash_at, write_dicom
 from safetensors.torch import load_file
 
 from medsynapse.data.images import load_image
@@ -133,31 +133,10 @@ def test_merging_a_non_trivial_lora_changes_nothing(tiny_env, stage2_dir, tmp_pa
     shutil.rmtree(student_dir)
 
 
-def _write_dicom(path, pixels, photometric="MONOCHROME2", window=None, slope=1.0, intercept=0.0):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.int16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_dicom_windowing(tmp_path):
     hu = np.tile(np.linspace(-1000, 1000, 64), (64, 1))
     path = tmp_path / "ct.dcm"
-    _write_dicom(path, hu + 1024, slope=1.0, intercept=-1024, window=(40, 400))
+    write_dicom(path, hu + 1024, slope=1.0, intercept=-1024, window=(40, 400))
     img = np.asarray(load_image(str(path)))
     assert img.shape == (64, 64, 3)
     assert img[0, 0, 0] == 0 and img[0, -1, 0] == 255  # air black, bone white under a soft-tissue window
@@ -168,7 +147,7 @@ def test_dicom_windowing(tmp_path):
     expected = np.clip((stored + 1350) / 1500, 0, 1) * 255
     assert np.abs(lung.astype(float) - expected).max() <= 0.5 + 1e-9  # rounding only
     inverted = tmp_path / "mono1.dcm"
-    _write_dicom(inverted, hu + 1024, photometric="MONOCHROME1", intercept=-1024)
+    write_dicom(inverted, hu + 1024, photometric="MONOCHROME1", intercept=-1024)
     assert np.asarray(load_image(str(inverted)))[0, 0, 0] == 255
 
 
@@ -179,7 +158,7 @@ def test_a_slice_inside_the_files_window_keeps_its_grey_levels(tmp_path, center)
     hu = np.tile(np.linspace(-100, 100, 64), (64, 1))
     path = tmp_path / "inside.dcm"
     width = [400.0, 1500.0] if isinstance(center, list) else 400.0
-    _write_dicom(path, hu + 1024, slope=1.0, intercept=-1024, window=(center, width))
+    write_dicom(path, hu + 1024, slope=1.0, intercept=-1024, window=(center, width))
     img = np.asarray(load_image(str(path)))[0, :, 0].astype(float)
     stored = (hu[0] + 1024).astype(np.int16) - 1024.0  # the integer HU the file holds
     expected = (stored + 160) / 400 * 255
@@ -190,7 +169,7 @@ def test_a_slice_inside_the_files_window_keeps_its_grey_levels(tmp_path, center)
 @pytest.mark.parametrize("window", [(40, 0), (40, -400), (float("nan"), 400), (40, float("inf"))])
 def test_an_impossible_window_is_refused_with_its_values(tmp_path, window):
     path = tmp_path / "ct.dcm"
-    _write_dicom(path, np.zeros((8, 8)) + 1024, intercept=-1024)
+    write_dicom(path, np.zeros((8, 8)) + 1024, intercept=-1024)
     with pytest.raises(ValueError, match="width > 0"):
         load_image(str(path), window=window)
 
