@@ -87,3 +87,36 @@ def test_a_good_config_still_trains(tiny_env, tmp_path):
     assert main(["train", "stage1", "--config", _stage1_yaml(tiny_env, tmp_path), "--set", "max_steps=1"]) == 0
     state = json.loads((tmp_path / "out" / "checkpoints" / "step_0000001" / "state.json").read_text())
     assert state["settings"]["batch_size"] == 4
+
+
+def _stage1_folder(tiny_env, tmp_path):
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
+    folder = tmp_path / "s1"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "other n_memory", "unknown format"])
+def test_a_damaged_model_folder_is_one_line_naming_the_file(tiny_env, tmp_path, capsys, damage):
+    folder = _stage1_folder(tiny_env, tmp_path)
+    manifest_path = folder / "medsynapse.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "truncated weights":
+        weights = folder / "sampler.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        culprit = "sampler.safetensors: damaged"
+    elif damage == "other n_memory":
+        manifest["sampler"]["n_memory"] = 8
+        manifest_path.write_text(json.dumps(manifest))
+        culprit = "written with other settings (e.g. n_memory)"
+    else:
+        manifest["format"] = 99
+        manifest_path.write_text(json.dumps(manifest))
+        culprit = "format 99 is not one this version reads"
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folder), "--image", str(_image(tmp_path)), "--question", "q"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and culprit in lines[0] and "Traceback" not in err, err

@@ -39,6 +39,7 @@ from medsynapse.model.vlm import (
 
 BRANCHES = ("privileged", "counterfactual", "autonomous")
 MANIFEST = "medsynapse.json"
+MANIFEST_FORMAT = 1
 ADAPTER_DIR = "adapter"
 
 
@@ -48,6 +49,17 @@ def lora_target_regex(projections: list[str]) -> str:
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    """A module's safetensors file; a missing, truncated or mismatched file is one error naming it."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: missing (the model folder is incomplete)")
+    try:
+        module.load_state_dict(load_file(str(path)))
+    except Exception as err:  # safetensors and torch raise several types for damaged or mismatched files
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{path}: damaged or written with other settings (e.g. n_memory): {detail}") from None
 
 
 def check_local_adapter(folder: Path) -> None:
@@ -111,7 +123,7 @@ class MedSynapseV(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": 1, "vlm": str(Path(self.vlm_path).expanduser().resolve()),
+        manifest = {"format": MANIFEST_FORMAT, "vlm": str(Path(self.vlm_path).expanduser().resolve()),
                     "encoder": str(Path(self.encoder_path).expanduser().resolve()) if self.encoder_path else None,
                     "sampler": self.sampler.config.to_dict() if self.sampler is not None else None,
                     "adapter": ADAPTER_DIR if self.has_adapter or self.adapter_path else None,
@@ -149,16 +161,19 @@ class MedSynapseV(nn.Module):
         except json.JSONDecodeError as err:
             raise ModelNotFoundError(f"{folder / MANIFEST}: not valid JSON ({err}); the model folder is "
                                      "damaged") from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')!r} is not one this version reads "
+                             f"({MANIFEST_FORMAT}); the folder was written by another MedSynapse version or edited")
         vlm, processor = load_vlm(manifest["vlm"], dtype=dtype)
         encoder = load_encoder(manifest["encoder"]) if manifest.get("encoder") else None
         sampler = None
         if manifest.get("sampler"):
             sampler = DiagnosticMemorySampler(SamplerConfig(**manifest["sampler"]))
-            sampler.load_state_dict(load_file(str(folder / "sampler.safetensors")))
+            load_weights(sampler, folder / "sampler.safetensors")
         autonomous = None
         if manifest.get("autonomous"):
             autonomous = AutonomousMemoryModule(AutonomousConfig(**manifest["autonomous"]))
-            autonomous.load_state_dict(load_file(str(folder / "autonomous.safetensors")))
+            load_weights(autonomous, folder / "autonomous.safetensors")
         adapter_path = None
         if manifest.get("adapter"):
             from peft import PeftModel
