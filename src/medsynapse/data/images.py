@@ -61,7 +61,7 @@ def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Im
         bits = int(getattr(ds, "BitsStored", 8) or 8)  # 16-bit colour keeps its range (not wrapped modulo 256)
         return Image.fromarray(scale_to_8bit(pixels, bits)).convert("RGB")
     values = apply_modality_lut(pixels, ds).astype(np.float64)
-    window = check_window(window, path) if window is not None else file_window(ds)
+    window = window if window is not None else file_window(ds)
     if window is not None:
         center, width = check_window(window, path)
         low, high = center - width / 2, center + width / 2

@@ -46,8 +46,9 @@ from tqdm.auto import tqdm
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample, read_samples
 from medsynapse.data.synthmed import QUADRANTS
-from medsynapse.eval.report import write_json, write_text_atomic
+from medsynapse.eval.report import write_json
 from medsynapse.eval.vqa import evaluate
+from medsynapse.locking import write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm, vision_features
 

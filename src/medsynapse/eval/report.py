@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medsynapse.locking import write_text_atomic  # noqa: F401  (re-exported: the reports' writers import it here)
+from medsynapse.locking import write_text_atomic
 
 
 def write_json(path: str | Path, data: dict) -> None:

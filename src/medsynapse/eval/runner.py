@@ -34,8 +34,8 @@ from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
 from medsynapse.eval.efficiency import PeakRSS, rss_mb
-from medsynapse.eval.report import write_json, write_text_atomic
-from medsynapse.locking import FolderInUseError, exclusive_output
+from medsynapse.eval.report import write_json
+from medsynapse.locking import FolderInUseError, exclusive_output, write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
 from medsynapse.objectives.answers import extract, is_correct

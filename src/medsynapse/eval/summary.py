@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from medsynapse.data.sources import PAPER_BENCHMARKS, SOURCES
-from medsynapse.eval.report import write_text_atomic
+from medsynapse.locking import write_text_atomic
 
 
 def read_run(run_dir: str | Path) -> dict[str, dict]:

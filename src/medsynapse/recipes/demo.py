@@ -34,9 +34,9 @@ from medsynapse.eval.report import (
     summary_report,
     type_table,
     write_json,
-    write_text_atomic,
 )
 from medsynapse.eval.vqa import evaluate
+from medsynapse.locking import write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
 from medsynapse.recipes.prepare_base import BASE_VERSION, BasePrepConfig, prepare_base
