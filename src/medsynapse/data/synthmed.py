@@ -65,8 +65,13 @@ def _quadrant(lesion: Lesion, size: int) -> str:
     return QUADRANTS[(0 if top else 2) + (0 if left else 1)]
 
 
-def render_scan(rng: np.random.Generator, size: int = 64) -> Scan:
-    """Draw one scan; every random choice comes from `rng`, so a seed fixes the image."""
+def render_scan(rng: np.random.Generator, size: int = 64, paint_lesions: bool = True) -> Scan:
+    """Draw one scan; every random choice comes from `rng`, so a seed fixes the image.
+
+    `paint_lesions=False` draws the scan's healthy twin: the same random choices (anatomy, lesion positions, noise)
+    with the lesions left unpainted, i.e. the image as it would be without the finding (the ground-truth
+    counterfactual, used to measure how much an intervention leaves behind).
+    """
     modality = MODALITIES[int(rng.integers(len(MODALITIES)))]
     canvas = np.zeros((size, size, 3), dtype=np.float32)
     c = size / 2
@@ -116,7 +121,9 @@ def render_scan(rng: np.random.Generator, size: int = 64) -> Scan:
             continue
         lesions.append(Lesion(float(y), float(x), radius))
         mask |= _disk(size, y, x, radius)
-    if modality == "pathology":
+    if not paint_lesions:
+        pass
+    elif modality == "pathology":
         colour = (0.35, 0.15, 0.45) if density == "hyperdense" else (1.0, 0.95, 0.97)
         canvas[mask] = colour
     else:

@@ -41,6 +41,7 @@ BRANCHES = ("privileged", "counterfactual", "autonomous")
 MANIFEST = "medsynapse.json"
 MANIFEST_FORMAT = 1
 ADAPTER_DIR = "adapter"
+REFERENCE_BANK = "reference_bank.safetensors"
 
 
 def lora_target_regex(projections: list[str]) -> str:
@@ -60,6 +61,17 @@ def load_weights(module: nn.Module, path: Path) -> None:
     except Exception as err:  # safetensors and torch raise several types for damaged or mismatched files
         detail = " ".join(str(err).split())[:300]
         raise ValueError(f"{path}: damaged or written with other settings (e.g. n_memory): {detail}") from None
+
+
+def load_reference_bank(path: Path) -> torch.Tensor:
+    """The `reference` counterfactual's bank (K, M, d) from a model folder; missing or damaged: one error naming it."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: missing (the model folder is incomplete)")
+    try:
+        return load_file(str(path))["tokens"]
+    except Exception as err:  # safetensors raises several types for damaged files; a foreign file lacks "tokens"
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{path}: damaged or not a reference bank: {detail}") from None
 
 
 def check_local_adapter(folder: Path) -> None:
@@ -92,6 +104,8 @@ class MedSynapseV(nn.Module):
         self.latent_id = self.prompts.latent_id
         if encoder is not None:
             encoder.eval().requires_grad_(False)
+        # (K, M, d) prior tokens of images without a finding, for the `reference` counterfactual; set by Stages I-II
+        self.reference_bank: torch.Tensor | None = None
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -127,7 +141,9 @@ class MedSynapseV(nn.Module):
                     "encoder": str(Path(self.encoder_path).expanduser().resolve()) if self.encoder_path else None,
                     "sampler": self.sampler.config.to_dict() if self.sampler is not None else None,
                     "adapter": ADAPTER_DIR if self.has_adapter or self.adapter_path else None,
-                    "autonomous": self.autonomous.config.to_dict() if self.autonomous is not None else None}
+                    "autonomous": self.autonomous.config.to_dict() if self.autonomous is not None else None,
+                    "reference_bank": REFERENCE_BANK if self.reference_bank is not None and self.sampler is not None
+                    else None}
         if self.has_adapter:
             self.vlm.save_pretrained(folder / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
         elif self.adapter_path and Path(self.adapter_path).resolve() != (folder / ADAPTER_DIR).resolve():
@@ -141,6 +157,10 @@ class MedSynapseV(nn.Module):
             state = {k: v.detach().contiguous() for k, v in self.sampler.state_dict().items()}
             save_file(state, str(folder / "sampler.safetensors.tmp"))
             (folder / "sampler.safetensors.tmp").replace(folder / "sampler.safetensors")
+        if manifest["reference_bank"]:
+            bank_tmp = folder / (REFERENCE_BANK + ".tmp")
+            save_file({"tokens": self.reference_bank.detach().cpu().contiguous()}, str(bank_tmp))
+            bank_tmp.replace(folder / REFERENCE_BANK)
         tmp = folder / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.replace(folder / MANIFEST)
@@ -185,6 +205,8 @@ class MedSynapseV(nn.Module):
                 vlm = vlm.merge_and_unload()
         model = cls(vlm, processor, encoder, sampler, manifest["vlm"], manifest.get("encoder"), autonomous,
                     adapter_path if merge_adapter else None)
+        if manifest.get("reference_bank"):
+            model.reference_bank = load_reference_bank(folder / manifest["reference_bank"])
         return model.eval()
 
     # --- memory -------------------------------------------------------------------------------------------------
@@ -206,14 +228,15 @@ class MedSynapseV(nn.Module):
 
     def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero") -> torch.Tensor:
         """M = P_phi(S) for the privileged branch; M' = P_phi(S with the region B removed) for the counterfactual
-        (`intervention`: zero = S ⊙ ¬B as in the paper, drop, or inpaint; see model/counterfactual.py)."""
+        (`intervention`: zero = S ⊙ ¬B as in the paper, drop, inpaint or reference; see model/counterfactual.py)."""
         if self.sampler is None:
             raise ValueError("this model has no memory sampler")
         if branch == "privileged":
             return self.sampler(prior.tokens, prior.grid)
         if branch != "counterfactual":
             raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES}")
-        tokens, drop = counterfactual_tokens(prior.tokens, prior.grid, prior.region_mask, intervention)
+        tokens, drop = counterfactual_tokens(prior.tokens, prior.grid, prior.region_mask, intervention,
+                                             finding=prior.finding, bank=self.reference_bank)
         return self.sampler(tokens, prior.grid, drop=drop)
 
     # --- VLM passes ---------------------------------------------------------------------------------------------

@@ -6,13 +6,17 @@ Each distinct image is encoded once by the frozen prior encoder, or read from th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from medsynapse.data.dataset import VQADataset
+from medsynapse.model.counterfactual import reference_bank
 from medsynapse.model.encoders import PriorOutput
 from medsynapse.model.encoders.cache import PriorCache, image_key
+
+logger = logging.getLogger(__name__)
 
 
 def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None, dataset: VQADataset,
@@ -36,12 +40,16 @@ def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None,
         if cache is not None:
             cache.put([keys[i] for i in chunk], prior)
         for j, i in enumerate(chunk):
-            computed[i] = (prior.tokens[j].cpu(), prior.region_mask[j].cpu(), prior.grid)
+            finding = prior.finding[j].cpu() if prior.finding is not None else None
+            computed[i] = (prior.tokens[j].cpu(), prior.region_mask[j].cpu(), prior.grid, finding)
     parts = [computed[i] if i in computed else cache.get(keys[i]) for i in range(len(paths))]
-    grids = {grid for _, _, grid in parts}
+    grids = {grid for _, _, grid, _ in parts}
     if len(grids) != 1:
         raise ValueError(f"images give different prior grids {sorted(grids)}: resize them to one size first")
-    table = PriorOutput(torch.stack([t for t, _, _ in parts]), grids.pop(), torch.stack([r for _, r, _ in parts]))
+    findings = [f for _, _, _, f in parts]
+    finding = torch.stack(findings) if all(f is not None for f in findings) else None
+    table = PriorOutput(torch.stack([t for t, _, _, _ in parts]), grids.pop(), torch.stack([r for _, r, _, _ in parts]),
+                        finding)
     return table, order
 
 
@@ -55,3 +63,17 @@ def cache_features(encoder_folder: str, data_file: str, cache_dir: str) -> int:
     dataset.validate()
     table, _ = prior_table(encoder.encode, encoder_folder, dataset, cache_dir=cache_dir)
     return table.tokens.shape[0]
+
+
+def attach_reference_bank(model, table: PriorOutput, size: int, required: bool) -> None:
+    """Give `model` the `reference` counterfactual's bank, built from a training prior table (saved with the model).
+
+    When the table cannot give one (no finding flags, no image without a finding): an error if `required` (the run
+    uses the `reference` intervention), else a warning and the model keeps the bank it had.
+    """
+    try:
+        model.reference_bank = reference_bank(table.tokens, table.finding, size)
+    except ValueError as err:
+        if required:
+            raise
+        logger.warning("no reference bank for the 'reference' counterfactual: %s", err)

@@ -18,7 +18,7 @@ from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import trainer
-from medsynapse.recipes.priors import prior_table
+from medsynapse.recipes.priors import attach_reference_bank, prior_table
 
 
 @dataclass
@@ -48,13 +48,14 @@ class Stage1Config:
     dtype: str = "float32"
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
+    reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
 
 
 def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=0)  # before anything is loaded
     trainer.check_paths(config, ("vlm", "encoder", "train_file"))
     trainer.check_positive(config, ("n_memory", "sampler_width", "sampler_layers", "sampler_heads", "lr",
-                                    "batch_size", "save_every", "log_every"))
+                                    "batch_size", "save_every", "log_every", "reference_bank_size"))
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
     torch.manual_seed(config.seed)
@@ -71,6 +72,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=True)
     priors, prior_row = prior_table(model.prior, model.encoder_path, dataset, cache_dir=config.prior_cache)
+    attach_reference_bank(model, priors, config.reference_bank_size, required=False)
 
     total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
     sampler = model.sampler.train()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
+from medsynapse.model.counterfactual import TOKEN_INTERVENTIONS
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import (
@@ -51,7 +52,7 @@ from medsynapse.objectives.rewards import (
     composite_reward,
 )
 from medsynapse.recipes import trainer
-from medsynapse.recipes.priors import prior_table
+from medsynapse.recipes.priors import attach_reference_bank, prior_table
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Stage2Config:
     # the std of a G = 4 group with one right answer, so a group of equal correctness, whose reward spread comes from
     # r_causal alone, never gets larger advantages than a group split by correctness (r_causal 1e-3 nats apart:
     # |A| ≤ 1e-3). On the demo (3 seeds) 0.5 and 0.1 did not differ (0.422 ± 0.092 vs 0.432 ± 0.133; README)
-    intervention: str = "zero"  # zero (paper) | drop | inpaint (model/counterfactual.py)
+    intervention: str = "zero"  # zero (paper) | drop | inpaint | reference (model/counterfactual.py)
+    reference_bank_size: int = 256  # the `reference` bank, rebuilt from this run's training images and saved
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo
     epsilon: float = 0.2
     epsilon_high: float | None = None
@@ -163,6 +165,9 @@ def check_config(config: Stage2Config) -> None:
         raise ValueError(f"unknown causal_gate {config.causal_gate!r}; expected one of {CAUSAL_GATES}")
     if config.causal_reduction not in CAUSAL_REDUCTIONS:
         raise ValueError(f"unknown causal_reduction {config.causal_reduction!r}; expected one of {CAUSAL_REDUCTIONS}")
+    if config.intervention not in TOKEN_INTERVENTIONS:
+        raise ValueError(f"intervention {config.intervention!r} cannot train Stage II (it reads cached prior tokens); "
+                         f"expected one of {TOKEN_INTERVENTIONS}")
     if config.causal_clip is not None and not config.causal_clip > 0:
         raise ValueError(f"causal_clip must be > 0 or null, got {config.causal_clip}")
     if not (math.isfinite(config.advantage_std_floor) and config.advantage_std_floor >= 0):
@@ -220,6 +225,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
                                with_answers=False)
     priors, prior_row = (prior_table(model.prior, model.encoder_path, dataset, cache_dir=config.prior_cache)
                          if config.use_memory else (None, None))
+    if priors is not None:
+        attach_reference_bank(model, priors, config.reference_bank_size, required=config.intervention == "reference")
 
     total_updates = config.max_steps * config.num_iterations
     optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
@@ -250,9 +257,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         memory = memory_cf = None
         with torch.no_grad():
             if config.use_memory:
-                prior = priors.select([prior_row[i] for i in indices])
-                prior = type(prior)(prior.tokens.to(accelerator.device), prior.grid,
-                                    prior.region_mask.to(accelerator.device))
+                prior = priors.select([prior_row[i] for i in indices]).to(accelerator.device)
                 memory = model.memory(prior)[rows]
                 memory_cf = model.memory(prior, "counterfactual", config.intervention)[rows]
             features = vision_features(unwrapped, prompts)  # the vision tower has no LoRA: reused by every pass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, top_region
+from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, has_finding, top_region
 from medsynapse.model.encoders.tiny_seg import TinySegConfig, TinySegEncoder
 
-__all__ = ["PriorEncoder", "PriorOutput", "TinySegConfig", "TinySegEncoder", "encoder_settings", "load_encoder",
-           "top_region"]
+__all__ = ["PriorEncoder", "PriorOutput", "TinySegConfig", "TinySegEncoder", "encoder_settings", "has_finding",
+           "load_encoder", "top_region"]
 
 
 def _read_config(folder: str | Path) -> tuple[Path, dict]:

@@ -15,15 +15,23 @@ class PriorOutput:
     """Prior tokens S (B, M, d_f) on a spatial grid (Hf, Wf) with M = Hf * Wf, and the region mask B (B, M).
 
     `region_mask` marks the encoder's highest-confidence diagnostic region: the tokens whose counterfactual removal
-    (S ⊙ ¬B) is the Stage II intervention.
+    (S ⊙ ¬B) is the Stage II intervention. It is never empty (`top_region`). `finding` (B,) says whether any token
+    reached the encoder's threshold, i.e. whether the encoder found anything at all (the `reference` counterfactual's
+    bank holds images without a finding); None where an encoder or an older cache does not give it.
     """
 
     tokens: torch.Tensor
     grid: tuple[int, int]
     region_mask: torch.Tensor
+    finding: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor | list[int]) -> PriorOutput:
-        return PriorOutput(self.tokens[index], self.grid, self.region_mask[index])
+        finding = self.finding[index] if self.finding is not None else None
+        return PriorOutput(self.tokens[index], self.grid, self.region_mask[index], finding)
+
+    def to(self, device: torch.device | str) -> PriorOutput:
+        finding = self.finding.to(device) if self.finding is not None else None
+        return PriorOutput(self.tokens.to(device), self.grid, self.region_mask.to(device), finding)
 
 
 class PriorEncoder(nn.Module, ABC):
@@ -69,3 +77,8 @@ def top_region(cell_confidence: torch.Tensor, threshold: float) -> torch.Tensor:
     best = torch.zeros_like(mask)
     best.scatter_(1, cell_confidence.argmax(dim=1, keepdim=True), True)
     return torch.where(mask.any(dim=1, keepdim=True), mask, best)
+
+
+def has_finding(cell_confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B,) bool: some token of the image reaches `threshold` (the encoder found something)."""
+    return (cell_confidence >= threshold).any(dim=1)

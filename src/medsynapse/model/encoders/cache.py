@@ -1,6 +1,8 @@
 """On-disk cache of frozen prior-encoder outputs (tokens + region masks), keyed by image content and encoder.
 
-Layout: `<root>/<encoder fingerprint>/index.json` + `shard_NNNNN.safetensors`. The fingerprint hashes the encoder
+Layout: `<root>/<encoder fingerprint>/index-2.json` + `shard_NNNNN.safetensors` (layout 2 stores each image's
+`finding` flag beside its tokens and region; the index of layout 1, `index.json`, is ignored, so an older cache is
+recomputed rather than read without it). The fingerprint hashes the encoder
 folder's json files (config, tokenizer, settings such as SAM 3 prompts), the whole content of its weight files and the
 settings the encoder resolves from code defaults (`encoder_settings`), so a changed encoder never reads
 stale features. Images are keyed by the SHA-256 of their file bytes, so renamed copies hit and edited files miss.
@@ -24,6 +26,7 @@ from medsynapse.model.encoders import encoder_settings
 from medsynapse.model.encoders.base import PriorOutput
 
 _MIB = 2**20
+INDEX = "index-2.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _DIGESTS: dict[str, str] = {}  # "path:size:mtime_ns" -> sha256 of the file, for this process
 
@@ -92,20 +95,23 @@ class PriorCache:
             _save_digests(digests_path, memo)
         self.dir = root / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
-        index_path = self.dir / "index.json"
+        index_path = self.dir / INDEX
         self.index: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        """(tokens, region mask, grid, finding or None) of one image."""
         shard = self.index[key]
         if shard not in self._loaded:
             self._loaded[shard] = load_file(str(self.dir / shard))
         tensors = self._loaded[shard]
         grid = tensors[f"{key}.grid"]
-        return tensors[f"{key}.tokens"], tensors[f"{key}.region"].bool(), (int(grid[0]), int(grid[1]))
+        finding = tensors.get(f"{key}.finding")
+        return (tensors[f"{key}.tokens"], tensors[f"{key}.region"].bool(), (int(grid[0]), int(grid[1])),
+                finding.bool() if finding is not None else None)
 
     def put(self, keys: list[str], prior: PriorOutput) -> None:
         """Write one shard holding these images' features, then the index."""
@@ -116,10 +122,12 @@ class PriorCache:
             tensors[f"{key}.tokens"] = prior.tokens[i].detach().cpu().contiguous().clone()  # own storage: safetensors
             tensors[f"{key}.region"] = prior.region_mask[i].cpu().to(torch.uint8).clone()  # refuses shared views
             tensors[f"{key}.grid"] = grid.clone()
+            if prior.finding is not None:
+                tensors[f"{key}.finding"] = prior.finding[i].cpu().to(torch.uint8).reshape(()).clone()
         tmp = self.dir / (shard + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(self.dir / shard)
         self.index.update({key: shard for key in keys})
-        index_tmp = self.dir / "index.json.tmp"
+        index_tmp = self.dir / (INDEX + ".tmp")
         index_tmp.write_text(json.dumps(self.index))
-        index_tmp.replace(self.dir / "index.json")
+        index_tmp.replace(self.dir / INDEX)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, top_region
+from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, has_finding, top_region
 
 
 class SamPriorEncoder(PriorEncoder):
@@ -56,4 +56,5 @@ class SamPriorEncoder(PriorEncoder):
         masks = out.pred_masks[:, 0][torch.arange(batch), best]  # (B, h, w) logits
         confidence = F.adaptive_max_pool2d(torch.sigmoid(masks).unsqueeze(1).float(), (height, width)).flatten(1)
         tokens = embeddings.flatten(2).transpose(1, 2)
-        return PriorOutput(tokens, (height, width), top_region(confidence, self.threshold))
+        return PriorOutput(tokens, (height, width), top_region(confidence, self.threshold),
+                           has_finding(confidence, self.threshold))

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, top_region
+from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, has_finding, top_region
 
 SETTINGS_FILE = "medsynapse_sam3.json"
 DEFAULT_PROMPTS: tuple[str, ...] = ("lesion", "tumor", "nodule")
@@ -198,7 +198,8 @@ class Sam3PriorEncoder(PriorEncoder):
         vision = self.model.get_vision_features(pixel_values=pixels)
         tokens, grid = self._tokens(vision, pixels)
         confidence = self.token_confidence(vision, grid)
-        return PriorOutput(tokens, grid, top_region(confidence, self.threshold))
+        region = top_region(confidence, self.threshold)
+        return PriorOutput(tokens, grid, region, has_finding(confidence, self.threshold))
 
     def _tokens(self, vision: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self._level is None:

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, top_region
+from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, has_finding, top_region
 
 
 @dataclass
@@ -71,8 +71,9 @@ class TinySegEncoder(PriorEncoder):
         confidence = F.adaptive_max_pool2d(prob, grid)  # (B, 1, Hf, Wf): the cell's most confident lesion pixel
         pooled = [F.adaptive_avg_pool2d(features, grid), F.adaptive_avg_pool2d(prob, grid), confidence]
         tokens = torch.cat(pooled, 1).flatten(2).transpose(1, 2)
-        region = top_region(confidence.flatten(1), self.config.threshold)
-        return PriorOutput(tokens, (int(grid[0]), int(grid[1])), region)
+        cells = confidence.flatten(1)
+        return PriorOutput(tokens, (int(grid[0]), int(grid[1])), top_region(cells, self.config.threshold),
+                           has_finding(cells, self.config.threshold))
 
     def region_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self(pixels)[1][:, 0]) >= self.config.threshold
