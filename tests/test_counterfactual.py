@@ -1,12 +1,21 @@
 """Counterfactual prior tokens (model/counterfactual.py): the region is removed without leaving a marker of where it
-was (inpaint), while the paper's literal zeroing leaves one; A_psi's attention pooling is content-selective."""
+was (inpaint, reference), while the paper's literal zeroing leaves one; the reference bank and nearest reference by
+value; A_psi's attention pooling is content-selective."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from medsynapse.model.counterfactual import counterfactual_tokens, dilate_region, harmonic_fill
+from medsynapse.model.counterfactual import (
+    counterfactual_tokens,
+    dilate_region,
+    harmonic_fill,
+    nearest_reference,
+    reference_bank,
+)
 from medsynapse.model.memory import (
     AutonomousConfig,
     AutonomousMemoryModule,
@@ -42,10 +51,10 @@ def test_harmonic_fill_keeps_kept_tokens_and_reproduces_a_linear_field_inside():
     assert torch.allclose(filled[region], field[region], atol=1e-4)  # the hole is interpolated from its rim
 
 
-@pytest.mark.parametrize("intervention", ["inpaint", "zero"])
+@pytest.mark.parametrize("intervention", ["inpaint", "reference", "zero"])
 def test_counterfactual_on_uniform_background_does_not_say_where_the_region_was(intervention):
-    """Same background, region (and its content) in two different places: inpaint gives identical tokens, hence an
-    identical M'; the paper's zeroing gives tokens that differ by where the region was (the leak)."""
+    """Same background, region (and its content) in two different places: inpaint and reference give identical
+    tokens, hence an identical M'; the paper's zeroing gives tokens that differ by where the region was (the leak)."""
     torch.manual_seed(0)
     background = torch.randn(1, 1, 6).expand(1, 64, 6).clone()
     lesion = torch.randn(6) * 5
@@ -53,8 +62,10 @@ def test_counterfactual_on_uniform_background_does_not_say_where_the_region_was(
     tokens_a, tokens_b = background.clone(), background.clone()
     tokens_a[first] = lesion
     tokens_b[second] = lesion
-    cf_a, drop_a = counterfactual_tokens(tokens_a, GRID, first, intervention)
-    cf_b, drop_b = counterfactual_tokens(tokens_b, GRID, second, intervention)
+    others = torch.randn(3, 64, 6, generator=torch.Generator().manual_seed(1))
+    bank = torch.cat([others, background + 0.1])  # the background's nearest entry: the last one
+    cf_a, drop_a = counterfactual_tokens(tokens_a, GRID, first, intervention, bank=bank)
+    cf_b, drop_b = counterfactual_tokens(tokens_b, GRID, second, intervention, bank=bank)
     assert drop_a is None and drop_b is None
     sampler = DiagnosticMemorySampler(SamplerConfig(prior_dim=6, hidden_size=16, n_memory=4, width=16, heads=2))
     with torch.no_grad():
@@ -62,7 +73,9 @@ def test_counterfactual_on_uniform_background_does_not_say_where_the_region_was(
         factual_a, factual_b = sampler(tokens_a, GRID), sampler(tokens_b, GRID)
     assert (factual_a - factual_b).abs().max() > 1e-2  # the factual memory does see where the lesion is
     gap = (memory_a - memory_b).abs().max()
-    if intervention == "inpaint":
+    if intervention == "reference":
+        assert torch.equal(cf_a, bank[3:]) and torch.equal(cf_b, bank[3:])
+    if intervention in ("inpaint", "reference"):
         assert gap < 1e-5
     else:
         assert gap > 1e-2
@@ -81,6 +94,56 @@ def test_inpaint_removes_the_region_content_including_its_rim():
     assert torch.equal(same_a, same_b)
     undilated, _ = counterfactual_tokens(other, GRID, region, "inpaint", dilation=0)
     assert not torch.allclose(undilated, same_a)  # without the ring the edge tokens would leak
+
+
+def test_reference_is_the_nearest_bank_entry_whatever_the_region_and_its_rim_hold():
+    torch.manual_seed(2)
+    bank = torch.randn(5, 64, 6)
+    region = region_at([(3, 3), (3, 4)], batch=2)
+    query = bank[[1, 3]].clone()
+    ring = dilate_region(region, GRID, 1)
+    query[ring] = torch.randn(int(ring.sum()), 6) * 10  # the finding and its rim: far from every bank entry
+    out, drop = counterfactual_tokens(query, GRID, region, "reference", finding=torch.tensor([True, True]), bank=bank)
+    assert drop is None and torch.equal(out, bank[[1, 3]])
+
+
+def test_an_image_without_a_finding_is_its_own_reference():
+    torch.manual_seed(3)
+    bank, tokens = torch.randn(4, 64, 3), torch.randn(2, 64, 3)
+    region = region_at([(0, 0)], batch=2)
+    out = nearest_reference(tokens, GRID, region, torch.tensor([False, True]), bank)
+    assert torch.equal(out[0], tokens[0]) and any(torch.equal(out[1], b) for b in bank)
+    every = nearest_reference(tokens, GRID, region, None, bank)  # no finding flags: every image is replaced
+    assert any(torch.equal(every[0], b) for b in bank)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), cells=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1,
+                                                   max_size=10), dilation=st.integers(0, 2))
+def test_reference_distance_equals_the_brute_force_masked_distance(seed, cells, dilation):
+    generator = torch.Generator().manual_seed(seed)
+    bank = torch.randn(7, 64, 4, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(3, 64, 4, generator=generator, dtype=torch.float64)
+    region = region_at(cells, batch=3)
+    keep = ~dilate_region(region, GRID, dilation)
+    brute = (((tokens[:, None] - bank[None]) ** 2).sum(-1) * keep[:, None]).sum(-1)  # (B, K), a (B, K, M, d) tensor
+    chosen = nearest_reference(tokens, GRID, region, None, bank, dilation)
+    assert torch.equal(chosen, bank[brute.argmin(1)])
+
+
+def test_reference_bank_keeps_images_without_a_finding_evenly_spaced():
+    tokens = torch.arange(10.0).view(10, 1, 1).expand(10, 4, 2)
+    finding = torch.tensor([True, False, False, True, False, False, False, True, False, False])
+    assert reference_bank(tokens, finding, 100)[:, 0, 0].tolist() == [1, 2, 4, 5, 6, 8, 9]
+    assert reference_bank(tokens, finding, 3)[:, 0, 0].tolist() == [1, 5, 9]  # first, middle, last healthy
+    with pytest.raises(ValueError, match="no per-image finding flag"):
+        reference_bank(tokens, None, 3)
+    with pytest.raises(ValueError, match="free of findings"):
+        reference_bank(tokens, torch.ones(10, dtype=torch.bool), 3)
+    with pytest.raises(ValueError, match="at least 1"):
+        reference_bank(tokens, finding, 0)
+    with pytest.raises(ValueError, match="reference_bank.safetensors"):
+        counterfactual_tokens(tokens, (2, 2), torch.zeros(10, 4, dtype=torch.bool), "reference")
 
 
 def test_unknown_intervention_names_the_choices():

@@ -38,6 +38,7 @@ def test_cache_features_cli_then_read_equals_computing(tiny_env, tmp_path):
     assert rows == cached_rows and computed.grid == cached.grid
     torch.testing.assert_close(cached.tokens, computed.tokens, atol=1e-6, rtol=1e-6)
     assert torch.equal(cached.region_mask, computed.region_mask)
+    assert computed.finding is not None and torch.equal(cached.finding, computed.finding)
 
 
 def test_changed_encoder_config_never_reads_stale_features(tiny_env, tmp_path):
@@ -136,3 +137,22 @@ def test_weight_digests_are_remembered_by_path_size_and_mtime(tmp_path, monkeypa
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000))  # rewritten: must be hashed again
     with pytest.raises(AssertionError, match="hashed again"):
         encoder_fingerprint(folder)
+
+
+def test_a_cache_of_the_layout_without_finding_flags_is_recomputed(tiny_env, tmp_path):
+    """Layout 1 (`index.json`, no finding flag per image) is ignored: read, it would give a table without findings and
+    no reference bank."""
+    cache = tmp_path / "cache"
+    _fill(tiny_env.encoder, tiny_env.train_file, cache)
+    folder = PriorCache(cache, tiny_env.encoder).dir
+    (folder / cache_module.INDEX).rename(folder / "index.json")
+    dataset = VQADataset(read_samples(tiny_env.train_file), prompts=None)
+    encoder = load_encoder(tiny_env.encoder)
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        return encoder.encode(images)
+
+    table, _ = prior_table(encode, str(tiny_env.encoder), dataset, cache_dir=str(cache))
+    assert sum(calls) == table.tokens.shape[0] and table.finding is not None

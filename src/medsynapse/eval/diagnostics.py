@@ -461,14 +461,16 @@ def _tables(train_samples, test_samples, train_source, test_source) -> tuple[Ima
 
 def leak_probe(model: MedSynapseV, train_samples: list[Sample] | ImageTable, test_samples: list[Sample] | ImageTable,
                intervention: str = "zero", label: str = "location", batch_size: int = 16, seed: int = 0,
-               train_source: str = "train samples", test_source: str = "test samples") -> dict:
+               train_source: str = "train samples", test_source: str = "test samples",
+               labels: Sequence[str] = LABELS) -> dict:
     """Can the lesion evidence still be read from the counterfactual memory M'? If a probe on M' is well above
     chance, the intervention leaks what it was meant to remove.
 
     Flat keys for `label` (default: the largest lesion's quadrant, what the region B localises): ``memory`` and
     ``counterfactual`` (test accuracy of a probe on M / on M', None when the label had too few images),
     ``memory_ci95`` / ``counterfactual_ci95``, ``memory_at_chance`` / ``counterfactual_at_chance``, ``chance``;
-    ``by_label``: the full probe results for presence and location.
+    ``by_label``: the full probe results for each of `labels` (presence and location by default; `label` is always
+    probed).
     """
     if not has_prior_branch(model):
         raise ValueError("the leak probe needs the prior encoder and the memory sampler P_phi (M and M'); this model "
@@ -480,7 +482,7 @@ def leak_probe(model: MedSynapseV, train_samples: list[Sample] | ImageTable, tes
     train_f = extract_features(model, train, kinds, intervention, batch_size, desc="leak features (train)")
     test_f = extract_features(model, test, kinds, intervention, batch_size, desc="leak features (test)")
     by_label = {name: {k: probe_label(train_f[k], train, test_f[k], test, name, seed) for k in kinds}
-                for name in LABELS}
+                for name in dict.fromkeys([label, *labels])}
     chosen = by_label[label]
     out: dict = {"label": label, "intervention": intervention}
     for k in kinds:
@@ -494,21 +496,25 @@ def leak_probe(model: MedSynapseV, train_samples: list[Sample] | ImageTable, tes
 
 def readability_probes(model: MedSynapseV, train_samples: list[Sample] | ImageTable,
                        test_samples: list[Sample] | ImageTable, label: str = "presence", batch_size: int = 16,
-                       seed: int = 0, train_source: str = "train samples", test_source: str = "test samples") -> dict:
+                       seed: int = 0, train_source: str = "train samples", test_source: str = "test samples",
+                       labels: Sequence[str] = LABELS, kinds: Sequence[str] | None = None) -> dict:
     """How well the lesion labels can be read linearly from the VLM's merged visual tokens (what A_psi reads), the
     prior encoder's tokens (only with an encoder) and A_psi's memory (only for a model with A_psi).
 
-    ``{source: probe result for `label` + {"by_label": {"presence": ..., "location": ...}}}``.
+    ``{source: probe result for `label` + {"by_label": {"presence": ..., "location": ...}}}`` for each of `labels`
+    (`label` always); `kinds`: the sources to probe (None: every one the model has).
     """
     if label not in LABELS:
         raise ValueError(f"unknown probe label {label!r}; expected one of {LABELS}")
     train, test = _tables(train_samples, test_samples, train_source, test_source)
-    kinds = [k for k in ("vlm_visual_tokens", "prior_tokens", "autonomous_memory") if k in available_features(model)]
+    kinds = [k for k in (kinds or ("vlm_visual_tokens", "prior_tokens", "autonomous_memory"))
+             if k in available_features(model)]
     train_f = extract_features(model, train, kinds, batch_size=batch_size, desc="readability features (train)")
     test_f = extract_features(model, test, kinds, batch_size=batch_size, desc="readability features (test)")
     out = {}
     for k in kinds:
-        by_label = {name: probe_label(train_f[k], train, test_f[k], test, name, seed) for name in LABELS}
+        by_label = {name: probe_label(train_f[k], train, test_f[k], test, name, seed)
+                    for name in dict.fromkeys([label, *labels])}
         out[k] = {**by_label[label], "by_label": by_label}
     return out
 

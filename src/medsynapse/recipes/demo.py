@@ -71,7 +71,7 @@ class DemoConfig:
         "lr": 3e-4, "max_steps": 250, "batch_size": 16, "group_size": 4, "lora_r": 16, "lora_alpha": 32,
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_form": "ranked", "advantage_std_floor": 0.5,
-        "intervention": "inpaint",
+        "intervention": "reference",
         "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice"], "save_every": 100})
     stage3: dict = field(default_factory=lambda: {
         "lr": 3e-3, "max_steps": 500, "batch_size": 32, "max_new_tokens": 6, "families": ["lesion"],
@@ -321,10 +321,11 @@ def run_diagnostics(models: dict[str, Path], shared: Shared, intervention: str, 
         reliance[name].pop("by_question_type", None)
     teacher, student = loaded["stage2"], loaded["stage3_student"]
     return {"intervention": intervention,
-            "leak_probe": leak_probe(teacher, train, test, intervention),
-            "leak_probe_zero": leak_probe(teacher, train, test, "zero"),
-            "readability": {**readability_probes(teacher, train, test),
-                            "student_memory": readability_probes(student, train, test).get("autonomous_memory")},
+            "leak_probe": leak_probe(teacher, train, test, intervention, labels=("location",)),
+            "leak_probe_zero": leak_probe(teacher, train, test, "zero", labels=("location",)),
+            "readability": {**readability_probes(teacher, train, test, labels=("presence",)),
+                            "student_memory": readability_probes(student, train, test, labels=("presence",),
+                                                                 kinds=("autonomous_memory",))["autonomous_memory"]},
             "reliance": reliance}
 
 
