@@ -13,11 +13,17 @@ from medsynapse.objectives.grpo import group_advantages
 from medsynapse.objectives.rewards import (
     RANKED_MARGIN,
     causal_rewards,
+    centred_causal,
     composite_reward,
     ranked_reward,
     total_reward,
 )
-from medsynapse.recipes.stage2_ccr import Stage2Config, check_config, inverted_group_fraction
+from medsynapse.recipes.stage2_ccr import (
+    Stage2Config,
+    check_config,
+    inverted_group_fraction,
+    rewards_and_advantages,
+)
 
 FLOOR = 0.1  # the recommended advantage_std_floor for the ranked form
 
@@ -151,7 +157,64 @@ def test_paper_form_can_invert_groups_ranked_cannot():
     assert inverted_group_fraction(r_acc, ranked_reward(r_acc, r_causal), 2) == 0.0
 
 
+@st.composite
+def centred_groups(draw):
+    group = draw(st.integers(min_value=2, max_value=16))
+    n = group * draw(st.integers(min_value=1, max_value=3))
+    r_acc = torch.tensor(draw(st.lists(st.sampled_from([0.0, 1.0, float("nan")]), min_size=n, max_size=n)))
+    finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
+    pool = st.sampled_from([0.0, 1e-3, -1e-3, 0.5, 2.0, -7.0, 300.0])
+    r_causal = torch.tensor(draw(st.lists(st.one_of(finite, pool), min_size=n, max_size=n)), dtype=torch.float32)
+    lambda_causal = draw(st.sampled_from([0.0, 0.1, 0.5, 0.7]))  # < 1/√2: the validated bound with no floor
+    scale = draw(st.sampled_from([1.0, 1e-3, 0.3, 10.0]))
+    return group, r_acc, r_causal, lambda_causal, scale
+
+
+@settings(max_examples=examples(400), deadline=None, database=None)
+@given(centred_groups())
+def test_centred_causal_is_bounded_sums_to_zero_per_class_and_keeps_correctness_first(case):
+    group, r_acc, r_causal, lambda_causal, scale = case
+    c = centred_causal(r_acc, r_causal, group, scale)
+    assert c.shape == r_acc.shape and torch.isfinite(c).all() and c.abs().max() <= 1 + 1e-6
+    config = Stage2Config(causal_form="centred", group_size=group, lambda_causal=lambda_causal, causal_scale=scale)
+    check_config(config)
+    rewards, advantages = rewards_and_advantages(r_acc, r_causal, config)
+    plain = group_advantages(r_acc, group)  # λ_causal = 0: plain GRPO on accuracy
+    for a, r, cc, adv, base in zip(r_acc.view(-1, group), r_causal.view(-1, group), c.view(-1, group),
+                                   advantages.view(-1, group), plain.view(-1, group)):
+        scored = ~torch.isnan(a)
+        assert bool((cc[~scored] == 0).all())  # an unscorable rollout gets no causal credit
+        correct, wrong = adv[a == 1], adv[a == 0]
+        if len(correct) and len(wrong):
+            assert correct.min() > wrong.max() + 1e-3  # a margin, not only an order
+        for cls in (a == 1, a == 0):
+            if cls.sum() == 0:
+                continue
+            assert abs(float(cc[cls].double().sum())) <= 1e-5 * max(1, int(cls.sum()))  # class mean untouched
+            torch.testing.assert_close(adv[cls].double().mean(), base[cls].double().mean(), atol=1e-5, rtol=0)
+            vs, rs = cc[cls], r[cls]
+            assert bool((vs[:, None] <= vs[None, :])[rs[:, None] < rs[None, :]].all())  # r_causal order kept
+            assert bool((vs[:, None] == vs[None, :])[rs[:, None] == rs[None, :]].all())  # ties tie
+            if len(set(rs.tolist())) == 1:
+                assert bool((vs == 0).all())  # tied class: exactly 0, however large the values
+
+
+def test_centred_causal_by_value_and_the_sigma_floor():
+    r_acc = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    # correct class: r = 2, 4, 6 (mean 4, σ 2) -> z = -1, 0, 1, divided by (G - 1)/√G = 1.5
+    c = centred_causal(r_acc, torch.tensor([2.0, 4.0, 6.0, 9.0]), group_size=4, scale=1.0)
+    torch.testing.assert_close(c, torch.tensor([-1 / 1.5, 0.0, 1 / 1.5, 0.0]))
+    tiny = centred_causal(r_acc, torch.tensor([0.0, 1e-3, 2e-3, 5.0]), group_size=4, scale=1.0)
+    assert tiny.abs().max() < 1e-3  # rounding-level differences stay rounding-level (σ floored at 1 nat)
+    unfloored = centred_causal(r_acc, torch.tensor([0.0, 1e-3, 2e-3, 5.0]), group_size=4, scale=1e-6)
+    torch.testing.assert_close(unfloored, torch.tensor([-1 / 1.5, 0.0, 1 / 1.5, 0.0]))  # what the floor prevents
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
+    ({"causal_form": "centred", "lambda_causal": 0.71}, "2·lambda_causal <"),
+    ({"causal_form": "centred", "lambda_causal": 0.4, "advantage_std_floor": 2.0}, "2·lambda_causal <"),
+    ({"causal_form": "centred", "causal_scale": 0.0}, "causal_scale"),
+    ({"causal_form": "centred", "causal_gate": "correct"}, "causal_gate"),
     ({"causal_form": "ranked", "lambda_causal": 0.6}, "2·lambda_causal <= lambda_acc"),
     ({"causal_form": "ranked", "lambda_acc": 0.0, "lambda_causal": 0.0}, "lambda_acc > 0"),
     ({"causal_form": "ranked", "causal_scale": 0.0}, "causal_scale"),
@@ -178,6 +241,7 @@ def test_valid_configs_pass():
     check_config(Stage2Config())  # the paper's defaults
     check_config(Stage2Config(causal_form="ranked", lambda_acc=1.0, lambda_causal=0.5, advantage_std_floor=FLOOR))
     check_config(Stage2Config(causal_clip=0.9, causal_gate="correct"))  # the paper form's options still work
+    check_config(Stage2Config(causal_form="centred", lambda_causal=0.7))
 
 
 def test_causal_reward_reads_temperature_one_and_old_logprobs_the_sampling_temperature(model, tiny_env):

@@ -51,7 +51,7 @@ def test_linear_probe_reads_a_separable_label_and_is_at_chance_on_random_labels(
     names = [("a", "b", "c")[i] for i in logits[sep].argmax(1).tolist()]
     xs, h = x[sep], int(sep.sum()) // 2
     multi = linear_probe(xs[:h], names[:h], xs[h:], names[h:])
-    assert multi["accuracy"] >= 0.9 and multi["n_classes"] == 3
+    assert multi["accuracy"] >= 0.85 and multi["n_classes"] == 3
 
     noise_labels = torch.randint(0, 2, (len(x),), generator=g)
     rand = linear_probe(x[:half], noise_labels[:half], x[half:], noise_labels[half:])

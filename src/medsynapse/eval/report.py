@@ -154,7 +154,7 @@ def diagnostics_tables(diagnostics: dict) -> str:
         probe = diagnostics.get(name) or {}
         label = "demo intervention" if name == "leak_probe" else "paper's zero intervention"
         for key in ("memory", "counterfactual"):
-            if key in probe:
+            if probe.get(key) is not None:
                 lines.append(f"| {key} ({label}) | {_cell(probe[key])} | {_cell(probe.get('chance'))} |")
     lines += ["", "Readability of lesion presence (linear probe):", "", "| features | accuracy |", "|---|---|"]
     for key, value in (diagnostics.get("readability") or {}).items():

@@ -4,6 +4,12 @@ Two ways to combine them (`causal_form`):
 - "paper": R = λ_acc·r_acc + λ_causal·r_causal, the paper's composite reward with Eq. 5 as is (`total_reward`).
 - "ranked": R = λ_acc·r_acc + λ_causal·b(r_causal), b a bounded odd squash, with 2·λ_causal ≤ λ_acc
   (`ranked_reward`): correctness always ranks first, r_causal only orders rollouts of equal correctness.
+- "centred" (recommended): the causal term enters the *advantage*, not the reward: A = GRPO's advantage of
+  λ_acc·r_acc + λ_causal·c, c = r_causal centred and scaled within each group's rollouts of equal correctness
+  (`centred_causal`). Why not "ranked": it keeps the order but not the margin. A correct rollout with a negative
+  r_causal and a wrong one with a positive r_causal get R = 0.5005 and 0.4995, so the accuracy signal can all but
+  vanish; on the demo every ranked run learnt less than plain GRPO (README). Centred, c sums to zero within each
+  class, so the push from wrong to right answers is exactly plain GRPO's and r_causal only reorders within a class.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from medsynapse.objectives.answers import is_correct
 
 CAUSAL_REDUCTIONS = ("sum", "mean")
 CAUSAL_GATES = ("none", "correct")
-CAUSAL_FORMS = ("paper", "ranked")
+CAUSAL_FORMS = ("paper", "ranked", "centred")
 # b(r) = (1 - RANKED_MARGIN)·tanh(r / scale). tanh rounds to exactly ±1 in floating point once |r| / scale exceeds
 # ~9 (float32) or ~19 (float64); the margin keeps |b| ≤ 0.999 < 1 so dominance stays strict at 2·λ_causal = λ_acc.
 RANKED_MARGIN = 1e-3
@@ -101,11 +107,58 @@ def ranked_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, lambda_acc: float
     return reward.to(dtype)
 
 
+def centred_causal(r_acc: torch.Tensor, r_causal: torch.Tensor, group_size: int, scale: float = 1.0) -> torch.Tensor:
+    """c (B*G,) in [−1, 1]: r_causal z-scored within each group's correct rollouts and, separately, its wrong ones.
+
+    c = (r − mean_class) / max(σ_class, scale) · √G / (G − 1), σ unbiased; the z-score of one value among n ≤ G is at
+    most (n − 1)/√n ≤ (G − 1)/√G, so |c| ≤ 1. Within a class c sums to 0 (exactly, up to rounding), so adding λ·c to
+    an advantage leaves the class's mean advantage unchanged. `scale` (nats) floors σ: r_causal values that differ by
+    rounding noise (1e-3 nats among identical answers) give c ≈ 0, not ±1. A class of one rollout, a class whose
+    values are all equal, an unscorable rollout (NaN r_acc) and a NaN r_causal get exactly 0. Float64 inside.
+    """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"causal_scale must be a positive finite number of nats, got {scale}")
+    acc = r_acc.double().view(-1, group_size)
+    r = r_causal.double().view(-1, group_size)
+    out = torch.zeros_like(r)
+    bound = (group_size - 1) / math.sqrt(group_size) if group_size > 1 else 1.0
+    for member in (acc > 0, acc == 0):  # NaN r_acc is in neither class
+        member = member & torch.isfinite(r)
+        values = torch.where(member, r, torch.zeros_like(r))
+        count = member.sum(1, keepdim=True)
+        mean = values.sum(1, keepdim=True) / count.clamp(min=1)
+        var = (((r - mean) * member) ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+        low = torch.where(member, r, torch.full_like(r, math.inf)).amin(1, keepdim=True)
+        high = torch.where(member, r, torch.full_like(r, -math.inf)).amax(1, keepdim=True)
+        spread = (count > 1) & (low < high)
+        z = (r - mean) / var.sqrt().clamp(min=scale) / bound
+        out = torch.where(member & spread, z, out)
+    return out.view(-1).to(torch.promote_types(r_causal.dtype, torch.float32))
+
+
+def check_centred(lambda_acc: float, lambda_causal: float, std_floor: float, eps: float = 1e-4) -> None:
+    """ValueError unless every correct rollout's advantage stays above every wrong one's in the "centred" form.
+
+    The accuracy advantage of a group split by correctness separates its classes by λ_acc / max(σ + eps, floor), and
+    σ of binary rewards is at most λ_acc·√(G / (4(G − 1))) ≤ λ_acc/√2 (G = 2, the worst case); |λ_causal·c| ≤
+    λ_causal. So 2·λ_causal < λ_acc / max(λ_acc/√2 + eps, floor) is needed (λ_causal < 0.707 with no floor).
+    """
+    if not (math.isfinite(lambda_acc) and lambda_acc > 0):
+        raise ValueError(f"causal_form 'centred' needs lambda_acc > 0, got {lambda_acc}")
+    gap = lambda_acc / max(lambda_acc / math.sqrt(2) + eps, std_floor)
+    if not (math.isfinite(lambda_causal) and 0 <= 2 * lambda_causal < gap):
+        raise ValueError(f"causal_form 'centred' needs 0 <= 2·lambda_causal < {gap:.4f} (the smallest gap between "
+                         f"a correct and a wrong rollout's accuracy advantage), got lambda_causal={lambda_causal}")
+
+
 def composite_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, form: str = "paper", lambda_acc: float = 1.0,
                      lambda_causal: float = 0.5, gate: str = "none", scale: float = 1.0) -> torch.Tensor:
     """Stage II's R in the chosen `form`: "paper" → `total_reward` (with `gate`), "ranked" → `ranked_reward`."""
     if form not in CAUSAL_FORMS:
         raise ValueError(f"unknown causal_form {form!r}; expected one of {CAUSAL_FORMS}")
+    if form == "centred":
+        raise ValueError("causal_form 'centred' adds the causal term to the advantage, not to the reward: use "
+                         "centred_causal with the group advantages of λ_acc·r_acc")
     if form == "paper":
         return total_reward(r_acc, r_causal, lambda_acc, lambda_causal, gate)
     if gate != "none":

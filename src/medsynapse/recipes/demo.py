@@ -70,9 +70,8 @@ class DemoConfig:
     stage2: dict = field(default_factory=lambda: {
         "lr": 3e-4, "max_steps": 250, "batch_size": 16, "group_size": 4, "lora_r": 16, "lora_alpha": 32,
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_form": "ranked", "advantage_std_floor": 0.5,
-        "intervention": "reference",
-        "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice"], "save_every": 100})
+        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_form": "centred", "intervention": "reference",
+        "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice", "open"], "save_every": 100})
     stage3: dict = field(default_factory=lambda: {
         "lr": 3e-3, "max_steps": 500, "batch_size": 32, "max_new_tokens": 6, "families": ["lesion"],
         "pooling": "attention", "save_every": 100})
@@ -89,8 +88,8 @@ class DemoConfig:
     ablations: bool = False
     stage2_ablations: dict = field(default_factory=lambda: {
         "stage2_lambda0": {"lambda_causal": 0.0},
-        "stage2_paper_eq5": {"causal_form": "paper", "advantage_std_floor": 0.0},
-        "stage2_floor0.1": {"advantage_std_floor": 0.1}})
+        "stage2_paper_eq5": {"causal_form": "paper"},
+        "stage2_ranked": {"causal_form": "ranked", "advantage_std_floor": 0.5}})
     diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
     efficiency_samples: int = 60  # timed samples per model (after 3 warm-up); medians are noisy below ~50 here
     eval_batch_size: int = 64
@@ -322,7 +321,7 @@ def run_diagnostics(models: dict[str, Path], shared: Shared, intervention: str, 
     teacher, student = loaded["stage2"], loaded["stage3_student"]
     return {"intervention": intervention,
             "leak_probe": leak_probe(teacher, train, test, intervention, labels=("location",)),
-            "leak_probe_zero": leak_probe(teacher, train, test, "zero", labels=("location",)),
+            "leak_probe_zero": leak_probe(teacher, train, test, "zero", labels=("location",), with_memory=False),
             "readability": {**readability_probes(teacher, train, test, labels=("presence",)),
                             "student_memory": readability_probes(student, train, test, labels=("presence",),
                                                                  kinds=("autonomous_memory",))["autonomous_memory"]},

@@ -48,6 +48,8 @@ from medsynapse.objectives.rewards import (
     CAUSAL_REDUCTIONS,
     accuracy_rewards,
     causal_rewards,
+    centred_causal,
+    check_centred,
     check_ranked,
     composite_reward,
 )
@@ -84,8 +86,11 @@ class Stage2Config:
     causal_gate: str = "none"  # none (paper) | correct (r_causal credited to correct rollouts only); paper form only
     causal_form: str = "paper"  # paper: λ_acc·r_acc + λ_causal·r_causal (Eq. 5 as is) | ranked: λ_acc·r_acc +
     # λ_causal·0.999·tanh(r_causal / causal_scale), needs 2·λ_causal ≤ λ_acc: every correct rollout outranks every
-    # wrong one, r_causal orders rollouts of equal correctness (objectives/rewards.py)
-    causal_scale: float = 1.0  # ranked: r_causal (nats) at which the bonus is tanh(1) ≈ 0.76 of its bound
+    # wrong one, r_causal orders rollouts of equal correctness | centred (recommended): A = GRPO advantage of
+    # λ_acc·r_acc + λ_causal·c, c = r_causal z-scored within each group's correct and wrong rollouts, |c| ≤ 1: the
+    # push from wrong to right is plain GRPO's, r_causal reorders within a class (objectives/rewards.py)
+    causal_scale: float = 1.0  # ranked: r_causal (nats) at which the bonus is tanh(1) ≈ 0.76 of its bound;
+    # centred: the floor of the within-class σ (nats), so rounding-level differences give c ≈ 0
     advantage_std_floor: float = 0.0  # A = (R − mean) / max(σ + eps, floor); 0 = TRL. With ranked use λ_acc/2 = 0.5:
     # the std of a G = 4 group with one right answer, so a group of equal correctness, whose reward spread comes from
     # r_causal alone, never gets larger advantages than a group split by correctness (r_causal 1e-3 nats apart:
@@ -174,14 +179,34 @@ def check_config(config: Stage2Config) -> None:
         raise ValueError(f"advantage_std_floor must be a finite number >= 0, got {config.advantage_std_floor}")
     if not (math.isfinite(config.temperature) and config.temperature > 0):
         raise ValueError(f"temperature must be > 0, got {config.temperature}")
+    if config.causal_form == "centred":
+        check_centred(config.lambda_acc, config.lambda_causal, config.advantage_std_floor, config.advantage_eps)
+    if config.causal_form != "paper" and not (math.isfinite(config.causal_scale) and config.causal_scale > 0):
+        raise ValueError(f"causal_scale must be a positive finite number of nats, got {config.causal_scale}")
+    if config.causal_form != "paper" and config.causal_gate != "none":
+        raise ValueError(f"causal_gate is a paper-form option; causal_form {config.causal_form!r} already ranks "
+                         "every correct rollout first and keeps the order of the wrong ones (set causal_gate: none)")
+    if config.causal_form != "paper" and config.causal_clip is not None:
+        raise ValueError(f"causal_clip is a paper-form option; causal_form {config.causal_form!r} bounds r_causal "
+                         "itself, with tanh (ranked) or a floored z-score (centred); set causal_clip: null, and "
+                         "causal_scale for its scale")
     if config.causal_form == "ranked":
         check_ranked(config.lambda_acc, config.lambda_causal, config.causal_scale)
-        if config.causal_gate != "none":
-            raise ValueError("causal_gate is a paper-form option; causal_form 'ranked' already ranks every correct "
-                             "rollout first and keeps the order of the wrong ones (set causal_gate: none)")
-        if config.causal_clip is not None:
-            raise ValueError("causal_clip is a paper-form option; causal_form 'ranked' bounds r_causal with tanh "
-                             "(set causal_clip: null, and causal_scale for where it saturates)")
+
+
+def rewards_and_advantages(r_acc: torch.Tensor, r_causal: torch.Tensor,
+                           config: Stage2Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, A) per rollout. "paper" / "ranked": A = GRPO's group advantage of R. "centred": R = λ_acc·r_acc and
+    A = its group advantage + λ_causal·c, c = r_causal centred within each group's classes of equal correctness."""
+    G = config.group_size
+    if config.causal_form == "centred":
+        rewards = config.lambda_acc * r_acc
+        advantages = group_advantages(rewards, G, config.advantage_eps, std_floor=config.advantage_std_floor)
+        causal = centred_causal(r_acc, r_causal, G, config.causal_scale).to(advantages.dtype)
+        return rewards, advantages + config.lambda_causal * causal
+    rewards = composite_reward(r_acc, r_causal, config.causal_form, config.lambda_acc, config.lambda_causal,
+                               config.causal_gate, config.causal_scale)
+    return rewards, group_advantages(rewards, G, config.advantage_eps, std_floor=config.advantage_std_floor)
 
 
 def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
@@ -281,9 +306,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
                 old_logp = completion_logprobs(unwrapped, batch, memory, rollouts.tokens, rollouts.mask,
                                                model.latent_id, batch_features, config.temperature)
             r_causal = torch.zeros_like(r_acc)
-        rewards = composite_reward(r_acc, r_causal, config.causal_form, config.lambda_acc, config.lambda_causal,
-                                   config.causal_gate, config.causal_scale)
-        advantages = group_advantages(rewards, G, config.advantage_eps, std_floor=config.advantage_std_floor)
+        rewards, advantages = rewards_and_advantages(r_acc, r_causal, config)
         ref_logp = None
         if config.beta != 0.0:
             with torch.no_grad(), unwrapped.disable_adapter():
