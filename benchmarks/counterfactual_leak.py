@@ -1,7 +1,7 @@
 """Leak probe and counterfactual accuracy of each intervention for one Stage I/II folder.
 
     python benchmarks/counterfactual_leak.py --model runs/demo3/seed_0/stage1 --data DATA_DIR \
-        --interventions zero,inpaint,pixels --output runs/leak.json
+        --interventions zero,inpaint,pixels,reference --output runs/leak.json
 
 DATA_DIR holds SynthMed's train.jsonl and test.jsonl (the demo's cache folder data-*). For each intervention: a linear
 probe for the largest lesion's quadrant on M and on M' (eval/diagnostics.leak_probe) and the accuracy on the test
@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--interventions", default="zero,inpaint,pixels")
+    parser.add_argument("--interventions", default="zero,inpaint,pixels,reference")
     parser.add_argument("--output", default="runs/counterfactual_leak.json")
     args = parser.parse_args()
     data = Path(args.data)

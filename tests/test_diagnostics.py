@@ -42,7 +42,7 @@ def test_linear_probe_reads_a_separable_label_and_is_at_chance_on_random_labels(
     x, y = x[keep], (score[keep] > 0).long()
     half = len(x) // 2
     good = linear_probe(x[:half], y[:half], x[half:], y[half:])
-    assert good["accuracy"] >= 0.97 and not good["at_chance"]
+    assert good["accuracy"] >= 0.97 and not good["at_chance"] and good["above_chance"]
     assert good["n_train"] == half and good["n_test"] == len(x) - half and good["strength"] in (1e-3, 1e-2, 1e-1)
     # three classes, labels given as strings
     logits = x @ torch.randn(20, 3, generator=g)
@@ -58,7 +58,7 @@ def test_linear_probe_reads_a_separable_label_and_is_at_chance_on_random_labels(
     test_labels = noise_labels[half:].tolist()
     assert rand["chance"] == max(test_labels.count(0), test_labels.count(1)) / len(test_labels)
     lo, hi = rand["ci95"]
-    assert lo <= rand["chance"] <= hi and rand["at_chance"]
+    assert lo <= rand["chance"] <= hi and rand["at_chance"] and not rand["above_chance"]
     assert lo <= rand["accuracy"] <= hi
 
 

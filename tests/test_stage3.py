@@ -181,3 +181,43 @@ def test_corrupt_dicom_is_named(tmp_path):
     bad.write_bytes(b"not a dicom file at all")
     with pytest.raises(DataError, match="bad.dcm"):
         load_image(str(bad))
+
+
+def test_memory_alignment_loss_by_value_and_gradient():
+    from medsynapse.objectives.alignment import memory_alignment_loss
+
+    teacher = torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]]])  # Σ||M||² = 25
+    student = torch.tensor([[[0.0, 4.0]], [[1.0, 0.0]]], requires_grad=True)  # Σ||Δ||² = 9 + 1
+    loss = memory_alignment_loss(student, teacher)
+    torch.testing.assert_close(loss, torch.tensor(10 / 25))
+    loss.backward()
+    torch.testing.assert_close(student.grad, 2 * (student.detach() - teacher) / 25)
+    assert float(memory_alignment_loss(teacher.clone(), teacher)) == 0.0
+    assert float(memory_alignment_loss(torch.zeros_like(teacher), teacher)) == 1.0
+    with pytest.raises(ValueError, match="differ"):
+        memory_alignment_loss(student[:1], teacher)
+
+
+def test_memory_alignment_pulls_the_student_memory_toward_the_teachers(tiny_env, stage2_dir, tmp_path):
+    """Same seed and steps, alignment weight 0 (the paper) vs 5: the aligned student's memory is closer to the
+    teacher's on the training images; a negative weight is refused before anything loads."""
+    from medsynapse.objectives.alignment import memory_alignment_loss
+
+    plain = train_stage3(_config(tiny_env, stage2_dir, tmp_path / "plain", max_steps=6, lr=3e-3))
+    aligned = train_stage3(_config(tiny_env, stage2_dir, tmp_path / "aligned", max_steps=6, lr=3e-3,
+                                   memory_alignment=5.0))
+    teacher = MedSynapseV.from_pretrained(stage2_dir)
+    samples = read_samples(tiny_env.train_file)[:8]
+    images = [load_image(str(tiny_env.train_file.parent / s.images[0])) for s in samples]
+    distances = {}
+    for name, folder in (("plain", plain), ("aligned", aligned)):
+        student = MedSynapseV.from_pretrained(folder)
+        batch = student.prompts.collate([student.prompts.encode([im], s.question) for im, s in zip(images, samples)],
+                                        with_answers=False)
+        with torch.no_grad():
+            features = vision_features(student.vlm, batch)
+            distances[name] = float(memory_alignment_loss(student.memory_for(batch, images, features),
+                                                          teacher.memory(teacher.prior(images))))
+    assert distances["aligned"] < 0.8 * distances["plain"], distances
+    with pytest.raises(ValueError, match="memory_alignment"):
+        train_stage3(_config(tiny_env, stage2_dir, tmp_path / "bad", memory_alignment=-1.0))

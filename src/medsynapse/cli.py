@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2: one run per seed "
                       "(data, base VLM and encoder shared) and a summary with mean ± sd and 95 %% intervals")
     demo.add_argument("--ablations", action="store_true",
-                      help="also train the Stage II reward ablations (lambda_causal 0, the paper's exact Eq. 5)")
+                      help="also train the ablations: Stage II with lambda_causal 0, the paper's exact Eq. 5 and the "
+                           "ranked reward; Stage III with the paper's JSD only")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override demo settings, e.g. stage1.max_steps=50")
     demo.set_defaults(func=cmd_demo)
 
@@ -275,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--output", default="runs/diagnose", help="writes diagnostics.json and diagnostics.md here")
     diag.add_argument("--batch-size", type=int, default=16)
     diag.add_argument("--families", default=None, help="comma-separated question families to score, e.g. lesion")
-    diag.add_argument("--intervention", default="zero", help="counterfactual intervention for M' (default zero)")
+    diag.add_argument("--intervention", default="zero",
+                      help="counterfactual intervention for M' (zero, the paper's and the default; "
+                           "drop; inpaint; pixels; reference: the nearest training image without a finding, for "
+                           "folders trained by this version)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the shuffle derangement, the noise and the probes")
     diag.add_argument("--max-new-tokens", type=int, default=8)
     diag.set_defaults(func=cmd_diagnose)

@@ -272,8 +272,9 @@ def linear_probe(train_x: torch.Tensor, train_y: Sequence | torch.Tensor, test_x
     Standardised with train statistics; L2-regularised multinomial logistic regression (torch LBFGS, full batch);
     strength chosen by k-fold (k = min(`folds`, n_train)) cross-validation on the train set only. Returns the test
     `accuracy`, its 95 % Wilson interval `ci95`, `chance` (the majority-class rate of the *test* labels),
-    `at_chance` (ci95 contains chance), `n_train`, `n_test`, `strength`, `cv_accuracy` (per strength) and
-    `n_classes`. A test label never seen in training counts as wrong.
+    `at_chance` (ci95 contains chance), `above_chance` (ci95 entirely above chance: the label can be read; the leak
+    probe's test, since a probe below chance reads nothing either), `n_train`, `n_test`, `strength`, `cv_accuracy`
+    (per strength) and `n_classes`. A test label never seen in training counts as wrong.
     """
     train_x = torch.as_tensor(train_x).reshape(len(train_x), -1).float()
     test_x = torch.as_tensor(test_x).reshape(len(test_x), -1).float()
@@ -299,6 +300,7 @@ def linear_probe(train_x: torch.Tensor, train_y: Sequence | torch.Tensor, test_x
     low, high = wilson_interval(correct, n_test)
     chance = max(test_list.count(c) for c in set(test_list)) / n_test
     return {"accuracy": correct / n_test, "ci95": [low, high], "chance": chance, "at_chance": low <= chance <= high,
+            "above_chance": low > chance,
             "n_train": len(train_list), "n_test": n_test, "strength": strength,
             "cv_accuracy": {str(k): v for k, v in cv.items()}, "n_classes": len(classes)}
 
@@ -469,7 +471,8 @@ def leak_probe(model: MedSynapseV, train_samples: list[Sample] | ImageTable, tes
 
     Flat keys for `label` (default: the largest lesion's quadrant, what the region B localises): ``memory`` and
     ``counterfactual`` (test accuracy of a probe on M / on M', None when the label had too few images),
-    ``memory_ci95`` / ``counterfactual_ci95``, ``memory_at_chance`` / ``counterfactual_at_chance``, ``chance``;
+    ``memory_ci95`` / ``counterfactual_ci95``, ``memory_at_chance`` / ``counterfactual_at_chance``,
+    ``memory_above_chance`` / ``counterfactual_above_chance`` (M' leaks when its probe is above chance), ``chance``;
     ``by_label``: the full probe results for each of `labels` (presence and location by default; `label` is always
     probed). `with_memory=False` probes M' only (the M keys are then None): for a second intervention on one model.
     """
@@ -490,6 +493,7 @@ def leak_probe(model: MedSynapseV, train_samples: list[Sample] | ImageTable, tes
         out[k] = chosen[k].get("accuracy") if k in kinds else None
         out[f"{k}_ci95"] = chosen[k].get("ci95") if k in kinds else None
         out[f"{k}_at_chance"] = chosen[k].get("at_chance") if k in kinds else None
+        out[f"{k}_above_chance"] = chosen[k].get("above_chance") if k in kinds else None
     out["chance"] = chosen["counterfactual"].get("chance")
     out["by_label"] = by_label
     return out

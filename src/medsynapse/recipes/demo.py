@@ -74,7 +74,7 @@ class DemoConfig:
         "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice", "open"], "save_every": 100})
     stage3: dict = field(default_factory=lambda: {
         "lr": 3e-3, "max_steps": 500, "batch_size": 32, "max_new_tokens": 6, "families": ["lesion"],
-        "pooling": "attention", "save_every": 100})
+        "pooling": "attention", "memory_alignment": 1.0, "save_every": 100})
     # Controls without memory, trained on the same questions with the budget of the stage that shares their objective:
     # SFT = Stage I's data, steps and batch (LoRA instead of memory); GRPO-only = Stage II's (accuracy reward only).
     controls: bool = True
@@ -90,6 +90,8 @@ class DemoConfig:
         "stage2_lambda0": {"lambda_causal": 0.0},
         "stage2_paper_eq5": {"causal_form": "paper"},
         "stage2_ranked": {"causal_form": "ranked", "advantage_std_floor": 0.5}})
+    # Stage III ablations (the demo's Stage II shared): the paper's IMT, JSD only, without the memory alignment.
+    stage3_ablations: dict = field(default_factory=lambda: {"stage3_jsd_only": {"memory_alignment": 0.0}})
     diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
     efficiency_samples: int = 60  # timed samples per model (after 3 warm-up); medians are noisy below ~50 here
     eval_batch_size: int = 64
@@ -227,6 +229,11 @@ def run_seed(config: DemoConfig, shared: Shared, seed: int, out: Path) -> dict:
             timed(name, lambda n=name, o=overrides: train_stage2(Stage2Config(
                 model=str(stage1_dir), train_file=train_file, output_dir=_fresh(ablation_dirs[n]), seed=seed,
                 **{**stage2_settings, **o})))
+        for name, overrides in config.stage3_ablations.items():
+            ablation_dirs[name] = out / name
+            timed(name, lambda n=name, o=overrides: train_stage3(Stage3Config(
+                model=str(stage2_dir), train_file=train_file, output_dir=_fresh(ablation_dirs[n]), seed=seed,
+                **{**config.stage3, **o})))
 
     evaluations: dict[str, dict] = {}
 
@@ -253,6 +260,9 @@ def run_seed(config: DemoConfig, shared: Shared, seed: int, out: Path) -> dict:
     stages["stage1"] = evaluate_stage("stage1", stage1_dir, True)
     stages["stage2"] = evaluate_stage("stage2", stage2_dir, True)
     for name, folder in ablation_dirs.items():
+        if name in config.stage3_ablations:
+            stages[name] = evaluate_stage(name, folder, False)
+            continue
         stages[name] = evaluate_stage(name, folder, True)
         stages[name].update(_causal_summary(folder))
     # The Stage III teacher is the Stage II model with its privileged memory: same weights, same answers.
@@ -341,6 +351,15 @@ def claims(stages: dict, efficiency: dict) -> dict:
     for control in ("sft", "grpo_only"):
         if control in stages:
             out[f"stage2_minus_{control}"] = stages["stage2"]["accuracy"] - stages[control]["accuracy"]
+    for ablation in ("stage2_lambda0", "stage2_paper_eq5", "stage2_ranked"):  # paired per seed: same Stage I
+        if ablation in stages:
+            out[f"stage2_minus_{ablation}"] = stages["stage2"]["accuracy"] - stages[ablation]["accuracy"]
+            out[f"sensitivity_stage2_minus_{ablation}"] = (stages["stage2"]["counterfactual_sensitivity"]
+                                                           - stages[ablation]["counterfactual_sensitivity"])
+    if "stage3_jsd_only" in stages:
+        out["student_minus_stage3_jsd_only"] = student - stages["stage3_jsd_only"]["accuracy"]
+        out["student_jsd_only_gain_retention_presence"] = _ratio(
+            presence("stage3_jsd_only") - presence("base"), presence("stage3_teacher") - presence("base"))
     return out
 
 

@@ -10,6 +10,7 @@ Vision features and prior features are computed once per step and shared by gene
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
 from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
+from medsynapse.objectives.alignment import memory_alignment_loss
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import trainer
 from medsynapse.recipes.priors import prior_table
@@ -59,6 +61,8 @@ class Stage3Config:
     resume: bool = False
     dtype: str = "float32"
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
+    memory_alignment: float = 0.0  # weight of ||M_auto − M_pri||² / ||M_pri||² added to the JSD
+    # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
@@ -66,6 +70,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lr", "batch_size", "max_new_tokens", "save_every", "log_every"))
+    if not (math.isfinite(config.memory_alignment) and config.memory_alignment >= 0):
+        raise ValueError(f"memory_alignment must be a finite number >= 0, got {config.memory_alignment}")
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
     torch.manual_seed(config.seed)
@@ -142,6 +148,10 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         else:
             loss = generalized_jsd(student_out, teacher_out, mask, config.beta, config.jsd_temperature,
                                    config.jsd_chunk_size, num_items)
+        jsd = loss.detach()
+        alignment = memory_alignment_loss(student_memory, teacher_memory)
+        if config.memory_alignment:
+            loss = loss + config.memory_alignment * alignment
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
         optimizer.step()
@@ -149,7 +159,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         optimizer.zero_grad(set_to_none=True)
 
         if step % config.log_every == 0 or step == config.max_steps - 1:
-            logs = {"jsd": loss.item(), "lr": scheduler.get_last_lr()[0],
+            logs = {"jsd": jsd.item(), "memory_alignment": alignment.item(), "lr": scheduler.get_last_lr()[0],
                     "generated_tokens_per_s": float(mask.sum()) / max(gen_seconds, 1e-9)}
             accelerator.log(logs, step=step)
             bar.set_postfix(jsd=f"{logs['jsd']:.4f}")
