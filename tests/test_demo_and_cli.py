@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from medsynapse.cli import main
 
@@ -26,6 +27,12 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     assert {"accuracy", "n", "counterfactual_accuracy", "mean_causal_reward_correct",
             "mean_causal_reward_wrong"} <= set(stage2)
     assert (out / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
+    from medsynapse.config import load_config  # the written Stage I config names this run's folders, ready to run
+    from medsynapse.recipes.stage1_warmup import Stage1Config
+
+    written = load_config(Stage1Config, out / "stage1.yaml")
+    assert Path(written.vlm).is_dir() and Path(written.encoder).is_dir() and Path(written.train_file).is_file()
+    assert written.max_steps == 3 and written.n_memory == results["config"]["stage1"]["n_memory"]
     for name in ("stage3_teacher", "stage3_student", "sft", "grpo_only"):
         assert 0.0 <= results["stages"][name]["accuracy"] <= 1.0
         assert set(results["stages"][name]["by_question_type"]) <= {"presence", "count", "location", "size",

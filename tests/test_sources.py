@@ -154,13 +154,17 @@ def test_hgv_bundle_text_to_letter_and_exclusions(root):
 
 
 def test_omnimedvqa_modality_normalisation_leading_slash_and_balance(root):
-    bench = load(root, "omnimedvqa")
-    assert bench.n_records == 3
+    every = load(root, "omnimedvqa")  # not balanced by default: every question of the eight modalities
+    assert every.n_records == 3 and sorted(s.modality for s in every.samples) == ["CT", "Fundus", "Fundus"]
+    assert "balancing" not in every.excluded and "not balanced" in every.closed_definition
+    bench = load(root, "omnimedvqa", balance=True)
     modalities = sorted(s.modality for s in bench.samples)
     assert modalities == ["CT", "Fundus"]  # balanced: one per modality (CT has only one)
     assert bench.excluded["balancing"] == 1
-    full = load(root, "omnimedvqa", per_modality=10)
+    full = load(root, "omnimedvqa", balance=True, per_modality=10)
     assert len(full.samples) == 2  # capped by the rarest modality
+    with pytest.raises(DataError, match="per_modality only applies"):
+        load(root, "omnimedvqa", per_modality=10)
     ct = next(s for s in bench.samples if s.modality == "CT")
     assert ct.answer == "A" and ct.images[0].endswith("000108.png")
     assert ct.groups["raw_modality"] == "CT(Computed Tomography)"
@@ -196,7 +200,7 @@ def test_missing_field_names_file_record_and_field(root):
     records = json.loads(path.read_text())
     del records[1]["answer"]
     path.write_text(json.dumps(records))
-    with pytest.raises(DataError, match=r"test\.json, record 1 \(qid 11938\): missing field 'answer'"):
+    with pytest.raises(DataError, match=r"test\.json, record 2 \(qid 11938\): missing field 'answer'"):
         load(root, "slake")
     bench = load(root, "slake", skip_bad=True)
     assert [s.id for s in bench.samples] == ["slake-11940"]
@@ -252,6 +256,10 @@ def test_parquet_shards_of_one_split_are_all_read(root):
     pq.write_table(table.slice(2), folder / "test-00001-of-00002.parquet")
     bench = load(root, "pathvqa")
     assert bench.n_records == 3 and [s.answer for s in bench.samples] == ["yes", "no"]
+    broken = table.slice(2).drop_columns(["question"])  # the second shard's only row loses its question
+    pq.write_table(broken, folder / "test-00001-of-00002.parquet")
+    with pytest.raises(DataError, match=r"test-00001-of-00002\.parquet, record 1: missing field 'question'"):
+        load(root, "pathvqa")  # the shard at fault, counted within it from 1 (was: the first shard, record 2)
 
 
 def test_duplicate_ids_are_bad_records(root):

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="answer budget for every benchmark (default: each protocol's, 32 / MMMU 128 / HGV 64)")
     evaluate.add_argument("--option", action="append", metavar="BENCHMARK.KEY=VALUE",
                           help="loader option, e.g. pmc-vqa.file=test.csv, gmai-mmbench.split=test, "
-                               "omnimedvqa.per_modality=500, vqa-rad.layout=hf")
+                               "omnimedvqa.balance=true, vqa-rad.layout=hf")
     evaluate.add_argument("--branch", choices=["privileged", "counterfactual", "autonomous"], default=None)
     evaluate.add_argument("--skip-bad", action="store_true", help="skip bad records/images (counted and listed)")
     evaluate.add_argument("--limit", type=int, default=None, help="first N scored questions per benchmark")
@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output .jsonl; embedded images go to its folder's images/")
     convert.add_argument("--skip-bad", action="store_true")
     convert.add_argument("--option", action="append", metavar="KEY=VALUE",
-                         help="loader option, e.g. per_modality=2000, modalities=[Computed Tomography, Microscopy]")
+                         help="loader option, e.g. balance=true, per_modality=2000, "
+                              "modalities=[Computed Tomography, Microscopy]")
     convert.set_defaults(func=cmd_convert)
 
     inspect = sub.add_parser("inspect", parents=[common],

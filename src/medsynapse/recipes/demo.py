@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from medsynapse.data.schema import Sample, read_samples
 from medsynapse.data.synthmed import SYNTHMED_VERSION, corpus_lines, generate_split
@@ -391,6 +392,7 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     shared = prepare_shared(config)
+    write_stage1_config(config, shared, out / "stage1.yaml")
     if not config.seeds:
         return run_seed(config, shared, config.seed, out)
     per_seed = {}
@@ -410,6 +412,17 @@ def run_demo(config: DemoConfig) -> dict:
                                   "counterfactual_accuracy": (v.get("counterfactual_accuracy") or {}).get("mean")}
                               for k, v in summary["stages"].items()}}, out / "accuracy.png")
     return summary
+
+
+def write_stage1_config(config: DemoConfig, shared: Shared, path: Path) -> None:
+    """A ready-to-run `medsynapse train stage1 --config` file with this demo's cached folders filled in (the shipped
+    configs/stage1-synthmed.yaml can only name the cache's content-keyed folders as placeholders)."""
+    settings = {"vlm": str(shared.vlm_base), "encoder": str(shared.encoder), "train_file": shared.train_file,
+                "output_dir": "runs/stage1", **{k: v for k, v in config.stage1.items() if k != "save_every"},
+                "save_every": config.stage1.get("save_every", 100)}
+    header = ("# Stage I on this demo's SynthMed split, base VLM and prior encoder (written by `medsynapse demo`).\n"
+              f"# Usage: medsynapse train stage1 --config {path} [--resume] [--set key=value ...]\n")
+    write_text_atomic(path, header + yaml.safe_dump(settings, sort_keys=False))
 
 
 def _finished(folder: Path, config: DemoConfig) -> dict | None:

@@ -124,15 +124,22 @@ def read_json_list(path: Path) -> list:
 
 def read_parquet_rows(paths: Path | list[Path]) -> list[dict]:
     """Rows of one parquet file, or of a split's shards (`test-00000-of-00003...`) in order."""
+    return [row for _, row in parquet_records([paths] if isinstance(paths, Path) else paths)]
+
+
+def parquet_records(paths: list[Path]) -> list[tuple[str, dict]]:
+    """Each row of a split's shards, in order, with where it is: "<shard>, record N" (N from 1 within that shard), so
+    an error names the shard at fault rather than the first one."""
     import pyarrow.parquet as pq
 
-    rows: list[dict] = []
-    for path in [paths] if isinstance(paths, Path) else paths:
+    out: list[tuple[str, dict]] = []
+    for path in paths:
         try:
-            rows.extend(pq.read_table(path).to_pylist())
+            rows = pq.read_table(path).to_pylist()
         except Exception as err:  # pyarrow raises several types for bad files
             raise DataError(f"{path}: unreadable parquet file: {err}") from None
-    return rows
+        out += [(f"{path}, record {index + 1}", row) for index, row in enumerate(rows)]
+    return out
 
 
 def describe(paths: list[Path]) -> str:

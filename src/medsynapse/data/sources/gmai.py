@@ -62,7 +62,7 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "val"
     n_records, scorable = 0, split == "val"
     for path in paths:
         images = _store_images(path, store)
-        for line, row in enumerate(_rows(path), start=2):
+        for line, row in enumerate(_rows(path), start=1):
             n_records += 1
             rid = row.get("index", str(line))
             where = f"{path}, record {line} (index {rid!r})"

@@ -44,7 +44,7 @@ def load(data_root: Path, store, bad: BadRecords) -> Benchmark:
     records = read_json_list(path)
     samples, excluded = [], {"question_type == 'open'": 0, "no gold answer ('?')": 0}
     for index, record in enumerate(records):
-        where = f"{path}, record {index}"
+        where = f"{path}, record {index + 1}"
         try:
             if isinstance(record, dict) and record.get("question_type") == "open":
                 excluded["question_type == 'open'"] += 1

@@ -57,7 +57,7 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "vali
         n_records += len(rows)
         for index, row in enumerate(rows):
             rid = row.get("id", index)
-            where = f"{path}, record {index} (id {rid!r})"
+            where = f"{path}, record {index + 1} (id {rid!r})"
             try:
                 samples.append(_sample(row, path.parent.name, where, store))
             except DataError as err:

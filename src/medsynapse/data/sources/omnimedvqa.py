@@ -2,7 +2,8 @@
 
 There is no official split. Modality strings vary across files ("CT(Computed Tomography)", "MR (Mag-netic Resonance
 Imaging)", "Microscopy Images", ...) and one file spells the key `modality`: they are normalised onto the eight
-modalities of the Med-R1 set, and `balanced` draws the same number of questions from each. `gt_answer` is option text;
+modalities of the Med-R1 set; with `balance: true` (off by default: it throws away most questions, down to the
+rarest modality's count) `balanced` draws the same number of questions from each. `gt_answer` is option text;
 it becomes the option's letter. Image paths may start with "/". Only Open-access is read by default (as MedEvalKit
 does; the Restricted-access images are not in the public zip).
 """
@@ -49,7 +50,7 @@ def normalise_modality(text: str) -> str:
 
 
 def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] | str = ("Open-access",),
-         per_modality: int | None = None, seed: int = 0) -> Benchmark:
+         balance: bool = False, per_modality: int | None = None, seed: int = 0) -> Benchmark:
     root = data_root / "omnimedvqa"
     access = (access,) if isinstance(access, str) else tuple(access)
     files = [f for a in access for f in sorted((root / "QA_information" / a).glob("*.json"))]
@@ -62,7 +63,7 @@ def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] | str 
         n_records += len(records)
         for index, record in enumerate(records):
             rid = record.get("question_id", index) if isinstance(record, dict) else index
-            where = f"{path}, record {index} (question_id {rid!r})"
+            where = f"{path}, record {index + 1} (question_id {rid!r})"
             try:
                 sample = _sample(record, root, where)
             except DataError as err:
@@ -73,9 +74,14 @@ def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] | str 
             else:
                 outside += 1
     excluded = {"modality outside the eight": outside}
-    samples, excluded["balancing"] = balanced(samples, per_modality, seed)
-    definition = (f"closed multiple choice, modalities {', '.join(MODALITIES)}, balanced "
-                  f"({per_modality or 'min count'} per modality, seed {seed})")
+    if per_modality is not None and not balance:
+        raise DataError("omnimedvqa: per_modality only applies with balance: true")
+    definition = f"closed multiple choice, modalities {', '.join(MODALITIES)}"
+    if balance:
+        samples, excluded["balancing"] = balanced(samples, per_modality, seed)
+        definition += f", balanced ({per_modality or 'min count'} per modality, seed {seed})"
+    else:
+        definition += ", every question (not balanced)"
     return Benchmark("omnimedvqa", f"{root / 'QA_information'} ({len(files)} files)", definition, samples, n_records,
                      excluded, bad.skipped)
 

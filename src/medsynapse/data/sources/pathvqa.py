@@ -20,7 +20,7 @@ from medsynapse.data.sources.common import (
     image_bytes,
     image_path,
     is_yes_no,
-    read_parquet_rows,
+    parquet_records,
     read_plain_pickle,
     require,
 )
@@ -40,18 +40,18 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test
     hf = sorted((data_root / "path_vqa" / "data").glob(f"{HF_SPLITS[split]}-*.parquet"))
     pickled = data_root / "pvqa" / "qas" / PICKLE_SPLITS[split] / f"{PICKLE_SPLITS[split]}_qa.pkl"
     if hf:
-        path, rows = hf[0], read_parquet_rows(hf)
+        path, located = hf[0], parquet_records(hf)
     elif pickled.is_file():
         path, rows = pickled, read_plain_pickle(pickled)
         if not isinstance(rows, list):
             raise DataError(f"{pickled}: expected a list of records")
+        located = [(f"{pickled}, record {index + 1}", row) for index, row in enumerate(rows)]
     else:
         raise DataError(f"{data_root}: no PathVQA {split} split (looked for path_vqa/data/{HF_SPLITS[split]}-*.parquet "
                         f"and {pickled.relative_to(data_root)})")
     keep = "open (answer not yes/no)" if open_only else "closed (answer in {yes, no})"
     samples, excluded = [], {"not " + keep: 0}
-    for index, row in enumerate(rows):
-        where = f"{path}, record {index}"
+    for index, (where, row) in enumerate(located):
         try:
             answer = str(require(row, "answer", where)).strip()
             if is_yes_no(answer) == open_only:
@@ -68,4 +68,4 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test
             bad.handle(err, f"{split}-{index}")
     source = describe(hf) if hf else str(path)
     return Benchmark("pathvqa", source, f"{split} split; kept: {keep} (no answer-type field in PathVQA)", samples,
-                     len(rows), excluded, bad.skipped)
+                     len(located), excluded, bad.skipped)

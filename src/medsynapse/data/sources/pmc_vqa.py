@@ -39,7 +39,7 @@ def load(data_root: Path, store, bad: BadRecords, file: str = "test_clean.csv") 
         rows = list(csv.DictReader(handle))
     samples = []
     for index, row in enumerate(rows):
-        where = f"{path}, record {index + 2}"  # +2: the header is line 1
+        where = f"{path}, record {index + 1}"  # data rows from 1 (the header is not a record)
         try:
             name = require(row, "Figure_path", where, str)
             options = {}

@@ -25,7 +25,7 @@ def load(data_root: Path, store, bad: BadRecords, file: str = "PubMedVision_Alig
     wanted = tuple(m.lower() for m in modalities)
     for index, record in enumerate(records):
         rid = str(record.get("id", f"pubmedvision-{index}")) if isinstance(record, dict) else str(index)
-        where = f"{path}, record {index} (id {rid!r})"
+        where = f"{path}, record {index + 1} (id {rid!r})"
         try:
             if wanted and not any(w in str(require(record, "modality", where, str)).lower() for w in wanted):
                 excluded["modality not selected"] += 1

@@ -40,7 +40,7 @@ def load(data_root: Path, store, bad: BadRecords, split: str = "test", answer_ty
     excluded = {f"language not {language!r}": 0, f"answer_type not {answer_type}": 0}
     for index, record in enumerate(records):
         rid = record.get("qid", index) if isinstance(record, dict) else index
-        where = f"{path}, record {index} (qid {rid!r})"
+        where = f"{path}, record {index + 1} (qid {rid!r})"
         try:
             if language and require(record, "q_lang", where, str) != language:
                 excluded[f"language not {language!r}"] += 1

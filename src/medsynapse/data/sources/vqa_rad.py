@@ -18,8 +18,8 @@ from medsynapse.data.sources.common import (
     image_bytes,
     image_path,
     is_yes_no,
+    parquet_records,
     read_json_list,
-    read_parquet_rows,
     require,
 )
 
@@ -46,7 +46,7 @@ def load_osf(path: Path, bad: BadRecords) -> Benchmark:
     samples, excluded = [], {"train split": 0, "open-ended (answer_type OPEN)": 0}
     for index, record in enumerate(records):
         rid = record.get("qid", index) if isinstance(record, dict) else index
-        where = f"{path}, record {index} (qid {rid!r})"
+        where = f"{path}, record {index + 1} (qid {rid!r})"
         try:
             if not str(require(record, "phrase_type", where, str)).startswith("test"):
                 excluded["train split"] += 1
@@ -68,10 +68,9 @@ def load_osf(path: Path, bad: BadRecords) -> Benchmark:
 
 
 def load_hf(paths: list[Path], store: ImageStore, bad: BadRecords) -> Benchmark:
-    rows, path = read_parquet_rows(paths), describe(paths)
+    located, path = parquet_records(paths), describe(paths)
     samples, excluded = [], {"open-ended (answer not yes/no)": 0}
-    for index, row in enumerate(rows):
-        where = f"{path}, record {index}"
+    for index, (where, row) in enumerate(located):
         try:
             answer = str(require(row, "answer", where)).strip()
             if not is_yes_no(answer):
@@ -83,4 +82,4 @@ def load_hf(paths: list[Path], store: ImageStore, bad: BadRecords) -> Benchmark:
         except DataError as err:
             bad.handle(err, f"test-{index}")
     return Benchmark("vqa-rad", path, "HF parquet test split; closed = answer in {yes, no} (no answer_type "
-                     "column in this copy)", samples, len(rows), excluded, bad.skipped)
+                     "column in this copy)", samples, len(located), excluded, bad.skipped)
