@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medsynapse.data.schema import DataError
+from medsynapse.data.schema import DataError, read_samples
 from medsynapse.data.sources import PAPER_BENCHMARKS, load_source
 from medsynapse.data.sources.fixtures import write_fixtures
 from medsynapse.data.sources.omnimedvqa import normalise_modality
@@ -229,7 +229,6 @@ def test_bad_base64_and_missing_dataset_are_clear_errors(root, tmp_path):
 
 def test_convert_writes_a_training_file_the_recipes_read(root, tmp_path):
     from medsynapse.cli import main as cli_main
-    from medsynapse.data.schema import read_samples
 
     for source, answer_type in (("omnimedvqa", "multiple_choice"), ("pathvqa-open-train", "open"),
                                 ("pubmedvision", "caption")):
@@ -277,3 +276,40 @@ def test_a_byte_order_mark_does_not_hide_the_header(root):
     path = root / "pmc_vqa" / "test_clean.csv"
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert len(load(root, "pmc-vqa").samples) == 2
+
+
+@pytest.mark.parametrize(("name", "ours", "published"), [
+    ("slake", "slake", "Slake1.0"), ("omnimedvqa", "omnimedvqa", "OmniMedVQA"), ("gmai-mmbench", "gmai", "LMUData"),
+    ("mmmu-med", "mmmu", "MMMU"), ("pmc-vqa", "pmc_vqa", "PMC-VQA"), ("vqa-rad", "vqa_rad_hf", "vqa-rad"),
+    ("pathvqa", "path_vqa", "path-vqa")])
+def test_published_folder_names_and_any_folder_by_path(root, tmp_path, name, ours, published):
+    """A benchmark in the folder it is published under is read as is; `folder` (`--path`) reads it from anywhere;
+    the same questions either way."""
+    other_copy = {"vqa-rad": "vqa_rad", "pathvqa": "pvqa"}.get(name)  # the other layout would be read instead
+    if other_copy:
+        shutil.rmtree(root / other_copy)
+    reference = [(s.question, s.answer) for s in load(root, name).samples]
+    assert reference
+    (root / ours).rename(root / published)
+    assert [(s.question, s.answer) for s in load(root, name).samples] == reference
+    elsewhere = tmp_path / "elsewhere" / "copy"
+    elsewhere.parent.mkdir()
+    (root / published).rename(elsewhere)
+    with pytest.raises(DataError):
+        load(root, name)  # no longer under the data root
+    assert [(s.question, s.answer) for s in load(root, name, folder=str(elsewhere)).samples] == reference
+    with pytest.raises(DataError, match="not a folder"):
+        load(root, name, folder=str(tmp_path / "missing"))
+
+
+def test_cli_path_reads_a_benchmark_from_any_folder(root, tmp_path):
+    from medsynapse.cli import main
+
+    moved = tmp_path / "Slake1.0"
+    (root / "slake").rename(moved)
+    out = tmp_path / "slake.jsonl"
+    assert main(["convert", "--source", "slake", "--path", str(moved), "--out", str(out)]) == 0
+    assert len(read_samples(out)) == len(load(root, "slake", folder=str(moved)).samples) > 0
+    with pytest.raises(SystemExit, match="--path 'vqa-rad=/x': expected BENCHMARK=DIR"):
+        main(["eval", "--model", "unused", "--benchmarks", "slake", "--path", "vqa-rad=/x", "--output",
+              str(tmp_path / "eval")])

@@ -94,13 +94,23 @@ def parse_source_options(items: list[str], names: list[str]) -> dict[str, dict]:
     return options
 
 
+def add_source_paths(options: dict[str, dict], items: list[str], names: list[str]) -> dict[str, dict]:
+    """`--path BENCHMARK=DIR`: read BENCHMARK from DIR (any folder) instead of its folder under --data-root."""
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in names or not folder:
+            raise SystemExit(f"--path {item!r}: expected BENCHMARK=DIR with BENCHMARK one of {names}")
+        options.setdefault(name, {})["folder"] = folder
+    return options
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
 
     settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, branch=args.branch,
                             skip_bad=args.skip_bad, limit=args.limit, max_pixels=args.max_pixels)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    settings.source_options = parse_source_options(args.option or [], names)
+    settings.source_options = add_source_paths(parse_source_options(args.option or [], names), args.path or [], names)
     results = evaluate_benchmarks(args.model, names, args.data_root, args.output, settings)
     print((Path(args.output) / "summary.md").read_text())
     skipped = sum(m["n_skipped"] for m in results.values())
@@ -135,6 +145,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     options = parse_source_options([f"{args.source}.{o}" for o in args.option or []], [args.source])
+    if args.path:
+        options = add_source_paths(options, [f"{args.source}={args.path}"], [args.source])
     bench = load_source(args.source, args.data_root, out.parent / "images", skip_bad=args.skip_bad,
                         **options.get(args.source, {}))
     write_samples(out, bench.samples)
@@ -224,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="evaluate a model on the public medical VQA benchmarks (resumable)")
     evaluate.add_argument("--model", required=True, help="a saved MedSynapse stage or a plain local Qwen3-VL folder")
     evaluate.add_argument("--benchmarks", required=True, help=f"comma-separated: {', '.join(SOURCES)}")
-    evaluate.add_argument("--data-root", required=True, help="folder holding the datasets in their published layouts")
+    evaluate.add_argument("--data-root", default=".", help="folder holding the datasets, each in a folder under our "
+                          "name or the one it is published under (e.g. slake/ or Slake1.0/); default: here")
+    evaluate.add_argument("--path", action="append", metavar="BENCHMARK=DIR",
+                          help="read BENCHMARK from DIR instead, e.g. gmai-mmbench=~/LMUData, slake=/data/Slake1.0")
     evaluate.add_argument("--output", required=True)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-new-tokens", type=int, default=None,
@@ -252,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", parents=[common],
                              help="turn a training corpus (or any benchmark) into a MedSynapse JSONL file")
     convert.add_argument("--source", required=True, choices=list(SOURCES))
-    convert.add_argument("--data-root", required=True)
+    convert.add_argument("--data-root", default=".")
+    convert.add_argument("--path", default=None, metavar="DIR", help="read the source from DIR instead of its "
+                         "folder under --data-root")
     convert.add_argument("--out", required=True, help="output .jsonl; embedded images go to its folder's images/")
     convert.add_argument("--skip-bad", action="store_true")
     convert.add_argument("--option", action="append", metavar="KEY=VALUE",

@@ -142,6 +142,21 @@ def parquet_records(paths: list[Path]) -> list[tuple[str, dict]]:
     return out
 
 
+def source_folder(data_root: Path, names: tuple[str, ...], folder: str | Path | None = None) -> Path:
+    """A benchmark's folder: `folder` when given (`--path BENCHMARK=DIR`, any place on disk), else the first of
+    `names` that exists under `data_root` (our name first, then the names the benchmark is published under, e.g.
+    `Slake1.0/`), else our name (the loader's error then says what it looked for)."""
+    if folder is not None and str(folder) != "":
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{path}: not a folder (given as this benchmark's path)")
+        return path
+    for name in names:
+        if (data_root / name).is_dir():
+            return data_root / name
+    return data_root / names[0]
+
+
 def describe(paths: list[Path]) -> str:
     return str(paths[0]) if len(paths) == 1 else f"{paths[0].parent}/{{{', '.join(p.name for p in paths)}}}"
 

@@ -15,10 +15,20 @@ import sys
 from pathlib import Path
 
 from medsynapse.data.schema import DataError, Sample
-from medsynapse.data.sources.common import BadRecords, Benchmark, ImageStore, mcq_sample, render_options, require
+from medsynapse.data.sources.common import (
+    BadRecords,
+    Benchmark,
+    ImageStore,
+    mcq_sample,
+    render_options,
+    require,
+    source_folder,
+)
 
 VAL_FILES = ("GMAI-MMBench_VAL.tsv", "GMAI_mm_bench_VAL.tsv")
 GROUP_COLUMNS = ("clinical vqa task", "department", "perceptual granularity", "modality", "category")
+
+FOLDERS = ("gmai", "GMAI-MMBench", "LMUData")  # ours, then as published (VLMEvalKit keeps its TSVs in LMUData/)
 
 
 def prompt_for(row: dict, options: dict[str, str]) -> str:
@@ -49,8 +59,9 @@ def _store_images(path: Path, store: ImageStore) -> dict[str, str]:
     return paths
 
 
-def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "val") -> Benchmark:
-    root = data_root / "gmai"
+def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "val",
+         folder: str | None = None) -> Benchmark:
+    root = source_folder(data_root, FOLDERS, folder)
     if split == "val":
         paths = [root / n for n in VAL_FILES if (root / n).is_file()][:1]
     else:

@@ -20,9 +20,12 @@ from medsynapse.data.sources.common import (
     mcq_sample,
     read_json_list,
     require,
+    source_folder,
 )
 
 FILE = "medical_multimodel_evaluation_data.json"  # sic: "multimodel" is the published file name
+
+FOLDERS = ("medical_multimodal_eval",)
 
 
 def _options(value: object, where: str) -> list[str]:
@@ -36,8 +39,8 @@ def _options(value: object, where: str) -> list[str]:
     return [str(v) for v in value]
 
 
-def load(data_root: Path, store, bad: BadRecords) -> Benchmark:
-    root = data_root / "medical_multimodal_eval"
+def load(data_root: Path, store, bad: BadRecords, folder: str | None = None) -> Benchmark:
+    root = source_folder(data_root, FOLDERS, folder)
     path = root / FILE
     if not path.is_file():
         raise DataError(f"{path}: HuatuoGPT-Vision evaluation bundle not found")

@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 
 from medsynapse.data.schema import DataError
-from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, mcq_sample, require
+from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, mcq_sample, require, source_folder
 
 SYSTEM = "You are a helpful medical assistant."  # the official system prompt (MXQ:eval/config/prompt_templates.py)
+
+FOLDERS = ("medxpertqa", "MedXpertQA")
 
 
 def _options(value: object, where: str) -> dict[str, str]:
@@ -33,8 +35,8 @@ def _label(value: object, where: str) -> str:
     return value.strip().upper()
 
 
-def load(data_root: Path, store, bad: BadRecords, split: str = "test") -> Benchmark:
-    root = data_root / "medxpertqa"
+def load(data_root: Path, store, bad: BadRecords, split: str = "test", folder: str | None = None) -> Benchmark:
+    root = source_folder(data_root, FOLDERS, folder)
     path = root / "MM" / f"{split}.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: MedXpertQA MM file not found")

@@ -25,11 +25,14 @@ from medsynapse.data.sources.common import (
     read_parquet_rows,
     render_options,
     require,
+    source_folder,
 )
 
 SUBJECTS = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
             "Public_Health")
 _IMAGE_TAG = re.compile(r"<image (\d)>")
+
+FOLDERS = ("mmmu", "MMMU")
 
 
 def parse_options(value: object, where: str) -> list[str]:
@@ -44,8 +47,9 @@ def parse_options(value: object, where: str) -> list[str]:
     return [str(v) for v in parsed]
 
 
-def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "validation") -> Benchmark:
-    root = data_root / "mmmu"
+def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "validation",
+         folder: str | None = None) -> Benchmark:
+    root = source_folder(data_root, FOLDERS, folder)
     files = [f for subject in SUBJECTS for f in sorted((root / subject).glob(f"{split}-*.parquet"))]
     if not files:
         raise DataError(f"{root}: no MMMU {split} parquet for any of {', '.join(SUBJECTS)}")

@@ -24,6 +24,7 @@ from medsynapse.data.sources.common import (
     mcq_sample,
     read_json_list,
     require,
+    source_folder,
 )
 
 MODALITIES = ("CT", "MRI", "X-Ray", "Ultrasound", "Dermoscopy", "Fundus", "OCT", "Microscopy")
@@ -39,6 +40,8 @@ _MODALITY_RULES = (
     ("Microscopy", r"microscop"),
 )
 
+FOLDERS = ("omnimedvqa", "OmniMedVQA")
+
 
 def normalise_modality(text: str) -> str:
     """One of MODALITIES, or "" for modalities outside the set (e.g. endoscopy)."""
@@ -50,8 +53,9 @@ def normalise_modality(text: str) -> str:
 
 
 def load(data_root: Path, store, bad: BadRecords, access: tuple[str, ...] | str = ("Open-access",),
-         balance: bool = False, per_modality: int | None = None, seed: int = 0) -> Benchmark:
-    root = data_root / "omnimedvqa"
+         balance: bool = False, per_modality: int | None = None, seed: int = 0,
+         folder: str | None = None) -> Benchmark:
+    root = source_folder(data_root, FOLDERS, folder)
     access = (access,) if isinstance(access, str) else tuple(access)
     files = [f for a in access for f in sorted((root / "QA_information" / a).glob("*.json"))]
     if not files:

@@ -23,10 +23,14 @@ from medsynapse.data.sources.common import (
     parquet_records,
     read_plain_pickle,
     require,
+    source_folder,
 )
 
 HF_SPLITS = {"test": "test", "train": "train", "validation": "validation"}
 PICKLE_SPLITS = {"test": "test", "train": "train", "validation": "val"}
+
+HF_FOLDERS = ("path_vqa", "path-vqa")  # ours, then as published
+PICKLE_FOLDERS = ("pvqa",)
 
 
 def _sample(sample_id: str, image: str, question: str, answer: str, open_only: bool) -> Sample:
@@ -36,9 +40,11 @@ def _sample(sample_id: str, image: str, question: str, answer: str, open_only: b
 
 
 def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test",
-         open_only: bool = False) -> Benchmark:
-    hf = sorted((data_root / "path_vqa" / "data").glob(f"{HF_SPLITS[split]}-*.parquet"))
-    pickled = data_root / "pvqa" / "qas" / PICKLE_SPLITS[split] / f"{PICKLE_SPLITS[split]}_qa.pkl"
+         open_only: bool = False, folder: str | None = None) -> Benchmark:
+    """`folder`: one folder holding either copy (the HF `data/` shards, or the original `qas/` + `images/`)."""
+    hf = sorted((source_folder(data_root, HF_FOLDERS, folder) / "data").glob(f"{HF_SPLITS[split]}-*.parquet"))
+    original = source_folder(data_root, PICKLE_FOLDERS, folder)
+    pickled = original / "qas" / PICKLE_SPLITS[split] / f"{PICKLE_SPLITS[split]}_qa.pkl"
     if hf:
         path, located = hf[0], parquet_records(hf)
     elif pickled.is_file():
@@ -47,8 +53,9 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test
             raise DataError(f"{pickled}: expected a list of records")
         located = [(f"{pickled}, record {index + 1}", row) for index, row in enumerate(rows)]
     else:
-        raise DataError(f"{data_root}: no PathVQA {split} split (looked for path_vqa/data/{HF_SPLITS[split]}-*.parquet "
-                        f"and {pickled.relative_to(data_root)})")
+        hf_folder = source_folder(data_root, HF_FOLDERS, folder) / "data"
+        raise DataError(f"{folder or data_root}: no PathVQA {split} split (looked for "
+                        f"{hf_folder}/{HF_SPLITS[split]}-*.parquet and {pickled})")
     keep = "open (answer not yes/no)" if open_only else "closed (answer in {yes, no})"
     samples, excluded = [], {"not " + keep: 0}
     for index, (where, row) in enumerate(located):
@@ -62,7 +69,7 @@ def load(data_root: Path, store: ImageStore, bad: BadRecords, split: str = "test
                 image = store.put(image_bytes(require(row, "image", where), where))
             else:
                 name = require(row, "image", where, str)
-                image = image_path(data_root / "pvqa" / "images" / PICKLE_SPLITS[split], f"{name}.jpg", where)
+                image = image_path(original / "images" / PICKLE_SPLITS[split], f"{name}.jpg", where)
             samples.append(_sample(f"pathvqa-{split}-{index}", image, question, answer, open_only))
         except DataError as err:
             bad.handle(err, f"{split}-{index}")

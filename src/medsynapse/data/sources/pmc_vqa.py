@@ -12,10 +12,12 @@ import re
 from pathlib import Path
 
 from medsynapse.data.schema import DataError
-from medsynapse.data.sources.common import BadRecords, Benchmark, letter_of, mcq_sample, require
+from medsynapse.data.sources.common import BadRecords, Benchmark, letter_of, mcq_sample, require, source_folder
 
 _PREFIX = re.compile(r"^\s*\(?([A-D])\)?\s*[:.]\s*")
 IMAGE_DIRS = ("images", "figures", "images_2", ".")
+
+FOLDERS = ("pmc_vqa", "PMC-VQA")
 
 
 def _find_image(root: Path, name: str, where: str) -> str:
@@ -30,8 +32,9 @@ def strip_prefix(choice: str) -> str:
     return _PREFIX.sub("", choice, count=1).strip()
 
 
-def load(data_root: Path, store, bad: BadRecords, file: str = "test_clean.csv") -> Benchmark:
-    root = data_root / "pmc_vqa"
+def load(data_root: Path, store, bad: BadRecords, file: str = "test_clean.csv",
+         folder: str | None = None) -> Benchmark:
+    root = source_folder(data_root, FOLDERS, folder)
     path = root / file
     if not path.is_file():
         raise DataError(f"{path}: PMC-VQA file not found (the 2,000-question set is test_clean.csv)")

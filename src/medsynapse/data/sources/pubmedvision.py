@@ -11,12 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsynapse.data.schema import DataError, Sample
-from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, read_json_list, require
+from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, read_json_list, require, source_folder
+
+FOLDERS = ("pubmedvision", "PubMedVision")
 
 
 def load(data_root: Path, store, bad: BadRecords, file: str = "PubMedVision_Alignment_VQA.json",
-         modalities: tuple[str, ...] = ()) -> Benchmark:
-    root = data_root / "pubmedvision"
+         modalities: tuple[str, ...] = (), folder: str | None = None) -> Benchmark:
+    root = source_folder(data_root, FOLDERS, folder)
     path = root / file
     if not path.is_file():
         raise DataError(f"{path}: PubMedVision file not found")

@@ -18,9 +18,12 @@ from medsynapse.data.sources.common import (
     image_path,
     read_json_list,
     require,
+    source_folder,
 )
 
 SPLIT_FILES = {"test": ["test.json"], "train": ["train.json"], "validation": ["validation.json", "validate.json"]}
+
+FOLDERS = ("slake", "Slake1.0", "Slake", "SLAKE")
 
 
 def read_records(root: Path, split: str) -> tuple[Path, list]:
@@ -32,9 +35,9 @@ def read_records(root: Path, split: str) -> tuple[Path, list]:
 
 
 def load(data_root: Path, store, bad: BadRecords, split: str = "test", answer_type: str = "CLOSED",
-         language: str = "en") -> Benchmark:
+         language: str = "en", folder: str | None = None) -> Benchmark:
     """`answer_type`: "CLOSED" (evaluation), "OPEN" (the open-ended training questions) or "" for all."""
-    root = data_root / "slake"
+    root = source_folder(data_root, FOLDERS, folder)
     path, records = read_records(root, split)
     samples: list[Sample] = []
     excluded = {f"language not {language!r}": 0, f"answer_type not {answer_type}": 0}

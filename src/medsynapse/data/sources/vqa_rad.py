@@ -21,24 +21,32 @@ from medsynapse.data.sources.common import (
     parquet_records,
     read_json_list,
     require,
+    source_folder,
 )
 
 OSF_FILE = "VQA_RAD Dataset Public.json"
 OSF_IMAGES = "VQA_RAD Image Folder"
 
+OSF_FOLDERS = ("vqa_rad", "VQA_RAD")  # ours, then as published
+HF_FOLDERS = ("vqa_rad_hf", "vqa-rad")
 
-def load(data_root: Path, store: ImageStore, bad: BadRecords, layout: str = "auto") -> Benchmark:
-    """`layout`: "osf", "hf", or "auto" (the OSF original when present, else the HF copy)."""
+
+def load(data_root: Path, store: ImageStore, bad: BadRecords, layout: str = "auto",
+         folder: str | None = None) -> Benchmark:
+    """`layout`: "osf", "hf", or "auto" (the OSF original when present, else the HF copy). `folder`: one folder
+    holding either copy (the OSF file, or the HF `data/` shards) instead of the two under the data root."""
     if layout not in ("auto", "osf", "hf"):
         raise ValueError(f"VQA-RAD layout must be auto, osf or hf, got {layout!r}")
-    osf = data_root / "vqa_rad" / OSF_FILE
+    osf = source_folder(data_root, OSF_FOLDERS, folder) / OSF_FILE
     if osf.is_file() and layout != "hf":
         return load_osf(osf, bad)
-    hf = sorted((data_root / "vqa_rad_hf" / "data").glob("test-*.parquet"))
+    hf = sorted((source_folder(data_root, HF_FOLDERS, folder) / "data").glob("test-*.parquet"))
     if hf and layout != "osf":
         return load_hf(hf, store, bad)
-    raise DataError(f"{data_root}: no VQA-RAD copy found (looked for vqa_rad/{OSF_FILE} and "
-                    "vqa_rad_hf/data/test-*.parquet)")
+    where = folder or data_root
+    raise DataError(f"{where}: no VQA-RAD copy found (looked for {'/'.join(OSF_FOLDERS)}/{OSF_FILE} and "
+                    f"{'/'.join(HF_FOLDERS)}/data/test-*.parquet)" if folder is None else
+                    f"{where}: no VQA-RAD copy found (looked for {OSF_FILE} and data/test-*.parquet)")
 
 
 def load_osf(path: Path, bad: BadRecords) -> Benchmark:
