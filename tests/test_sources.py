@@ -116,7 +116,9 @@ def test_mmmu_options_literal_image_tags_multi_image_and_open(root):
     assert first.options == {"A": "Pneumonia", "B": "Effusion", "C": "Pneumothorax", "D": "Normal"}
     assert first.answer == "C" and first.question.startswith("[image 1] ")
     assert "(C) Pneumothorax" in first.prompt and len(first.images) == 1
-    assert len(samples["validation_Clinical_Medicine_2"].images) == 2
+    second = samples["validation_Clinical_Medicine_2"]
+    assert len(second.images) == 2 and second.options == {"A": "[image 1]", "B": "[image 2]"}  # image options
+    assert "<image" not in second.prompt
     pharmacy = samples["validation_Pharmacy_3"]
     assert pharmacy.answer_type == "mmmu_open" and pharmacy.answer == "2" and pharmacy.options == {}
 
@@ -181,9 +183,13 @@ def test_modality_names_normalise_onto_the_eight(raw, expected):
 
 def test_pubmedvision_multi_image_and_image_tokens_removed(root):
     bench = load(root, "pubmedvision")
-    first, second = bench.samples
+    first, second, follow_up = bench.samples
     assert first.answer_type == "caption" and first.answer.startswith("Axial CT")
     assert len(second.images) == 2 and second.question == "What is shown?"
+    # every question-answer pair of a multi-turn record, the later ones with the earlier as context
+    assert follow_up.id == "pmc_demo_2-turn2" and follow_up.answer == "No, they are non-caseating."
+    assert follow_up.question == ("Earlier in this conversation:\nQ: What is shown?\nA: H&E stain showing "
+                                  "granulomas.\n\nAre they caseating?") and follow_up.images == second.images
     assert len(load(root, "pubmedvision", modalities=("tomography",)).samples) == 1
 
 

@@ -138,7 +138,7 @@ def mmmu(root: Path) -> None:
                 "topic_difficulty": "Easy", "question_type": "multiple-choice", "subfield": "Radiology"}
     two_images = {**clinical, "id": "validation_Clinical_Medicine_2",
                   "question": "Compare <image 1> and <image 2>. Which shows progression?",
-                  "options": "['The first', 'The second']", "answer": "B", "image_2": _hf_image(61, "2.png")}
+                  "options": "['<image 1>', '<image 2>']", "answer": "B", "image_2": _hf_image(61, "2.png")}
     pharmacy = {"id": "validation_Pharmacy_3", "question": "<image 1> How many tablets per day?", "options": "[]",
                 "explanation": "", "image_1": _hf_image(62, "3.png"), **empty, "img_type": "['Tables']",
                 "answer": "2", "topic_difficulty": "Medium", "question_type": "open", "subfield": "Pharmacology"}
@@ -239,7 +239,9 @@ def pubmedvision(root: Path) -> None:
          "modality": "Computed Tomography", "body_part": "Abdomen"},
         {"id": "pmc_demo_2", "image": ["images/pmc_demo_1.jpg", "images/pmc_demo_2.jpg"],
          "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat is shown?"},
-                           {"from": "gpt", "value": "H&E stain showing granulomas."}],
+                           {"from": "gpt", "value": "H&E stain showing granulomas."},
+                           {"from": "human", "value": "Are they caseating?"},
+                           {"from": "gpt", "value": "No, they are non-caseating."}],
          "modality": "Digital Photography", "body_part": "Lung"},
     ]
     (base / "PubMedVision_Alignment_VQA.json").write_text(json.dumps(records, indent=1))

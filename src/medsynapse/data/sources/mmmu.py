@@ -1,7 +1,8 @@
 """MMMU Health & Medicine validation (150 questions: 145 multiple choice + 5 open) from per-subject parquet files.
 
 All questions are scored (the official MMMU accuracy). Options are the string repr of a Python list (parsed with
-`ast.literal_eval`, never `eval`); `<image n>` tags in the text become "[image n]" and every present image (1-7) is
+`ast.literal_eval`, never `eval`); `<image n>` tags in the question and in the options (some options are images)
+become "[image n]" and every present image (1-7) is
 passed, in order. Open questions use MMMU's own open-answer rule (`mmmu_open` in objectives/answers.py). The one
 difference from the official scorer: no random letter when nothing parses (counted unparseable instead).
 """
@@ -83,7 +84,8 @@ def _sample(row: dict, subject: str, where: str, store: ImageStore) -> Sample:
     extra = {"question_type": str(row.get("question_type", "")), "groups": {"subject": subject,
              "difficulty": str(row.get("topic_difficulty", ""))}}
     if require(row, "question_type", where, str) == "multiple-choice":
-        options = dict(zip(LETTERS, parse_options(require(row, "options", where), where), strict=False))
+        texts = [_IMAGE_TAG.sub(r"[image \1]", t) for t in parse_options(require(row, "options", where), where)]
+        options = dict(zip(LETTERS, texts, strict=False))
         prompt = f"{question}\n\n{render_options(options, 'paren')}\n\n{MCQ_INSTRUCTION}"
         return mcq_sample(sample_id, images, question, options, answer.upper(), where, prompt=prompt, **extra)
     return Sample(sample_id, images, question, answer, "mmmu_open",
