@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import stage1_config, write_dicom
+from conftest import Interrupted, crash_at, stage1_config, write_dicom
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -39,6 +39,30 @@ def test_a_second_eval_into_a_busy_folder_is_refused_and_writes_nothing(tiny_env
     # once the first one is done, the folder is free again
     evaluate_benchmarks(str(tiny_env.vlm), ["vqa-rad"], data_root, out, EvalSettings(max_new_tokens=2))
     assert (out / "vqa-rad" / "predictions.jsonl").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["stage1", "sft"])
+def test_a_second_training_into_a_busy_folder_is_refused_and_writes_nothing(tiny_env, tmp_path, recipe):
+    from medsynapse.recipes.sft import SFTConfig, train_sft
+
+    out = tmp_path / recipe
+    sft = SFTConfig(model=str(tiny_env.vlm), train_file=str(tiny_env.train_file), output_dir=str(out), batch_size=4,
+                    lora_r=4, lora_alpha=8, max_steps=2)
+    run = (lambda: train_stage1(_stage1_config(tiny_env, out))) if recipe == "stage1" else (lambda: train_sft(sft))
+    with exclusive_output(out, "training run"):  # what a first training holds while it runs
+        with pytest.raises(FolderInUseError, match="another medsynapse process is writing into this folder"):
+            run()
+        assert sorted(p.name for p in out.iterdir()) == [".medsynapse.lock"]  # no checkpoint, no log
+    assert run().is_dir()  # free again once the first one is done
+
+
+def test_a_crashed_training_frees_its_folder_for_the_resume(tiny_env, tmp_path):
+    out = tmp_path / "crashed"
+    with pytest.raises(Interrupted):  # the recipe dies inside its loop, in this process
+        train_stage1(_stage1_config(tiny_env, out), on_step=crash_at(2))
+    assert train_stage1(_stage1_config(tiny_env, out, resume=True)).is_dir()  # the same process resumes into it
+    with exclusive_output(out, "check"):  # and nothing holds the lock after the run
+        pass
 
 
 def test_the_lock_is_held_across_processes_and_dropped_when_the_holder_dies(tmp_path):

@@ -3,8 +3,9 @@
 `exclusive_output` holds an OS lock (`filelock`, flock on POSIX) on `<folder>/.medsynapse.lock` for as long as a
 command writes into the folder. The OS drops it when the process ends, even on kill -9, so a crash never leaves a
 stale lock behind; a second command pointed at the same folder is refused at once with a message saying why, instead
-of interleaving its writes with the first one's (two evaluations into one predictions file). Training folders are
-guarded by the checkpoints' recorded settings instead (`recipes/trainer.resume_point`).
+of interleaving its writes with the first one's (two evaluations into one predictions file, two trainings pruning
+each other's checkpoints). Evaluation and the training recipes (`recipes/trainer.one_run_per_folder`) take it; a
+training folder is also guarded across time by the checkpoints' recorded settings (`recipes/trainer.resume_point`).
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reductio
     return answer_nll(logits, batch.labels[:, -keep:], reduction)
 
 
+@trainer.one_run_per_folder
 def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))

@@ -51,6 +51,7 @@ class Stage1Config:
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
 
 
+@trainer.one_run_per_folder
 def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=0)  # before anything is loaded
     trainer.check_paths(config, ("vlm", "encoder", "train_file"))

@@ -220,6 +220,7 @@ def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_si
     return float((highest_wrong >= lowest_correct).float().mean())
 
 
+@trainer.one_run_per_folder
 def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = None) -> Path:
     check_config(config)
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded

@@ -66,6 +66,7 @@ class Stage3Config:
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
+@trainer.one_run_per_folder
 def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))

@@ -8,14 +8,22 @@ A checkpoint records the settings of the run that wrote it (`run_settings`); `re
 over another run's checkpoints (its pruning would delete them, or they its own) and to resume with other settings, and
 it skips a damaged checkpoint (an empty or missing file, as a power loss leaves) for the previous intact one, naming
 the file. Checkpoint files are fsynced before the folder is renamed into place.
+
+One run per output folder at a time: a recipe decorated with `one_run_per_folder` holds the folder's OS lock
+(`locking.exclusive_output`, rank 0 for the whole launch) from `make_accelerator` (after its settings are checked, so
+a refused config writes nothing) until it returns or raises; a second run into the same folder stops at once.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import warnings
+from collections.abc import Callable
+from contextlib import ExitStack
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -24,12 +32,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from medsynapse.locking import fsync_tree
+from medsynapse.locking import FolderInUseError, exclusive_output, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 # settings that change neither what is trained nor in what order: a resume may change them
 RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache")
+_RUN_LOCKS: ContextVar[ExitStack | None] = ContextVar("medsynapse_run_locks", default=None)
+
+
+def one_run_per_folder(train: Callable) -> Callable:
+    """Decorate a recipe `train(config, ...)`: the output-folder lock `make_accelerator` takes is released when the
+    recipe returns or raises (also in-process, so a crashed run can be resumed by the same process)."""
+    @functools.wraps(train)
+    def wrapper(*args, **kwargs):
+        with ExitStack() as stack:
+            token = _RUN_LOCKS.set(stack)
+            try:
+                return train(*args, **kwargs)
+            finally:
+                _RUN_LOCKS.reset(token)
+    return wrapper
 
 
 def make_accelerator(output_dir: str | Path) -> Accelerator:
@@ -44,6 +67,20 @@ def make_accelerator(output_dir: str | Path) -> Accelerator:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=str(output_dir),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     check_supported(accelerator.distributed_type)
+    stack = _RUN_LOCKS.get()
+    if stack is not None:
+        refusal = [None]
+        if accelerator.is_main_process:  # one lock per launch: rank 0 holds it for every rank
+            try:
+                stack.enter_context(exclusive_output(output_dir, "training run"))
+            except FolderInUseError as err:
+                refusal = [str(err)]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(refusal)
+        if refusal[0]:
+            raise FolderInUseError(refusal[0])
     return accelerator
 
 
