@@ -27,12 +27,13 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     assert {"accuracy", "n", "counterfactual_accuracy", "mean_causal_reward_correct",
             "mean_causal_reward_wrong"} <= set(stage2)
     assert (out / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
-    from medsynapse.config import load_config  # the written Stage I config names this run's folders, ready to run
-    from medsynapse.recipes.stage1_warmup import Stage1Config
+    from medsynapse.runconfig import read_run_config, resolve  # the written run file names this run's folders
 
-    written = load_config(Stage1Config, out / "stage1.yaml")
-    assert Path(written.vlm).is_dir() and Path(written.encoder).is_dir() and Path(written.train_file).is_file()
-    assert written.max_steps == 3 and written.n_memory == results["config"]["stage1"]["n_memory"]
+    run = read_run_config(out / "run.yaml")
+    stage1, stage2 = resolve(run, "stage1"), resolve(run, "stage2")
+    assert Path(stage1.vlm).is_dir() and Path(stage1.encoder).is_dir() and Path(stage1.train_file).is_file()
+    assert stage1.max_steps == 3 and stage1.n_memory == results["config"]["stage1"]["n_memory"]
+    assert stage2.causal_form == results["config"]["stage2"]["causal_form"] and stage2.model == stage1.output_dir
     for name in ("stage3_teacher", "stage3_student", "sft", "grpo_only"):
         assert 0.0 <= results["stages"][name]["accuracy"] <= 1.0
         assert set(results["stages"][name]["by_question_type"]) <= {"presence", "count", "location", "size",

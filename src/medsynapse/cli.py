@@ -61,11 +61,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from medsynapse.recipes.stage3_imt import Stage3Config as config_class
         from medsynapse.recipes.stage3_imt import train_stage3 as train
-    config = load_config(config_class, args.config, args.set)
+    if args.stage != "sft" and args.config and _is_run_file(args.config):  # a run file: its stageN section, resolved
+        from medsynapse.runconfig import read_run_config, resolve
+
+        config = resolve(read_run_config(args.config, args.set), args.stage)
+    else:  # a stage-only file
+        config = load_config(config_class, args.config, args.set)
     if args.resume:
         config.resume = True
     out = train(config)
     print(f"{args.stage} saved to {out}")
+    return 0
+
+
+def _is_run_file(path: str) -> bool:
+    from medsynapse.config import read_yaml
+    from medsynapse.runconfig import is_run_config
+
+    return Path(path).is_file() and is_run_config(read_yaml(Path(path)))
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import json
+
+    from medsynapse.runconfig import read_run_config, show
+
+    print(json.dumps(show(read_run_config(args.file, args.set)), indent=2))
     return 0
 
 
@@ -167,9 +188,15 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from medsynapse.config import load_config
-    from medsynapse.recipes.inspect import RealSizeConfig, main
+    from medsynapse.recipes.inspect import RealSizeConfig, from_run, main
 
-    print(main(load_config(RealSizeConfig, args.config, args.set), as_json=args.json))
+    if _is_run_file(args.config):
+        from medsynapse.runconfig import read_run_config
+
+        config = from_run(read_run_config(args.config, args.set))
+    else:
+        config = load_config(RealSizeConfig, args.config, args.set)
+    print(main(config, as_json=args.json))
     return 0
 
 
@@ -276,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="loader option, e.g. balance=true, per_modality=2000, "
                               "modalities=[Computed Tomography, Microscopy]")
     convert.set_defaults(func=cmd_convert)
+
+    config = sub.add_parser("config", parents=[common], help="show a run config's fully resolved settings")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    config_show = config_sub.add_parser("show", parents=[common],
+                                        help="every stage's settings as the recipes will run them, as JSON")
+    config_show.add_argument("file")
+    config_show.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="e.g. stage2.lr=1e-5 model.lora_r=8")
+    config_show.set_defaults(func=cmd_config_show)
 
     inspect = sub.add_parser("inspect", parents=[common],
                              help="parameter counts and training memory of a real-size config (meta device)")

@@ -392,7 +392,7 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     shared = prepare_shared(config)
-    write_stage1_config(config, shared, out / "stage1.yaml")
+    write_run_config(config, shared, out / "run.yaml")
     if not config.seeds:
         return run_seed(config, shared, config.seed, out)
     per_seed = {}
@@ -414,15 +414,20 @@ def run_demo(config: DemoConfig) -> dict:
     return summary
 
 
-def write_stage1_config(config: DemoConfig, shared: Shared, path: Path) -> None:
-    """A ready-to-run `medsynapse train stage1 --config` file with this demo's cached folders filled in (the shipped
-    configs/stage1-synthmed.yaml can only name the cache's content-keyed folders as placeholders)."""
-    settings = {"vlm": str(shared.vlm_base), "encoder": str(shared.encoder), "train_file": shared.train_file,
-                "output_dir": "runs/stage1", **{k: v for k, v in config.stage1.items() if k != "save_every"},
-                "save_every": config.stage1.get("save_every", 100)}
-    header = ("# Stage I on this demo's SynthMed split, base VLM and prior encoder (written by `medsynapse demo`).\n"
-              f"# Usage: medsynapse train stage1 --config {path} [--resume] [--set key=value ...]\n")
-    write_text_atomic(path, header + yaml.safe_dump(settings, sort_keys=False))
+def write_run_config(config: DemoConfig, shared: Shared, path: Path) -> None:
+    """A run file (runconfig.py) with this demo's cached folders and its Stage I-III settings: `medsynapse train
+    stage1|stage2|stage3 --config OUTPUT/run.yaml` retrains the demo's stages by hand (the shipped configs can only
+    name the cache's content-keyed folders as placeholders)."""
+    stage1 = dict(config.stage1)
+    model = {"vlm": str(shared.vlm_base), "encoder": str(shared.encoder), "n_memory": stage1.pop("n_memory", 16),
+             "sampler_width": stage1.pop("sampler_width", 256)}
+    stage2 = dict(config.stage2)
+    model.update({k: stage2.pop(k) for k in ("lora_r", "lora_alpha", "lora_targets") if k in stage2})
+    run = {"output": "runs/synthmed", "model": model, "data": {"stage1_file": shared.train_file},
+           "stage1": stage1, "stage2": stage2, "stage3": dict(config.stage3)}
+    header = ("# The demo's run on its SynthMed split, base VLM and prior encoder (written by `medsynapse demo`).\n"
+              f"# Usage: medsynapse train stage1|stage2|stage3 --config {path}; medsynapse config show {path}\n")
+    write_text_atomic(path, header + yaml.safe_dump(run, sort_keys=False))
 
 
 def _finished(folder: Path, config: DemoConfig) -> dict | None:

@@ -67,6 +67,16 @@ class RealSizeConfig:
     stage3: dict = field(default_factory=dict)
 
 
+def from_run(run) -> RealSizeConfig:
+    """The real-size report's settings from a run config (runconfig.RunConfig): its model section and stages."""
+    m = run.model
+    return RealSizeConfig(vlm=m.vlm, architecture=m.architecture, encoder=m.encoder, encoder_kind=m.encoder_kind,
+                          prior_dim=m.prior_dim, n_memory=m.n_memory, sampler_width=m.sampler_width,
+                          sampler_layers=m.sampler_layers, sampler_heads=m.sampler_heads, lora_r=m.lora_r,
+                          lora_targets=list(m.lora_targets), autonomous_mlp_hidden=m.autonomous_mlp_hidden,
+                          stage1=dict(run.stage1), stage2=dict(run.stage2), stage3=dict(run.stage3))
+
+
 def build_meta_vlm(config: RealSizeConfig) -> Qwen3VLForConditionalGeneration:
     folder = Path(config.vlm).expanduser() if config.vlm else None
     if folder is not None and (folder / "config.json").is_file():

@@ -43,7 +43,9 @@ class Stage3Config:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.03
     batch_size: int = 32
-    max_steps: int = 300
+    max_steps: int = 300  # > 0: this many steps; 0: `epochs` passes over the data (one on-policy trajectory per sample
+    # per step, as in the paper)
+    epochs: float = 0.0
     grad_clip: float = 1.0
     beta: float = 0.5
     jsd_temperature: float = 1.0  # separate from the sampling temperature (one value served both in the reference)
@@ -68,7 +70,9 @@ class Stage3Config:
 
 @trainer.one_run_per_folder
 def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
-    trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
+    if not (math.isfinite(config.epochs) and config.epochs >= 0):
+        raise ValueError(f"epochs must be a finite number >= 0, got {config.epochs}")
+    trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lr", "batch_size", "max_new_tokens", "save_every", "log_every"))
     if not (math.isfinite(config.memory_alignment) and config.memory_alignment >= 0):
@@ -96,19 +100,20 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     priors, prior_row = prior_table(model.prior, model.encoder_path, dataset,
                                                       cache_dir=config.prior_cache)
 
+    total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
     optimizer = trainer.adamw(model.autonomous, config.lr, config.weight_decay)
-    scheduler = trainer.cosine_schedule(optimizer, config.max_steps, config.warmup_ratio)
+    scheduler = trainer.cosine_schedule(optimizer, total_steps, config.warmup_ratio)
     student, optimizer, scheduler = accelerator.prepare(model.autonomous.train(), optimizer, scheduler)
 
     start = 0
-    checkpoint = trainer.resume_point(output, config, config.max_steps)
+    checkpoint = trainer.resume_point(output, config, total_steps)
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
     accelerator.init_trackers("stage3", config={k: str(v) for k, v in to_dict(config).items()})
     lm_head = vlm_core.lm_head.weight.detach()
 
-    bar = tqdm(range(start, config.max_steps), desc="stage3", disable=not accelerator.is_main_process,
-               initial=start, total=config.max_steps)
+    bar = tqdm(range(start, total_steps), desc="stage3", disable=not accelerator.is_main_process,
+               initial=start, total=total_steps)
     for step in bar:
         indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
                                      accelerator.process_index, accelerator.num_processes)
@@ -159,13 +164,13 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if step % config.log_every == 0 or step == config.max_steps - 1:
+        if step % config.log_every == 0 or step == total_steps - 1:
             logs = {"jsd": jsd.item(), "memory_alignment": alignment.item(), "lr": scheduler.get_last_lr()[0],
                     "generated_tokens_per_s": float(mask.sum()) / max(gen_seconds, 1e-9)}
             accelerator.log(logs, step=step)
             bar.set_postfix(jsd=f"{logs['jsd']:.4f}")
         done = step + 1
-        if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
+        if accelerator.is_main_process and (done % config.save_every == 0 or done == total_steps):
             trainer.save_checkpoint(output, done, accelerator.unwrap_model(student), optimizer, scheduler,
                                     config=config)
         if on_step is not None:

@@ -1,0 +1,144 @@
+"""One config file per run: `model`, `data`, `stage1`, `stage2`, `stage3` and `eval` sections that every command reads.
+
+A run file names the backbone and encoder once (`model`), the training files once (`data`), and per stage only what
+differs from the recipe's defaults; `resolve` turns it into the recipe's own config (Stage1Config, Stage2Config,
+Stage3Config) with the model and data values filled in under the recipe's names and the folders chained:
+`<output>/stage1` → `<output>/stage2` → `<output>/stage3_student`. A key in a stage section wins over what the other
+sections fill in. A stage-only file (a flat Stage1Config, as before) is still read as such by `train`.
+
+`medsynapse config show FILE [--set key=value]` prints every stage's resolved settings, defaults included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medsynapse.config import ConfigError, apply_overrides, from_dict, read_yaml
+
+STAGES = ("stage1", "stage2", "stage3")
+SECTIONS = ("output", "model", "data", "eval", *STAGES)
+
+
+@dataclass
+class ModelSection:
+    vlm: str = ""  # a local Qwen3-VL folder
+    architecture: str = "qwen3-vl-8b"  # `inspect`'s preset when the folder is absent (meta device)
+    encoder: str = ""  # a prior-encoder folder
+    encoder_kind: str = "sam3-vision"  # `inspect` only: which published encoder size to count
+    prior_dim: int = 1024  # `inspect` only (at run time the encoder folder gives it)
+    n_memory: int = 16  # N probes / memory vectors
+    sampler_width: int = 256
+    sampler_layers: int = 2
+    sampler_heads: int = 4
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    autonomous_mlp_hidden: int = 0  # A_psi's MLP width (0 = the VLM's hidden size)
+
+
+@dataclass
+class DataSection:
+    stage1_file: str = ""  # Stage I's JSONL (paper: 50K PubMedVision image-text pairs)
+    stage2_file: str = ""  # Stages II and III (paper: 3K OmniMedVQA + 1K SLAKE/PathVQA open); empty: stage1_file
+    prior_cache: str = ""  # prior-feature cache folder shared by the stages
+
+
+@dataclass
+class EvalSection:
+    benchmarks: list[str] = field(default_factory=lambda: ["vqa-rad", "slake", "pathvqa", "pmc-vqa", "mmmu-med",
+                                                           "medxpertqa-mm", "gmai-mmbench"])
+    data_root: str = ""
+    batch_size: int = 8
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs/medsynapse-v"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    stage1: dict = field(default_factory=dict)
+    stage2: dict = field(default_factory=dict)
+    stage3: dict = field(default_factory=dict)
+    eval: EvalSection = field(default_factory=EvalSection)
+    source: str = "config"  # the file it was read from (error messages); not a YAML key
+
+
+def is_run_config(data: Any) -> bool:
+    """A run file has a `model` mapping or a section a stage-only file cannot have (Stage2Config's `model` is a str)."""
+    return isinstance(data, dict) and (isinstance(data.get("model"), dict)
+                                       or any(k in data for k in ("data", "eval", *STAGES)))
+
+
+def read_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = read_yaml(path) or {}
+    if not is_run_config(data):
+        raise ConfigError(f"{path}: not a run config (needs a `model:` mapping or stage1/stage2/stage3/data/eval "
+                          "sections)")
+    return run_config_from(data, str(path), overrides)
+
+
+def run_config_from(data: dict, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    data = apply_overrides(dict(data), overrides or [])
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    run = from_dict(RunConfig, data, source)
+    for stage in STAGES:
+        if not isinstance(getattr(run, stage), dict):
+            raise ConfigError(f"{source}.{stage}: expected a mapping")
+    run.source = source
+    return run
+
+
+def _filled(run: RunConfig, stage: str) -> dict:
+    """What the model and data sections give a stage, under the recipe's names."""
+    m, d, out = run.model, run.data, Path(run.output)
+    rl_file = d.stage2_file or d.stage1_file
+    if stage == "stage1":
+        return dict(vlm=m.vlm, encoder=m.encoder, train_file=d.stage1_file, output_dir=str(out / "stage1"),
+                    n_memory=m.n_memory, sampler_width=m.sampler_width, sampler_layers=m.sampler_layers,
+                    sampler_heads=m.sampler_heads, prior_cache=d.prior_cache)
+    if stage == "stage2":
+        return dict(model=str(out / "stage1"), train_file=rl_file, output_dir=str(out / "stage2"), lora_r=m.lora_r,
+                    lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), prior_cache=d.prior_cache)
+    if stage == "stage3":
+        return dict(model=str(out / "stage2"), train_file=rl_file, output_dir=str(out / "stage3_student"),
+                    mlp_hidden=m.autonomous_mlp_hidden, prior_cache=d.prior_cache)
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def stage_class(stage: str) -> type:
+    if stage == "stage1":
+        from medsynapse.recipes.stage1_warmup import Stage1Config
+
+        return Stage1Config
+    if stage == "stage2":
+        from medsynapse.recipes.stage2_ccr import Stage2Config
+
+        return Stage2Config
+    if stage == "stage3":
+        from medsynapse.recipes.stage3_imt import Stage3Config
+
+        return Stage3Config
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def resolve(run: RunConfig, stage: str):
+    """The recipe config of `stage`: the model/data values, then the stage section's own keys on top (strict: an
+    unknown key in a stage section is an error naming `FILE.stageN.key`)."""
+    return from_dict(stage_class(stage), {**_filled(run, stage), **getattr(run, stage)}, f"{run.source}.{stage}")
+
+
+def show(run: RunConfig) -> dict:
+    """Every section as plain data, each stage fully resolved (the recipe's defaults included)."""
+    out = {"output": run.output, "model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data),
+           "eval": dataclasses.asdict(run.eval)}
+    for stage in STAGES:
+        out[stage] = dataclasses.asdict(resolve(run, stage))
+    return out
