@@ -193,3 +193,28 @@ def test_rules_are_named_and_a_tag_must_hold_an_option():
     assert extract_option("<answer>Z</answer>", options).answer is None  # one character, but not an option
     assert extract("", "mmmu_open") == Extraction(None, "none")
     assert extract("the answer is 2", "mmmu_open").rule == "mmmu_open"
+
+
+def test_reasoning_format_reads_only_the_last_final_answer_tag():
+    from medsynapse.objectives.answers import REASONING_INSTRUCTION, format_prompt
+
+    long = ("The left lower lobe shows an opacity; a small effusion is possible, so the answer could be no. "
+            "On balance the finding is real.\n<answer>yes</answer>")
+    assert is_correct(long, "yes", "yes_no", answer_format="reasoning")[0]
+    assert is_correct(long, "yes", "yes_no")[0]  # direct reads the tag too
+    no_tag = "Findings: an opacity. So yes, there is a lesion."
+    assert extract(no_tag, "yes_no", answer_format="reasoning").answer is None  # missing final answer: unparseable
+    assert extract(no_tag, "yes_no").answer == "yes"  # while direct reads the reply
+    cut = "Option B fits the pattern best, then <answer>B"  # cut off by the token budget inside the tag
+    options = {"A": "Pneumonia", "B": "Effusion"}
+    assert extract(cut, "multiple_choice", options, "reasoning").answer is None
+    two = "<answer>A</answer> ... on reflection <answer>B</answer>"
+    assert extract(two, "multiple_choice", options, "reasoning") == extract("<answer>B</answer>", "multiple_choice",
+                                                                             options)
+    assert is_correct("the count is <answer>two</answer>", "2", "open", answer_format="reasoning")[0]
+    assert is_correct("Step 1 gives 3.5.\n<answer>4</answer>", "4", "mmmu_open", answer_format="reasoning")[0]
+    assert not is_correct("Step 1 gives 4.\n<answer>3.5</answer>", "4", "mmmu_open", answer_format="reasoning")[0]
+    assert format_prompt("Is there a lesion?", "reasoning") == f"Is there a lesion?\n{REASONING_INSTRUCTION}"
+    assert format_prompt("Is there a lesion?", "direct") == "Is there a lesion?"
+    with pytest.raises(ValueError, match="answer_format"):
+        format_prompt("q", "chain")

@@ -121,3 +121,22 @@ def test_beta_penalises_distance_to_the_adapter_disabled_model(tiny_env, stage1_
                                        features, 1.0)
     torch.testing.assert_close(ref_logp, expected, atol=1e-5, rtol=1e-5)
     assert (args[0] - ref_logp).abs().max() > 1e-4  # and the trained policy differs from it
+
+
+def test_reasoning_format_reaches_the_prompts_and_the_reward(tiny_env, stage1_dir, tmp_path, monkeypatch):
+    from medsynapse.objectives.answers import REASONING_INSTRUCTION
+
+    seen = {}
+    original = stage2_ccr.accuracy_rewards
+
+    def recorded(texts, samples, answer_format="direct"):
+        seen.update(answer_format=answer_format, prompts=[s.model_prompt for s in samples])
+        return original(texts, samples, answer_format)
+
+    monkeypatch.setattr(stage2_ccr, "accuracy_rewards", recorded)
+    probe_run(tiny_env, stage1_dir, tmp_path / "reasoning", answer_format="reasoning")
+    assert seen["answer_format"] == "reasoning"
+    assert seen["prompts"] and all(p.endswith("\n" + REASONING_INSTRUCTION) for p in seen["prompts"])
+    with pytest.raises(ValueError, match="answer_format"):
+        train_stage2(Stage2Config(model=str(stage1_dir), train_file=str(tiny_env.train_file),
+                                  output_dir=str(tmp_path / "bad"), answer_format="essay"))

@@ -52,6 +52,8 @@ class EvalSection:
                                                            "medxpertqa-mm", "gmai-mmbench"])
     data_root: str = ""
     batch_size: int = 8
+    answer_format: str = "direct"  # direct | reasoning (objectives/answers.py)
+    max_new_tokens: int | None = None  # None: each benchmark's protocol budget
 
 
 @dataclass

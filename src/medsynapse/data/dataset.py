@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from PIL import Image
 
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import Sample, read_samples
 from medsynapse.model.vlm import EncodedPrompt, PromptBuilder
+from medsynapse.objectives.answers import format_prompt
 
 
 class VQADataset:
@@ -43,8 +46,14 @@ class VQADataset:
             self.images(index)
 
 
+def with_answer_format(samples: list[Sample], answer_format: str) -> list[Sample]:
+    """The samples with their prompts as `answer_format` asks (objectives/answers.py); "direct" leaves them as they
+    are."""
+    return [dataclasses.replace(s, prompt=format_prompt(s.model_prompt, answer_format)) for s in samples]
+
+
 def training_dataset(path: str, prompts: PromptBuilder, families: list[str], answer_types: list[str],
-                     with_answers: bool) -> VQADataset:
+                     with_answers: bool, answer_format: str = "direct") -> VQADataset:
     """Read a training file, keep the chosen families / answer types (empty = all), check every image up front."""
     samples = read_samples(path)
     if families:
@@ -53,6 +62,8 @@ def training_dataset(path: str, prompts: PromptBuilder, families: list[str], ans
         samples = [s for s in samples if s.answer_type in answer_types]
     if not samples:
         raise ValueError(f"{path}: no samples left after filtering families={families} answer_types={answer_types}")
+    if answer_format != "direct":
+        samples = with_answer_format(samples, answer_format)
     dataset = VQADataset(samples, prompts, with_answers=with_answers)
     dataset.validate()
     return dataset

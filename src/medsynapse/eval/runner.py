@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.data.dataset import with_answer_format
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
@@ -38,7 +39,7 @@ from medsynapse.eval.report import write_json
 from medsynapse.locking import FolderInUseError, exclusive_output, write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
-from medsynapse.objectives.answers import extract, is_correct
+from medsynapse.objectives.answers import check_answer_format, extract, is_correct
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -52,6 +53,7 @@ class EvalSettings:
     limit: int | None = None  # first N scored samples per benchmark (smoke runs)
     max_pixels: int | None = None  # cap the VLM's image resolution (Qwen's default budget can run out of memory)
     source_options: dict[str, dict] = field(default_factory=dict)  # per-benchmark loader options
+    answer_format: str = "direct"  # direct | reasoning: analysis first, the final answer in <answer></answer>
 
 
 def read_predictions(path: Path, repair: bool = True) -> list[dict]:
@@ -99,11 +101,12 @@ class BenchmarkRun:
         self.rank, self.world, self.barrier = rank, world, barrier
         self.own_path = self.path if world == 1 else out_dir / f"predictions.part{rank}.jsonl"
         self.samples = benchmark.samples[: settings.limit] if settings.limit else benchmark.samples
+        self.samples = with_answer_format(self.samples, settings.answer_format)
         self.max_new_tokens = settings.max_new_tokens or benchmark.max_new_tokens
         self.run_info = {"model": model_path, "benchmark": benchmark.name, "source": benchmark.source,
                          "closed_definition": benchmark.closed_definition, "max_new_tokens": self.max_new_tokens,
                          "branch": settings.branch, "max_pixels": settings.max_pixels, "limit": settings.limit,
-                         "batch_size": settings.batch_size}
+                         "batch_size": settings.batch_size, "answer_format": settings.answer_format}
 
     def check_run_info(self) -> None:
         path = self.out_dir / "run.json"
@@ -198,9 +201,10 @@ class BenchmarkRun:
 
     def score(self, sample: Sample, text: str, ms: float) -> dict:
         if self.benchmark.scorable:
-            correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options)
+            correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options,
+                                      self.settings.answer_format)
         else:
-            correct, got = None, extract(text, sample.answer_type, sample.options)
+            correct, got = None, extract(text, sample.answer_type, sample.options, self.settings.answer_format)
         return {"id": sample.id, "prompt": sample.model_prompt, **({"system": sample.system} if sample.system else {}),
                 "n_images": len(sample.images), "raw": text,
                 "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct,
@@ -283,6 +287,7 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
     settings = settings or EvalSettings()
     output = Path(output)
     check_inputs(model_path, benchmarks, settings.source_options)  # before the output folder is created
+    check_answer_format(settings.answer_format)
     with ExitStack() as stack:
         refusal = [None]
         if state.is_main_process:  # one lock per launch: rank 0 holds it for every rank

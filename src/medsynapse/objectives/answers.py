@@ -10,6 +10,11 @@
   eval_utils.py @ 51ce7f3): key sub-responses after indicator words, numbers rounded to 2 decimals, and the
   normalised gold contained in a string prediction or equal to a number.
 Nothing found means unparseable: it scores 0. There is no random or default fallback.
+
+Answer formats (`answer_format`): "direct" (the prompt asks for the answer; the rules read the whole reply) and
+"reasoning" (the prompt asks for an analysis first and the final answer inside <answer></answer>, as the paper's
+1024-token rollouts hold; the rules read only the last tag's content, and a reply without one is unparseable,
+however right its analysis sounds).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import string
 from dataclasses import dataclass
 
 _TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
+ANSWER_FORMATS = ("direct", "reasoning")
+REASONING_INSTRUCTION = ("First analyse the image findings step by step, then give the final answer inside "
+                         "<answer></answer>.")
 # "answer is B" / "Answer: (B)": the keyword in any case, then "is" or ":", then an upper-case letter standing alone.
 _ANSWER_IS = re.compile(r"\b(?i:final answer|answer)\s*(?i:is|:)\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z'])")
 _LETTER = re.compile(r"(?<![A-Za-z])[A-Z](?![A-Za-z'])")
@@ -148,26 +156,54 @@ def mmmu_open_correct(predictions: list[str | float], gold: str) -> bool:
     return False
 
 
-def extract(text: str, answer_type: str, options: dict[str, str] | None = None) -> Extraction:
+def check_answer_format(answer_format: str) -> None:
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"unknown answer_format {answer_format!r}; expected one of {ANSWER_FORMATS}")
+
+
+def format_prompt(prompt: str, answer_format: str) -> str:
+    """The prompt as the answer format asks: unchanged ("direct"), or with the reasoning instruction appended."""
+    check_answer_format(answer_format)
+    return prompt if answer_format == "direct" else f"{prompt}\n{REASONING_INSTRUCTION}"
+
+
+def final_answer(text: str, answer_format: str = "direct") -> str | None:
+    """What the rules read: the whole reply ("direct"), or the last <answer> tag's content ("reasoning"; None when
+    the reply has no complete tag, e.g. cut off by the token budget)."""
+    check_answer_format(answer_format)
+    if answer_format == "direct":
+        return text
+    tags = _TAG.findall(text)
+    return f"<answer>{tags[-1]}</answer>" if tags else None
+
+
+def extract(text: str, answer_type: str, options: dict[str, str] | None = None,
+            answer_format: str = "direct") -> Extraction:
+    span = final_answer(text, answer_format)
+    if span is None:
+        return Extraction(None, "none")
+    text = span
     if answer_type == "yes_no":
         return extract_yes_no(text)
     if answer_type == "multiple_choice":
         return extract_option(text, options or {})
     if answer_type == "mmmu_open":
+        text = text if answer_format == "direct" else _answer_span(text)
         answer = " | ".join(map(str, mmmu_open_predictions(text))) or None
         return Extraction(answer, "mmmu_open" if answer else "none")
     answer = normalise_open(_answer_span(text))
     return Extraction(answer or None, "exact" if answer else "none")
 
 
-def is_correct(text: str, gold: str, answer_type: str,
-               options: dict[str, str] | None = None) -> tuple[bool, Extraction]:
+def is_correct(text: str, gold: str, answer_type: str, options: dict[str, str] | None = None,
+               answer_format: str = "direct") -> tuple[bool, Extraction]:
     """Score one model output against the gold answer (a letter for multiple choice)."""
-    got = extract(text, answer_type, options)
+    got = extract(text, answer_type, options, answer_format)
     if got.answer is None:
         return False, got
     if answer_type == "multiple_choice":
         return got.answer == gold.strip().upper(), got
     if answer_type == "mmmu_open":
-        return mmmu_open_correct(mmmu_open_predictions(text), gold), got
+        span = text if answer_format == "direct" else _answer_span(final_answer(text, answer_format))
+        return mmmu_open_correct(mmmu_open_predictions(span), gold), got
     return got.answer == normalise_open(gold), got

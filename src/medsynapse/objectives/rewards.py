@@ -29,9 +29,11 @@ CAUSAL_FORMS = ("paper", "ranked", "centred")
 RANKED_MARGIN = 1e-3
 
 
-def accuracy_rewards(texts: list[str], samples: list[Sample]) -> torch.Tensor:
-    """1.0 when the extracted answer equals the gold answer, else 0.0 (unparseable scores 0: no guessing)."""
-    return torch.tensor([float(is_correct(t, s.answer, s.answer_type, s.options)[0]) for t, s in zip(texts, samples)])
+def accuracy_rewards(texts: list[str], samples: list[Sample], answer_format: str = "direct") -> torch.Tensor:
+    """1.0 when the extracted answer equals the gold answer, else 0.0 (unparseable scores 0: no guessing; with the
+    "reasoning" format a rollout without a final <answer> tag is unparseable)."""
+    return torch.tensor([float(is_correct(t, s.answer, s.answer_type, s.options, answer_format)[0])
+                         for t, s in zip(texts, samples)])
 
 
 def causal_rewards(logp_factual: torch.Tensor, logp_counterfactual: torch.Tensor, mask: torch.Tensor,

@@ -41,6 +41,7 @@ from medsynapse.model.vlm import (
     select_features,
     vision_features,
 )
+from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages, zero_std_fraction
 from medsynapse.objectives.rewards import (
     CAUSAL_FORMS,
@@ -112,6 +113,7 @@ class Stage2Config:
     resume: bool = False
     dtype: str = "float32"
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
+    answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
@@ -170,6 +172,7 @@ def check_config(config: Stage2Config) -> None:
         raise ValueError(f"unknown causal_gate {config.causal_gate!r}; expected one of {CAUSAL_GATES}")
     if config.causal_reduction not in CAUSAL_REDUCTIONS:
         raise ValueError(f"unknown causal_reduction {config.causal_reduction!r}; expected one of {CAUSAL_REDUCTIONS}")
+    check_answer_format(config.answer_format)
     if config.intervention not in TOKEN_INTERVENTIONS:
         raise ValueError(f"intervention {config.intervention!r} cannot train Stage II (it reads cached prior tokens); "
                          f"expected one of {TOKEN_INTERVENTIONS}")
@@ -248,7 +251,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         trainer.enable_activation_checkpointing(model.vlm)  # active in the train-mode update passes only
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
-                               with_answers=False)
+                               with_answers=False, answer_format=config.answer_format)
     priors, prior_row = (prior_table(model.prior, model.encoder_path, dataset, cache_dir=config.prior_cache)
                          if config.use_memory else (None, None))
     if priors is not None:
@@ -295,7 +298,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         keys = row_keys(config.seed, step, trainer.global_positions(config.batch_size, accelerator.process_index,
                                                                     accelerator.num_processes), G)
         rollouts = generate_rollouts(model, batch, memory, batch_features, config, keys)
-        r_acc = accuracy_rewards(rollouts.texts, rollout_samples).to(accelerator.device)
+        r_acc = accuracy_rewards(rollouts.texts, rollout_samples, config.answer_format).to(accelerator.device)
         if config.lambda_causal != 0.0:
             scored = factual_and_counterfactual_logprobs(unwrapped, batch, memory, memory_cf, rollouts,
                                                          batch_features, model.latent_id, config.temperature)

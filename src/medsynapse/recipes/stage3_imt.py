@@ -26,6 +26,7 @@ from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, em
 from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
 from medsynapse.objectives.alignment import memory_alignment_loss
+from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import trainer
 from medsynapse.recipes.priors import prior_table
@@ -65,11 +66,13 @@ class Stage3Config:
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     memory_alignment: float = 0.0  # weight of ||M_auto − M_pri||² / ||M_pri||² added to the JSD
     # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
+    answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
 
 
 @trainer.one_run_per_folder
 def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
+    check_answer_format(config.answer_format)
     if not (math.isfinite(config.epochs) and config.epochs >= 0):
         raise ValueError(f"epochs must be a finite number >= 0, got {config.epochs}")
     trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)  # before anything is loaded
@@ -96,7 +99,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         trainer.enable_activation_checkpointing(model.vlm)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
-                               with_answers=False)
+                               with_answers=False, answer_format=config.answer_format)
     priors, prior_row = prior_table(model.prior, model.encoder_path, dataset,
                                                       cache_dir=config.prior_cache)
 
