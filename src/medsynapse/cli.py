@@ -90,6 +90,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from medsynapse.pipeline import run_pipeline
+    from medsynapse.runconfig import read_run_config
+
+    manifest = run_pipeline(read_run_config(args.config, args.set), start=args.start, until=args.until)
+    print(f"pipeline: {', '.join(manifest['steps'])} finished; manifest in {manifest['config']}'s output folder")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from medsynapse.data.images import load_image
     from medsynapse.model.medsynapse import MedSynapseV
@@ -307,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="loader option, e.g. balance=true, per_modality=2000, "
                               "modalities=[Computed Tomography, Microscopy]")
     convert.set_defaults(func=cmd_convert)
+
+    pipeline = sub.add_parser("pipeline", parents=[common],
+                              help="cache -> Stage I -> II -> III -> eval -> summary from one run file, resumable")
+    pipeline.add_argument("--config", required=True, help="a run file (configs/medsynapse-v-8b.yaml)")
+    pipeline.add_argument("--from", dest="start", default=None, help="rerun from this step: cache, stage1, stage2, "
+                          "stage3 or eval (that step and every later one are redone)")
+    pipeline.add_argument("--until", default=None, help="stop after this step")
+    pipeline.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    pipeline.set_defaults(func=cmd_pipeline)
 
     config = sub.add_parser("config", parents=[common], help="show a run config's fully resolved settings")
     config_sub = config.add_subparsers(dest="action", required=True)

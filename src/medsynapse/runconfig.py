@@ -54,6 +54,7 @@ class EvalSection:
     batch_size: int = 8
     answer_format: str = "direct"  # direct | reasoning (objectives/answers.py)
     max_new_tokens: int | None = None  # None: each benchmark's protocol budget
+    limit: int | None = None  # first N scored questions per benchmark (smoke runs)
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""`medsynapse pipeline`: one run file from the training files to the eval summary, killed in and between stages and
+rerun, gives the same weights and scores as an uninterrupted run; a finished step is never redone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import Interrupted
+from safetensors.torch import load_file
+
+from medsynapse.cli import main
+from medsynapse.pipeline import run_pipeline
+from medsynapse.runconfig import read_run_config
+
+
+def _run_file(tiny_env, tmp_path, name: str, data_root) -> str:
+    run = {"output": str(tmp_path / name),
+           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "n_memory": 4, "sampler_width": 32,
+                     "lora_r": 4, "lora_alpha": 8},
+           "data": {"stage1_file": str(tiny_env.train_file), "prior_cache": str(tmp_path / f"{name}_cache")},
+           "stage1": {"max_steps": 3, "batch_size": 4, "save_every": 1, "answer_types": ["yes_no"]},
+           "stage2": {"max_steps": 3, "batch_size": 2, "group_size": 2, "max_new_tokens": 3, "save_every": 1,
+                      "answer_types": ["yes_no"], "temperature": 1.0, "top_p": 1.0},
+           "stage3": {"max_steps": 3, "batch_size": 2, "max_new_tokens": 3, "save_every": 1,
+                      "answer_types": ["yes_no"]},
+           "eval": {"benchmarks": ["vqa-rad"], "data_root": str(data_root), "batch_size": 2, "max_new_tokens": 2,
+                    "limit": 2}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+def _kill_at(step: str, n: int):
+    def hook(current: str, done: int) -> None:
+        if current == step and done == n:
+            raise Interrupted(f"killed in {step} after step {n}")
+    return hook
+
+
+def _outcome(folder):
+    weights = {**{f"s2.{k}": v for k, v in load_file(str(folder / "stage2" / "adapter" /
+                                                       "adapter_model.safetensors")).items()},
+               **{f"s3.{k}": v for k, v in load_file(str(folder / "stage3_student" /
+                                                       "autonomous.safetensors")).items()}}
+    scores = {row: json.loads((folder / "eval" / row / "vqa-rad" / "metrics.json").read_text())["accuracy"]
+              for row in ("base", "stage2", "student")}
+    return weights, scores
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from medsynapse.data.sources.fixtures import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("benchmarks") / "data")
+
+
+def test_a_killed_pipeline_resumes_to_the_same_weights_and_scores(tiny_env, tmp_path, data_root, monkeypatch):
+    straight = read_run_config(_run_file(tiny_env, tmp_path, "straight", data_root))
+    manifest = run_pipeline(straight)
+    assert list(manifest["steps"]) == ["cache", "stage1", "stage2", "stage3", "eval"]
+    assert (tmp_path / "straight" / "eval" / "summary.csv").is_file()
+    assert manifest["data_sha256"][str(tiny_env.train_file)]
+
+    killed = read_run_config(_run_file(tiny_env, tmp_path, "killed", data_root))
+    with pytest.raises(Interrupted):
+        run_pipeline(killed, on_step=_kill_at("stage2", 2))  # inside a stage, after a checkpoint
+    with pytest.raises(Interrupted):
+        run_pipeline(killed, on_step=_kill_at("stage3", 1))
+    assert list(run_pipeline(killed, until="stage3")["steps"]) == ["cache", "stage1", "stage2", "stage3"]  # between
+    run_pipeline(killed)
+    weights_a, scores_a = _outcome(tmp_path / "straight")
+    weights_b, scores_b = _outcome(tmp_path / "killed")
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert any(float(v.abs().sum()) > 0 for k, v in weights_a.items() if "lora_B" in k)  # Stage II trained
+    assert scores_a == scores_b
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished step must not run again")
+
+    monkeypatch.setattr("medsynapse.pipeline._run_step", never)
+    run_pipeline(killed)  # everything finished: nothing reruns
+    changed = read_run_config(_run_file(tiny_env, tmp_path, "killed", data_root), ["stage2.lr=0.5"])
+    with pytest.raises(ValueError, match=r"step 'stage2' finished with other settings \(lr differ\)"):
+        run_pipeline(changed)
+
+
+def test_from_reruns_a_step_and_the_later_ones_and_bad_steps_are_refused(tiny_env, tmp_path, data_root):
+    path = _run_file(tiny_env, tmp_path, "partial", data_root)
+    assert main(["pipeline", "--config", path, "--until", "stage1"]) == 0
+    run = read_run_config(path, ["stage1.lr=0.002"])
+    with pytest.raises(ValueError, match="stage1"):
+        run_pipeline(run, until="stage1")  # the finished Stage I had another lr
+    manifest = run_pipeline(run, start="stage1", until="stage1")
+    assert manifest["steps"]["stage1"]["settings"]["lr"] == 0.002
+    with pytest.raises(ValueError, match="--until 'stage4'"):
+        run_pipeline(run, until="stage4")
