@@ -91,3 +91,16 @@ def test_corrupt_image_in_training_file_stops_stage1_naming_file_and_record(tiny
         train_stage1(config)
     assert victim.images[0] in str(err.value)
     assert "train_00000_q0" in str(err.value)  # the first record that uses the image
+
+
+def test_healthy_twin_is_the_same_scan_without_its_lesions():
+    """`paint_lesions=False` keeps every random choice (anatomy, lesion draws, noise): outside the lesions the twin is
+    the scan pixel for pixel, inside they differ, and the labels are the scan's."""
+    for index in range(40):
+        scan = render_scan(np.random.default_rng([0, 1, index]))
+        twin = render_scan(np.random.default_rng([0, 1, index]), paint_lesions=False)
+        assert scan.lesions == twin.lesions and np.array_equal(scan.mask, twin.mask)
+        assert np.array_equal(scan.image[~scan.mask], twin.image[~scan.mask])
+        if scan.lesions:
+            difference = np.abs(scan.image.astype(int) - twin.image.astype(int))[scan.mask].mean()
+            assert difference > 20  # the lesion's contrast (0.3 of the range, noise aside) is gone in the twin

@@ -121,12 +121,10 @@ def render_scan(rng: np.random.Generator, size: int = 64, paint_lesions: bool = 
             continue
         lesions.append(Lesion(float(y), float(x), radius))
         mask |= _disk(size, y, x, radius)
-    if not paint_lesions:
-        pass
-    elif modality == "pathology":
+    if paint_lesions and modality == "pathology":
         colour = (0.35, 0.15, 0.45) if density == "hyperdense" else (1.0, 0.95, 0.97)
         canvas[mask] = colour
-    else:
+    elif paint_lesions:
         delta = 0.32 if density == "hyperdense" else -0.30
         canvas[mask] = np.clip(tissue[mask] + delta, 0.0, 1.0)[:, None]
     noise = rng.normal(0.0, 0.03, size=(size, size, 1)).astype(np.float32)
