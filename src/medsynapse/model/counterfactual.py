@@ -18,17 +18,19 @@ Three interventions:
   the encoder's pixel-level region (grown by one pixel) is filled by the same harmonic interpolation from the
   surrounding pixels, so only the lesion's few pixels change and the tokens see ordinary tissue there. Needs the
   images and an encoder that gives a pixel-level region (`PriorEncoder.region_pixels`); used by evaluation and the
-  diagnostics (`MedSynapseV.memory_for`), not by the Stage II recipe, which reads cached prior tokens. Measured: 0.42
-  (chance 0.28): a fill cannot restore what crossed the hole (a body edge, an organ boundary, nuclei), and even
-  with the ground-truth lesion mask as the region the probe reads 0.50, against 0.19 for the scan's healthy twin
-  (SynthMed's `render_scan(paint_lesions=False)`: the same scan drawn without its lesions).
+  diagnostics (`MedSynapseV.memory_for`), not by the Stage II recipe, which reads cached prior tokens. Measured
+  (leak probe, demo Stage II, seed 0, benchmarks/counterfactual_leak.py): 0.47 (chance 0.28): a fill cannot restore
+  what crossed the hole (a body edge, an organ boundary, nuclei); even with the ground-truth lesion mask as the region
+  the probe reads 0.50, against 0.19 for the scan's healthy twin (SynthMed's `render_scan(paint_lesions=False)`: the
+  same scan drawn without its lesions).
 - ``reference`` (recommended): M' is the memory of the nearest *reference* image, an image in which the encoder found
   nothing (`PriorOutput.finding` false), from a bank of such images' prior tokens saved with the model (built from the
   training set by Stages I-II); "nearest" = the smallest mean squared token distance over the tokens outside the
   region grown by ``dilation`` tokens, so the reference matches the image's anatomy and not its finding. An image
   without a finding is its own reference (nothing to remove: M' = M). M' is then the memory of a real image without
   the finding: nothing in it was edited, so nothing marks where the region was. Measured on the demo: the leak probe
-  reads the lesion's quadrant from M' at 0.25 [0.17, 0.34] (chance 0.28; M 0.67).
+  reads the lesion's quadrant from M' at 0.21 ± 0.02 over three seeds (chance 0.28; M 0.70), as from the healthy
+  twin's memory.
 
 Hand-written because no library inpaints a token grid in feature space; it is a few tensor operations.
 """
@@ -59,7 +61,7 @@ def harmonic_fill(tokens: torch.Tensor, grid: tuple[int, int], region: torch.Ten
     Jacobi iterations of Laplace's equation, started from the mean of the region's rim (the kept tokens touching it)
     and run until no filled value moves by more than `tolerance` relative to the data's scale (or for `iterations`
     when given). (It used to start from the image's mean and stop after 64 iterations, short of convergence for a
-    lesion-sized hole in pixels; converged, the `pixels` leak probe went from 0.46 to 0.42 on the demo.)
+    lesion-sized hole in pixels.)
     A sample whose region covers every token has nothing to interpolate from: its tokens become the mean token of the
     batch's kept tokens (or zeros when nothing is kept anywhere).
     """
