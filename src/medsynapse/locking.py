@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -41,6 +41,24 @@ def exclusive_output(folder: str | Path, command: str) -> Iterator[Path]:
         yield folder
     finally:
         lock.release()
+
+
+def hold_for_launch(stack: ExitStack, folder: str | Path, command: str, is_main_process: bool,
+                    num_processes: int) -> None:
+    """One lock per launch: rank 0 takes the folder's lock onto `stack` (released when the stack closes); when it is
+    refused, every rank raises FolderInUseError (the refusal is broadcast, so no rank waits in a collective)."""
+    refusal = [None]
+    if is_main_process:
+        try:
+            stack.enter_context(exclusive_output(folder, command))
+        except FolderInUseError as err:
+            refusal = [str(err)]
+    if num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise FolderInUseError(refusal[0])
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -36,7 +36,7 @@ from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
 from medsynapse.eval.efficiency import PeakRSS, rss_mb
 from medsynapse.eval.report import write_json
-from medsynapse.locking import FolderInUseError, exclusive_output, write_text_atomic
+from medsynapse.locking import hold_for_launch, write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
 from medsynapse.objectives.answers import check_answer_format, extract, is_correct
@@ -280,7 +280,6 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
                         on_batch: Callable[[str, int], None] | None = None) -> dict[str, dict]:
     """Run every benchmark (resuming), write metrics and the summary; returns metrics per benchmark."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
     # one process, or torchrun / accelerate launch; cpu=True is what makes accelerate see a gloo run on CPU
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -289,16 +288,7 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
     check_inputs(model_path, benchmarks, settings.source_options)  # before the output folder is created
     check_answer_format(settings.answer_format)
     with ExitStack() as stack:
-        refusal = [None]
-        if state.is_main_process:  # one lock per launch: rank 0 holds it for every rank
-            try:
-                stack.enter_context(exclusive_output(output, "evaluation"))
-            except FolderInUseError as err:
-                refusal = [str(err)]
-        if state.num_processes > 1:
-            broadcast_object_list(refusal)
-        if refusal[0]:
-            raise FolderInUseError(refusal[0])
+        hold_for_launch(stack, output, "evaluation", state.is_main_process, state.num_processes)
         return _evaluate_locked(state, model_path, benchmarks, data_root, output, settings, on_batch)
 
 

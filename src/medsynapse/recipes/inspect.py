@@ -7,6 +7,7 @@ from the published Qwen3-VL config.json files (qwen3vl-recipes.md §3).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from medsynapse.model.memory import (
     SamplerConfig,
     count_parameters,
 )
+from medsynapse.runconfig import ModelSection
 
 PRESETS = {
     "qwen3-vl-8b": dict(
@@ -48,19 +50,9 @@ ENCODER_PARAMS = {"sam3": 840_000_000, "sam3-vision": 454_000_000, "sam-vit-b": 
 
 
 @dataclass
-class RealSizeConfig:
-    vlm: str = ""
-    architecture: str = "qwen3-vl-8b"
-    encoder: str = ""
-    encoder_kind: str = "sam3-vision"
-    prior_dim: int = 1024
-    n_memory: int = 16
-    sampler_width: int = 1024
-    sampler_layers: int = 2
-    sampler_heads: int = 8
-    lora_r: int = 64
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    autonomous_mlp_hidden: int = 0
+class RealSizeConfig(ModelSection):
+    """A run file's `model` section (runconfig.ModelSection) plus what only the estimate needs."""
+
     weight_bytes: int = 2  # bf16 frozen weights
     stage1: dict = field(default_factory=dict)
     stage2: dict = field(default_factory=dict)
@@ -69,12 +61,8 @@ class RealSizeConfig:
 
 def from_run(run) -> RealSizeConfig:
     """The real-size report's settings from a run config (runconfig.RunConfig): its model section and stages."""
-    m = run.model
-    return RealSizeConfig(vlm=m.vlm, architecture=m.architecture, encoder=m.encoder, encoder_kind=m.encoder_kind,
-                          prior_dim=m.prior_dim, n_memory=m.n_memory, sampler_width=m.sampler_width,
-                          sampler_layers=m.sampler_layers, sampler_heads=m.sampler_heads, lora_r=m.lora_r,
-                          lora_targets=list(m.lora_targets), autonomous_mlp_hidden=m.autonomous_mlp_hidden,
-                          stage1=dict(run.stage1), stage2=dict(run.stage2), stage3=dict(run.stage3))
+    return RealSizeConfig(**dataclasses.asdict(run.model), stage1=dict(run.stage1), stage2=dict(run.stage2),
+                          stage3=dict(run.stage3))
 
 
 def build_meta_vlm(config: RealSizeConfig) -> Qwen3VLForConditionalGeneration:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from medsynapse.locking import FolderInUseError, exclusive_output, fsync_tree
+from medsynapse.locking import fsync_tree, hold_for_launch
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
@@ -69,18 +69,7 @@ def make_accelerator(output_dir: str | Path) -> Accelerator:
     check_supported(accelerator.distributed_type)
     stack = _RUN_LOCKS.get()
     if stack is not None:
-        refusal = [None]
-        if accelerator.is_main_process:  # one lock per launch: rank 0 holds it for every rank
-            try:
-                stack.enter_context(exclusive_output(output_dir, "training run"))
-            except FolderInUseError as err:
-                refusal = [str(err)]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(refusal)
-        if refusal[0]:
-            raise FolderInUseError(refusal[0])
+        hold_for_launch(stack, output_dir, "training run", accelerator.is_main_process, accelerator.num_processes)
     return accelerator
 
 
