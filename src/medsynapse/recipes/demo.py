@@ -3,10 +3,12 @@
 Shared by every seed (cached, keyed by the settings that shape them): data -> tiny Qwen3-VL (built offline) ->
 base-VLM preparation -> prior encoder (trained on masks, frozen).
 Per training seed (always re-run): Stage I -> Stage II -> Stage III; the no-memory controls (SFT, GRPO-only) on the
-same questions and budgets; optional Stage II reward ablations from the same Stage I; evaluation of every row on the
+same questions and budgets; optional ablations (Stage II rewards from the same Stage I, the JSD-only student from the
+same Stage II); evaluation of every row on the
 held-out lesion questions (Stage I/II rows also with the counterfactual memory M'); the memory-reliance report, leak
 and readability probes; latency and memory of base vs teacher vs encoder-free student.
 Several seeds: one folder per seed (a finished seed is reused) and a summary with mean ± sd and 95 % intervals.
+OUTPUT/run.yaml: the same Stage I-III settings as a run file (runconfig.py) naming the cached folders.
 """
 
 from __future__ import annotations
