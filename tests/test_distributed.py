@@ -101,7 +101,7 @@ def test_trainer_plumbing_steps_the_schedule_once_per_optimizer_step(tmp_path):
     the schedule, as on 1 process."""
     args = ["7", "0.3", "3"]  # 7 steps, 3 of warm-up, checkpoint after 3 then resume into fresh objects
     one = _probe(args, tmp_path / "one", mode="plumbing")
-    two = _probe(args, tmp_path / "two", processes=2, port=29539, mode="plumbing")
+    two = _probe(args, tmp_path / "two", processes=2, port=29571, mode="plumbing")
     _check_learning_rates(one, two, 1e-3, 7, 0.3)
 
 
