@@ -24,6 +24,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from medsynapse.eval.report import write_json
+from medsynapse.recipes.trainer import RESUMABLE_SETTINGS
 from medsynapse.runconfig import RunConfig, resolve
 
 STEPS = ("cache", "stage1", "stage2", "stage3", "eval")
@@ -44,7 +45,7 @@ def _settings(run: RunConfig, step: str) -> dict:
     """What a step's result depends on (compared with the manifest before the step is skipped)."""
     if step in ("stage1", "stage2", "stage3"):
         settings = dataclasses.asdict(resolve(run, step))
-        for key in ("resume", "save_every", "log_every", "prior_cache"):  # how, not what, is trained
+        for key in RESUMABLE_SETTINGS:  # how, not what, is trained (the checkpoints' own rule)
             settings.pop(key, None)
         return settings
     if step == "cache":
@@ -104,9 +105,9 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
 
 
 def _step_folders(run: RunConfig, step: str) -> list[Path]:
-    out = Path(run.output)
-    return {"stage1": [out / "stage1"], "stage2": [out / "stage2"], "stage3": [out / "stage3_student"],
-            "eval": [out / "eval"]}.get(step, [])
+    if step in ("stage1", "stage2", "stage3"):
+        return [Path(resolve(run, step).output_dir)]
+    return [Path(run.output) / "eval"] if step == "eval" else []
 
 
 def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | None) -> None:
