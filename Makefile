@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/medsynapse demo --output runs/demo
+	$(BIN)/medsynapse demo --config configs/synthmed.yaml
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -32,8 +32,12 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     run = read_run_config(out / "run.yaml")
     stage1, stage2 = resolve(run, "stage1"), resolve(run, "stage2")
     assert Path(stage1.vlm).is_dir() and Path(stage1.encoder).is_dir() and Path(stage1.train_file).is_file()
-    assert stage1.max_steps == 3 and stage1.n_memory == results["config"]["stage1"]["n_memory"]
-    assert stage2.causal_form == results["config"]["stage2"]["causal_form"] and stage2.model == stage1.output_dir
+    assert stage1.max_steps == 3 and stage1.n_memory == results["config"]["run"]["model"]["n_memory"]
+    assert stage2.causal_form == results["config"]["run"]["stage2"]["causal_form"]
+    assert stage2.model == stage1.output_dir
+    # Stages I-III ran through the pipeline (its manifest in the output folder)
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert list(manifest["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3"]
     for name in ("stage3_teacher", "stage3_student", "sft", "grpo_only"):
         assert 0.0 <= results["stages"][name]["accuracy"] <= 1.0
         assert set(results["stages"][name]["by_question_type"]) <= {"presence", "count", "location", "size",
@@ -68,6 +72,16 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     for weights in ("stage1/sampler.safetensors", "stage2/adapter/adapter_model.safetensors",
                     "stage3_student/autonomous.safetensors"):
         assert (again_out / weights).read_bytes() == (out / weights).read_bytes(), weights
+    # the same settings into the same folder keep the finished stages (the pipeline's rule); a changed Stage III
+    # setting redoes Stage III only
+    stamps = {s: (out / s / "medsynapse.json").stat().st_mtime_ns for s in ("stage1", "stage2", "stage3_student")}
+    capsys.readouterr()
+    assert main([*args, "stage3.lr=0.002"]) == 0
+    assert "stage1 already finished, kept" in capsys.readouterr().out
+    assert {s: (out / s / "medsynapse.json").stat().st_mtime_ns for s in stamps} | {"stage3_student": 0} == \
+        stamps | {"stage3_student": 0}
+    assert (out / "stage3_student" / "medsynapse.json").stat().st_mtime_ns != stamps["stage3_student"]
+    assert json.loads((out / "pipeline.json").read_text())["steps"]["stage3"]["settings"]["lr"] == 0.002
 
 
 def without_timing(results: dict) -> dict:
@@ -122,3 +136,32 @@ def test_demo_over_seeds_summarises_and_reuses_finished_seeds(tmp_path, capsys):
     assert main(args) == 0
     assert (out / "seed_0" / "results.json").stat().st_mtime_ns == stamp
     assert "already finished" in capsys.readouterr().out
+
+
+def test_the_shipped_synthmed_run_file_is_the_demos_and_is_checked(tmp_path, capsys):
+    from medsynapse.config import ConfigError
+    from medsynapse.demo import demo_settings
+    from medsynapse.runconfig import read_run_config, resolve
+
+    root = Path(__file__).resolve().parents[1]
+    run = read_run_config(root / "configs" / "synthmed.yaml")
+    settings = demo_settings(run)
+    assert settings.train_images == 1000 and settings.controls and not settings.ablations
+    stage2 = resolve(run, "stage2")
+    assert (stage2.causal_form, stage2.intervention, stage2.lora_r) == ("centred", "reference", 16)
+    assert resolve(run, "stage3").model == str(Path(run.output) / "stage2")
+    assert main(["config", "show", str(root / "configs" / "synthmed.yaml"), "--set", "synthmed.seeds=[0,1]"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["synthmed"]["seeds"] == [0, 1] and shown["synthmed"]["efficiency_samples"] == 60  # defaults too
+    filled = read_run_config(root / "configs" / "synthmed.yaml", ["model.vlm=/models/x"])
+    try:
+        demo_settings(filled)
+        raise AssertionError("a filled model.vlm was accepted")
+    except ConfigError as error:
+        assert "model.vlm" in str(error) and "leave it empty" in str(error)
+    unknown = read_run_config(root / "configs" / "synthmed.yaml", ["synthmed.train_imgs=3"])
+    try:
+        demo_settings(unknown)
+        raise AssertionError("an unknown synthmed key was accepted")
+    except ConfigError as error:
+        assert "synthmed" in str(error) and "train_imgs" in str(error)

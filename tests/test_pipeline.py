@@ -60,7 +60,7 @@ def data_root(tmp_path_factory):
 def test_a_killed_pipeline_resumes_to_the_same_weights_and_scores(tiny_env, tmp_path, data_root, monkeypatch):
     straight = read_run_config(_run_file(tiny_env, tmp_path, "straight", data_root))
     manifest = run_pipeline(straight)
-    assert list(manifest["steps"]) == ["cache", "stage1", "stage2", "stage3", "eval"]
+    assert list(manifest["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3", "eval"]
     assert (tmp_path / "straight" / "eval" / "summary.csv").is_file()
     assert manifest["data_sha256"][str(tiny_env.train_file)]
 
@@ -69,7 +69,8 @@ def test_a_killed_pipeline_resumes_to_the_same_weights_and_scores(tiny_env, tmp_
         run_pipeline(killed, on_step=_kill_at("stage2", 2))  # inside a stage, after a checkpoint
     with pytest.raises(Interrupted):
         run_pipeline(killed, on_step=_kill_at("stage3", 1))
-    assert list(run_pipeline(killed, until="stage3")["steps"]) == ["cache", "stage1", "stage2", "stage3"]  # between
+    between = run_pipeline(killed, until="stage3")  # killed between stages
+    assert list(between["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3"]
     run_pipeline(killed)
     weights_a, scores_a = _outcome(tmp_path / "straight")
     weights_b, scores_b = _outcome(tmp_path / "killed")
@@ -97,3 +98,75 @@ def test_from_reruns_a_step_and_the_later_ones_and_bad_steps_are_refused(tiny_en
     assert manifest["steps"]["stage1"]["settings"]["lr"] == 0.002
     with pytest.raises(ValueError, match="--until 'stage4'"):
         run_pipeline(run, until="stage4")
+
+
+def _corpora_run(tmp_path, data_root, name: str, **data) -> str:
+    run = {"output": str(tmp_path / name), "model": {"vlm": "/nowhere/vlm", "encoder": "/nowhere/encoder"},
+           "data": {"data_root": str(data_root), **data}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+def test_the_convert_step_writes_the_training_files_from_corpora_by_name(tmp_path, data_root):
+    from medsynapse.data.schema import read_samples
+    from medsynapse.data.sources import load_source
+
+    everything = load_source("omnimedvqa", data_root, tmp_path / "img").samples
+    assert len(everything) >= 3
+    path = _corpora_run(tmp_path, data_root, "corpora",
+                        stage1_corpora=[{"name": "pubmedvision"}],
+                        stage2_corpora=[{"name": "omnimedvqa", "size": 2}, {"name": "slake-open-train"}])
+    run = read_run_config(path)
+    manifest = run_pipeline(run, until="cache")  # no encoder needed: no prior_cache, so `cache` has nothing to do
+    assert list(manifest["steps"]) == ["convert", "cache"]
+    stage1, stage2 = tmp_path / "corpora" / "data" / "stage1.jsonl", tmp_path / "corpora" / "data" / "stage2.jsonl"
+    from medsynapse.runconfig import resolve
+
+    assert resolve(run, "stage1").train_file == str(stage1) and resolve(run, "stage2").train_file == str(stage2)
+    assert resolve(run, "stage3").train_file == str(stage2)
+    pubmed = load_source("pubmedvision", data_root, tmp_path / "img").samples
+    assert [s.id for s in read_samples(stage1)] == [s.id for s in pubmed]
+    slake = load_source("slake", data_root, tmp_path / "img", split="train", answer_type="OPEN").samples
+    written = [s.id for s in read_samples(stage2)]
+    omni_ids = [s.id for s in everything]
+    # a seeded subset of 2 OmniMedVQA questions in their original order, then every SLAKE open training question
+    assert len(written) == 2 + len(slake) and written[2:] == [s.id for s in slake]
+    assert written[:2] == sorted(written[:2], key=omni_ids.index) and set(written[:2]) <= set(omni_ids)
+    report = manifest["steps"]["convert"]["report"]["stage2"]["corpora"]
+    assert [(c["name"], c["read"], c["kept"]) for c in report] == [("omnimedvqa", len(everything), 2),
+                                                                  ("slake-open-train", len(slake), len(slake))]
+    assert manifest["data_sha256"][str(stage2)] is not None
+    # the same seed gives the same subset; another seed (a changed step) is refused unless redone with --from
+    again = read_run_config(_corpora_run(tmp_path, data_root, "corpora_again",
+                                         stage2_corpora=[{"name": "omnimedvqa", "size": 2}]))
+    run_pipeline(again, until="convert")
+    assert [s.id for s in read_samples(tmp_path / "corpora_again" / "data" / "stage2.jsonl")] == written[:2]
+    with pytest.raises(ValueError, match=r"step 'convert' finished with other settings"):
+        run_pipeline(read_run_config(path, ["data.subset_seed=1"]), until="convert")
+
+
+def test_bad_corpora_are_refused_with_the_key_or_the_record_named(tmp_path, data_root):
+    from medsynapse.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.stage1_corpora\[0\]\.name 'pubmed': unknown corpus"):
+        read_run_config(_corpora_run(tmp_path, data_root, "typo", stage1_corpora=[{"name": "pubmed"}]))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['sise'\]"):
+        read_run_config(_corpora_run(tmp_path, data_root, "key", stage1_corpora=[{"name": "slake", "sise": 3}]))
+    twice = read_run_config(_corpora_run(tmp_path, data_root, "twice",
+                                         stage1_corpora=[{"name": "slake-open-train"}, {"name": "slake-open-train"}]))
+    with pytest.raises(ValueError, match=r"sample id '.+' \(field 'id'\) is also in corpus 'slake-open-train'"):
+        run_pipeline(twice, until="convert")
+    assert not (tmp_path / "twice" / "data" / "stage1.jsonl").exists()  # nothing half-written
+
+
+def test_subset_is_seeded_ordered_and_complete_when_asked_for_everything():
+    from medsynapse.data.corpora import subset
+    from medsynapse.data.schema import Sample
+
+    samples = [Sample(id=str(i), images=[], question="q", answer="a", answer_type="open") for i in range(50)]
+    picked = subset(samples, 10, seed=3)
+    ids = [int(s.id) for s in picked]
+    assert len(set(ids)) == 10 and ids == sorted(ids) and picked == subset(samples, 10, seed=3)
+    assert picked != subset(samples, 10, seed=4)
+    assert subset(samples, 0, 1) == samples and subset(samples, 80, 1) == samples

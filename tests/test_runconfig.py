@@ -39,7 +39,11 @@ def test_paper_configs_hold_the_values_the_paper_states(name):
     assert (s3.beta, s3.lr, s3.epochs, s3.max_steps, s3.memory_alignment) == (0.5, 1e-4, 3.0, 0, 0.0)
     # the folders chain, and Stages II-III read the RL data
     assert s2.model == s1.output_dir and s3.model == s2.output_dir
-    assert s2.train_file == s3.train_file == run.data.stage2_file != s1.train_file
+    assert s2.train_file == s3.train_file != s1.train_file
+    # the paper's data: 50K PubMedVision pairs (Stage I); 3K OmniMedVQA + 1K SLAKE/PathVQA open (Stages II-III)
+    assert [(c.name, c.size) for c in run.data.stage1_corpora] == [("pubmedvision", 50000)]
+    corpora = {c.name: c.size for c in run.data.stage2_corpora}
+    assert corpora["omnimedvqa"] == 3000 and corpora["slake-open-train"] + corpora["pathvqa-open-train"] == 1000
     assert run.eval.benchmarks == ["vqa-rad", "slake", "pathvqa", "pmc-vqa", "mmmu-med", "medxpertqa-mm",
                                    "gmai-mmbench"]
 

@@ -22,18 +22,26 @@ def _quiet() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medsynapse.config import apply_overrides, from_dict, to_dict
+    from medsynapse.config import ConfigError
+    from medsynapse.demo import run_demo
     from medsynapse.eval.report import efficiency_table, stage_table
-    from medsynapse.recipes.demo import DemoConfig, run_demo
+    from medsynapse.runconfig import SECTIONS, read_run_config
 
-    defaults = to_dict(DemoConfig())
-    defaults.update({"output": args.output, **({"cache_dir": args.cache_dir} if args.cache_dir else {})})
+    if not Path(args.config).is_file():
+        raise ConfigError(f"{args.config}: config file not found (run from the repository root, or pass --config "
+                          "with a copy of configs/synthmed.yaml)")
+    overrides = [f"output={args.output}"] if args.output else []
+    if args.cache_dir:
+        overrides.append(f"synthmed.cache_dir={args.cache_dir}")
     if args.seeds:
-        defaults["seeds"] = [int(s) for s in args.seeds.split(",")]
+        overrides.append(f"synthmed.seeds=[{args.seeds}]")
     if args.ablations:
-        defaults["ablations"] = True
-    data = apply_overrides(defaults, args.set or [])
-    results = run_demo(from_dict(DemoConfig, data, "demo"))
+        overrides.append("synthmed.ablations=true")
+    for item in args.set or []:  # a key outside the run file's sections is a SynthMed setting (train_images=12)
+        overrides.append(item if item.split(".", 1)[0].split("=", 1)[0] in SECTIONS else f"synthmed.{item}")
+    run = read_run_config(args.config, overrides)
+    results = run_demo(run)
+    args.output = run.output
     if "seeds" in results:
         print(f"\nseeds {results['seeds']}: {args.output}/summary.json, summary.md, accuracy.png (per seed: seed_K/)")
         return 0
@@ -83,10 +91,17 @@ def _is_run_file(path: str) -> bool:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
 
     from medsynapse.runconfig import read_run_config, show
 
-    print(json.dumps(show(read_run_config(args.file, args.set)), indent=2))
+    run = read_run_config(args.file, args.set)
+    resolved = show(run)
+    if run.synthmed:  # the demo's SynthMed settings, its defaults included
+        from medsynapse.demo import demo_settings
+
+        resolved["synthmed"] = asdict(demo_settings(run))
+    print(json.dumps(resolved, indent=2))
     return 0
 
 
@@ -94,7 +109,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from medsynapse.pipeline import run_pipeline
     from medsynapse.runconfig import read_run_config
 
-    manifest = run_pipeline(read_run_config(args.config, args.set), start=args.start, until=args.until)
+    run = read_run_config(args.config, args.set)
+    if run.synthmed:  # configs/synthmed.yaml: the same stages, with the demo's SynthMed steps around them
+        if args.start or args.until:
+            raise ValueError(f"{args.config}: a SynthMed run (with a `synthmed` section) runs whole, as `medsynapse "
+                             "demo --config` does; --from/--until apply to a run file without it")
+        from medsynapse.demo import run_demo
+
+        run_demo(run)
+        print(f"pipeline: SynthMed demo finished; results in {run.output}")
+        return 0
+    manifest = run_pipeline(run, start=args.start, until=args.until)
     print(f"pipeline: {', '.join(manifest['steps'])} finished; manifest in {manifest['config']}'s output folder")
     return 0
 
@@ -233,14 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common],
                              help="run the whole pipeline on the embedded SynthMed task")
-    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--config", default="configs/synthmed.yaml",
+                      help="the demo's run file (default configs/synthmed.yaml, relative to the current folder)")
+    demo.add_argument("--output", default=None, help="default: the run file's `output` (runs/demo)")
     demo.add_argument("--cache-dir", default=None, help="where data and tiny models are cached")
     demo.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2: one run per seed "
                       "(data, base VLM and encoder shared) and a summary with mean ± sd and 95 %% intervals")
     demo.add_argument("--ablations", action="store_true",
                       help="also train the ablations: Stage II with lambda_causal 0, the paper's exact Eq. 5 and the "
                            "ranked reward; Stage III with the paper's JSD only")
-    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override demo settings, e.g. stage1.max_steps=50")
+    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                      help="override run-file keys, e.g. stage1.max_steps=50; a key outside the run file's sections "
+                           "is a SynthMed setting (train_images=200 = synthmed.train_images=200)")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", parents=[common],
@@ -318,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     pipeline = sub.add_parser("pipeline", parents=[common],
-                              help="cache -> Stage I -> II -> III -> eval -> summary from one run file, resumable")
+                              help="convert -> cache -> Stage I -> II -> III -> eval -> summary from one run file, "
+                                   "resumable")
     pipeline.add_argument("--config", required=True, help="a run file (configs/medsynapse-v-8b.yaml)")
-    pipeline.add_argument("--from", dest="start", default=None, help="rerun from this step: cache, stage1, stage2, "
-                          "stage3 or eval (that step and every later one are redone)")
+    pipeline.add_argument("--from", dest="start", default=None, help="rerun from this step: convert, cache, stage1, "
+                          "stage2, stage3 or eval (that step and every later one are redone)")
     pipeline.add_argument("--until", default=None, help="stop after this step")
     pipeline.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     pipeline.set_defaults(func=cmd_pipeline)

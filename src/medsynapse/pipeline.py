@@ -1,6 +1,8 @@
 """`medsynapse pipeline --config RUN.yaml`: from the run file's training files to a Table-1 summary, resumable.
 
 Plan, one step at a time, each recorded in `OUTPUT/pipeline.json` (atomically, after every step):
+0. `convert`: the corpora named in `data.stage1_corpora` / `data.stage2_corpora` into the stages' training files
+   (data/corpora.py; nothing to do when the run names its files), with a per-corpus report in the manifest;
 1. `cache`: the prior encoder's features of every training image into `data.prior_cache` (skipped when unset);
 2. `stage1`, `stage2`, `stage3`: the recipes on their resolved configs (runconfig.py), always with `resume: true`,
    so a run killed inside a stage continues from that stage's newest checkpoint, bit-identically;
@@ -24,10 +26,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 from medsynapse.eval.report import write_json
-from medsynapse.recipes.trainer import RESUMABLE_SETTINGS
-from medsynapse.runconfig import RunConfig, resolve
+from medsynapse.recipes.trainer import RESUMABLE_SETTINGS, latest_checkpoint, run_settings
+from medsynapse.runconfig import RunConfig, resolve, stage1_file, stage2_file
 
-STEPS = ("cache", "stage1", "stage2", "stage3", "eval")
+STEPS = ("convert", "cache", "stage1", "stage2", "stage3", "eval")
 MANIFEST = "pipeline.json"
 
 
@@ -48,10 +50,18 @@ def _settings(run: RunConfig, step: str) -> dict:
         for key in RESUMABLE_SETTINGS:  # how, not what, is trained (the checkpoints' own rule)
             settings.pop(key, None)
         return settings
+    if step == "convert":
+        d = run.data
+        return {"data_root": d.data_root, "subset_seed": d.subset_seed, "skip_bad": d.skip_bad,
+                "stage1": [dataclasses.asdict(c) for c in d.stage1_corpora],
+                "stage2": [dataclasses.asdict(c) for c in d.stage2_corpora], "files": _training_files(run)}
     if step == "cache":
-        return {"encoder": run.model.encoder, "files": [run.data.stage1_file, run.data.stage2_file],
-                "prior_cache": run.data.prior_cache}
+        return {"encoder": run.model.encoder, "files": _training_files(run), "prior_cache": run.data.prior_cache}
     return {**dataclasses.asdict(run.eval), "models": _eval_rows(run)}
+
+
+def _training_files(run: RunConfig) -> list[str]:
+    return list(dict.fromkeys(f for f in (stage1_file(run), stage2_file(run)) if f))
 
 
 def _eval_rows(run: RunConfig) -> dict[str, str]:
@@ -64,12 +74,16 @@ def _read_manifest(path: Path) -> dict:
 
 
 def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = None,
-                 on_step: Callable[[str, int], None] | None = None) -> dict:
+                 on_step: Callable[[str, int], None] | None = None, on_changed: str = "refuse") -> dict:
     """Run the plan (module docstring); returns the manifest. `on_step(step, n)` is called after each training step
-    of each stage (progress; tests use it to simulate a kill)."""
+    of each stage (progress; tests use it to simulate a kill). `on_changed`: what a step whose earlier result (a
+    finished record, or a stage's checkpoints) has other settings does: `refuse` (ValueError naming the keys) or
+    `redo` (that step and every later one start again; the demo's choice, whose settings are its config's)."""
     for name, value in (("--from", start), ("--until", until)):
         if value is not None and value not in STEPS:
             raise ValueError(f"{name} {value!r}: expected one of {STEPS}")
+    if on_changed not in ("refuse", "redo"):
+        raise ValueError(f"on_changed {on_changed!r}: expected 'refuse' or 'redo'")
     steps = list(STEPS[STEPS.index(start) if start else 0: STEPS.index(until) + 1 if until else len(STEPS)])
     for stage in ("stage1", "stage2", "stage3"):
         resolve(run, stage)  # every stage's settings checked before anything runs
@@ -77,31 +91,57 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
     output.mkdir(parents=True, exist_ok=True)
     path = output / MANIFEST
     manifest = _read_manifest(path)
-    manifest.update(config=run.source, versions={p: version(p) for p in ("medsynapse", "torch", "transformers")},
-                    data_sha256={f: _sha256(f) for f in {run.data.stage1_file, run.data.stage2_file} if f})
+    manifest.update(config=run.source, versions={p: version(p) for p in ("medsynapse", "torch", "transformers")})
     if start is not None:  # rerun this step and every later one from scratch
-        for step in STEPS[STEPS.index(start):]:
-            manifest["steps"].pop(step, None)
-            for folder in _step_folders(run, step):
-                shutil.rmtree(folder, ignore_errors=True)
+        _forget_from(run, manifest, start)
     for step in steps:
         settings = json.loads(json.dumps(_settings(run, step), default=str))
         done = manifest["steps"].get(step)
-        if done is not None:
-            if done["settings"] != settings:
-                changed = sorted(k for k in set(done["settings"]) | set(settings)
-                                 if done["settings"].get(k) != settings.get(k))
+        if done is not None and done["settings"] != settings:
+            changed = sorted(k for k in set(done["settings"]) | set(settings)
+                             if done["settings"].get(k) != settings.get(k))
+            if on_changed == "refuse":
                 raise ValueError(f"{output}: step {step!r} finished with other settings ({', '.join(changed)} "
                                  f"differ); use another output or --from {step}")
+            print(f"pipeline: {step} finished with other settings ({', '.join(changed)}); redoing it and later steps")
+            _forget_from(run, manifest, step)
+            done = None
+        if done is not None:
             print(f"pipeline: {step} already finished, kept")
             continue
+        if on_changed == "redo" and _stale_checkpoints(run, step):
+            print(f"pipeline: {step}'s checkpoints are of other settings; starting it again")
+            _forget_from(run, manifest, step)
         print(f"pipeline: {step} ...", flush=True)
         began = time.perf_counter()
-        _run_step(run, step, on_step)
-        manifest["steps"][step] = {"settings": settings, "seconds": round(time.perf_counter() - began, 2)}
+        report = _run_step(run, step, on_step)
+        manifest["steps"][step] = {"settings": settings, "seconds": round(time.perf_counter() - began, 2),
+                                   **({"report": report} if report else {})}
+        manifest["data_sha256"] = {f: _sha256(f) for f in _training_files(run)}
         write_json(path, manifest)
+    manifest["data_sha256"] = {f: _sha256(f) for f in _training_files(run)}
     write_json(path, manifest)
     return manifest
+
+
+def _forget_from(run: RunConfig, manifest: dict, step: str) -> None:
+    """Drop `step` and every later step: their records and their folders."""
+    for later in STEPS[STEPS.index(step):]:
+        manifest["steps"].pop(later, None)
+        for folder in _step_folders(run, later):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stale_checkpoints(run: RunConfig, step: str) -> bool:
+    """Whether a stage's folder holds a checkpoint written with other settings (its resume would be refused)."""
+    if step not in ("stage1", "stage2", "stage3"):
+        return False
+    config = resolve(run, step)
+    checkpoint = latest_checkpoint(config.output_dir)
+    if checkpoint is None:
+        return False
+    recorded = json.loads((checkpoint / "state.json").read_text()).get("settings")
+    return recorded is not None and recorded != run_settings(config)
 
 
 def _step_folders(run: RunConfig, step: str) -> list[Path]:
@@ -110,15 +150,25 @@ def _step_folders(run: RunConfig, step: str) -> list[Path]:
     return [Path(run.output) / "eval"] if step == "eval" else []
 
 
-def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | None) -> None:
+def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | None) -> dict | None:
+    """Run one step; returns what it reports for the manifest (the convert step's per-corpus counts)."""
     hook = (lambda n, s=step: on_step(s, n)) if on_step is not None else None
+    if step == "convert":
+        from medsynapse.data.corpora import write_training_file
+
+        d, report = run.data, {}
+        for name, specs, file in (("stage1", d.stage1_corpora, stage1_file(run)),
+                                  ("stage2", d.stage2_corpora, stage2_file(run))):
+            if specs:
+                report[name] = write_training_file(specs, d.data_root, file, d.subset_seed, d.skip_bad)
+        return report or None
     if step == "cache":
         if run.data.prior_cache:
             from medsynapse.recipes.priors import cache_features
 
-            for file in dict.fromkeys(f for f in (run.data.stage1_file, run.data.stage2_file) if f):
+            for file in _training_files(run):
                 cache_features(run.model.encoder, file, run.data.prior_cache)
-        return
+        return None
     if step in ("stage1", "stage2", "stage3"):
         config = dataclasses.replace(resolve(run, step), resume=True)
         if step == "stage1":
@@ -128,7 +178,7 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
         else:
             from medsynapse.recipes.stage3_imt import train_stage3 as train
         train(config, on_step=hook)
-        return
+        return None
     from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
     from medsynapse.eval.summary import write_summary
 
@@ -139,3 +189,4 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
         folders[row] = Path(run.output) / "eval" / row
         evaluate_benchmarks(model, run.eval.benchmarks, run.eval.data_root, folders[row], settings)
     print(write_summary(Path(run.output) / "eval", runs=folders))
+    return None

@@ -7,6 +7,9 @@ Stage3Config) with the model and data values filled in under the recipe's names 
 sections fill in. A stage-only file (a flat Stage1Config, as before) is still read as such by `train`.
 
 `medsynapse config show FILE [--set key=value]` prints every stage's resolved settings, defaults included.
+A `synthmed` section (configs/synthmed.yaml) holds the demo's SynthMed-only settings: `medsynapse demo` builds the data,
+the tiny VLM and the encoder from it, fills in `model.vlm`, `model.encoder` and `data.stage1_file`, then runs the same
+pipeline.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from medsynapse.config import ConfigError, apply_overrides, from_dict, read_yaml
+from medsynapse.data.corpora import CorpusSpec, check_specs
 
 STAGES = ("stage1", "stage2", "stage3")
-SECTIONS = ("output", "model", "data", "eval", *STAGES)
+SECTIONS = ("output", "model", "data", "eval", *STAGES, "synthmed")
 
 
 @dataclass
@@ -44,6 +48,26 @@ class DataSection:
     stage1_file: str = ""  # Stage I's JSONL (paper: 50K PubMedVision image-text pairs)
     stage2_file: str = ""  # Stages II and III (paper: 3K OmniMedVQA + 1K SLAKE/PathVQA open); empty: stage1_file
     prior_cache: str = ""  # prior-feature cache folder shared by the stages
+    # Corpora by name (data/corpora.py): the pipeline's `convert` step writes them into the stage's file (when the
+    # file is empty: OUTPUT/data/stage1.jsonl, OUTPUT/data/stage2.jsonl), reading DATA_ROOT/<published folder>.
+    data_root: str = ""
+    stage1_corpora: list[CorpusSpec] = field(default_factory=list)
+    stage2_corpora: list[CorpusSpec] = field(default_factory=list)
+    subset_seed: int = 0  # the seed of every corpus's `size` subset
+    skip_bad: bool = False  # skip (and count) bad records instead of stopping at the first
+
+
+def stage1_file(run: RunConfig) -> str:
+    """Stage I's training file: `data.stage1_file`, or where the convert step writes `data.stage1_corpora`."""
+    d = run.data
+    return d.stage1_file or (str(Path(run.output) / "data" / "stage1.jsonl") if d.stage1_corpora else "")
+
+
+def stage2_file(run: RunConfig) -> str:
+    """Stages II-III's training file: `data.stage2_file` or the converted `stage2_corpora`; else Stage I's."""
+    d = run.data
+    return (d.stage2_file or (str(Path(run.output) / "data" / "stage2.jsonl") if d.stage2_corpora else "")
+            or stage1_file(run))
 
 
 @dataclass
@@ -66,6 +90,7 @@ class RunConfig:
     stage2: dict = field(default_factory=dict)
     stage3: dict = field(default_factory=dict)
     eval: EvalSection = field(default_factory=EvalSection)
+    synthmed: dict = field(default_factory=dict)  # the demo's SynthMed-only steps (demo.py, DemoConfig)
     source: str = "config"  # the file it was read from (error messages); not a YAML key
 
 
@@ -92,9 +117,14 @@ def run_config_from(data: dict, source: str = "config", overrides: list[str] | N
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
     run = from_dict(RunConfig, data, source)
-    for stage in STAGES:
+    for stage in (*STAGES, "synthmed"):
         if not isinstance(getattr(run, stage), dict):
             raise ConfigError(f"{source}.{stage}: expected a mapping")
+    for key in ("stage1_corpora", "stage2_corpora"):
+        try:
+            check_specs(getattr(run.data, key), f"data.{key}")
+        except ValueError as error:
+            raise ConfigError(f"{source}.{error}") from None
     run.source = source
     return run
 
@@ -102,9 +132,9 @@ def run_config_from(data: dict, source: str = "config", overrides: list[str] | N
 def _filled(run: RunConfig, stage: str) -> dict:
     """What the model and data sections give a stage, under the recipe's names."""
     m, d, out = run.model, run.data, Path(run.output)
-    rl_file = d.stage2_file or d.stage1_file
+    rl_file = stage2_file(run)
     if stage == "stage1":
-        return dict(vlm=m.vlm, encoder=m.encoder, train_file=d.stage1_file, output_dir=str(out / "stage1"),
+        return dict(vlm=m.vlm, encoder=m.encoder, train_file=stage1_file(run), output_dir=str(out / "stage1"),
                     n_memory=m.n_memory, sampler_width=m.sampler_width, sampler_layers=m.sampler_layers,
                     sampler_heads=m.sampler_heads, prior_cache=d.prior_cache)
     if stage == "stage2":
@@ -144,4 +174,6 @@ def show(run: RunConfig) -> dict:
            "eval": dataclasses.asdict(run.eval)}
     for stage in STAGES:
         out[stage] = dataclasses.asdict(resolve(run, stage))
+    if run.synthmed:
+        out["synthmed"] = dict(run.synthmed)  # `medsynapse config show` resolves it with the demo's defaults
     return out

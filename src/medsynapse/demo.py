@@ -1,8 +1,12 @@
-"""`medsynapse demo`: the whole pipeline on SynthMed, on a laptop CPU.
+"""`medsynapse demo --config configs/synthmed.yaml`: the whole pipeline on SynthMed, on a laptop CPU.
+
+The run file's `model`, `data` and `stage1-3` sections train Stages I-III through the same `pipeline` (pipeline.py)
+that a paper-scale run uses; its `synthmed` section (DemoConfig) drives the SynthMed-only steps around it.
 
 Shared by every seed (cached, keyed by the settings that shape them): data -> tiny Qwen3-VL (built offline) ->
 base-VLM preparation -> prior encoder (trained on masks, frozen).
-Per training seed (always re-run): Stage I -> Stage II -> Stage III; the no-memory controls (SFT, GRPO-only) on the
+Per training seed: Stage I -> Stage II -> Stage III (the pipeline: kept when finished with the same settings, resumed
+from its checkpoints when killed, redone when the settings changed); the no-memory controls (SFT, GRPO-only) on the
 same questions and budgets; optional ablations (Stage II rewards from the same Stage I, the JSD-only student from the
 same Stage II); evaluation of every row on the
 held-out lesion questions (Stage I/II rows also with the counterfactual memory M'); the memory-reliance report, leak
@@ -13,6 +17,7 @@ OUTPUT/run.yaml: the same Stage I-III settings as a run file (runconfig.py) nami
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from medsynapse.config import ConfigError, from_dict
 from medsynapse.data.schema import Sample, read_samples
 from medsynapse.data.synthmed import SYNTHMED_VERSION, corpus_lines, generate_split
 from medsynapse.eval.diagnostics import leak_probe, readability_probes, reliance_report
@@ -42,19 +48,21 @@ from medsynapse.eval.vqa import evaluate
 from medsynapse.locking import write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
+from medsynapse.pipeline import run_pipeline
 from medsynapse.recipes.prepare_base import BASE_VERSION, BasePrepConfig, prepare_base
 from medsynapse.recipes.sft import SFTConfig, train_sft
-from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
-from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
-from medsynapse.recipes.stage3_imt import Stage3Config, train_stage3
+from medsynapse.recipes.stage2_ccr import train_stage2
+from medsynapse.recipes.stage3_imt import train_stage3
 from medsynapse.recipes.train_encoder import EncoderTrainConfig, train_encoder
+from medsynapse.runconfig import RunConfig, resolve
 
 ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training changes
 
 
 @dataclass
 class DemoConfig:
-    output: str = "runs/demo"
+    """The run file's `synthmed` section: everything but Stages I-III, whose settings are the run file's own."""
+
     cache_dir: str = ""  # default: $MEDSYNAPSE_CACHE or ~/.cache/medsynapse
     seed: int = 0  # training seed of every stage and control (initialisation, data order, rollouts)
     seeds: list[int] = field(default_factory=list)  # several: one pipeline per seed under OUTPUT/seed_K + summary
@@ -67,17 +75,6 @@ class DemoConfig:
     base_vision_steps: int = 600  # vision pre-training of the tiny tower (lesion-coverage head), recipes/prepare_base
     base_grounding_weight: float = 1.0  # that head's loss kept as an auxiliary term while the language is trained
     encoder_steps: int = 250
-    stage1: dict = field(default_factory=lambda: {
-        "lr": 1e-3, "max_steps": 500, "batch_size": 32, "n_memory": 16, "sampler_width": 128, "save_every": 100,
-        "warmup_ratio": 0.05, "answer_types": ["yes_no", "multiple_choice", "open"], "loss_reduction": "sample"})
-    stage2: dict = field(default_factory=lambda: {
-        "lr": 3e-4, "max_steps": 250, "batch_size": 16, "group_size": 4, "lora_r": 16, "lora_alpha": 32,
-        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "causal_form": "centred", "intervention": "reference",
-        "families": ["lesion"], "answer_types": ["yes_no", "multiple_choice", "open"], "save_every": 100})
-    stage3: dict = field(default_factory=lambda: {
-        "lr": 3e-3, "max_steps": 500, "batch_size": 32, "max_new_tokens": 6, "families": ["lesion"],
-        "pooling": "attention", "memory_alignment": 1.0, "save_every": 100})
     # Controls without memory, trained on the same questions with the budget of the stage that shares their objective:
     # SFT = Stage I's data, steps and batch (LoRA instead of memory); GRPO-only = Stage II's (accuracy reward only).
     controls: bool = True
@@ -86,7 +83,7 @@ class DemoConfig:
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "warmup_ratio": 0.05, "answer_types": ["yes_no", "multiple_choice", "open"], "loss_reduction": "sample",
         "save_every": 100})
-    grpo_only: dict = field(default_factory=lambda: {"use_memory": False, "lambda_causal": 0.0})  # + stage2's
+    grpo_only: dict = field(default_factory=lambda: {"use_memory": False, "lambda_causal": 0.0})  # on stage2's
     # Stage II reward ablations (Stage I shared): each trains another Stage II from the same Stage I model.
     ablations: bool = False
     stage2_ablations: dict = field(default_factory=lambda: {
@@ -197,46 +194,61 @@ def _fresh(folder: Path) -> str:
     return str(folder)
 
 
-def run_seed(config: DemoConfig, shared: Shared, seed: int, out: Path) -> dict:
-    """One seed: Stage I -> II -> III, the controls and ablations, evaluation, diagnostics, efficiency, reports."""
+def demo_settings(run: RunConfig) -> DemoConfig:
+    """The run file's `synthmed` section as a DemoConfig (strict: an unknown key names `FILE.synthmed.key`)."""
+    for key, value in (("model.vlm", run.model.vlm), ("model.encoder", run.model.encoder),
+                       ("data.stage1_file", run.data.stage1_file), ("data.stage2_file", run.data.stage2_file)):
+        if value:
+            raise ConfigError(f"{run.source}.{key}: the demo builds and fills it in (SynthMed); leave it empty")
+    if run.data.stage1_corpora or run.data.stage2_corpora:
+        raise ConfigError(f"{run.source}.data: the demo trains on SynthMed; corpora by name are for `pipeline`")
+    return from_dict(DemoConfig, dict(run.synthmed), f"{run.source}.synthmed")
+
+
+def seed_run(run: RunConfig, shared: Shared, seed: int, out: Path) -> RunConfig:
+    """The run file with the SynthMed folders filled in, every stage at training seed `seed`, output `out`."""
+    model = dataclasses.replace(run.model, vlm=str(shared.vlm_base), encoder=str(shared.encoder))
+    return dataclasses.replace(
+        run, output=str(out), model=model, data=dataclasses.replace(run.data, stage1_file=shared.train_file),
+        **{stage: {**getattr(run, stage), "seed": seed} for stage in ("stage1", "stage2", "stage3")})
+
+
+def _variant(run: RunConfig, stage: str, output_dir: Path, **overrides):
+    """A stage's resolved config with other settings (a control or an ablation), trained into `output_dir`."""
+    config = resolve(run, stage)
+    return from_dict(type(config), {**asdict(config), **overrides, "output_dir": _fresh(output_dir)},
+                     f"{run.source}.synthmed ({stage} variant)")
+
+
+def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out: Path) -> dict:
+    """One seed: Stage I -> II -> III (the pipeline), the controls and ablations, evaluation, diagnostics,
+    efficiency, reports."""
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     timed = _timer(timing)
     out.mkdir(parents=True, exist_ok=True)
     train_file, test = shared.train_file, shared.test
-    stage2_settings = {**config.stage2}
-    intervention = stage2_settings.get("intervention", "zero")
+    run = seed_run(run, shared, seed, out)
+    intervention = resolve(run, "stage2").intervention
 
-    stage1_dir = out / "stage1"
-    timed("stage1", lambda: train_stage1(Stage1Config(vlm=str(shared.vlm_base), encoder=str(shared.encoder),
-                                                      train_file=train_file, output_dir=_fresh(stage1_dir),
-                                                      seed=seed, **config.stage1)))
-    stage2_dir = out / "stage2"
-    timed("stage2", lambda: train_stage2(Stage2Config(model=str(stage1_dir), train_file=train_file,
-                                                      output_dir=_fresh(stage2_dir), seed=seed, **stage2_settings)))
-    stage3_dir = out / "stage3_student"
-    timed("stage3", lambda: train_stage3(Stage3Config(model=str(stage2_dir), train_file=train_file,
-                                                      output_dir=_fresh(stage3_dir), seed=seed, **config.stage3)))
+    manifest = run_pipeline(run, until="stage3", on_changed="redo")
+    timing.update({step: manifest["steps"][step]["seconds"] for step in ("stage1", "stage2", "stage3")})
+    stage1_dir, stage2_dir, stage3_dir = (Path(resolve(run, s).output_dir) for s in ("stage1", "stage2", "stage3"))
     control_dirs: dict[str, Path] = {}
     if config.controls:
         control_dirs = {"sft": out / "sft", "grpo_only": out / "grpo_only"}
         timed("sft", lambda: train_sft(SFTConfig(model=str(shared.vlm_base), train_file=train_file,
                                                  output_dir=_fresh(control_dirs["sft"]), seed=seed, **config.sft)))
-        timed("grpo_only", lambda: train_stage2(Stage2Config(
-            model=str(shared.vlm_base), train_file=train_file, output_dir=_fresh(control_dirs["grpo_only"]),
-            seed=seed, **{**stage2_settings, **config.grpo_only})))
+        timed("grpo_only", lambda: train_stage2(_variant(run, "stage2", control_dirs["grpo_only"],
+                                                         model=str(shared.vlm_base), **config.grpo_only)))
     ablation_dirs: dict[str, Path] = {}
     if config.ablations:
         for name, overrides in config.stage2_ablations.items():
             ablation_dirs[name] = out / name
-            timed(name, lambda n=name, o=overrides: train_stage2(Stage2Config(
-                model=str(stage1_dir), train_file=train_file, output_dir=_fresh(ablation_dirs[n]), seed=seed,
-                **{**stage2_settings, **o})))
+            timed(name, lambda n=name, o=overrides: train_stage2(_variant(run, "stage2", ablation_dirs[n], **o)))
         for name, overrides in config.stage3_ablations.items():
             ablation_dirs[name] = out / name
-            timed(name, lambda n=name, o=overrides: train_stage3(Stage3Config(
-                model=str(stage2_dir), train_file=train_file, output_dir=_fresh(ablation_dirs[n]), seed=seed,
-                **{**config.stage3, **o})))
+            timed(name, lambda n=name, o=overrides: train_stage3(_variant(run, "stage3", ablation_dirs[n], **o)))
 
     evaluations: dict[str, dict] = {}
 
@@ -305,7 +317,7 @@ def run_seed(config: DemoConfig, shared: Shared, seed: int, out: Path) -> dict:
         "stage2_causal_reward": json.loads((stage2_dir / "causal_reward_summary.json").read_text()),
         "efficiency": efficiency,
         "timing_s": {**shared.timing, **timing, "total": round(time.perf_counter() - t0, 2)},
-        "config": asdict(config),
+        "config": _signature(run, config),
     }
     for name, result in evaluations.items():
         write_text_atomic(out / f"predictions_{name}.jsonl",
@@ -384,29 +396,32 @@ def seed_report(results: dict, config: DemoConfig) -> str:
     return "\n\n".join(parts)
 
 
-def run_demo(config: DemoConfig) -> dict:
+def run_demo(run: RunConfig) -> dict:
     """One seed into OUTPUT (the default), or several seeds into OUTPUT/seed_K plus a summary over seeds.
 
     Resumable over seeds: a seed whose results.json was written with the same settings is not run again.
     """
+    config = demo_settings(run)
+    for stage in ("stage1", "stage2", "stage3"):
+        resolve(run, stage)  # a bad stage setting fails before the shared steps run
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(config.output)
+    out = Path(run.output)
     out.mkdir(parents=True, exist_ok=True)
     shared = prepare_shared(config)
-    write_run_config(config, shared, out / "run.yaml")
+    write_run_config(seed_run(run, shared, config.seed, Path("runs/synthmed")), out / "run.yaml")
     if not config.seeds:
-        return run_seed(config, shared, config.seed, out)
+        return run_seed(config, run, shared, config.seed, out)
     per_seed = {}
     for seed in config.seeds:
         folder = out / f"seed_{seed}"
-        previous = _finished(folder, config)
+        previous = _finished(folder, run, config)
         if previous is not None:
             print(f"seed {seed}: already finished in {folder}, reusing its results")
             per_seed[seed] = previous
             continue
         print(f"seed {seed}: running ({len(per_seed)} of {len(config.seeds)} done)")
-        per_seed[seed] = run_seed(config, shared, seed, folder)
+        per_seed[seed] = run_seed(config, run, shared, seed, folder)
     summary = summarize_seeds(per_seed)
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", summary_report(summary))
@@ -416,27 +431,33 @@ def run_demo(config: DemoConfig) -> dict:
     return summary
 
 
-def write_run_config(config: DemoConfig, shared: Shared, path: Path) -> None:
-    """A run file (runconfig.py) with this demo's cached folders and its Stage I-III settings: `medsynapse train
-    stage1|stage2|stage3 --config OUTPUT/run.yaml` retrains the demo's stages by hand (the shipped configs can only
-    name the cache's content-keyed folders as placeholders)."""
-    stage1 = dict(config.stage1)
-    model = {"vlm": str(shared.vlm_base), "encoder": str(shared.encoder), "n_memory": stage1.pop("n_memory", 16),
-             "sampler_width": stage1.pop("sampler_width", 256)}
-    stage2 = dict(config.stage2)
-    model.update({k: stage2.pop(k) for k in ("lora_r", "lora_alpha", "lora_targets") if k in stage2})
-    run = {"output": "runs/synthmed", "model": model, "data": {"stage1_file": shared.train_file},
-           "stage1": stage1, "stage2": stage2, "stage3": dict(config.stage3)}
+def write_run_config(run: RunConfig, path: Path) -> None:
+    """The run file with this demo's cached folders filled in (and no `synthmed` section): `medsynapse train
+    stage1|stage2|stage3 --config OUTPUT/run.yaml` or `medsynapse pipeline --config OUTPUT/run.yaml` retrains the
+    demo's stages by hand (the shipped configs/synthmed.yaml cannot name the cache's content-keyed folders)."""
+    data = {"output": run.output, "model": asdict(run.model), "data": asdict(run.data),
+            **{stage: getattr(run, stage) for stage in ("stage1", "stage2", "stage3")}}
     header = ("# The demo's run on its SynthMed split, base VLM and prior encoder (written by `medsynapse demo`).\n"
               f"# Usage: medsynapse train stage1|stage2|stage3 --config {path}; medsynapse config show {path}\n")
-    write_text_atomic(path, header + yaml.safe_dump(run, sort_keys=False))
+    write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False))
 
 
-def _finished(folder: Path, config: DemoConfig) -> dict | None:
+def _signature(run: RunConfig, config: DemoConfig) -> dict:
+    """What a seed's results depend on: the run file's sections (as written, folders not filled in) and the
+    SynthMed settings other than where and which seed."""
+    sections = {"model": asdict(run.model), "data": asdict(run.data),
+                **{stage: {k: v for k, v in getattr(run, stage).items() if k != "seed"}
+                   for stage in ("stage1", "stage2", "stage3")}}
+    for key in ("vlm", "encoder"):
+        sections["model"].pop(key)
+    sections["data"].pop("stage1_file")
+    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "seed", "cache_dir", "threads")}
+    return json.loads(json.dumps({"run": sections, "synthmed": settings}, default=str))
+
+
+def _finished(folder: Path, run: RunConfig, config: DemoConfig) -> dict | None:
     path = folder / "results.json"
     if not path.is_file():
         return None
     results = json.loads(path.read_text())
-    mine = {k: v for k, v in asdict(config).items() if k not in ("output", "seeds", "seed", "cache_dir", "threads")}
-    theirs = {k: v for k, v in results.get("config", {}).items() if k in mine}
-    return results if theirs == mine else None
+    return results if results.get("config") == _signature(run, config) else None
