@@ -170,3 +170,18 @@ def test_subset_is_seeded_ordered_and_complete_when_asked_for_everything():
     assert len(set(ids)) == 10 and ids == sorted(ids) and picked == subset(samples, 10, seed=3)
     assert picked != subset(samples, 10, seed=4)
     assert subset(samples, 0, 1) == samples and subset(samples, 80, 1) == samples
+
+
+def test_redo_retrains_a_changed_stage_and_every_later_one(tiny_env, tmp_path, data_root):
+    import shutil
+
+    path = _run_file(tiny_env, tmp_path, "redo", data_root)
+    run_pipeline(read_run_config(path), until="stage2")
+    stage2_weights = tmp_path / "redo" / "stage2" / "adapter" / "adapter_model.safetensors"
+    before = stage2_weights.stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "redo" / "stage1" / "checkpoints")  # only the manifest can tell Stage I changed
+    manifest = run_pipeline(read_run_config(path, ["stage1.lr=0.002"]), until="stage2", on_changed="redo")
+    assert manifest["steps"]["stage1"]["settings"]["lr"] == 0.002
+    assert stage2_weights.stat().st_mtime_ns != before  # Stage II retrained on the new Stage I
+    with pytest.raises(ValueError, match="on_changed 'ignore'"):
+        run_pipeline(read_run_config(path), on_changed="ignore")
