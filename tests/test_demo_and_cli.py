@@ -13,7 +13,7 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     args = ["demo", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--set",
             "train_images=16", "test_images=4", "base_steps=4", "encoder_steps=4", "stage1.max_steps=3",
             "stage1.batch_size=4", "stage2.max_steps=2", "stage2.batch_size=2", "stage3.max_steps=2",
-            "stage3.batch_size=4", "sft.max_steps=2", "sft.batch_size=4", "efficiency_samples=1",
+            "stage3.batch_size=4", "efficiency_samples=1",
             "eval_batch_size=8"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())

@@ -192,3 +192,39 @@ def test_sharded_launch_types_are_refused_up_front():
             check_supported(kind)
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         check_supported(kind)
+
+
+@needs_torchrun
+def test_the_pipeline_runs_under_two_processes_and_a_rerun_redoes_nothing(tiny_env, tmp_path):
+    """Every rank runs the plan; convert/cache and the manifest are the main process's; a finished run is kept."""
+    import yaml
+
+    from medsynapse.data.sources.fixtures import write_fixtures
+
+    out = tmp_path / "run"
+    run = {"output": str(out),
+           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "n_memory": 4, "sampler_width": 32,
+                     "lora_r": 4, "lora_alpha": 8},
+           "data": {"stage1_file": str(tiny_env.train_file), "prior_cache": str(tmp_path / "cache")},
+           "stage1": {"max_steps": 2, "batch_size": 4, "answer_types": ["yes_no"]},
+           "stage2": {"max_steps": 2, "batch_size": 2, "group_size": 2, "max_new_tokens": 3,
+                      "answer_types": ["yes_no"]},
+           "stage3": {"max_steps": 2, "batch_size": 2, "max_new_tokens": 3, "answer_types": ["yes_no"]},
+           "eval": {"benchmarks": ["vqa-rad"], "data_root": str(write_fixtures(tmp_path / "data")), "batch_size": 1,
+                    "max_new_tokens": 2, "limit": 2}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run))
+    command = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29543", "-m", "medsynapse.cli", "pipeline",
+               "--config", str(config)]
+    first = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert list(manifest["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3", "eval"]
+    assert (out / "eval" / "summary.csv").is_file() and (out / "stage3_student" / "autonomous.safetensors").is_file()
+    weights = out / "stage2" / "adapter" / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("stage2 already finished, kept") == 2  # both ranks skip it
+    assert weights.stat().st_mtime_ns == stamp
+    assert json.loads((out / "pipeline.json").read_text())["steps"] == manifest["steps"]

@@ -57,6 +57,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from medsynapse.config import load_config
 
+    if args.stage == "baseline":
+        return _train_baseline(args)
+    if args.method:
+        raise SystemExit("--method goes with `train baseline`")
     if args.stage == "stage1":
         from medsynapse.recipes.stage1_warmup import Stage1Config as config_class
         from medsynapse.recipes.stage1_warmup import train_stage1 as train
@@ -79,6 +83,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.resume = True
     out = train(config)
     print(f"{args.stage} saved to {out}")
+    return 0
+
+
+def _train_baseline(args: argparse.Namespace) -> int:
+    """A no-memory baseline from a run file (`baselines.<method>` over what the stages give it) or a flat recipe
+    file (SFTConfig for sft / cot-sft, Stage2Config for grpo, the method's own settings forced)."""
+    from medsynapse.config import load_config
+    from medsynapse.recipes.sft import SFTConfig, train_sft
+    from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
+    from medsynapse.runconfig import BASELINES, read_run_config, resolve_baseline
+
+    if args.method not in BASELINES:
+        raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)} (the latent-reasoning "
+                         "baselines coconut / mcout / ivt-lr are not built yet)")
+    if _is_run_file(args.config):
+        config = resolve_baseline(read_run_config(args.config, args.set), args.method)
+    elif args.method == "grpo":
+        config = load_config(Stage2Config, args.config, [*(args.set or []), "use_memory=false", "lambda_causal=0"])
+    else:
+        target = "rationale" if args.method == "cot-sft" else "answer"
+        config = load_config(SFTConfig, args.config, [*(args.set or []), f"target={target}"])
+    if args.resume:
+        config.resume = True
+    out = (train_stage2 if args.method == "grpo" else train_sft)(config)
+    print(f"baseline {args.method} saved to {out}")
     return 0
 
 
@@ -130,8 +159,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     window = tuple(args.window) if args.window else None
     image = load_image(args.image, window=window)  # a bad image or window fails before the model is loaded
+    from medsynapse.objectives.answers import format_prompt
+
     model = MedSynapseV.from_pretrained(args.model, merge_adapter=True)
-    print(model.answer([image], [args.question], max_new_tokens=args.max_new_tokens)[0])
+    question = format_prompt(args.question, model.answer_format)  # as the model was trained to be asked
+    print(model.answer([image], [question], max_new_tokens=args.max_new_tokens)[0])
     return 0
 
 
@@ -273,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", parents=[common],
-                             help="train one stage (or the no-memory SFT control: sft)")
-    train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft"])
+                             help="train one stage, or a no-memory baseline (baseline --method sft|cot-sft|grpo)")
+    train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft", "baseline"])
+    train.add_argument("--method", default=None, help="with `baseline`: sft, cot-sft (LoRA on the reasoning steps + "
+                       "answer) or grpo (GRPO-only, no memory)")
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")
@@ -317,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--skip-bad", action="store_true", help="skip bad records/images (counted and listed)")
     evaluate.add_argument("--limit", type=int, default=None, help="first N scored questions per benchmark")
     evaluate.add_argument("--max-pixels", type=int, default=None, help="cap the VLM's per-image pixel budget")
-    evaluate.add_argument("--answer-format", choices=["direct", "reasoning"], default="direct",
-                          help="reasoning: the prompt asks for an analysis, then the final answer in "
+    evaluate.add_argument("--answer-format", choices=["direct", "reasoning"], default=None,
+                          help="default: the format the model was trained with (recorded in its folder). "
+                               "reasoning: the prompt asks for an analysis, then the final answer in "
                                "<answer></answer>, and only that tag is scored (give --max-new-tokens room)")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -413,6 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"medsynapse {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Destroy the torchrun process group once the command is done (recipes keep it for the next pipeline step)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,11 +50,11 @@ from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
 from medsynapse.pipeline import run_pipeline
 from medsynapse.recipes.prepare_base import BASE_VERSION, BasePrepConfig, prepare_base
-from medsynapse.recipes.sft import SFTConfig, train_sft
+from medsynapse.recipes.sft import train_sft
 from medsynapse.recipes.stage2_ccr import train_stage2
 from medsynapse.recipes.stage3_imt import train_stage3
 from medsynapse.recipes.train_encoder import EncoderTrainConfig, train_encoder
-from medsynapse.runconfig import RunConfig, resolve
+from medsynapse.runconfig import RunConfig, resolve, resolve_baseline
 
 ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training changes
 
@@ -75,15 +75,9 @@ class DemoConfig:
     base_vision_steps: int = 600  # vision pre-training of the tiny tower (lesion-coverage head), recipes/prepare_base
     base_grounding_weight: float = 1.0  # that head's loss kept as an auxiliary term while the language is trained
     encoder_steps: int = 250
-    # Controls without memory, trained on the same questions with the budget of the stage that shares their objective:
-    # SFT = Stage I's data, steps and batch (LoRA instead of memory); GRPO-only = Stage II's (accuracy reward only).
+    # Controls without memory (the run file's baselines, runconfig.resolve_baseline): SFT = Stage I's data, steps and
+    # batch with a LoRA instead of memory; GRPO-only = Stage II's settings without memory or causal term.
     controls: bool = True
-    sft: dict = field(default_factory=lambda: {
-        "lr": 1e-3, "max_steps": 500, "batch_size": 32, "lora_r": 16, "lora_alpha": 32,
-        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "warmup_ratio": 0.05, "answer_types": ["yes_no", "multiple_choice", "open"], "loss_reduction": "sample",
-        "save_every": 100})
-    grpo_only: dict = field(default_factory=lambda: {"use_memory": False, "lambda_causal": 0.0})  # on stage2's
     # Stage II reward ablations (Stage I shared): each trains another Stage II from the same Stage I model.
     ablations: bool = False
     stage2_ablations: dict = field(default_factory=lambda: {
@@ -227,7 +221,7 @@ def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out:
     timing: dict[str, float] = {}
     timed = _timer(timing)
     out.mkdir(parents=True, exist_ok=True)
-    train_file, test = shared.train_file, shared.test
+    test = shared.test
     run = seed_run(run, shared, seed, out)
     intervention = resolve(run, "stage2").intervention
 
@@ -236,11 +230,13 @@ def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out:
     stage1_dir, stage2_dir, stage3_dir = (Path(resolve(run, s).output_dir) for s in ("stage1", "stage2", "stage3"))
     control_dirs: dict[str, Path] = {}
     if config.controls:
-        control_dirs = {"sft": out / "sft", "grpo_only": out / "grpo_only"}
-        timed("sft", lambda: train_sft(SFTConfig(model=str(shared.vlm_base), train_file=train_file,
-                                                 output_dir=_fresh(control_dirs["sft"]), seed=seed, **config.sft)))
-        timed("grpo_only", lambda: train_stage2(_variant(run, "stage2", control_dirs["grpo_only"],
-                                                         model=str(shared.vlm_base), **config.grpo_only)))
+        for method in ("sft", "grpo"):
+            control = resolve_baseline(run, method)
+            _fresh(Path(control.output_dir))
+            name = Path(control.output_dir).name  # sft, grpo_only
+            control_dirs[name] = Path(control.output_dir)
+            train = train_sft if method == "sft" else train_stage2
+            timed(name, lambda train=train, control=control: train(control))
     ablation_dirs: dict[str, Path] = {}
     if config.ablations:
         for name, overrides in config.stage2_ablations.items():
@@ -433,10 +429,13 @@ def run_demo(run: RunConfig) -> dict:
 
 def write_run_config(run: RunConfig, path: Path) -> None:
     """The run file with this demo's cached folders filled in (and no `synthmed` section): `medsynapse train
-    stage1|stage2|stage3 --config OUTPUT/run.yaml` or `medsynapse pipeline --config OUTPUT/run.yaml` retrains the
-    demo's stages by hand (the shipped configs/synthmed.yaml cannot name the cache's content-keyed folders)."""
+    stage1|stage2|stage3 --config OUTPUT/run.yaml`, `train baseline --method M --config OUTPUT/run.yaml` or `medsynapse
+    pipeline --config OUTPUT/run.yaml` (its eval on the SynthMed test split) retrains the demo's stages and baselines
+    by hand (the shipped configs/synthmed.yaml cannot name the cache's content-keyed folders)."""
     data = {"output": run.output, "model": asdict(run.model), "data": asdict(run.data),
-            **{stage: getattr(run, stage) for stage in ("stage1", "stage2", "stage3")}}
+            **{stage: getattr(run, stage) for stage in ("stage1", "stage2", "stage3")}, "baselines": run.baselines,
+            "eval": {**asdict(run.eval), "benchmarks": ["synthmed"],
+                     "data_root": str(Path(run.data.stage1_file).parent), "batch_size": 64}}
     header = ("# The demo's run on its SynthMed split, base VLM and prior encoder (written by `medsynapse demo`).\n"
               f"# Usage: medsynapse train stage1|stage2|stage3 --config {path}; medsynapse config show {path}\n")
     write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False))
@@ -445,7 +444,7 @@ def write_run_config(run: RunConfig, path: Path) -> None:
 def _signature(run: RunConfig, config: DemoConfig) -> dict:
     """What a seed's results depend on: the run file's sections (as written, folders not filled in) and the
     SynthMed settings other than where and which seed."""
-    sections = {"model": asdict(run.model), "data": asdict(run.data),
+    sections = {"model": asdict(run.model), "data": asdict(run.data), "baselines": run.baselines,
                 **{stage: {k: v for k, v in getattr(run, stage).items() if k != "seed"}
                    for stage in ("stage1", "stage2", "stage3")}}
     for key in ("vlm", "encoder"):

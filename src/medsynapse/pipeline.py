@@ -8,10 +8,13 @@ Plan, one step at a time, each recorded in `OUTPUT/pipeline.json` (atomically, a
    so a run killed inside a stage continues from that stage's newest checkpoint, bit-identically;
 3. `eval`: base VLM, Stage II (with the encoder) and the encoder-free student on `eval.benchmarks` (the eval runner
    skips the questions it already answered), then `OUTPUT/eval/summary.{md,csv,png}` over the three rows.
-A step whose settings (its resolved config) match a finished record is never redone; a step whose settings changed
-is refused with the keys that differ (use another output or `--from STEP`). `--from STEP` reruns that step and every
-later one from scratch; `--until STEP` stops after it. The manifest also holds the package versions, the training
-files' SHA-256 and each step's wall time.
+Under `torchrun` / `accelerate launch` every rank runs the plan: the stages and the eval share the work through
+accelerate; `convert` and `cache` run on the main process while the others wait; only the main process writes the
+manifest and removes folders. A step whose settings (its resolved config) match a finished record is never redone;
+a step whose settings changed is refused with the keys that differ (use another output or `--from STEP`), or with
+`on_changed="redo"` (the demo) redone with every later step. `--from STEP` reruns that step and every later one from
+scratch; `--until STEP` stops after it. The manifest also holds the package versions, the training files' SHA-256
+and each step's wall time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+
+import torch
+from accelerate import PartialState
 
 from medsynapse.eval.report import write_json
 from medsynapse.recipes.trainer import RESUMABLE_SETTINGS, latest_checkpoint, run_settings
@@ -87,13 +93,16 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
     steps = list(STEPS[STEPS.index(start) if start else 0: STEPS.index(until) + 1 if until else len(STEPS)])
     for stage in ("stage1", "stage2", "stage3"):
         resolve(run, stage)  # every stage's settings checked before anything runs
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one per rank under torchrun
+    main = state.is_main_process
     output = Path(run.output)
     output.mkdir(parents=True, exist_ok=True)
     path = output / MANIFEST
     manifest = _read_manifest(path)
+    state.wait_for_everyone()  # every rank has read the manifest before the main process changes anything
     manifest.update(config=run.source, versions={p: version(p) for p in ("medsynapse", "torch", "transformers")})
     if start is not None:  # rerun this step and every later one from scratch
-        _forget_from(run, manifest, start)
+        _forget_from(run, manifest, start, main)
     for step in steps:
         settings = json.loads(json.dumps(_settings(run, step), default=str))
         done = manifest["steps"].get(step)
@@ -104,31 +113,38 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
                 raise ValueError(f"{output}: step {step!r} finished with other settings ({', '.join(changed)} "
                                  f"differ); use another output or --from {step}")
             print(f"pipeline: {step} finished with other settings ({', '.join(changed)}); redoing it and later steps")
-            _forget_from(run, manifest, step)
+            _forget_from(run, manifest, step, main)
             done = None
         if done is not None:
             print(f"pipeline: {step} already finished, kept")
             continue
-        if on_changed == "redo" and _stale_checkpoints(run, step):
+        stale = on_changed == "redo" and _stale_checkpoints(run, step)
+        state.wait_for_everyone()  # every rank has looked at the checkpoints before they may be removed
+        if stale:
             print(f"pipeline: {step}'s checkpoints are of other settings; starting it again")
-            _forget_from(run, manifest, step)
+            _forget_from(run, manifest, step, main)
+        state.wait_for_everyone()
         print(f"pipeline: {step} ...", flush=True)
         began = time.perf_counter()
-        report = _run_step(run, step, on_step)
+        report = _run_step(run, step, on_step) if main or step not in ("convert", "cache") else None
+        state.wait_for_everyone()
         manifest["steps"][step] = {"settings": settings, "seconds": round(time.perf_counter() - began, 2),
                                    **({"report": report} if report else {})}
+        if main:
+            manifest["data_sha256"] = {f: _sha256(f) for f in _training_files(run)}
+            write_json(path, manifest)
+    if main:
         manifest["data_sha256"] = {f: _sha256(f) for f in _training_files(run)}
         write_json(path, manifest)
-    manifest["data_sha256"] = {f: _sha256(f) for f in _training_files(run)}
-    write_json(path, manifest)
+    state.wait_for_everyone()
     return manifest
 
 
-def _forget_from(run: RunConfig, manifest: dict, step: str) -> None:
-    """Drop `step` and every later step: their records and their folders."""
+def _forget_from(run: RunConfig, manifest: dict, step: str, remove: bool = True) -> None:
+    """Drop `step` and every later step: their records, and their folders when `remove` (the main process)."""
     for later in STEPS[STEPS.index(step):]:
         manifest["steps"].pop(later, None)
-        for folder in _step_folders(run, later):
+        for folder in _step_folders(run, later) if remove else []:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -188,5 +204,6 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
     for row, model in _eval_rows(run).items():
         folders[row] = Path(run.output) / "eval" / row
         evaluate_benchmarks(model, run.eval.benchmarks, run.eval.data_root, folders[row], settings)
-    print(write_summary(Path(run.output) / "eval", runs=folders))
+    if PartialState().is_main_process:
+        print(write_summary(Path(run.output) / "eval", runs=folders))
     return None

@@ -23,7 +23,9 @@ from medsynapse.config import ConfigError, apply_overrides, from_dict, read_yaml
 from medsynapse.data.corpora import CorpusSpec, check_specs
 
 STAGES = ("stage1", "stage2", "stage3")
-SECTIONS = ("output", "model", "data", "eval", *STAGES, "synthmed")
+SECTIONS = ("output", "model", "data", "eval", *STAGES, "baselines", "synthmed")
+# The no-memory baselines a run file can train (`medsynapse train baseline --method M`), with their folders.
+BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only"}
 
 
 @dataclass
@@ -90,6 +92,7 @@ class RunConfig:
     stage2: dict = field(default_factory=dict)
     stage3: dict = field(default_factory=dict)
     eval: EvalSection = field(default_factory=EvalSection)
+    baselines: dict = field(default_factory=dict)  # per method (BASELINES): settings over what `resolve_baseline` fills
     synthmed: dict = field(default_factory=dict)  # the demo's SynthMed-only steps (demo.py, DemoConfig)
     source: str = "config"  # the file it was read from (error messages); not a YAML key
 
@@ -117,7 +120,7 @@ def run_config_from(data: dict, source: str = "config", overrides: list[str] | N
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
     run = from_dict(RunConfig, data, source)
-    for stage in (*STAGES, "synthmed"):
+    for stage in (*STAGES, "baselines", "synthmed"):
         if not isinstance(getattr(run, stage), dict):
             raise ConfigError(f"{source}.{stage}: expected a mapping")
     for key in ("stage1_corpora", "stage2_corpora"):
@@ -125,6 +128,9 @@ def run_config_from(data: dict, source: str = "config", overrides: list[str] | N
             check_specs(getattr(run.data, key), f"data.{key}")
         except ValueError as error:
             raise ConfigError(f"{source}.{error}") from None
+    unknown = sorted(set(run.baselines) - set(BASELINES))
+    if unknown:
+        raise ConfigError(f"{source}.baselines: unknown method(s) {unknown}; known: {list(BASELINES)}")
     run.source = source
     return run
 
@@ -168,12 +174,42 @@ def resolve(run: RunConfig, stage: str):
     return from_dict(stage_class(stage), {**_filled(run, stage), **getattr(run, stage)}, f"{run.source}.{stage}")
 
 
+def resolve_baseline(run: RunConfig, method: str):
+    """The recipe config of a no-memory baseline, trained on the same data with the budget of the stage that shares
+    its objective (the paper's controls: same data, same backbone), then the `baselines.<method>` keys on top:
+    - sft: LoRA (the model section's) + next-token loss on Stage I's data, steps / epochs, batch, lr and schedule;
+    - cot-sft: the same on the reasoning steps + tagged answer (`target: rationale`), replying in `reasoning` format;
+    - grpo: Stage II's resolved settings on the plain VLM, with no memory and no causal term (GRPO-only).
+    Folders: OUTPUT/sft, OUTPUT/cot_sft, OUTPUT/grpo_only."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; known: {list(BASELINES)}")
+    m, out = run.model, Path(run.output)
+    where = f"{run.source}.baselines.{method}"
+    if method == "grpo":
+        stage2 = dataclasses.asdict(resolve(run, "stage2"))
+        filled = {**stage2, "model": m.vlm, "output_dir": str(out / BASELINES[method]), "use_memory": False,
+                  "lambda_causal": 0.0}
+        return from_dict(stage_class("stage2"), {**filled, **run.baselines.get(method, {})}, where)
+    from medsynapse.recipes.sft import SFTConfig
+
+    s1 = resolve(run, "stage1")
+    filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]), lora_r=m.lora_r,
+                  lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr, epochs=s1.epochs,
+                  max_steps=s1.max_steps, batch_size=s1.batch_size, warmup_ratio=s1.warmup_ratio,
+                  weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, loss_reduction=s1.loss_reduction,
+                  families=list(s1.families), answer_types=list(s1.answer_types), save_every=s1.save_every,
+                  log_every=s1.log_every, seed=s1.seed, dtype=s1.dtype,
+                  target="rationale" if method == "cot-sft" else "answer")
+    return from_dict(SFTConfig, {**filled, **run.baselines.get(method, {})}, where)
+
+
 def show(run: RunConfig) -> dict:
     """Every section as plain data, each stage fully resolved (the recipe's defaults included)."""
     out = {"output": run.output, "model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data),
            "eval": dataclasses.asdict(run.eval)}
     for stage in STAGES:
         out[stage] = dataclasses.asdict(resolve(run, stage))
+    out["baselines"] = {method: dataclasses.asdict(resolve_baseline(run, method)) for method in BASELINES}
     if run.synthmed:
         out["synthmed"] = dict(run.synthmed)  # `medsynapse config show` resolves it with the demo's defaults
     return out

@@ -9,7 +9,7 @@ from PIL import Image
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import Sample, read_samples
 from medsynapse.model.vlm import EncodedPrompt, PromptBuilder
-from medsynapse.objectives.answers import format_prompt
+from medsynapse.objectives.answers import format_prompt, reasoning_target
 
 
 class VQADataset:
@@ -52,9 +52,23 @@ def with_answer_format(samples: list[Sample], answer_format: str) -> list[Sample
     return [dataclasses.replace(s, prompt=format_prompt(s.model_prompt, answer_format)) for s in samples]
 
 
+def with_reasoning_targets(samples: list[Sample], path: str) -> list[Sample]:
+    """The samples with the reasoning steps, then the tagged answer, as the text to learn (CoT-SFT); a sample
+    without steps is an error naming it (a silent fallback to the bare answer would train a different row)."""
+    missing = [s.id for s in samples if not s.rationale]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} sample(s) have no 'rationale' (e.g. id {missing[0]!r}); CoT training "
+                         "needs reasoning steps in every record (SynthMed writes them; `medsynapse convert "
+                         "--option rationale=sentences` splits PubMedVision answers)")
+    return [dataclasses.replace(s, answer=reasoning_target(s.rationale, s.answer)) for s in samples]
+
+
 def training_dataset(path: str, prompts: PromptBuilder, families: list[str], answer_types: list[str],
-                     with_answers: bool, answer_format: str = "direct") -> VQADataset:
-    """Read a training file, keep the chosen families / answer types (empty = all), check every image up front."""
+                     with_answers: bool, answer_format: str = "direct", target: str = "answer") -> VQADataset:
+    """Read a training file, keep the chosen families / answer types (empty = all), check every image up front.
+    `target`: "answer" (the gold answer is the text to learn) or "rationale" (the steps, then the tagged answer)."""
+    if target not in ("answer", "rationale"):
+        raise ValueError(f"target must be 'answer' or 'rationale', got {target!r}")
     samples = read_samples(path)
     if families:
         samples = [s for s in samples if s.family in families]
@@ -62,6 +76,8 @@ def training_dataset(path: str, prompts: PromptBuilder, families: list[str], ans
         samples = [s for s in samples if s.answer_type in answer_types]
     if not samples:
         raise ValueError(f"{path}: no samples left after filtering families={families} answer_types={answer_types}")
+    if target == "rationale":
+        samples = with_reasoning_targets(samples, path)
     if answer_format != "direct":
         samples = with_answer_format(samples, answer_format)
     dataset = VQADataset(samples, prompts, with_answers=with_answers)

@@ -32,6 +32,7 @@ class Sample:
     prompt: str = ""  # the text the model sees (benchmark protocol applied); empty means `question`
     groups: dict[str, str] = field(default_factory=dict)  # extra breakdown columns (e.g. GMAI department)
     system: str = ""  # a system message the protocol prescribes (MedXpertQA), else none
+    rationale: list[str] = field(default_factory=list)  # reasoning steps (CoT-SFT, Coconut, IVT-LR); may be empty
 
     @property
     def model_prompt(self) -> str:
@@ -43,7 +44,7 @@ class Sample:
 
 _REQUIRED = {"id": str, "images": list, "question": str, "answer": str, "answer_type": str}
 _OPTIONAL = {"options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None)),
-             "prompt": str, "groups": dict, "system": str}
+             "prompt": str, "groups": dict, "system": str, "rationale": list}
 
 
 def sample_from_record(record: object, source: str, line: int) -> Sample:
@@ -69,6 +70,8 @@ def sample_from_record(record: object, source: str, line: int) -> Sample:
         raise DataError(f"{where}: field 'answer_type' must be one of {ANSWER_TYPES}, got {record['answer_type']!r}")
     if not record["images"] or not all(isinstance(p, str) and p for p in record["images"]):
         raise DataError(f"{where}: field 'images' must be a non-empty list of paths")
+    if not all(isinstance(step, str) and step.strip() for step in record.get("rationale", [])):
+        raise DataError(f"{where}: field 'rationale' must be a list of non-empty strings (the reasoning steps)")
     if record["answer_type"] == "multiple_choice" and record["answer"] not in record.get("options", {}):
         raise DataError(f"{where}: field 'answer' {record['answer']!r} is not one of the option letters")
     return Sample(**record)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from medsynapse.data.schema import Sample, write_samples
 
-SYNTHMED_VERSION = 2  # bump when generated images or questions change: invalidates cached demo data
+SYNTHMED_VERSION = 3  # bump when generated images or questions change: invalidates cached demo data (3: rationales)
 MODALITIES = ("CT", "MRI", "X-ray", "pathology")
 REGION = {"CT": "abdomen", "MRI": "brain", "X-ray": "chest", "pathology": "tissue"}
 NUMBER_WORDS = ("zero", "one", "two", "three")
@@ -188,6 +188,21 @@ def caption_for(scan: Scan, size: int, with_lesions: bool) -> str:
             f"in the {_quadrant(largest, size)} quadrant.")
 
 
+def rationale_for(scan: Scan, size: int) -> list[str]:
+    """The reasoning steps behind every question on a scan (CoT-SFT, Coconut and IVT-LR train on them): modality and
+    region, then the finding, then where the largest lesion is. Words from the captions only, so the tiny tokenizer
+    (trained on `corpus_lines`) needs no new vocabulary."""
+    steps = [f"A {scan.modality} image of the {REGION[scan.modality]}."]
+    n = len(scan.lesions)
+    if n == 0:
+        return [*steps, "There is no lesion."]
+    noun = "lesion" if n == 1 else "lesions"
+    largest = max(scan.lesions, key=lambda les: les.radius)
+    size_word = "large" if largest.radius >= 4 else "small"
+    return [*steps, f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} {scan.density} {noun}.",
+            f"The largest is {size_word} in the {_quadrant(largest, size)} quadrant."]
+
+
 def generate_split(out_dir: str | Path, split: str, n_images: int, seed: int, size: int = 64) -> Path:
     """Write `n_images` scans, their masks and all questions as `<split>.jsonl`; returns the file path.
 
@@ -205,11 +220,13 @@ def generate_split(out_dir: str | Path, split: str, n_images: int, seed: int, si
         Image.fromarray(scan.image).save(out_dir / "images" / f"{stem}.png")
         Image.fromarray((scan.mask * 255).astype(np.uint8)).save(out_dir / "masks" / f"{stem}.png")
         common = dict(images=[f"images/{stem}.png"], modality=scan.modality, mask=f"masks/{stem}.png")
+        rationale = rationale_for(scan, size)
         for q_index, q in enumerate(questions_for(scan, size)):
             instruction = INSTRUCTION[q["answer_type"]]
             samples.append(Sample(id=f"{stem}_q{q_index}", question=f"{q['question']} {instruction}".strip(),
                                   answer=q["answer"], answer_type=q["answer_type"], options=q["options"],
-                                  question_type=q["question_type"], family=q["family"], **common))
+                                  question_type=q["question_type"], family=q["family"], rationale=rationale,
+                                  **common))
         for family, with_lesions in (("general", False), ("lesion", True)):
             samples.append(Sample(id=f"{stem}_cap_{family}", question="Describe the image.",
                                   answer=caption_for(scan, size, with_lesions), answer_type="caption",

@@ -24,7 +24,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from medsynapse.model.vlm import core_vlm
 from medsynapse.objectives.answers import check_answer_format, extract, is_correct
 
 PREDICTIONS = "predictions.jsonl"
+REASONING_BUDGET = 1024  # new tokens for a `reasoning` reply when none is given (the paper's max generation length)
 
 
 @dataclass
@@ -53,7 +54,9 @@ class EvalSettings:
     limit: int | None = None  # first N scored samples per benchmark (smoke runs)
     max_pixels: int | None = None  # cap the VLM's image resolution (Qwen's default budget can run out of memory)
     source_options: dict[str, dict] = field(default_factory=dict)  # per-benchmark loader options
-    answer_format: str = "direct"  # direct | reasoning: analysis first, the final answer in <answer></answer>
+    # direct | reasoning (analysis first, the final answer in <answer></answer>); None: the format the model was
+    # trained with (its folder records it; "direct" for a plain VLM)
+    answer_format: str | None = None
 
 
 def read_predictions(path: Path, repair: bool = True) -> list[dict]:
@@ -102,7 +105,9 @@ class BenchmarkRun:
         self.own_path = self.path if world == 1 else out_dir / f"predictions.part{rank}.jsonl"
         self.samples = benchmark.samples[: settings.limit] if settings.limit else benchmark.samples
         self.samples = with_answer_format(self.samples, settings.answer_format)
-        self.max_new_tokens = settings.max_new_tokens or benchmark.max_new_tokens
+        # the protocol's answer budget; a reply in the reasoning format also writes its analysis (the paper's 1024)
+        self.max_new_tokens = settings.max_new_tokens or (REASONING_BUDGET if settings.answer_format == "reasoning"
+                                                          else benchmark.max_new_tokens)
         self.run_info = {"model": model_path, "benchmark": benchmark.name, "source": benchmark.source,
                          "closed_definition": benchmark.closed_definition, "max_new_tokens": self.max_new_tokens,
                          "branch": settings.branch, "max_pixels": settings.max_pixels, "limit": settings.limit,
@@ -286,7 +291,8 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
     settings = settings or EvalSettings()
     output = Path(output)
     check_inputs(model_path, benchmarks, settings.source_options)  # before the output folder is created
-    check_answer_format(settings.answer_format)
+    if settings.answer_format is not None:
+        check_answer_format(settings.answer_format)
     with ExitStack() as stack:
         hold_for_launch(stack, output, "evaluation", state.is_main_process, state.num_processes)
         return _evaluate_locked(state, model_path, benchmarks, data_root, output, settings, on_batch)
@@ -302,6 +308,8 @@ def _evaluate_locked(state, model_path: str, benchmarks: list[str], data_root: s
                                  **settings.source_options.get(name, {})) for name in benchmarks}
     model = MedSynapseV.from_pretrained(model_path, merge_adapter=True)
     model.to(state.device)
+    if settings.answer_format is None:  # the format the model was trained with
+        settings = replace(settings, answer_format=model.answer_format)
     if settings.max_pixels:
         set_max_pixels(model, settings.max_pixels)
     results = {}

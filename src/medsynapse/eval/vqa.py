@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from medsynapse.data.dataset import VQADataset
+from medsynapse.data.dataset import VQADataset, with_answer_format
 from medsynapse.data.schema import Sample
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.answers import is_correct
@@ -17,7 +17,8 @@ from medsynapse.objectives.answers import is_correct
 @torch.no_grad()
 def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = None, intervention: str = "zero",
              batch_size: int = 64, max_new_tokens: int = 8, desc: str = "eval",
-             memory_transform: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> dict:
+             memory_transform: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+             answer_format: str | None = None) -> dict:
     """Returns accuracy, n, unparseable count, per-question-type accuracy and the per-sample predictions.
 
     `branch`: None = the model's own memory (A_psi for an encoder-free student, else P_phi), or "privileged",
@@ -26,6 +27,9 @@ def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = Non
     `indices` are the positions in `samples` of the batch's rows (eval/diagnostics.py). None: the memory as is.
     """
     model.eval()
+    answer_format = answer_format or model.answer_format  # None: as the model was trained to reply
+    if answer_format != "direct":
+        samples = with_answer_format(samples, answer_format)
     dataset = VQADataset(samples, model.prompts, with_answers=False)
     predictions = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
@@ -38,7 +42,7 @@ def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = Non
                                      max_new_tokens, branch, intervention, memory_transform=transform)
         for i, text in zip(indices, texts):
             sample = samples[i]
-            correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options)
+            correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options, answer_format)
             predictions.append({"id": sample.id, "question_type": sample.question_type, "raw": text,
                                 "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct})
     by_type: dict[str, list[bool]] = defaultdict(list)

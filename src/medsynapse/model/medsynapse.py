@@ -106,6 +106,8 @@ class MedSynapseV(nn.Module):
             encoder.eval().requires_grad_(False)
         # (K, M, d) prior tokens of images without a finding, for the `reference` counterfactual; set by Stages I-II
         self.reference_bank: torch.Tensor | None = None
+        # how the model was trained to reply (objectives/answers.py): eval and predict prompt and score it this way
+        self.answer_format = "direct"
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -143,7 +145,8 @@ class MedSynapseV(nn.Module):
                     "adapter": ADAPTER_DIR if self.has_adapter or self.adapter_path else None,
                     "autonomous": self.autonomous.config.to_dict() if self.autonomous is not None else None,
                     "reference_bank": REFERENCE_BANK if self.reference_bank is not None and self.sampler is not None
-                    else None}
+                    else None,
+                    "answer_format": self.answer_format}
         if self.has_adapter:
             self.vlm.save_pretrained(folder / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
         elif self.adapter_path and Path(self.adapter_path).resolve() != (folder / ADAPTER_DIR).resolve():
@@ -207,6 +210,7 @@ class MedSynapseV(nn.Module):
                     adapter_path if merge_adapter else None)
         if manifest.get("reference_bank"):
             model.reference_bank = load_reference_bank(folder / manifest["reference_bank"])
+        model.answer_format = manifest.get("answer_format", "direct")  # folders written before it was recorded
         return model.eval()
 
     # --- memory -------------------------------------------------------------------------------------------------

@@ -167,6 +167,12 @@ def format_prompt(prompt: str, answer_format: str) -> str:
     return prompt if answer_format == "direct" else f"{prompt}\n{REASONING_INSTRUCTION}"
 
 
+def reasoning_target(rationale: list[str], answer: str) -> str:
+    """The text CoT-SFT learns to write: the reasoning steps, then the final answer in the tag `final_answer` reads
+    (the `reasoning` format's reply)."""
+    return " ".join(step.strip() for step in rationale) + f" <answer>{answer}</answer>"
+
+
 def final_answer(text: str, answer_format: str = "direct") -> str | None:
     """What the rules read: the whole reply ("direct"), or the last <answer> tag's content ("reasoning"; None when
     the reply has no complete tag, e.g. cut off by the token budget)."""

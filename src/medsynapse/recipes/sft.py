@@ -1,4 +1,7 @@
 """SFT control: LoRA on the VLM's language model with next-token loss on the answer tokens, and no memory.
+With `target: rationale` it is CoT-SFT: the text learnt is the sample's reasoning steps, then the answer inside
+<answer></answer>, to a prompt in the `reasoning` format; the saved folder records that format, so eval and predict
+let it write its steps and read the tagged answer (the explicit-CoT row of the paper's efficiency argument).
 
 The control for the memory stages: "a model that also learnt the answer format, without memory". It trains on the
 same questions as Stage I / II (the same `families` / `answer_types` filters), with the same LoRA as Stage II
@@ -50,8 +53,12 @@ class SFTConfig:
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
     batch_size: int = 32  # global batch, split over processes
-    max_steps: int = 500
+    max_steps: int = 500  # 0: `epochs` decide
+    epochs: float = 0.0  # passes over the training samples when max_steps is 0
     loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
+    # answer: learn the gold answer (SFT); rationale: learn the reasoning steps, then the answer in <answer></answer>,
+    # to a prompt in the `reasoning` format (CoT-SFT: the explicit-CoT row; it decodes its steps at inference)
+    target: str = "answer"
     families: list[str] = field(default_factory=list)  # empty = every family
     answer_types: list[str] = field(default_factory=list)  # empty = every answer type (captions included)
     save_every: int = 100
@@ -93,7 +100,7 @@ def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reductio
 
 @trainer.one_run_per_folder
 def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -> Path:
-    trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
+    trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lora_r", "lora_alpha", "lr", "batch_size", "save_every", "log_every"))
     output = Path(config.output_dir)
@@ -109,24 +116,28 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
 
+    if config.target not in ("answer", "rationale"):
+        raise ValueError(f"target must be 'answer' (SFT) or 'rationale' (CoT-SFT), got {config.target!r}")
+    model.answer_format = "reasoning" if config.target == "rationale" else "direct"
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
-                               with_answers=True)
+                               with_answers=True, answer_format=model.answer_format, target=config.target)
 
+    total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
     optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
-    scheduler = trainer.cosine_schedule(optimizer, config.max_steps, config.warmup_ratio)
+    scheduler = trainer.cosine_schedule(optimizer, total_steps, config.warmup_ratio)
     policy, optimizer, scheduler = accelerator.prepare(model.vlm, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(policy)
     model.vlm = unwrapped
 
     start = 0
-    checkpoint = trainer.resume_point(output, config, config.max_steps)
+    checkpoint = trainer.resume_point(output, config, total_steps)
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)["step"]
     accelerator.init_trackers("sft", config={k: str(v) for k, v in to_dict(config).items()})
 
     unwrapped.train()  # LoRA dropout (if any) on; Qwen3-VL's own dropout rates are 0
-    bar = tqdm(range(start, config.max_steps), desc="sft", disable=not accelerator.is_main_process,
-               initial=start, total=config.max_steps)
+    bar = tqdm(range(start, total_steps), desc="sft", disable=not accelerator.is_main_process,
+               initial=start, total=total_steps)
     for step in bar:
         indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
                                      accelerator.process_index, accelerator.num_processes)
@@ -139,12 +150,12 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % config.log_every == 0 or step == config.max_steps - 1:
+        if step % config.log_every == 0 or step == total_steps - 1:
             logs = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
         done = step + 1
-        if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
+        if accelerator.is_main_process and (done % config.save_every == 0 or done == total_steps):
             trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler, config=config)
         if on_step is not None:
             on_step(done)
@@ -153,5 +164,5 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     if accelerator.is_main_process:
         unwrapped.eval()
         model.save_pretrained(output)
-    accelerator.end_training()
+    trainer.end_training(accelerator)
     return output

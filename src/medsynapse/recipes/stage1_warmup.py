@@ -116,5 +116,5 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     if accelerator.is_main_process:
         model.sampler = accelerator.unwrap_model(wrapped)
         model.save_pretrained(output)
-    accelerator.end_training()
+    trainer.end_training(accelerator)
     return output

@@ -360,13 +360,14 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped.eval()
+        model.answer_format = config.answer_format  # eval and predict prompt and score the model as it was trained
         model.save_pretrained(output)
         summary = {"mean_causal_reward_correct": _mean(record["correct"]),
                    "mean_causal_reward_wrong": _mean(record["wrong"]),
                    "n_correct": len(record["correct"]), "n_wrong": len(record["wrong"]),
                    "recorded_from_step": record_from, "step_seconds_this_run": step_seconds}
         (output / "causal_reward_summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.end_training()
+    trainer.end_training(accelerator)
     return output
 
 

@@ -181,14 +181,16 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_student(model, accelerator.unwrap_model(student), Path(config.model), output)
-    accelerator.end_training()
+        save_student(model, accelerator.unwrap_model(student), Path(config.model), output, config.answer_format)
+    trainer.end_training(accelerator)
     return output
 
 
-def save_student(model: MedSynapseV, autonomous: AutonomousMemoryModule, teacher_dir: Path, output: Path) -> None:
+def save_student(model: MedSynapseV, autonomous: AutonomousMemoryModule, teacher_dir: Path, output: Path,
+                 answer_format: str = "direct") -> None:
     """The encoder-free folder: VLM reference + the Stage II adapter + A_psi; no encoder, no sampler."""
     student = MedSynapseV(model.vlm, model.processor, encoder=None, sampler=None, vlm_path=model.vlm_path,
                           autonomous=autonomous)
+    student.answer_format = answer_format
     student.save_pretrained(output)
     (output / "teacher.json").write_text(json.dumps({"teacher": str(teacher_dir.resolve())}))

@@ -73,6 +73,13 @@ def make_accelerator(output_dir: str | Path) -> Accelerator:
     return accelerator
 
 
+def end_training(accelerator: Accelerator) -> None:
+    """Close the trackers but keep the process group: `Accelerator.end_training` destroys it, and a pipeline runs
+    several recipes in one process under torchrun (the CLI destroys the group when the command ends)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def check_supported(distributed_type) -> None:
     """Refuse sharded training before any work is done, rather than fail (or save garbage) hours later.
 

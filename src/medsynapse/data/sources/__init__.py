@@ -23,6 +23,7 @@ from medsynapse.data.sources import (
     pmc_vqa,
     pubmedvision,
     slake,
+    synthmed,
     vqa_rad,
 )
 from medsynapse.data.sources.common import BadRecords, Benchmark, ImageStore
@@ -50,6 +51,7 @@ SOURCES: dict[str, Source] = {
     "gmai-mmbench": Source("GMAI-MMBench", gmai.load, "gmai/"),
     "hgv-bundle": Source("HGV closed MCQ", hgv_bundle.load, "medical_multimodal_eval/", max_new_tokens=64),
     "omnimedvqa": Source("OmniMedVQA", omnimedvqa.load, "omnimedvqa/"),
+    "synthmed": Source("SynthMed", synthmed.load, "synthmed/ (or --path synthmed=DATA)", max_new_tokens=8),
     # training corpora
     "pubmedvision": Source("PubMedVision", pubmedvision.load, "pubmedvision/"),
     "slake-open-train": Source("SLAKE open train", slake.load, "slake/", {"split": "train", "answer_type": "OPEN"}),
