@@ -96,9 +96,13 @@ def _train_baseline(args: argparse.Namespace) -> int:
 
     if args.method not in BASELINES:
         raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)} (the latent-reasoning "
-                         "baselines coconut / mcout / ivt-lr are not built yet)")
+                         "baselines mcout / ivt-lr are not built yet)")
     if _is_run_file(args.config):
         config = resolve_baseline(read_run_config(args.config, args.set), args.method)
+    elif args.method == "coconut":
+        from medsynapse.recipes.coconut import CoconutConfig
+
+        config = load_config(CoconutConfig, args.config, args.set)
     elif args.method == "grpo":
         config = load_config(Stage2Config, args.config, [*(args.set or []), "use_memory=false", "lambda_causal=0"])
     else:
@@ -106,7 +110,11 @@ def _train_baseline(args: argparse.Namespace) -> int:
         config = load_config(SFTConfig, args.config, [*(args.set or []), f"target={target}"])
     if args.resume:
         config.resume = True
-    out = (train_stage2 if args.method == "grpo" else train_sft)(config)
+    if args.method == "coconut":
+        from medsynapse.recipes.coconut import train_coconut as train
+    else:
+        train = train_stage2 if args.method == "grpo" else train_sft
+    out = train(config)
     print(f"baseline {args.method} saved to {out}")
     return 0
 
@@ -308,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="train one stage, or a no-memory baseline (baseline --method sft|cot-sft|grpo)")
     train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft", "baseline"])
     train.add_argument("--method", default=None, help="with `baseline`: sft, cot-sft (LoRA on the reasoning steps + "
-                       "answer) or grpo (GRPO-only, no memory)")
+                       "answer), grpo (GRPO-only, no memory) or coconut (continuous thoughts, by curriculum)")
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")

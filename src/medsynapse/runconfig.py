@@ -25,7 +25,7 @@ from medsynapse.data.corpora import CorpusSpec, check_specs
 STAGES = ("stage1", "stage2", "stage3")
 SECTIONS = ("output", "model", "data", "eval", *STAGES, "baselines", "synthmed")
 # The no-memory baselines a run file can train (`medsynapse train baseline --method M`), with their folders.
-BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only"}
+BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only", "coconut": "coconut"}
 
 
 @dataclass
@@ -179,8 +179,9 @@ def resolve_baseline(run: RunConfig, method: str):
     its objective (the paper's controls: same data, same backbone), then the `baselines.<method>` keys on top:
     - sft: LoRA (the model section's) + next-token loss on Stage I's data, steps / epochs, batch, lr and schedule;
     - cot-sft: the same on the reasoning steps + tagged answer (`target: rationale`), replying in `reasoning` format;
-    - grpo: Stage II's resolved settings on the plain VLM, with no memory and no causal term (GRPO-only).
-    Folders: OUTPUT/sft, OUTPUT/cot_sft, OUTPUT/grpo_only."""
+    - grpo: Stage II's resolved settings on the plain VLM, with no memory and no causal term (GRPO-only);
+    - coconut: Stage I's data, batch, lr and steps, split evenly over the curriculum's stages.
+    Folders: OUTPUT/sft, OUTPUT/cot_sft, OUTPUT/grpo_only, OUTPUT/coconut."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; known: {list(BASELINES)}")
     m, out = run.model, Path(run.output)
@@ -193,6 +194,19 @@ def resolve_baseline(run: RunConfig, method: str):
     from medsynapse.recipes.sft import SFTConfig
 
     s1 = resolve(run, "stage1")
+    if method == "coconut":  # Stage I's data and budget split evenly over the curriculum's stages
+        from medsynapse.recipes.coconut import CoconutConfig
+
+        overrides = run.baselines.get(method, {})
+        stages = int(overrides.get("max_latent_stage", CoconutConfig.max_latent_stage)) + 1
+        filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]),
+                      lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr,
+                      batch_size=s1.batch_size, steps_per_stage=s1.max_steps // stages if s1.max_steps else 0,
+                      epochs_per_stage=s1.epochs / stages, weight_decay=s1.weight_decay, grad_clip=s1.grad_clip,
+                      loss_reduction=s1.loss_reduction, families=list(s1.families),
+                      answer_types=list(s1.answer_types), save_every=s1.save_every, log_every=s1.log_every,
+                      seed=s1.seed, dtype=s1.dtype)
+        return from_dict(CoconutConfig, {**filled, **overrides}, where)
     filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]), lora_r=m.lora_r,
                   lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr, epochs=s1.epochs,
                   max_steps=s1.max_steps, batch_size=s1.batch_size, warmup_ratio=s1.warmup_ratio,

@@ -90,7 +90,7 @@ class MedSynapseV(nn.Module):
     def __init__(self, vlm, processor, encoder: PriorEncoder | None = None,
                  sampler: DiagnosticMemorySampler | None = None, vlm_path: str | None = None,
                  encoder_path: str | None = None, autonomous: AutonomousMemoryModule | None = None,
-                 adapter_path: str | None = None):
+                 adapter_path: str | None = None, latent: dict | None = None):
         super().__init__()
         self.vlm = vlm
         self.processor = processor
@@ -100,6 +100,13 @@ class MedSynapseV(nn.Module):
         self.vlm_path, self.encoder_path, self.adapter_path = vlm_path, encoder_path, adapter_path
         memory_module = sampler if sampler is not None else autonomous
         self.n_memory = memory_module.config.n_memory if memory_module is not None else 0
+        # a latent-reasoning baseline (model/latent.py): {"method": "coconut", "thoughts": k}; its k slots hold the
+        # thoughts it computes itself, where MedSynapse-V's memory would go
+        self.latent = latent
+        if latent is not None:
+            if memory_module is not None:
+                raise ValueError("a latent-reasoning model has no memory module")
+            self.n_memory = int(latent["thoughts"])
         self.prompts = PromptBuilder(processor, self.n_memory)
         self.latent_id = self.prompts.latent_id
         if encoder is not None:
@@ -146,7 +153,7 @@ class MedSynapseV(nn.Module):
                     "autonomous": self.autonomous.config.to_dict() if self.autonomous is not None else None,
                     "reference_bank": REFERENCE_BANK if self.reference_bank is not None and self.sampler is not None
                     else None,
-                    "answer_format": self.answer_format}
+                    "answer_format": self.answer_format, "latent": self.latent}
         if self.has_adapter:
             self.vlm.save_pretrained(folder / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
         elif self.adapter_path and Path(self.adapter_path).resolve() != (folder / ADAPTER_DIR).resolve():
@@ -207,7 +214,7 @@ class MedSynapseV(nn.Module):
             if merge_adapter:
                 vlm = vlm.merge_and_unload()
         model = cls(vlm, processor, encoder, sampler, manifest["vlm"], manifest.get("encoder"), autonomous,
-                    adapter_path if merge_adapter else None)
+                    adapter_path if merge_adapter else None, latent=manifest.get("latent"))
         if manifest.get("reference_bank"):
             model.reference_bank = load_reference_bank(folder / manifest["reference_bank"])
         model.answer_format = manifest.get("answer_format", "direct")  # folders written before it was recorded
@@ -262,6 +269,12 @@ class MedSynapseV(nn.Module):
             kind = "an encoder-free student (A_psi only)" if self.autonomous is not None else "a plain VLM"
             raise ValueError(f"the {branch} branch needs the prior encoder and the memory sampler P_phi, and this "
                              f"model is {kind}; use branch=None (the model's own memory)")
+        if self.latent is not None:
+            if branch is not None:
+                raise ValueError(f"a latent-reasoning model ({self.latent['method']}) has no {branch} branch")
+            from medsynapse.model.latent import latent_thoughts
+
+            return latent_thoughts(self.vlm, batch, self.n_memory, self.latent_id, features)
         branch = branch or ("autonomous" if self.autonomous is not None else "privileged")
         if branch == "autonomous":
             return self.autonomous_memory(batch, features)

@@ -170,7 +170,8 @@ def format_prompt(prompt: str, answer_format: str) -> str:
 def reasoning_target(rationale: list[str], answer: str) -> str:
     """The text CoT-SFT learns to write: the reasoning steps, then the final answer in the tag `final_answer` reads
     (the `reasoning` format's reply)."""
-    return " ".join(step.strip() for step in rationale) + f" <answer>{answer}</answer>"
+    steps = " ".join(step.strip() for step in rationale)
+    return f"{steps} <answer>{answer}</answer>" if steps else f"<answer>{answer}</answer>"
 
 
 def final_answer(text: str, answer_format: str = "direct") -> str | None:

@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MANIFEST, MedSynapseV
-from medsynapse.model.vlm import PromptBatch, forward_with_memory, load_vlm, vision_features
-from medsynapse.objectives.ntp import answer_nll
+from medsynapse.model.vlm import PromptBatch, load_vlm, vision_features
 from medsynapse.recipes import trainer
 
 
@@ -83,19 +82,9 @@ def base_vlm_path(folder: str | Path) -> str:
     return data["vlm"]
 
 
-def answer_window(labels: torch.Tensor) -> int:
-    """How many trailing positions hold every answer token, plus the one that predicts the first answer token."""
-    answer_columns = (labels != -100).any(0).nonzero()
-    if len(answer_columns) == 0:
-        raise ValueError("batch has no answer tokens")
-    return labels.shape[1] - int(answer_columns[0]) + 1
-
-
 def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reduction: str = "token") -> torch.Tensor:
-    """Answer-token next-token loss; only the answer window's logits are computed (same value as full logits)."""
-    keep = answer_window(batch.labels)
-    logits = forward_with_memory(policy, batch, None, latent_id, features=features, logits_to_keep=keep).logits
-    return answer_nll(logits, batch.labels[:, -keep:], reduction)
+    """Answer-token next-token loss without memory (trainer.answer_loss)."""
+    return trainer.answer_loss(policy, batch, None, latent_id, features, reduction)
 
 
 @trainer.one_run_per_folder

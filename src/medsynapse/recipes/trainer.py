@@ -73,6 +73,28 @@ def make_accelerator(output_dir: str | Path) -> Accelerator:
     return accelerator
 
 
+def answer_window(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every answer token, plus the one that predicts the first answer token."""
+    answer_columns = (labels != -100).any(0).nonzero()
+    if len(answer_columns) == 0:
+        raise ValueError("batch has no answer tokens")
+    return labels.shape[1] - int(answer_columns[0]) + 1
+
+
+def answer_loss(policy, batch, memory: torch.Tensor | None, latent_id: int, features=None,
+                reduction: str = "token") -> torch.Tensor:
+    """Teacher-forced next-token loss on the answer tokens (memory or thoughts spliced into the slots, or none);
+    only the answer window's logits are computed (the same value as full logits; an 8B VLM's (B, T, V) logits would
+    dominate memory). Shared by SFT, CoT-SFT and the latent baselines."""
+    from medsynapse.model.vlm import forward_with_memory
+    from medsynapse.objectives.ntp import answer_nll
+
+    keep = answer_window(batch.labels)
+    logits = forward_with_memory(policy, batch, memory, latent_id, features=features, labels=None,
+                                 logits_to_keep=keep).logits
+    return answer_nll(logits, batch.labels[:, -keep:], reduction)
+
+
 def end_training(accelerator: Accelerator) -> None:
     """Close the trackers but keep the process group: `Accelerator.end_training` destroys it, and a pipeline runs
     several recipes in one process under torchrun (the CLI destroys the group when the command ends)."""

@@ -1,0 +1,84 @@
+"""Latent-reasoning loops on Qwen3-VL: k continuous thoughts after the question, each the input of the next step.
+
+The engine the latent baselines share (Coconut† now; MCOUT-Multi† and IVT-LR† build on the same loop). A prompt ends
+with k `<|latent|>` slots (PromptBuilder with n_memory = k, exactly where MedSynapse-V's memory goes). Thought 1 is
+the last-layer hidden state at the position before slot 1 (the end of the question); thought j+1 is the last-layer
+hidden state at slot j once thought j is written there; `transform` maps each hidden state to the slot's input
+(identity for Coconut; MCOUT's latent attention module). The thoughts then enter the slots through the same splice as
+MedSynapse-V's memory, so answering (`generate_with_memory`) and training (`forward_with_memory`) are the plain paths.
+
+How it runs (what the public codes do not: batch size 1, no KV cache, 1-D positions; ../shared/reference/
+latent-peers.md): the whole batch at once, left-padded; pass 0 encodes the prompt before the slots with the image
+(pixels or cached vision features, so DeepStack is applied) into a KV cache; each later pass feeds ONE new position
+(the thought just written) with the cache. Every position gets its explicit 4-row M-RoPE ids from `get_rope_index`
+over the full prompt (the slots are text positions, t = h = w = the text index), the ids the uncached forward gives
+it. Later passes hold no image token, so they need no pixels: the image's keys and values, DeepStack included, are
+in the cache (as in transformers' own cached generation). Gradients flow through the cache when the caller trains
+(keep gradient checkpointing off around the loop: a checkpointed layer would recompute without the cache).
+
+`latent_thoughts_uncached` is the reference the public codes implement (a full forward per thought); tests check
+that both give the same thoughts and `benchmarks/latent_loop.py` times them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from medsynapse.model.vlm import PromptBatch, _vision_kwargs, core_vlm, forward_with_memory, position_ids_for
+
+
+def slot_start(batch: PromptBatch, k: int, latent_id: int) -> int:
+    """The first slot's column: a prompt-only batch ends with its k slots in every row (left padding)."""
+    length = batch.input_ids.shape[1]
+    if k < 1 or k >= length:
+        raise ValueError(f"need 1 <= k < prompt length {length}, got k = {k}")
+    if not bool((batch.input_ids[:, length - k:] == latent_id).all()):
+        raise ValueError(f"every prompt must end with its {k} latent slots (a prompt-only batch, n_memory = k)")
+    if bool((batch.input_ids[:, :length - k] == latent_id).any()):
+        raise ValueError(f"a prompt has more than {k} latent slots")
+    return length - k
+
+
+def latent_thoughts(model, batch: PromptBatch, k: int, latent_id: int, features=None,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The k thoughts (B, k, H) of a prompt-only batch, one cached pass per thought after the prompt's pass."""
+    start = slot_start(batch, k, latent_id)
+    core = core_vlm(model)
+    positions = position_ids_for(model, batch)
+    embeds = core.get_input_embeddings()(batch.input_ids[:, :start])
+    cache = DynamicCache(config=core.config)
+    out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask[:, :start],
+                position_ids=positions[..., :start], cache=cache, use_cache=True, output_hidden_states=True,
+                logits_to_keep=1, **_vision_kwargs(batch, features))
+    thoughts = []
+    for j in range(k):
+        hidden = out.hidden_states[-1][:, -1]
+        thoughts.append(transform(hidden) if transform is not None else hidden)
+        if j == k - 1:
+            break
+        column = start + j  # slot j + 1 (1-based) holds thought j + 1
+        out = model(inputs_embeds=thoughts[-1][:, None].to(embeds.dtype),
+                    attention_mask=batch.attention_mask[:, :column + 1], position_ids=positions[..., column:column + 1],
+                    cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    return torch.stack(thoughts, dim=1)
+
+
+def latent_thoughts_uncached(model, batch: PromptBatch, k: int, latent_id: int, features=None,
+                             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The same thoughts the public codes' way: a forward over the whole prompt for every thought (the slots not yet
+    written hold their placeholder embedding; the causal mask keeps them from mattering)."""
+    start = slot_start(batch, k, latent_id)
+    core = core_vlm(model)
+    placeholder = core.get_input_embeddings().weight[latent_id]
+    written: list[torch.Tensor] = []
+    for j in range(k):
+        filler = placeholder.expand(batch.input_ids.shape[0], k - len(written), -1)
+        memory = torch.cat([torch.stack(written, 1), filler], 1) if written else filler
+        out = forward_with_memory(model, batch, memory, latent_id, features=features, labels=None,
+                                  output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, start - 1 + j]
+        written.append(transform(hidden) if transform is not None else hidden)
+    return torch.stack(written, dim=1)

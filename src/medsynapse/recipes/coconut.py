@@ -1,0 +1,171 @@
+"""Coconut† (Hao et al. 2024) on Qwen3-VL: continuous thoughts in place of the reasoning steps, by curriculum.
+
+The paper's baseline row "adapted with identical backbone and training data". Mechanism (model/latent.py): after the
+question come k latent slots; thought 1 is the last hidden state at the end of the question, thought j+1 the last
+hidden state at slot j; then the text. Curriculum over stages s = 0 .. max_latent_stage: at stage s the first s
+reasoning steps are replaced by k = s * thoughts_per_step thoughts and the model learns the remaining steps, then the
+answer in <answer></answer> (the `reasoning` format's tag), with the loss on those tokens only (question and thought
+positions carry none). A sample with fewer steps than s has all of them replaced (the reference code's
+`pad_latent_to_max`: every sample of a stage gets the same k). The optimiser and its schedule restart at every stage
+(`reset_optimizer: True` in the reference configs). Stage 0 is CoT-SFT.
+
+Adaptations, said plainly: a LoRA on the language model (the model section's, as every baseline here) instead of
+full fine-tuning (8B); defaults thoughts_per_step 1 (c), max_latent_stage 3, one epoch per stage, lr 1e-4, the
+reference GSM8k config scaled down to SynthMed's 2-3 step chains (its maintainers advise lr ~1e-5 and fewer epochs per
+stage for large pretrained models, coconut#11: set them in the run file for 8B). One process only for now (each step
+runs several forwards of the DDP-wrapped model before one backward).
+
+Per step, top to bottom: the stage of this step (a new stage builds a fresh optimiser and schedule); the global batch
+for (seed, step); vision features without gradients; the k thoughts through the cached latent loop, with gradients;
+the teacher-forced loss of the remaining steps + answer with the thoughts in their slots; backward, clip, AdamW;
+checkpoints for exact resume (a checkpoint at a stage boundary resumes into a fresh optimiser, as the run would).
+The saved folder holds the LoRA and records {"method": "coconut", "thoughts": max_latent_stage * c} and the
+`reasoning` format, so `eval` / `predict` run the latent loop and read the tagged answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from medsynapse.config import to_dict
+from medsynapse.data.dataset import VQADataset, training_dataset, with_reasoning_targets
+from medsynapse.data.schema import Sample
+from medsynapse.model.latent import latent_thoughts
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.vlm import PromptBuilder, load_vlm, vision_features
+from medsynapse.objectives.answers import reasoning_target
+from medsynapse.recipes import trainer
+
+
+@dataclass
+class CoconutConfig:
+    model: str = ""  # the base VLM folder
+    train_file: str = ""  # samples with `rationale` steps
+    output_dir: str = "runs/coconut"
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    thoughts_per_step: int = 1  # c: thoughts that replace one reasoning step
+    max_latent_stage: int = 3  # the last stage replaces this many steps (inference uses its thoughts)
+    steps_per_stage: int = 0  # optimiser steps per stage; 0: epochs_per_stage decide
+    epochs_per_stage: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    loss_reduction: str = "token"
+    families: list[str] = field(default_factory=list)
+    answer_types: list[str] = field(default_factory=list)
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    dtype: str = "float32"
+
+
+def stage_of(step: int, steps_per_stage: int, max_latent_stage: int) -> int:
+    """The curriculum stage of a global optimiser step (stages 0 .. max_latent_stage, steps_per_stage each)."""
+    return min(step // steps_per_stage, max_latent_stage)
+
+
+def stage_samples(samples: list[Sample], stage: int) -> list[Sample]:
+    """At stage s the text to learn is the steps after the first s, then the tagged answer."""
+    return [dataclasses.replace(s, answer=reasoning_target(s.rationale[stage:], s.answer)) for s in samples]
+
+
+def _stage_optimizer(model: MedSynapseV, config: CoconutConfig, steps: int):
+    optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
+    return optimizer, trainer.cosine_schedule(optimizer, steps, config.warmup_ratio)
+
+
+@trainer.one_run_per_folder
+def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None = None) -> Path:
+    trainer.check_paths(config, ("model", "train_file"))
+    trainer.check_positive(config, ("lora_r", "lora_alpha", "lr", "batch_size", "thoughts_per_step",
+                                    "max_latent_stage", "save_every", "log_every"))
+    if config.steps_per_stage < 0 or (config.steps_per_stage == 0 and not config.epochs_per_stage > 0):
+        raise ValueError("steps_per_stage must be >= 1, or 0 with epochs_per_stage > 0")
+    output = Path(config.output_dir)
+    accelerator = trainer.make_accelerator(output)
+    if accelerator.num_processes > 1:
+        raise NotImplementedError("Coconut trains in one process for now: each step runs several forwards of the "
+                                  "model before one backward, which DDP does not allow")
+    torch.manual_seed(config.seed)
+    vlm, processor = load_vlm(config.model, dtype=config.dtype)
+    model = MedSynapseV(vlm, processor, vlm_path=config.model)
+    model.vlm.requires_grad_(False)
+    model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model.to(accelerator.device)
+
+    plain = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
+                             with_answers=True, answer_format="reasoning")
+    with_reasoning_targets(plain.samples, config.train_file)  # every sample needs its steps (names one that lacks)
+    per_stage = config.steps_per_stage or max(1, round(config.epochs_per_stage * len(plain) / config.batch_size))
+    total_steps = per_stage * (config.max_latent_stage + 1)
+    datasets: dict[int, VQADataset] = {}
+
+    def dataset_for(stage: int) -> VQADataset:
+        if stage not in datasets:
+            prompts = PromptBuilder(processor, stage * config.thoughts_per_step)
+            datasets[stage] = VQADataset(stage_samples(plain.samples, stage), prompts, with_answers=True)
+            datasets[stage]._images = plain._images  # images decoded once for every stage
+        return datasets[stage]
+
+    start = 0
+    checkpoint = trainer.resume_point(output, config, total_steps)
+    optimizer, scheduler = _stage_optimizer(model, config, per_stage)
+    if checkpoint is not None:
+        start = trainer.load_checkpoint(checkpoint, model.vlm, optimizer, scheduler)["step"]
+        if start % per_stage == 0:  # the run would start a new stage here: a fresh optimiser
+            optimizer, scheduler = _stage_optimizer(model, config, per_stage)
+    accelerator.init_trackers("coconut", config={k: str(v) for k, v in to_dict(config).items()})
+
+    model.vlm.train()
+    bar = tqdm(range(start, total_steps), desc="coconut", disable=not accelerator.is_main_process, initial=start,
+               total=total_steps)
+    for step in bar:
+        stage = stage_of(step, per_stage, config.max_latent_stage)
+        if step % per_stage == 0 and step != start:
+            optimizer, scheduler = _stage_optimizer(model, config, per_stage)  # reset_optimizer, per stage
+        dataset = dataset_for(stage)
+        k = stage * config.thoughts_per_step
+        indices = trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed)
+        items = [dataset.encoded(i) for i in indices]
+        batch = dataset.prompts.collate(items, with_answers=True).to(accelerator.device)
+        with torch.no_grad():
+            features = vision_features(model.vlm, batch)
+        thoughts = None
+        if k:
+            prompt = dataset.prompts.collate(items, with_answers=False).to(accelerator.device)
+            thoughts = latent_thoughts(model.vlm, prompt, k, model.latent_id, features)
+        loss = trainer.answer_loss(model.vlm, batch, thoughts, model.latent_id, features, config.loss_reduction)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.vlm.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.log_every == 0 or step == total_steps - 1:
+            logs = {"loss": loss.item(), "stage": stage, "thoughts": k, "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm)}
+            accelerator.log(logs, step=step)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", stage=stage)
+        done = step + 1
+        if done % config.save_every == 0 or done == total_steps or done % per_stage == 0:
+            trainer.save_checkpoint(output, done, model.vlm, optimizer, scheduler, config=config)
+        if on_step is not None:
+            on_step(done)
+
+    model.vlm.eval()
+    model.latent = {"method": "coconut", "thoughts": config.max_latent_stage * config.thoughts_per_step}
+    model.answer_format = "reasoning"
+    model.save_pretrained(output)
+    trainer.end_training(accelerator)
+    return output

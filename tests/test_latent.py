@@ -1,0 +1,158 @@
+"""The latent-loop engine (model/latent.py) and Coconut† (recipes/coconut.py): thoughts are the hidden states they
+claim to be, the cached batched loop equals the uncached recompute and per-sample runs, gradients reach the model
+through the thoughts, and the curriculum trains, saves and answers through `eval`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from medsynapse.cli import main
+from medsynapse.data.images import load_image
+from medsynapse.data.schema import read_samples
+from medsynapse.model.latent import latent_thoughts, latent_thoughts_uncached
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.vlm import PromptBuilder, forward_with_memory
+from medsynapse.recipes.coconut import stage_of, stage_samples
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_env):
+    torch.manual_seed(0)
+    model = MedSynapseV.from_pretrained(str(tiny_env.vlm), dtype="float32")
+    prompts = PromptBuilder(model.processor, K)
+    samples = read_samples(tiny_env.train_file)[:5]  # different prompt lengths: a padded batch
+    items = [prompts.encode([load_image(s.images[0], s)], s.question) for s in samples]
+    return model, prompts, items
+
+
+def test_each_thought_is_the_last_hidden_state_of_the_position_before_its_slot(setup):
+    model, prompts, items = setup
+    batch = prompts.collate(items, with_answers=False)
+    with torch.no_grad():
+        thoughts = latent_thoughts(model.vlm, batch, K, prompts.latent_id)
+        # one plain forward with the thoughts in their slots: the hidden state before slot j is thought j
+        hidden = forward_with_memory(model.vlm, batch, thoughts, prompts.latent_id, output_hidden_states=True,
+                                     logits_to_keep=1).hidden_states[-1]
+    start = batch.input_ids.shape[1] - K
+    for j in range(K):
+        assert torch.allclose(thoughts[:, j], hidden[:, start - 1 + j], atol=1e-5), j
+    assert thoughts[:, 0].sub(thoughts[:, 1]).abs().max() > 1e-3  # the thoughts differ: each step saw the last
+
+
+def test_the_cached_loop_equals_the_uncached_recompute_and_per_sample_runs(setup):
+    model, prompts, items = setup
+    batch = prompts.collate(items, with_answers=False)
+    assert len({int(m.sum()) for m in batch.attention_mask}) > 1  # really padded
+    with torch.no_grad():
+        cached = latent_thoughts(model.vlm, batch, K, prompts.latent_id)
+        uncached = latent_thoughts_uncached(model.vlm, batch, K, prompts.latent_id)
+        assert (cached - uncached).abs().max() < 1e-5 and cached.abs().mean() > 0.1
+        for row, item in enumerate(items):
+            alone = latent_thoughts(model.vlm, prompts.collate([item], with_answers=False), K, prompts.latent_id)
+            assert (alone[0] - cached[row]).abs().max() < 1e-5, row
+        transformed = latent_thoughts(model.vlm, batch, K, prompts.latent_id, transform=lambda h: 0.5 * h)
+        assert torch.allclose(transformed[:, 0], 0.5 * cached[:, 0], atol=1e-6)  # transform feeds the next step
+        assert (transformed[:, 1] - 0.5 * cached[:, 1]).abs().max() > 1e-4
+
+
+def test_the_loop_refuses_prompts_without_their_slots(setup):
+    from PIL import Image
+
+    model, prompts, _ = setup
+    two = PromptBuilder(model.processor, 2)
+    short = two.collate([two.encode([Image.new("RGB", (64, 64), (120, 80, 40))], "question")], with_answers=False)
+    with pytest.raises(ValueError, match="must end with its 3 latent slots"):
+        latent_thoughts(model.vlm, short, K, prompts.latent_id)
+    with pytest.raises(ValueError, match="more than 1 latent slots"):
+        latent_thoughts(model.vlm, short, 1, prompts.latent_id)
+
+
+def test_gradients_reach_the_model_through_the_thoughts(tiny_env, setup):
+    from medsynapse.recipes.trainer import answer_loss
+
+    model = MedSynapseV.from_pretrained(str(tiny_env.vlm), dtype="float32")
+    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])
+    torch.manual_seed(1)
+    for name, param in model.vlm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)  # non-zero B: the LoRA changes the forward
+    prompts = PromptBuilder(model.processor, K)
+    samples = read_samples(tiny_env.train_file)[:2]
+    items = [prompts.encode([load_image(s.images[0], s)], s.question, s.answer) for s in samples]
+    thoughts = latent_thoughts(model.vlm, prompts.collate(items, with_answers=False), K, prompts.latent_id)
+    # the loss through the thoughts only (their slots' gradient), against the same loss with the thoughts detached
+    loss = answer_loss(model.vlm, prompts.collate(items, with_answers=True), thoughts, prompts.latent_id)
+    grads = torch.autograd.grad(loss, [p for p in model.vlm.parameters() if p.requires_grad])
+    detached = answer_loss(model.vlm, prompts.collate(items, with_answers=True), thoughts.detach(), prompts.latent_id)
+    grads_detached = torch.autograd.grad(detached, [p for p in model.vlm.parameters() if p.requires_grad])
+    assert torch.isclose(loss, detached)
+    gap = max(float((a - b).abs().max()) for a, b in zip(grads, grads_detached))
+    assert gap > 1e-6  # the chain of thoughts carries gradient back into the LoRA
+
+
+def test_the_curriculum_replaces_steps_stage_by_stage():
+    from medsynapse.data.schema import Sample
+
+    sample = Sample(id="x", images=["i"], question="q", answer="yes", answer_type="yes_no",
+                    rationale=["A CT image of the abdomen.", "There is one lesion."])
+    texts = [stage_samples([sample], s)[0].answer for s in range(4)]
+    assert texts == ["A CT image of the abdomen. There is one lesion. <answer>yes</answer>",
+                     "There is one lesion. <answer>yes</answer>", "<answer>yes</answer>", "<answer>yes</answer>"]
+    assert [stage_of(step, 5, 3) for step in (0, 4, 5, 14, 15, 19, 25)] == [0, 0, 1, 2, 3, 3, 3]
+
+
+def _run_file(tiny_env, tmp_path, **coconut) -> str:
+    run = {"output": str(tmp_path / "run"),
+           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
+           "data": {"stage1_file": str(tiny_env.train_file)},
+           "stage1": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "answer_types": ["yes_no"], "save_every": 100},
+           "baselines": {"coconut": {"max_latent_stage": 2, **coconut}}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+def test_coconut_trains_by_stage_resumes_exactly_and_answers_through_eval(tiny_env, tmp_path):
+    from conftest import Interrupted
+
+    from medsynapse.recipes.coconut import train_coconut
+    from medsynapse.runconfig import read_run_config, resolve_baseline
+
+    config = resolve_baseline(read_run_config(_run_file(tiny_env, tmp_path)), "coconut")
+    assert (config.steps_per_stage, config.max_latent_stage, config.batch_size) == (2, 2, 4)  # 6 steps / 3 stages
+    assert main(["train", "baseline", "--method", "coconut", "--config", _run_file(tiny_env, tmp_path)]) == 0
+    folder = tmp_path / "run" / "coconut"
+    manifest = json.loads((folder / "medsynapse.json").read_text())
+    assert manifest["latent"] == {"method": "coconut", "thoughts": 2} and manifest["answer_format"] == "reasoning"
+    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    assert any(float(v.abs().max()) > 1e-4 for k, v in weights.items() if "lora_B" in k)
+    # killed after step 3 (inside stage 1) and resumed: the same weights as the uninterrupted run
+    other = _run_file(tiny_env, tmp_path / "b")
+    killed = resolve_baseline(read_run_config(other, ["baselines.coconut.save_every=1"]), "coconut")
+
+    def kill(done):
+        if done == 3:
+            raise Interrupted("killed")
+    with pytest.raises(Interrupted):
+        train_coconut(killed, on_step=kill)
+    train_coconut(dataclasses.replace(killed, resume=True))
+    resumed = load_file(str(tmp_path / "b" / "run" / "coconut" / "adapter" / "adapter_model.safetensors"))
+    assert weights.keys() == resumed.keys() and all(torch.allclose(weights[k], resumed[k], atol=1e-6)
+                                                    for k in weights)
+    # the folder answers through the latent loop, scored by eval on the SynthMed split in its reasoning format
+    model = MedSynapseV.from_pretrained(str(folder), merge_adapter=True)
+    assert model.n_memory == 2 and model.prompts.n_memory == 2
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(folder), "--benchmarks", "synthmed", "--path",
+                 f"synthmed={tiny_env.test_file.parent}", "--output", str(out), "--limit", "2",
+                 "--max-new-tokens", "4"]) == 0
+    assert json.loads((out / "synthmed" / "run.json").read_text())["answer_format"] == "reasoning"
