@@ -156,3 +156,80 @@ def test_coconut_trains_by_stage_resumes_exactly_and_answers_through_eval(tiny_e
                  f"synthmed={tiny_env.test_file.parent}", "--output", str(out), "--limit", "2",
                  "--max-new-tokens", "4"]) == 0
     assert json.loads((out / "synthmed" / "run.json").read_text())["answer_format"] == "reasoning"
+
+
+def test_mcout_thoughts_attend_over_the_image_and_the_answer_loss_trains_the_module(tiny_env, setup):
+    from medsynapse.model.latent import (
+        LatentAttentionConfig,
+        MultimodalLatentAttention,
+        mcout_thoughts,
+        mixed_embeddings,
+    )
+    from medsynapse.recipes.trainer import answer_loss
+
+    model, prompts, items = setup
+    torch.manual_seed(0)
+    module = MultimodalLatentAttention(LatentAttentionConfig(hidden_size=128, attention_dim=32, heads=4))
+    batch = prompts.collate(items[:2], with_answers=False)
+    context, valid = mixed_embeddings(model.vlm, batch, prompts.latent_id)
+    image_token = model.vlm.config.image_token_id
+    assert not valid[batch.input_ids == prompts.latent_id].any() and not valid[batch.attention_mask == 0].any()
+    plain = model.vlm.get_input_embeddings()(batch.input_ids)
+    is_image = batch.input_ids == image_token
+    assert (context[is_image] - plain[is_image]).abs().max() > 1e-3  # image rows hold the vision features
+    assert torch.equal(context[~is_image], plain[~is_image])
+    # the same thoughts as the generic loop with the module as its transform; a different image changes them
+    thoughts = mcout_thoughts(model.vlm, module, batch, K, prompts.latent_id)
+    by_hand = latent_thoughts(model.vlm, batch, K, prompts.latent_id, transform=lambda h: module(h, context, valid))
+    assert torch.allclose(thoughts, by_hand, atol=1e-6)
+    # thoughts sit between the prompt and the answer, so the answer loss reaches the module (the reference's
+    # thoughts-after-the-answer layout would give it none)
+    samples = read_samples(tiny_env.train_file)[:2]
+    with_answers = prompts.collate([prompts.encode([load_image(s.images[0], s)], s.question, s.answer)
+                                    for s in samples], with_answers=True)
+    loss = answer_loss(model.vlm, with_answers, thoughts, prompts.latent_id)
+    grads = torch.autograd.grad(loss, list(module.parameters()))
+    assert all(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_mcout_loss_adds_mu_times_each_auxiliary_answer_loss(tiny_env, setup):
+    from medsynapse.model.latent import LatentAttentionConfig, MultimodalLatentAttention, mcout_thoughts
+    from medsynapse.recipes.mcout import mcout_loss
+    from medsynapse.recipes.trainer import answer_loss
+
+    model, _, _ = setup
+    torch.manual_seed(0)
+    module = MultimodalLatentAttention(LatentAttentionConfig(hidden_size=128, attention_dim=32, heads=4))
+    samples = read_samples(tiny_env.train_file)[:2]
+    builders = [PromptBuilder(model.processor, t) for t in range(3)]
+    items = [[b.encode([load_image(s.images[0], s)], s.question, s.answer) for s in samples] for b in builders]
+    with torch.no_grad():
+        total, final = mcout_loss(model, module, builders, items, 2, 0.3, None, "token")
+        thoughts = mcout_thoughts(model.vlm, module, builders[2].collate(items[2], with_answers=False), 2,
+                                  model.latent_id)
+        ce = [answer_loss(model.vlm, builders[t].collate(items[t], with_answers=True), thoughts[:, :t],
+                          model.latent_id) for t in (1, 2)]
+    assert torch.isclose(final, ce[1], atol=1e-6)
+    assert torch.isclose(total, ce[1] + 0.3 * (ce[0] + ce[1]), atol=1e-5)
+
+
+def test_mcout_trains_saves_and_answers_through_eval(tiny_env, tmp_path):
+    run = {"output": str(tmp_path / "run"),
+           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
+           "data": {"stage1_file": str(tiny_env.train_file)},
+           "stage1": {"max_steps": 3, "batch_size": 2, "lr": 5e-3, "answer_types": ["yes_no"]},
+           "baselines": {"mcout": {"thoughts": 2, "attention_dim": 32, "attention_heads": 4}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert main(["train", "baseline", "--method", "mcout", "--config", str(path)]) == 0
+    folder = tmp_path / "run" / "mcout"
+    manifest = json.loads((folder / "medsynapse.json").read_text())
+    assert manifest["latent"]["method"] == "mcout" and manifest["latent"]["thoughts"] == 2
+    assert manifest["answer_format"] == "direct"
+    loaded = MedSynapseV.from_pretrained(str(folder), merge_adapter=True)
+    saved = load_file(str(folder / "latent_attention.safetensors"))
+    assert all(torch.equal(loaded.latent_module.state_dict()[k], v) for k, v in saved.items())
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(folder), "--benchmarks", "synthmed", "--path",
+                 f"synthmed={tiny_env.test_file.parent}", "--output", str(out), "--limit", "2"]) == 0
+    assert json.loads((out / "synthmed" / "metrics.json").read_text())["n"] == 2

@@ -96,13 +96,17 @@ def _train_baseline(args: argparse.Namespace) -> int:
 
     if args.method not in BASELINES:
         raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)} (the latent-reasoning "
-                         "baselines mcout / ivt-lr are not built yet)")
+                         "baseline ivt-lr is not built yet)")
     if _is_run_file(args.config):
         config = resolve_baseline(read_run_config(args.config, args.set), args.method)
     elif args.method == "coconut":
         from medsynapse.recipes.coconut import CoconutConfig
 
         config = load_config(CoconutConfig, args.config, args.set)
+    elif args.method == "mcout":
+        from medsynapse.recipes.mcout import MCOUTConfig
+
+        config = load_config(MCOUTConfig, args.config, args.set)
     elif args.method == "grpo":
         config = load_config(Stage2Config, args.config, [*(args.set or []), "use_memory=false", "lambda_causal=0"])
     else:
@@ -112,6 +116,8 @@ def _train_baseline(args: argparse.Namespace) -> int:
         config.resume = True
     if args.method == "coconut":
         from medsynapse.recipes.coconut import train_coconut as train
+    elif args.method == "mcout":
+        from medsynapse.recipes.mcout import train_mcout as train
     else:
         train = train_stage2 if args.method == "grpo" else train_sft
     out = train(config)
@@ -316,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="train one stage, or a no-memory baseline (baseline --method sft|cot-sft|grpo)")
     train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft", "baseline"])
     train.add_argument("--method", default=None, help="with `baseline`: sft, cot-sft (LoRA on the reasoning steps + "
-                       "answer), grpo (GRPO-only, no memory) or coconut (continuous thoughts, by curriculum)")
+                       "answer), grpo (GRPO-only, no memory), coconut (continuous thoughts, by curriculum) or mcout "
+                       "(MCOUT-Multi: thoughts through a latent attention over the image and text)")
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")

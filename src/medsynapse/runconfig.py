@@ -25,7 +25,7 @@ from medsynapse.data.corpora import CorpusSpec, check_specs
 STAGES = ("stage1", "stage2", "stage3")
 SECTIONS = ("output", "model", "data", "eval", *STAGES, "baselines", "synthmed")
 # The no-memory baselines a run file can train (`medsynapse train baseline --method M`), with their folders.
-BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only", "coconut": "coconut"}
+BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only", "coconut": "coconut", "mcout": "mcout"}
 
 
 @dataclass
@@ -78,7 +78,7 @@ class EvalSection:
                                                            "medxpertqa-mm", "gmai-mmbench"])
     data_root: str = ""
     batch_size: int = 8
-    answer_format: str = "direct"  # direct | reasoning (objectives/answers.py)
+    answer_format: str | None = None  # direct | reasoning (objectives/answers.py); None: as each model was trained
     max_new_tokens: int | None = None  # None: each benchmark's protocol budget
     limit: int | None = None  # first N scored questions per benchmark (smoke runs)
 
@@ -180,8 +180,9 @@ def resolve_baseline(run: RunConfig, method: str):
     - sft: LoRA (the model section's) + next-token loss on Stage I's data, steps / epochs, batch, lr and schedule;
     - cot-sft: the same on the reasoning steps + tagged answer (`target: rationale`), replying in `reasoning` format;
     - grpo: Stage II's resolved settings on the plain VLM, with no memory and no causal term (GRPO-only);
-    - coconut: Stage I's data, batch, lr and steps, split evenly over the curriculum's stages.
-    Folders: OUTPUT/sft, OUTPUT/cot_sft, OUTPUT/grpo_only, OUTPUT/coconut."""
+    - coconut: Stage I's data, batch, lr and steps, split evenly over the curriculum's stages;
+    - mcout: Stage I's data, batch, lr and steps (MCOUT-Multi, the answer as target).
+    Folders: OUTPUT/<method> (grpo: OUTPUT/grpo_only, cot-sft: OUTPUT/cot_sft)."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; known: {list(BASELINES)}")
     m, out = run.model, Path(run.output)
@@ -207,6 +208,16 @@ def resolve_baseline(run: RunConfig, method: str):
                       answer_types=list(s1.answer_types), save_every=s1.save_every, log_every=s1.log_every,
                       seed=s1.seed, dtype=s1.dtype)
         return from_dict(CoconutConfig, {**filled, **overrides}, where)
+    if method == "mcout":  # Stage I's data and budget, the answer as target
+        from medsynapse.recipes.mcout import MCOUTConfig
+
+        filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]),
+                      lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr,
+                      batch_size=s1.batch_size, max_steps=s1.max_steps, epochs=s1.epochs,
+                      weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, loss_reduction=s1.loss_reduction,
+                      families=list(s1.families), answer_types=list(s1.answer_types), save_every=s1.save_every,
+                      log_every=s1.log_every, seed=s1.seed, dtype=s1.dtype)
+        return from_dict(MCOUTConfig, {**filled, **run.baselines.get(method, {})}, where)
     filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]), lora_r=m.lora_r,
                   lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr, epochs=s1.epochs,
                   max_steps=s1.max_steps, batch_size=s1.batch_size, warmup_ratio=s1.warmup_ratio,

@@ -23,11 +23,20 @@ that both give the same thoughts and `benchmarks/latent_loop.py` times them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
-from medsynapse.model.vlm import PromptBatch, _vision_kwargs, core_vlm, forward_with_memory, position_ids_for
+from medsynapse.model.vlm import (
+    PromptBatch,
+    _vision_kwargs,
+    core_vlm,
+    forward_with_memory,
+    position_ids_for,
+    vision_features,
+)
 
 
 def slot_start(batch: PromptBatch, k: int, latent_id: int) -> int:
@@ -82,3 +91,59 @@ def latent_thoughts_uncached(model, batch: PromptBatch, k: int, latent_id: int, 
         hidden = out.hidden_states[-1][:, start - 1 + j]
         written.append(transform(hidden) if transform is not None else hidden)
     return torch.stack(written, dim=1)
+
+
+@dataclass
+class LatentAttentionConfig:
+    hidden_size: int  # the VLM's text width
+    attention_dim: int = 2048  # MCOUT-Multi's reference width
+    heads: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MultimodalLatentAttention(nn.Module):
+    """MCOUT-Multi's module (Hanhpt23/OmniMod, `MultimodalLatentAttention`): the thought attends over the prompt's
+    visual + text input embeddings. query = Linear(H -> d)(h); multi-head attention (d, heads; keys and values of
+    width H) over those embeddings, padding and the latent slots masked; residual + LayerNorm; Linear(d -> H);
+    LayerNorm."""
+
+    def __init__(self, config: LatentAttentionConfig):
+        super().__init__()
+        self.config = config
+        hidden, width = config.hidden_size, config.attention_dim
+        self.query = nn.Linear(hidden, width)
+        self.attention = nn.MultiheadAttention(width, config.heads, kdim=hidden, vdim=hidden, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, hidden)
+        self.out_norm = nn.LayerNorm(hidden)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """hidden (B, H) -> the thought (B, H); context (B, L, H) with `valid` (B, L) True where attended."""
+        query = self.query(hidden.to(self.query.weight.dtype))[:, None]
+        context = context.to(self.query.weight.dtype)
+        attended, _ = self.attention(query, context, context, key_padding_mask=~valid, need_weights=False)
+        return self.out_norm(self.out(self.norm(query + attended)))[:, 0]
+
+
+def mixed_embeddings(model, batch: PromptBatch, latent_id: int, features=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's input embeddings with the image tokens replaced by the vision tower's merged features (what
+    MCOUT-Multi attends over), and where they are valid: real tokens that are not latent slots."""
+    core = core_vlm(model)
+    embeds = core.get_input_embeddings()(batch.input_ids)
+    features = features if features is not None else vision_features(model, batch)
+    image = torch.cat(tuple(features.pooler_output)).to(embeds.dtype)
+    slots = (batch.input_ids == core.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(slots, image)
+    valid = batch.attention_mask.bool() & (batch.input_ids != latent_id)
+    return embeds, valid
+
+
+def mcout_thoughts(model, module: MultimodalLatentAttention, batch: PromptBatch, k: int, latent_id: int,
+                   features=None) -> torch.Tensor:
+    """MCOUT-Multi's k thoughts: each last hidden state passed through the latent attention module over the prompt's
+    visual + text embeddings, through the same cached loop."""
+    features = features if features is not None else vision_features(model, batch)
+    context, valid = mixed_embeddings(model, batch, latent_id, features)
+    return latent_thoughts(model, batch, k, latent_id, features, transform=lambda h: module(h, context, valid))

@@ -90,7 +90,8 @@ class MedSynapseV(nn.Module):
     def __init__(self, vlm, processor, encoder: PriorEncoder | None = None,
                  sampler: DiagnosticMemorySampler | None = None, vlm_path: str | None = None,
                  encoder_path: str | None = None, autonomous: AutonomousMemoryModule | None = None,
-                 adapter_path: str | None = None, latent: dict | None = None):
+                 adapter_path: str | None = None, latent: dict | None = None,
+                 latent_module: nn.Module | None = None):
         super().__init__()
         self.vlm = vlm
         self.processor = processor
@@ -103,6 +104,7 @@ class MedSynapseV(nn.Module):
         # a latent-reasoning baseline (model/latent.py): {"method": "coconut", "thoughts": k}; its k slots hold the
         # thoughts it computes itself, where MedSynapse-V's memory would go
         self.latent = latent
+        self.latent_module = latent_module  # MCOUT-Multi's latent attention (model/latent.py), else None
         if latent is not None:
             if memory_module is not None:
                 raise ValueError("a latent-reasoning model has no memory module")
@@ -158,7 +160,7 @@ class MedSynapseV(nn.Module):
             self.vlm.save_pretrained(folder / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
         elif self.adapter_path and Path(self.adapter_path).resolve() != (folder / ADAPTER_DIR).resolve():
             shutil.copytree(self.adapter_path, folder / ADAPTER_DIR, dirs_exist_ok=True)  # merged in memory
-        for name, module in (("autonomous", self.autonomous),):
+        for name, module in (("autonomous", self.autonomous), ("latent_attention", self.latent_module)):
             if module is not None:
                 state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
                 save_file(state, str(folder / f"{name}.safetensors.tmp"))
@@ -213,8 +215,14 @@ class MedSynapseV(nn.Module):
             vlm = PeftModel.from_pretrained(vlm, adapter_path, is_trainable=False)
             if merge_adapter:
                 vlm = vlm.merge_and_unload()
+        latent, latent_module = manifest.get("latent"), None
+        if latent is not None and latent.get("attention"):
+            from medsynapse.model.latent import LatentAttentionConfig, MultimodalLatentAttention
+
+            latent_module = MultimodalLatentAttention(LatentAttentionConfig(**latent["attention"]))
+            load_weights(latent_module, folder / "latent_attention.safetensors")
         model = cls(vlm, processor, encoder, sampler, manifest["vlm"], manifest.get("encoder"), autonomous,
-                    adapter_path if merge_adapter else None, latent=manifest.get("latent"))
+                    adapter_path if merge_adapter else None, latent=latent, latent_module=latent_module)
         if manifest.get("reference_bank"):
             model.reference_bank = load_reference_bank(folder / manifest["reference_bank"])
         model.answer_format = manifest.get("answer_format", "direct")  # folders written before it was recorded
@@ -272,8 +280,10 @@ class MedSynapseV(nn.Module):
         if self.latent is not None:
             if branch is not None:
                 raise ValueError(f"a latent-reasoning model ({self.latent['method']}) has no {branch} branch")
-            from medsynapse.model.latent import latent_thoughts
+            from medsynapse.model.latent import latent_thoughts, mcout_thoughts
 
+            if self.latent["method"] == "mcout":
+                return mcout_thoughts(self.vlm, self.latent_module, batch, self.n_memory, self.latent_id, features)
             return latent_thoughts(self.vlm, batch, self.n_memory, self.latent_id, features)
         branch = branch or ("autonomous" if self.autonomous is not None else "privileged")
         if branch == "autonomous":
