@@ -147,5 +147,5 @@ def test_grpo_only_baseline_trains_a_lora_without_memory(tiny_env, tmp_path):
     folder = tmp_path / "run" / "grpo_only"
     manifest = json.loads((folder / "medsynapse.json").read_text())
     assert manifest["sampler"] is None and manifest["adapter"] and not (folder / "sampler.safetensors").exists()
-    with pytest.raises(SystemExit, match="ivt-lr is not built yet"):
-        main(["train", "baseline", "--method", "ivt-lr", "--config", _run_file(tiny_env, tmp_path)])
+    with pytest.raises(SystemExit, match="--method must be one of sft, cot-sft, grpo, coconut, mcout, ivt-lr"):
+        main(["train", "baseline", "--method", "cot", "--config", _run_file(tiny_env, tmp_path)])

@@ -233,3 +233,61 @@ def test_mcout_trains_saves_and_answers_through_eval(tiny_env, tmp_path):
     assert main(["eval", "--model", str(folder), "--benchmarks", "synthmed", "--path",
                  f"synthmed={tiny_env.test_file.parent}", "--output", str(out), "--limit", "2"]) == 0
     assert json.loads((out / "synthmed" / "metrics.json").read_text())["n"] == 2
+
+
+def test_ivt_lr_chooses_the_patches_that_layers_attention_ranks_first(tiny_env, setup):
+    from medsynapse.model.latent import ivt_latents, mixed_embeddings
+
+    model = MedSynapseV.from_pretrained(str(tiny_env.vlm), dtype="float32")
+    steps, patches, layer = 2, 2, 1
+    prompts = PromptBuilder(model.processor, steps * (1 + patches))
+    samples = read_samples(tiny_env.train_file)[:3]
+    batch = prompts.collate([prompts.encode([load_image(s.images[0], s)], s.question) for s in samples],
+                            with_answers=False)
+    with torch.no_grad():
+        vectors, chosen = ivt_latents(model.vlm, batch, steps, patches, layer, prompts.latent_id)
+        context, _ = mixed_embeddings(model.vlm, batch, prompts.latent_id)
+    # an independent reference: eager attention weights of the whole sequence (returned by output_attentions),
+    # the latent position's row at that layer averaged over heads, top-K over the image tokens not yet chosen
+    model.vlm.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = forward_with_memory(model.vlm, batch, vectors, prompts.latent_id, output_attentions=True,
+                                  output_hidden_states=True, logits_to_keep=1)
+    attention = out.attentions[layer].mean(1)
+    start = batch.input_ids.shape[1] - steps * (1 + patches)
+    image = batch.input_ids[:, :start] == model.vlm.config.image_token_id
+    taken = torch.zeros_like(image)
+    for step in range(steps):
+        column = start + step * (1 + patches)
+        weights = attention[:, column, :start].masked_fill(~image | taken, float("-inf"))
+        expected = weights.topk(patches, -1).indices.sort(-1).values
+        taken.scatter_(1, expected, True)
+        assert torch.equal(chosen[:, step], expected), step
+        # the slot holds the thought (the hidden state before it) and then the chosen tokens' vision features
+        assert torch.allclose(vectors[:, column - start], out.hidden_states[-1][:, column - 1], atol=1e-5)
+        got = vectors[:, column - start + 1:column - start + 1 + patches]
+        assert torch.equal(got, context.gather(1, expected[..., None].expand(-1, -1, context.shape[-1])))
+    assert len({tuple(row) for row in chosen.flatten(1).tolist()}) > 1  # choices depend on the image
+    with pytest.raises(ValueError, match="exceed an image's 4 merged tokens"):
+        ivt_latents(model.vlm, PromptBuilder(model.processor, 3 * 3).collate(
+            [PromptBuilder(model.processor, 9).encode([load_image(samples[0].images[0], samples[0])], "q")],
+            with_answers=False), 3, 2, layer, prompts.latent_id)
+
+
+def test_ivt_lr_trains_saves_and_answers_through_eval(tiny_env, tmp_path):
+    run = {"output": str(tmp_path / "run"),
+           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
+           "data": {"stage1_file": str(tiny_env.train_file)},
+           "stage1": {"max_steps": 3, "batch_size": 2, "lr": 5e-3, "answer_types": ["yes_no"]},
+           "baselines": {"ivt-lr": {"max_latent_stage": 2, "patches_per_step": 2}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert main(["train", "baseline", "--method", "ivt-lr", "--config", str(path)]) == 0
+    folder = tmp_path / "run" / "ivt_lr"
+    latent = json.loads((folder / "medsynapse.json").read_text())["latent"]
+    assert latent == {"method": "ivt-lr", "thoughts": 6, "steps": 2, "patches": 2, "layer": 1}
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(folder), "--benchmarks", "synthmed", "--path",
+                 f"synthmed={tiny_env.test_file.parent}", "--output", str(out), "--limit", "2",
+                 "--max-new-tokens", "4"]) == 0
+    assert json.loads((out / "synthmed" / "metrics.json").read_text())["n"] == 2

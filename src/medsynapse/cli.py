@@ -95,14 +95,15 @@ def _train_baseline(args: argparse.Namespace) -> int:
     from medsynapse.runconfig import BASELINES, read_run_config, resolve_baseline
 
     if args.method not in BASELINES:
-        raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)} (the latent-reasoning "
-                         "baseline ivt-lr is not built yet)")
+        raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)}")
     if _is_run_file(args.config):
         config = resolve_baseline(read_run_config(args.config, args.set), args.method)
-    elif args.method == "coconut":
+    elif args.method in ("coconut", "ivt-lr"):
         from medsynapse.recipes.coconut import CoconutConfig
 
         config = load_config(CoconutConfig, args.config, args.set)
+        if args.method == "ivt-lr" and not config.patches_per_step:
+            config.patches_per_step = 32  # the reference's K
     elif args.method == "mcout":
         from medsynapse.recipes.mcout import MCOUTConfig
 
@@ -114,7 +115,7 @@ def _train_baseline(args: argparse.Namespace) -> int:
         config = load_config(SFTConfig, args.config, [*(args.set or []), f"target={target}"])
     if args.resume:
         config.resume = True
-    if args.method == "coconut":
+    if args.method in ("coconut", "ivt-lr"):
         from medsynapse.recipes.coconut import train_coconut as train
     elif args.method == "mcout":
         from medsynapse.recipes.mcout import train_mcout as train
@@ -322,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="train one stage, or a no-memory baseline (baseline --method sft|cot-sft|grpo)")
     train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft", "baseline"])
     train.add_argument("--method", default=None, help="with `baseline`: sft, cot-sft (LoRA on the reasoning steps + "
-                       "answer), grpo (GRPO-only, no memory), coconut (continuous thoughts, by curriculum) or mcout "
-                       "(MCOUT-Multi: thoughts through a latent attention over the image and text)")
+                       "answer), grpo (GRPO-only, no memory), coconut (continuous thoughts, by curriculum) mcout "
+                       "(MCOUT-Multi: thoughts through a latent attention over the image and text) or ivt-lr "
+                       "(Coconut's curriculum + the most-attended image tokens inserted per latent step)")
     train.add_argument("--config", required=True)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")

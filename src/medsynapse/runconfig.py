@@ -25,7 +25,8 @@ from medsynapse.data.corpora import CorpusSpec, check_specs
 STAGES = ("stage1", "stage2", "stage3")
 SECTIONS = ("output", "model", "data", "eval", *STAGES, "baselines", "synthmed")
 # The no-memory baselines a run file can train (`medsynapse train baseline --method M`), with their folders.
-BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only", "coconut": "coconut", "mcout": "mcout"}
+BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only", "coconut": "coconut", "mcout": "mcout",
+             "ivt-lr": "ivt_lr"}
 
 
 @dataclass
@@ -180,7 +181,8 @@ def resolve_baseline(run: RunConfig, method: str):
     - sft: LoRA (the model section's) + next-token loss on Stage I's data, steps / epochs, batch, lr and schedule;
     - cot-sft: the same on the reasoning steps + tagged answer (`target: rationale`), replying in `reasoning` format;
     - grpo: Stage II's resolved settings on the plain VLM, with no memory and no causal term (GRPO-only);
-    - coconut: Stage I's data, batch, lr and steps, split evenly over the curriculum's stages;
+    - coconut, ivt-lr: Stage I's data, batch, lr and steps, split evenly over the curriculum's stages (ivt-lr: K 32
+      image tokens per latent step unless the section says otherwise);
     - mcout: Stage I's data, batch, lr and steps (MCOUT-Multi, the answer as target).
     Folders: OUTPUT/<method> (grpo: OUTPUT/grpo_only, cot-sft: OUTPUT/cot_sft)."""
     if method not in BASELINES:
@@ -195,7 +197,7 @@ def resolve_baseline(run: RunConfig, method: str):
     from medsynapse.recipes.sft import SFTConfig
 
     s1 = resolve(run, "stage1")
-    if method == "coconut":  # Stage I's data and budget split evenly over the curriculum's stages
+    if method in ("coconut", "ivt-lr"):  # Stage I's data and budget split evenly over the curriculum's stages
         from medsynapse.recipes.coconut import CoconutConfig
 
         overrides = run.baselines.get(method, {})
@@ -207,6 +209,8 @@ def resolve_baseline(run: RunConfig, method: str):
                       loss_reduction=s1.loss_reduction, families=list(s1.families),
                       answer_types=list(s1.answer_types), save_every=s1.save_every, log_every=s1.log_every,
                       seed=s1.seed, dtype=s1.dtype)
+        if method == "ivt-lr":
+            filled["patches_per_step"] = 32  # the reference's K
         return from_dict(CoconutConfig, {**filled, **overrides}, where)
     if method == "mcout":  # Stage I's data and budget, the answer as target
         from medsynapse.recipes.mcout import MCOUTConfig

@@ -147,3 +147,86 @@ def mcout_thoughts(model, module: MultimodalLatentAttention, batch: PromptBatch,
     features = features if features is not None else vision_features(model, batch)
     context, valid = mixed_embeddings(model, batch, latent_id, features)
     return latent_thoughts(model, batch, k, latent_id, features, transform=lambda h: module(h, context, valid))
+
+
+class LastQueryHook:
+    """Captures, at one decoder layer, the rotated query of the LAST input position (a forward pre-hook on the
+    layer's attention: q_norm(q_proj(h)) with the rotary embedding of that position), so the attention of that
+    position over every cached key can be computed without `output_attentions` (which returns all layers' (L, L)
+    maps and forces eager attention)."""
+
+    def __init__(self, attention: nn.Module):
+        self.attention = attention
+        self.query: torch.Tensor | None = None
+        self.handle = attention.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module, args, kwargs):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+
+        hidden = (args[0] if args else kwargs["hidden_states"])[:, -1:]
+        cos, sin = kwargs["position_embeddings"]
+        query = module.q_norm(module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim)).transpose(1, 2)
+        self.query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+
+    def weights(self, keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) attention of the captured position over `keys` (B, kv_heads, L, d), averaged over heads."""
+        groups = self.query.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(groups, dim=1)
+        scores = (self.query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * self.attention.scaling
+        scores = scores.masked_fill(attention_mask[:, None, :keys.shape[2]] == 0, float("-inf"))
+        return scores.softmax(-1).mean(1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def ivt_latents(model, batch: PromptBatch, steps: int, patches: int, layer: int, latent_id: int,
+                features=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """IVT-LR's latent steps: per step, the latent text (the last hidden state, as Coconut) then the `patches` image
+    tokens the latent position attends to most at decoder layer `layer` (excluding those already chosen), inserted as
+    new positions. The prompt must end with steps * (1 + patches) slots; returns the vectors for those slots
+    (B, steps * (1 + patches), H) and the chosen image columns (B, steps, patches), in column order per step.
+
+    The inserted patches carry the vision tower's merged feature of their token and get TEXT positions (the next
+    indices, as every slot does), not their original (t, h, w) ids: the reference code rebuilds 1-D positions for the
+    whole sequence; text ids keep the positions increasing in the cache, and the patch's content is its own.
+    """
+    slots = steps * (1 + patches)
+    start = slot_start(batch, slots, latent_id)
+    core = core_vlm(model)
+    image_columns = batch.input_ids[:, :start] == core.config.image_token_id
+    if bool((image_columns.sum(1) < steps * patches).any()):
+        raise ValueError(f"{steps} steps x {patches} patches exceed an image's {int(image_columns.sum(1).min())} "
+                         "merged tokens")
+    features = features if features is not None else vision_features(model, batch)
+    context, _ = mixed_embeddings(model, batch, latent_id, features)
+    positions = position_ids_for(model, batch)
+    cache = DynamicCache(config=core.config)
+    out = model(inputs_embeds=core.get_input_embeddings()(batch.input_ids[:, :start]),
+                attention_mask=batch.attention_mask[:, :start], position_ids=positions[..., :start], cache=cache,
+                use_cache=True, output_hidden_states=True, logits_to_keep=1, **_vision_kwargs(batch, features))
+    hook = LastQueryHook(core.model.language_model.layers[layer].self_attn)
+    vectors, chosen = [], []
+    taken = torch.zeros_like(image_columns)
+    column = start
+    try:
+        for step in range(steps):
+            thought = out.hidden_states[-1][:, -1:]
+            vectors.append(thought)
+            model(inputs_embeds=thought.to(context.dtype), attention_mask=batch.attention_mask[:, :column + 1],
+                  position_ids=positions[..., column:column + 1], cache=cache, use_cache=True, logits_to_keep=1)
+            weights = hook.weights(cache.layers[layer % len(cache.layers)].keys, batch.attention_mask)[:, :start]
+            weights = weights.masked_fill(~image_columns | taken, float("-inf"))
+            picked = weights.topk(patches, dim=-1).indices.sort(-1).values
+            taken.scatter_(1, picked, True)
+            chosen.append(picked)
+            patch = context.gather(1, picked[..., None].expand(-1, -1, context.shape[-1]))
+            vectors.append(patch)
+            if step < steps - 1:
+                out = model(inputs_embeds=patch, attention_mask=batch.attention_mask[:, :column + 1 + patches],
+                            position_ids=positions[..., column + 1:column + 1 + patches], cache=cache, use_cache=True,
+                            output_hidden_states=True, logits_to_keep=1)
+            column += 1 + patches
+    finally:
+        hook.remove()
+    return torch.cat(vectors, 1), torch.stack(chosen, 1)

@@ -280,8 +280,11 @@ class MedSynapseV(nn.Module):
         if self.latent is not None:
             if branch is not None:
                 raise ValueError(f"a latent-reasoning model ({self.latent['method']}) has no {branch} branch")
-            from medsynapse.model.latent import latent_thoughts, mcout_thoughts
+            from medsynapse.model.latent import ivt_latents, latent_thoughts, mcout_thoughts
 
+            if self.latent["method"] == "ivt-lr":
+                return ivt_latents(self.vlm, batch, self.latent["steps"], self.latent["patches"],
+                                   self.latent["layer"], self.latent_id, features)[0]
             if self.latent["method"] == "mcout":
                 return mcout_thoughts(self.vlm, self.latent_module, batch, self.n_memory, self.latent_id, features)
             return latent_thoughts(self.vlm, batch, self.n_memory, self.latent_id, features)

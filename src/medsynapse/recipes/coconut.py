@@ -1,4 +1,6 @@
-"""Coconut† (Hao et al. 2024) on Qwen3-VL: continuous thoughts in place of the reasoning steps, by curriculum.
+"""Coconut† (Hao et al. 2024) on Qwen3-VL: continuous thoughts in place of the reasoning steps, by curriculum; with
+`patches_per_step` > 0 it is IVT-LR† (Chen et al. 2025): each latent step also inserts the image tokens the latent
+position attends to most at one decoder layer (model/latent.py, `ivt_latents`).
 
 The paper's baseline row "adapted with identical backbone and training data". Mechanism (model/latent.py): after the
 question come k latent slots; thought 1 is the last hidden state at the end of the question, thought j+1 the last
@@ -19,8 +21,11 @@ Per step, top to bottom: the stage of this step (a new stage builds a fresh opti
 for (seed, step); vision features without gradients; the k thoughts through the cached latent loop, with gradients;
 the teacher-forced loss of the remaining steps + answer with the thoughts in their slots; backward, clip, AdamW;
 checkpoints for exact resume (a checkpoint at a stage boundary resumes into a fresh optimiser, as the run would).
-The saved folder holds the LoRA and records {"method": "coconut", "thoughts": max_latent_stage * c} and the
-`reasoning` format, so `eval` / `predict` run the latent loop and read the tagged answer.
+The saved folder holds the LoRA and records {"method": "coconut", "thoughts": max_latent_stage * c} (IVT-LR: the
+slots, steps, patches and layer) and the `reasoning` format, so `eval` / `predict` run the latent loop and read the
+tagged answer. IVT-LR's reference: K = 32 patches chosen by attention averaged over ALL layers (returned with
+`output_attentions`, a (B, layers x heads, L, L) tensor); here one layer's attention through a hook (default the
+middle layer), K per run file (SynthMed's images have 16 merged tokens).
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ from tqdm.auto import tqdm
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import VQADataset, training_dataset, with_reasoning_targets
 from medsynapse.data.schema import Sample
-from medsynapse.model.latent import latent_thoughts
+from medsynapse.model.latent import ivt_latents, latent_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.model.vlm import PromptBuilder, load_vlm, vision_features
+from medsynapse.model.vlm import PromptBuilder, core_vlm, load_vlm, vision_features
 from medsynapse.objectives.answers import reasoning_target
 from medsynapse.recipes import trainer
 
@@ -54,6 +59,8 @@ class CoconutConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     thoughts_per_step: int = 1  # c: thoughts that replace one reasoning step
     max_latent_stage: int = 3  # the last stage replaces this many steps (inference uses its thoughts)
+    patches_per_step: int = 0  # IVT-LR: image tokens inserted per latent step (reference 32); 0 = Coconut
+    selection_layer: int = -1  # IVT-LR: the decoder layer whose attention chooses them; -1 = the middle layer
     steps_per_stage: int = 0  # optimiser steps per stage; 0: epochs_per_stage decide
     epochs_per_stage: float = 1.0
     lr: float = 1e-4
@@ -91,6 +98,8 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lora_r", "lora_alpha", "lr", "batch_size", "thoughts_per_step",
                                     "max_latent_stage", "save_every", "log_every"))
+    if config.patches_per_step < 0:
+        raise ValueError(f"patches_per_step must be >= 0, got {config.patches_per_step}")
     if config.steps_per_stage < 0 or (config.steps_per_stage == 0 and not config.epochs_per_stage > 0):
         raise ValueError("steps_per_stage must be >= 1, or 0 with epochs_per_stage > 0")
     output = Path(config.output_dir)
@@ -112,9 +121,20 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     total_steps = per_stage * (config.max_latent_stage + 1)
     datasets: dict[int, VQADataset] = {}
 
+    per_latent = 1 + config.patches_per_step  # slots per latent step
+    layers = core_vlm(model.vlm).config.text_config.num_hidden_layers
+    layer = config.selection_layer if config.selection_layer >= 0 else layers // 2
+    if layer >= layers:
+        raise ValueError(f"selection_layer {layer} >= the VLM's {layers} decoder layers")
+
+    def latents(prompt, k: int, features):
+        if config.patches_per_step == 0:
+            return latent_thoughts(model.vlm, prompt, k, model.latent_id, features)
+        return ivt_latents(model.vlm, prompt, k, config.patches_per_step, layer, model.latent_id, features)[0]
+
     def dataset_for(stage: int) -> VQADataset:
         if stage not in datasets:
-            prompts = PromptBuilder(processor, stage * config.thoughts_per_step)
+            prompts = PromptBuilder(processor, stage * config.thoughts_per_step * per_latent)
             datasets[stage] = VQADataset(stage_samples(plain.samples, stage), prompts, with_answers=True)
             datasets[stage]._images = plain._images  # images decoded once for every stage
         return datasets[stage]
@@ -145,7 +165,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
         thoughts = None
         if k:
             prompt = dataset.prompts.collate(items, with_answers=False).to(accelerator.device)
-            thoughts = latent_thoughts(model.vlm, prompt, k, model.latent_id, features)
+            thoughts = latents(prompt, k, features)
         loss = trainer.answer_loss(model.vlm, batch, thoughts, model.latent_id, features, config.loss_reduction)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.vlm.parameters(), config.grad_clip)
@@ -164,7 +184,11 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
             on_step(done)
 
     model.vlm.eval()
-    model.latent = {"method": "coconut", "thoughts": config.max_latent_stage * config.thoughts_per_step}
+    steps = config.max_latent_stage * config.thoughts_per_step
+    model.latent = {"method": "coconut", "thoughts": steps}
+    if config.patches_per_step:
+        model.latent = {"method": "ivt-lr", "thoughts": steps * per_latent, "steps": steps,
+                        "patches": config.patches_per_step, "layer": layer}
     model.answer_format = "reasoning"
     model.save_pretrained(output)
     trainer.end_training(accelerator)
