@@ -6,7 +6,7 @@ same number of tokens, which isolates the per-token overhead of memory but hides
 model gets its own answer format (recorded in its folder: CoT-SFT replies in `reasoning` format), generates greedily
 until its end-of-turn token (or `--budget` tokens), and we report the median ms per question, the mean number of
 generated tokens, and the accuracy on the timed questions, model order rotated per question so machine drift hits
-all alike.
+all alike; then each model's peak memory in a fresh process (the demo's `measure_isolated`).
 Usage: python benchmarks/baseline_latency.py --data DATA/test.jsonl --models base=DIR student=DIR cot_sft=DIR ...
        [--n-timed 60] [--budget 64] [--out baseline_latency.json]
 """
@@ -24,6 +24,7 @@ import torch
 def main() -> None:
     from medsynapse.data.images import load_image
     from medsynapse.data.schema import read_samples
+    from medsynapse.eval.efficiency import measure_isolated
     from medsynapse.model.medsynapse import MedSynapseV
     from medsynapse.model.vlm import completion_mask, vision_features
     from medsynapse.objectives.answers import format_prompt, is_correct
@@ -67,19 +68,25 @@ def main() -> None:
             lengths[name].append(int(mask.sum()))
             correct[name].append(is_correct(text, sample.answer, sample.answer_type, sample.options,
                                             model.answer_format)[0])
+    # peak memory per model in a fresh process (clean CPU peak RSS), the demo's measurement: same questions, the
+    # demo's fixed 8 tokens (memory does not depend on the answer's length at this size)
+    ids = [s.id for s in samples]
+    peaks = {name: measure_isolated(folder, args.data, ids, n_timed=min(10, args.n_timed))["peak_mem_mb"]
+             for name, folder in (item.split("=", 1) for item in args.models)}
     base = statistics.median(times[names[0]])
     result = {name: {"ms_per_sample": statistics.median(times[name]),
                      "ratio_to_first": statistics.median(times[name]) / base,
                      "generated_tokens_mean": sum(lengths[name]) / len(lengths[name]),
                      "accuracy_on_timed": sum(correct[name]) / len(correct[name]),
-                     "answer_format": models[name].answer_format, "n_timed": len(times[name])} for name in names}
+                     "answer_format": models[name].answer_format, "peak_mem_mb": peaks[name],
+                     "n_timed": len(times[name])} for name in names}
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
-    print(f"| model | format | ms / question | ratio to {names[0]} | tokens generated | accuracy (timed) |")
-    print("|---|---|---|---|---|---|")
+    print(f"| model | format | ms / question | ratio to {names[0]} | tokens generated | peak MB | accuracy (timed) |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in result.items():
         print(f"| {name} | {row['answer_format']} | {row['ms_per_sample']:.1f} | {row['ratio_to_first']:.2f} | "
-              f"{row['generated_tokens_mean']:.1f} | {row['accuracy_on_timed']:.3f} |")
+              f"{row['generated_tokens_mean']:.1f} | {row['peak_mem_mb']:.0f} | {row['accuracy_on_timed']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -109,16 +109,23 @@ def test_the_curriculum_replaces_steps_stage_by_stage():
     assert [stage_of(step, 5, 3) for step in (0, 4, 5, 14, 15, 19, 25)] == [0, 0, 1, 2, 3, 3, 3]
 
 
-def _run_file(tiny_env, tmp_path, **coconut) -> str:
+def _baseline_run(tiny_env, tmp_path, method: str, steps: int = 3, batch: int = 2, **settings) -> str:
+    """A run file for one baseline on the tiny environment (Stage I's budget: `steps` x `batch`)."""
     run = {"output": str(tmp_path / "run"),
            "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
            "data": {"stage1_file": str(tiny_env.train_file)},
-           "stage1": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "answer_types": ["yes_no"], "save_every": 100},
-           "baselines": {"coconut": {"max_latent_stage": 2, **coconut}}}
+           "stage1": {"max_steps": steps, "batch_size": batch, "lr": 5e-3, "answer_types": ["yes_no"],
+                      "save_every": 100},
+           "baselines": {method: settings}}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
     return str(path)
+
+
+def _run_file(tiny_env, tmp_path, **coconut) -> str:
+    return _baseline_run(tiny_env, tmp_path, "coconut", steps=6, batch=4, max_latent_stage=2, thoughts_per_step=1,
+                         **coconut)
 
 
 def test_coconut_trains_by_stage_resumes_exactly_and_answers_through_eval(tiny_env, tmp_path):
@@ -214,14 +221,8 @@ def test_mcout_loss_adds_mu_times_each_auxiliary_answer_loss(tiny_env, setup):
 
 
 def test_mcout_trains_saves_and_answers_through_eval(tiny_env, tmp_path):
-    run = {"output": str(tmp_path / "run"),
-           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
-           "data": {"stage1_file": str(tiny_env.train_file)},
-           "stage1": {"max_steps": 3, "batch_size": 2, "lr": 5e-3, "answer_types": ["yes_no"]},
-           "baselines": {"mcout": {"thoughts": 2, "attention_dim": 32, "attention_heads": 4}}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(run))
-    assert main(["train", "baseline", "--method", "mcout", "--config", str(path)]) == 0
+    path = _baseline_run(tiny_env, tmp_path, "mcout", thoughts=2, attention_dim=32, attention_heads=4)
+    assert main(["train", "baseline", "--method", "mcout", "--config", path]) == 0
     folder = tmp_path / "run" / "mcout"
     manifest = json.loads((folder / "medsynapse.json").read_text())
     assert manifest["latent"]["method"] == "mcout" and manifest["latent"]["thoughts"] == 2
@@ -275,14 +276,8 @@ def test_ivt_lr_chooses_the_patches_that_layers_attention_ranks_first(tiny_env, 
 
 
 def test_ivt_lr_trains_saves_and_answers_through_eval(tiny_env, tmp_path):
-    run = {"output": str(tmp_path / "run"),
-           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
-           "data": {"stage1_file": str(tiny_env.train_file)},
-           "stage1": {"max_steps": 3, "batch_size": 2, "lr": 5e-3, "answer_types": ["yes_no"]},
-           "baselines": {"ivt-lr": {"max_latent_stage": 2, "patches_per_step": 2}}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(run))
-    assert main(["train", "baseline", "--method", "ivt-lr", "--config", str(path)]) == 0
+    path = _baseline_run(tiny_env, tmp_path, "ivt-lr", max_latent_stage=2, thoughts_per_step=1, patches_per_step=2)
+    assert main(["train", "baseline", "--method", "ivt-lr", "--config", path]) == 0
     folder = tmp_path / "run" / "ivt_lr"
     latent = json.loads((folder / "medsynapse.json").read_text())["latent"]
     assert latent == {"method": "ivt-lr", "thoughts": 6, "steps": 2, "patches": 2, "layer": 1}

@@ -471,9 +471,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _end_process_group() -> None:
     """Destroy the torchrun process group once the command is done (recipes keep it for the next pipeline step)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # free the recipes' DDP modules first: one freed after its group is gone can block its rank
         dist.destroy_process_group()
 
 

@@ -12,9 +12,10 @@ positions carry none). A sample with fewer steps than s has all of them replaced
 (`reset_optimizer: True` in the reference configs). Stage 0 is CoT-SFT.
 
 Adaptations, said plainly: a LoRA on the language model (the model section's, as every baseline here) instead of
-full fine-tuning (8B); defaults thoughts_per_step 1 (c), max_latent_stage 3, one epoch per stage, lr 1e-4, the
-reference GSM8k config scaled down to SynthMed's 2-3 step chains (its maintainers advise lr ~1e-5 and fewer epochs per
-stage for large pretrained models, coconut#11: set them in the run file for 8B). One process only for now (each step
+full fine-tuning (8B); defaults c 2 and max_latent_stage 3 (the reference GSM8k config), lr 1e-5 and one epoch per
+stage (its 1e-4 and 3 epochs scaled down for large pretrained models, as its maintainers advise, coconut#11). From a
+run file the budget is Stage I's, split over the stages; the 8B config sets lr 1e-5, SynthMed's c 1 (2-3 step
+chains). One process only for now (each step
 runs several forwards of the DDP-wrapped model before one backward).
 
 Per step, top to bottom: the stage of this step (a new stage builds a fresh optimiser and schedule); the global batch
@@ -57,13 +58,13 @@ class CoconutConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    thoughts_per_step: int = 1  # c: thoughts that replace one reasoning step
+    thoughts_per_step: int = 2  # c: thoughts that replace one reasoning step (reference GSM8k config: 2)
     max_latent_stage: int = 3  # the last stage replaces this many steps (inference uses its thoughts)
     patches_per_step: int = 0  # IVT-LR: image tokens inserted per latent step (reference 32); 0 = Coconut
     selection_layer: int = -1  # IVT-LR: the decoder layer whose attention chooses them; -1 = the middle layer
     steps_per_stage: int = 0  # optimiser steps per stage; 0: epochs_per_stage decide
-    epochs_per_stage: float = 1.0
-    lr: float = 1e-4
+    epochs_per_stage: float = 1.0  # reference 3 (GPT-2); fewer for large pretrained models (coconut#11)
+    lr: float = 1e-5  # reference 1e-4 (GPT-2); ~1e-5 for large pretrained models, as its maintainers advise
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0
     grad_clip: float = 1.0
