@@ -21,20 +21,7 @@ from medsynapse.demo import demo_settings, prepare_shared, seed_run
 from medsynapse.eval.report import aggregate, write_json
 from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
 from medsynapse.locking import write_text_atomic
-from medsynapse.runconfig import BASELINES, read_run_config, resolve_baseline
-
-
-def train(method: str, config) -> None:
-    if method in ("coconut", "ivt-lr"):
-        from medsynapse.recipes.coconut import train_coconut as recipe
-    elif method == "mcout":
-        from medsynapse.recipes.mcout import train_mcout as recipe
-    elif method == "grpo":
-        from medsynapse.recipes.stage2_ccr import train_stage2 as recipe
-    else:
-        from medsynapse.recipes.sft import train_sft as recipe
-    config.resume = True  # a killed run continues from its newest checkpoint
-    recipe(config)
+from medsynapse.runconfig import BASELINES, baseline_recipe, read_run_config, resolve_baseline
 
 
 def main() -> None:
@@ -58,7 +45,8 @@ def main() -> None:
             folder = Path(config.output_dir)
             if not (folder / "medsynapse.json").is_file():
                 print(f"seed {seed}: training {method} into {folder}", flush=True)
-                train(method, config)
+                config.resume = True  # a killed run continues from its newest checkpoint
+                baseline_recipe(method)(config)
             reasoning = method in ("cot-sft", "coconut", "ivt-lr")
             settings = EvalSettings(batch_size=64, max_new_tokens=args.reasoning_tokens if reasoning else None)
             metrics = evaluate_benchmarks(str(folder), ["synthmed"], str(shared.data), folder / "eval",

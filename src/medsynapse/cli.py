@@ -87,12 +87,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_baseline(args: argparse.Namespace) -> int:
-    """A no-memory baseline from a run file (`baselines.<method>` over what the stages give it) or a flat recipe
-    file (SFTConfig for sft / cot-sft, Stage2Config for grpo, the method's own settings forced)."""
+    """A baseline from a run file (`baselines.<method>` over what the stages give it) or a flat recipe file
+    (SFTConfig for sft / cot-sft, Stage2Config for grpo, CoconutConfig for coconut / ivt-lr, MCOUTConfig for mcout;
+    the method's own settings forced)."""
     from medsynapse.config import load_config
-    from medsynapse.recipes.sft import SFTConfig, train_sft
-    from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
-    from medsynapse.runconfig import BASELINES, read_run_config, resolve_baseline
+    from medsynapse.recipes.sft import SFTConfig
+    from medsynapse.recipes.stage2_ccr import Stage2Config
+    from medsynapse.runconfig import BASELINES, baseline_recipe, read_run_config, resolve_baseline
 
     if args.method not in BASELINES:
         raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)}")
@@ -115,13 +116,7 @@ def _train_baseline(args: argparse.Namespace) -> int:
         config = load_config(SFTConfig, args.config, [*(args.set or []), f"target={target}"])
     if args.resume:
         config.resume = True
-    if args.method in ("coconut", "ivt-lr"):
-        from medsynapse.recipes.coconut import train_coconut as train
-    elif args.method == "mcout":
-        from medsynapse.recipes.mcout import train_mcout as train
-    else:
-        train = train_stage2 if args.method == "grpo" else train_sft
-    out = train(config)
+    out = baseline_recipe(args.method)(config)
     print(f"baseline {args.method} saved to {out}")
     return 0
 

@@ -232,6 +232,27 @@ def resolve_baseline(run: RunConfig, method: str):
     return from_dict(SFTConfig, {**filled, **run.baselines.get(method, {})}, where)
 
 
+def baseline_recipe(method: str):
+    """The training function of a baseline method (each takes the config `resolve_baseline` gives)."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; known: {list(BASELINES)}")
+    if method in ("coconut", "ivt-lr"):
+        from medsynapse.recipes.coconut import train_coconut
+
+        return train_coconut
+    if method == "mcout":
+        from medsynapse.recipes.mcout import train_mcout
+
+        return train_mcout
+    if method == "grpo":
+        from medsynapse.recipes.stage2_ccr import train_stage2
+
+        return train_stage2
+    from medsynapse.recipes.sft import train_sft
+
+    return train_sft
+
+
 def show(run: RunConfig) -> dict:
     """Every section as plain data, each stage fully resolved (the recipe's defaults included)."""
     out = {"output": run.output, "model": dataclasses.asdict(run.model), "data": dataclasses.asdict(run.data),
