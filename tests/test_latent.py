@@ -286,3 +286,31 @@ def test_ivt_lr_trains_saves_and_answers_through_eval(tiny_env, tmp_path):
                  f"synthmed={tiny_env.test_file.parent}", "--output", str(out), "--limit", "2",
                  "--max-new-tokens", "4"]) == 0
     assert json.loads((out / "synthmed" / "metrics.json").read_text())["n"] == 2
+
+
+def test_the_last_query_hook_reproduces_that_layers_attention_row(tiny_env, setup):
+    """The hook's weights (rotated query x cached keys, GQA, padding masked, mean over heads) equal the eager
+    attention of the last position at that layer, for every key, not only in their top-K order."""
+    from transformers import DynamicCache
+
+    from medsynapse.model.latent import LastQueryHook
+    from medsynapse.model.vlm import core_vlm, position_ids_for, splice_memory
+
+    model = MedSynapseV.from_pretrained(str(tiny_env.vlm), dtype="float32")
+    model.vlm.set_attn_implementation("eager")
+    _, prompts, items = setup
+    batch = prompts.collate(items, with_answers=False)  # padded rows
+    core = core_vlm(model.vlm)
+    for layer in range(core.config.text_config.num_hidden_layers):
+        hook = LastQueryHook(core.model.language_model.layers[layer].self_attn)
+        cache = DynamicCache(config=core.config)
+        with torch.no_grad():
+            out = model.vlm(inputs_embeds=splice_memory(model.vlm, batch.input_ids, None, prompts.latent_id),
+                            attention_mask=batch.attention_mask, position_ids=position_ids_for(model.vlm, batch),
+                            pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, cache=cache,
+                            use_cache=True, output_attentions=True, logits_to_keep=1)
+            weights = hook.weights(cache.layers[layer].keys, batch.attention_mask)
+        hook.remove()
+        expected = out.attentions[layer][:, :, -1].mean(1)
+        assert torch.allclose(weights, expected, atol=1e-5), layer
+        assert float(weights[batch.attention_mask == 0].abs().max()) == 0.0  # padding gets no weight
