@@ -314,3 +314,22 @@ def test_the_last_query_hook_reproduces_that_layers_attention_row(tiny_env, setu
         expected = out.attentions[layer][:, :, -1].mean(1)
         assert torch.allclose(weights, expected, atol=1e-5), layer
         assert float(weights[batch.attention_mask == 0].abs().max()) == 0.0  # padding gets no weight
+
+
+def test_a_multi_process_launch_of_a_latent_baseline_is_refused_in_one_line(tiny_env, tmp_path, monkeypatch,
+                                                                             capsys):
+    from medsynapse.recipes import trainer
+
+    real = trainer.make_accelerator
+
+    def two_processes(output_dir):
+        accelerator = real(output_dir)
+        monkeypatch.setattr(type(accelerator), "num_processes", property(lambda self: 2))
+        return accelerator
+
+    monkeypatch.setattr(trainer, "make_accelerator", two_processes)
+    for method in ("coconut", "mcout"):
+        path = _baseline_run(tiny_env, tmp_path / method, method)
+        assert main(["train", "baseline", "--method", method, "--config", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "trains in one process for now" in err[0] and "DDP" in err[0]

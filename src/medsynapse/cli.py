@@ -446,7 +446,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from medsynapse.locking import FolderInUseError
     from medsynapse.model.processor import ModelNotFoundError
 
-    return (ConfigError, DataError, FolderInUseError, ModelNotFoundError, FileNotFoundError, ValueError)
+    return (ConfigError, DataError, FolderInUseError, ModelNotFoundError, FileNotFoundError, ValueError,
+            NotImplementedError)  # a launch or setting this version refuses, with its reason
 
 
 def main(argv: list[str] | None = None) -> int:
