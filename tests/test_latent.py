@@ -211,7 +211,7 @@ def test_mcout_loss_adds_mu_times_each_auxiliary_answer_loss(tiny_env, setup):
     builders = [PromptBuilder(model.processor, t) for t in range(3)]
     items = [[b.encode([load_image(s.images[0], s)], s.question, s.answer) for s in samples] for b in builders]
     with torch.no_grad():
-        total, final = mcout_loss(model, module, builders, items, 2, 0.3, None, "token")
+        total, final = mcout_loss(model, module, builders[2], items[2], 2, 0.3, None, "token")
         thoughts = mcout_thoughts(model.vlm, module, builders[2].collate(items[2], with_answers=False), 2,
                                   model.latent_id)
         ce = [answer_loss(model.vlm, builders[t].collate(items[t], with_answers=True), thoughts[:, :t],
@@ -333,3 +333,18 @@ def test_a_multi_process_launch_of_a_latent_baseline_is_refused_in_one_line(tiny
         assert main(["train", "baseline", "--method", method, "--config", path]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "trains in one process for now" in err[0] and "DDP" in err[0]
+
+
+def test_with_slots_equals_encoding_with_that_many_slots(setup, tiny_env):
+    from medsynapse.model.vlm import with_slots
+
+    model, _, _ = setup
+    sample = read_samples(tiny_env.train_file)[0]
+    image = load_image(sample.images[0], sample)
+    encoded = {n: PromptBuilder(model.processor, n).encode([image], sample.question, sample.answer) for n in range(5)}
+    for have in (0, 3):
+        for want in range(5):
+            got = with_slots(encoded[have], want, model.latent_id)
+            assert torch.equal(got.input_ids, encoded[want].input_ids), (have, want)
+            assert torch.equal(got.mm_token_type_ids, encoded[want].mm_token_type_ids)
+            assert torch.equal(got.answer_ids, encoded[want].answer_ids)

@@ -17,7 +17,6 @@ from medsynapse.data.schema import read_samples
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import forward_with_memory, load_vlm
 from medsynapse.objectives.ntp import answer_nll
-from medsynapse.recipes import sft
 from medsynapse.recipes.sft import SFTConfig, base_vlm_path, sft_loss, train_sft
 
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
@@ -49,8 +48,10 @@ def test_sft_trains_only_the_lora_and_every_other_weight_is_bit_identical(tiny_e
         loaded.append(sft_load(*args, **kwargs))
         return loaded[-1]
 
-    sft_load = sft.load_vlm
-    monkeypatch.setattr(sft, "load_vlm", recording_load_vlm)
+    import medsynapse.model.medsynapse as medsynapse_model  # MedSynapseV.plain_with_lora loads through it
+
+    sft_load = medsynapse_model.load_vlm
+    monkeypatch.setattr(medsynapse_model, "load_vlm", recording_load_vlm)
     config = _config(tiny_env, tmp_path / "run")
     out = train_sft(config)
     trained = loaded[0][0]  # the very module objects that were trained (peft injects LoRA in place)

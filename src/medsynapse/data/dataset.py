@@ -23,6 +23,13 @@ class VQADataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def derived(self, samples: list[Sample], prompts: PromptBuilder) -> VQADataset:
+        """A dataset of other texts on the same images (e.g. a curriculum stage's targets and slots) that shares
+        this one's decoded images, so every image is read once for all of them."""
+        other = VQADataset(samples, prompts, self.with_answers)
+        other._images = self._images
+        return other
+
     def images(self, index: int) -> list[Image.Image]:
         sample = self.samples[index]
         out = []

@@ -133,6 +133,17 @@ class MedSynapseV(nn.Module):
                 width=width, layers=layers, heads=heads, embed_rms=embedding_rms(vlm.get_input_embeddings())))
         return cls(vlm, processor, encoder, sampler, str(vlm_path), encoder_path)
 
+    @classmethod
+    def plain_with_lora(cls, vlm_path: str, r: int, alpha: int, dropout: float, projections: list[str],
+                        dtype: str = "auto") -> MedSynapseV:
+        """The plain VLM (no memory), every base weight frozen, with a fresh LoRA on the language model: where the
+        no-memory baselines (SFT, CoT-SFT, Coconut, MCOUT, IVT-LR) start. Seed torch first: the LoRA init draws."""
+        vlm, processor = load_vlm(vlm_path, dtype=dtype)
+        model = cls(vlm, processor, vlm_path=vlm_path)
+        model.vlm.requires_grad_(False)
+        model.add_lora(r, alpha, dropout, projections)
+        return model
+
     @property
     def has_adapter(self) -> bool:
         return hasattr(self.vlm, "peft_config")

@@ -8,6 +8,7 @@ pixels (or cached vision features) are always passed, so DeepStack runs, and exp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,20 @@ class EncodedPrompt:
     pixel_values: torch.Tensor  # (patches, D)
     image_grid_thw: torch.Tensor  # (n_images, 3)
     answer_ids: torch.Tensor  # (A,) empty at inference
+
+
+def with_slots(item: EncodedPrompt, n: int, latent_id: int) -> EncodedPrompt:
+    """The same encoded prompt with `n` latent slots at its end instead of the ones it has: what encoding it with
+    `PromptBuilder(n_memory=n)` gives (the slots are the prompt's last tokens), without running the processor again."""
+    ids = item.input_ids
+    k = int((ids == latent_id).sum())
+    if k and not bool((ids[len(ids) - k:] == latent_id).all()):
+        raise ValueError("the latent slots must be the prompt's last tokens")
+    keep = len(ids) - k
+    return dataclasses.replace(
+        item, input_ids=torch.cat([ids[:keep], torch.full((n,), latent_id, dtype=ids.dtype)]),
+        mm_token_type_ids=torch.cat([item.mm_token_type_ids[:keep],
+                                     torch.zeros(n, dtype=item.mm_token_type_ids.dtype)]))
 
 
 STRUCTURAL_TOKENS = (LATENT_TOKEN, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")

@@ -44,7 +44,7 @@ from medsynapse.data.dataset import VQADataset, training_dataset, with_reasoning
 from medsynapse.data.schema import Sample
 from medsynapse.model.latent import ivt_latents, latent_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.model.vlm import PromptBuilder, core_vlm, load_vlm, vision_features
+from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features
 from medsynapse.objectives.answers import reasoning_target
 from medsynapse.recipes import trainer
 
@@ -105,14 +105,10 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
         raise ValueError("steps_per_stage must be >= 1, or 0 with epochs_per_stage > 0")
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
-    if accelerator.num_processes > 1:
-        raise NotImplementedError("Coconut trains in one process for now: each step runs several forwards of the "
-                                  "model before one backward, which DDP does not allow")
+    trainer.require_one_process(accelerator, "Coconut")
     torch.manual_seed(config.seed)
-    vlm, processor = load_vlm(config.model, dtype=config.dtype)
-    model = MedSynapseV(vlm, processor, vlm_path=config.model)
-    model.vlm.requires_grad_(False)
-    model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model = MedSynapseV.plain_with_lora(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                        config.lora_targets, dtype=config.dtype)
     model.to(accelerator.device)
 
     plain = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
@@ -135,9 +131,8 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
 
     def dataset_for(stage: int) -> VQADataset:
         if stage not in datasets:
-            prompts = PromptBuilder(processor, stage * config.thoughts_per_step * per_latent)
-            datasets[stage] = VQADataset(stage_samples(plain.samples, stage), prompts, with_answers=True)
-            datasets[stage]._images = plain._images  # images decoded once for every stage
+            prompts = PromptBuilder(model.processor, stage * config.thoughts_per_step * per_latent)
+            datasets[stage] = plain.derived(stage_samples(plain.samples, stage), prompts)
         return datasets[stage]
 
     start = 0

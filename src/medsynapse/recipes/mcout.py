@@ -28,10 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import VQADataset, training_dataset
+from medsynapse.data.dataset import training_dataset
 from medsynapse.model.latent import LatentAttentionConfig, MultimodalLatentAttention, mcout_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.model.vlm import PromptBuilder, core_vlm, load_vlm, vision_features
+from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features, with_slots
 from medsynapse.recipes import trainer
 
 
@@ -65,20 +65,21 @@ class MCOUTConfig:
     dtype: str = "float32"
 
 
-def mcout_loss(model: MedSynapseV, module: nn.Module, prompts: list[PromptBuilder], items_by_k: list, k: int,
-               mu: float, features, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mcout_loss(model: MedSynapseV, module: nn.Module, prompts: PromptBuilder, items: list, k: int, mu: float,
+               features, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, final) loss of one batch: CE(answer | all k thoughts) + mu * sum_t CE(answer | thoughts 1..t).
-    `prompts[t]` builds prompts with t slots; `items_by_k[t]` are the batch's samples encoded by it."""
+    `items` are the batch's samples encoded with k slots and their answers; the t-slot prompts are derived from them
+    (`with_slots`). Thoughts 1..t do not depend on later slots, so they are computed once, with k slots."""
     device = next(core_vlm(model.vlm).parameters()).device
-    prompt = prompts[k].collate(items_by_k[k], with_answers=False).to(device)
+    prompt = prompts.collate(items, with_answers=False).to(device)
     thoughts = mcout_thoughts(model.vlm, module, prompt, k, model.latent_id, features)
-    final = trainer.answer_loss(model.vlm, prompts[k].collate(items_by_k[k], with_answers=True).to(device), thoughts,
+    final = trainer.answer_loss(model.vlm, prompts.collate(items, with_answers=True).to(device), thoughts,
                                 model.latent_id, features, reduction)
     total = final
-    for t in range(1, k):  # thoughts 1..t do not depend on later slots: the same vectors, t slots
-        batch = prompts[t].collate(items_by_k[t], with_answers=True).to(device)
-        total = total + mu * trainer.answer_loss(model.vlm, batch, thoughts[:, :t], model.latent_id, features,
-                                                 reduction)
+    for t in range(1, k):
+        batch = prompts.collate([with_slots(item, t, model.latent_id) for item in items], with_answers=True)
+        total = total + mu * trainer.answer_loss(model.vlm, batch.to(device), thoughts[:, :t], model.latent_id,
+                                                 features, reduction)
     return total + mu * final, final  # the auxiliary loss after thought k is the final one
 
 
@@ -92,25 +93,17 @@ def train_mcout(config: MCOUTConfig, on_step: Callable[[int], None] | None = Non
     trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
-    if accelerator.num_processes > 1:
-        raise NotImplementedError("MCOUT trains in one process for now: each step runs several forwards of the "
-                                  "model before one backward, which DDP does not allow")
+    trainer.require_one_process(accelerator, "MCOUT")
     torch.manual_seed(config.seed)
-    vlm, processor = load_vlm(config.model, dtype=config.dtype)
-    model = MedSynapseV(vlm, processor, vlm_path=config.model)
-    model.vlm.requires_grad_(False)
-    model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model = MedSynapseV.plain_with_lora(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                        config.lora_targets, dtype=config.dtype)
     hidden = core_vlm(model.vlm).config.text_config.hidden_size
     module = MultimodalLatentAttention(LatentAttentionConfig(hidden, config.attention_dim, config.attention_heads))
     trained = nn.ModuleDict({"vlm": model.vlm, "latent_attention": module}).to(accelerator.device)
 
-    plain = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
-                             with_answers=True)
-    prompts = [PromptBuilder(processor, t) for t in range(config.thoughts + 1)]
-    datasets = [VQADataset(plain.samples, p, with_answers=True) for p in prompts]
-    for dataset in datasets:
-        dataset._images = plain._images  # images decoded once
-    total_steps = config.max_steps or max(1, round(config.epochs * len(plain) / config.batch_size))
+    prompts = PromptBuilder(model.processor, config.thoughts)
+    dataset = training_dataset(config.train_file, prompts, config.families, config.answer_types, with_answers=True)
+    total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
     optimizer = trainer.adamw(trained, config.lr, config.weight_decay)
     scheduler = trainer.cosine_schedule(optimizer, total_steps, config.warmup_ratio)
 
@@ -123,11 +116,11 @@ def train_mcout(config: MCOUTConfig, on_step: Callable[[int], None] | None = Non
     bar = tqdm(range(start, total_steps), desc="mcout", disable=not accelerator.is_main_process, initial=start,
                total=total_steps)
     for step in bar:
-        indices = trainer.global_batch_indices(len(plain), config.batch_size, step, config.seed)
-        items_by_k = [[d.encoded(i) for i in indices] for d in datasets]
+        indices = trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed)
+        items = [dataset.encoded(i) for i in indices]
         with torch.no_grad():
-            features = vision_features(model.vlm, prompts[0].collate(items_by_k[0]).to(accelerator.device))
-        loss, final = mcout_loss(model, module, prompts, items_by_k, config.thoughts, config.mu, features,
+            features = vision_features(model.vlm, prompts.collate(items).to(accelerator.device))
+        loss, final = mcout_loss(model, module, prompts, items, config.thoughts, config.mu, features,
                                  config.loss_reduction)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(trained.parameters(), config.grad_clip)

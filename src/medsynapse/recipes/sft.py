@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MANIFEST, MedSynapseV
-from medsynapse.model.vlm import PromptBatch, load_vlm, vision_features
+from medsynapse.model.vlm import PromptBatch, vision_features
 from medsynapse.recipes import trainer
 
 
@@ -97,10 +97,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     torch.manual_seed(config.seed)
 
     vlm_path = base_vlm_path(config.model)
-    vlm, processor = load_vlm(vlm_path, dtype=config.dtype)
-    model = MedSynapseV(vlm, processor, vlm_path=vlm_path)  # plain VLM, no memory slots
-    model.vlm.requires_grad_(False)
-    model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)  # seeded init
+    model = MedSynapseV.plain_with_lora(vlm_path, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                        config.lora_targets, dtype=config.dtype)  # no memory slots; seeded init
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)

@@ -95,6 +95,13 @@ def answer_loss(policy, batch, memory: torch.Tensor | None, latent_id: int, feat
     return answer_nll(logits, batch.labels[:, -keep:], reduction)
 
 
+def require_one_process(accelerator: Accelerator, recipe: str) -> None:
+    """The latent baselines run several forwards of the model before one backward, which DDP does not allow."""
+    if accelerator.num_processes > 1:
+        raise NotImplementedError(f"{recipe} trains in one process for now: each step runs several forwards of the "
+                                  "model before one backward, which DDP does not allow")
+
+
 def end_training(accelerator: Accelerator) -> None:
     """Close the trackers but keep the process group: `Accelerator.end_training` destroys it, and a pipeline runs
     several recipes in one process under torchrun (the CLI destroys the group when the command ends)."""
