@@ -1,4 +1,5 @@
-"""Command line: `medsynapse demo | train | predict | eval | eval-summary | fixtures | convert | inspect | ...`."""
+"""Command line: `medsynapse demo | train | predict | eval | eval-summary | fixtures | convert | pipeline | study |
+inspect | ...`."""
 
 from __future__ import annotations
 
@@ -141,6 +142,20 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
         resolved["synthmed"] = asdict(demo_settings(run))
     print(json.dumps(resolved, indent=2))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from medsynapse.study import read_study, run_study
+
+    rows = args.rows.split(",") if args.rows else None
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    overrides = list(args.set or []) + ([f"output={args.output}"] if args.output else [])
+    overrides += [f"workers={args.workers}"] if args.workers else []
+    study, raw, source = read_study(args.config, rows, seeds, overrides)
+    result = run_study(study, raw, source)
+    print(f"\nstudy: {len(result['rows'])} rows x {len(result['seeds'])} seeds in {result['timing_s']['wall']:.0f} s; "
+          f"{study.output}/study.json, table.md, table.csv, accuracy.png, efficiency.png")
     return 0
 
 
@@ -402,6 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--until", default=None, help="stop after this step")
     pipeline.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     pipeline.set_defaults(func=cmd_pipeline)
+
+    study = sub.add_parser("study", parents=[common],
+                           help="Table 1 and the ablations over seeds from a study file: shared units, resumable "
+                                "per cell, study.json + table.md/csv + plots")
+    study.add_argument("--config", default="configs/study-synthmed.yaml", help="a study file (rows of a run file)")
+    study.add_argument("--rows", default=None, help="comma-separated rows of the study file (default: all)")
+    study.add_argument("--seeds", default=None, help="comma-separated training seeds (default: the file's)")
+    study.add_argument("--workers", type=int, default=None, help="jobs at once (default: the file's)")
+    study.add_argument("--output", default=None, help="default: the study file's `output`")
+    study.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="study-file keys, e.g. latency_samples=0")
+    study.set_defaults(func=cmd_study)
 
     config = sub.add_parser("config", parents=[common], help="show a run config's fully resolved settings")
     config_sub = config.add_subparsers(dest="action", required=True)

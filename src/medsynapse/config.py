@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -67,7 +68,9 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`a.b=3` style overrides; values are parsed as YAML scalars."""
+    """`a.b=3` style overrides on a copy of `data` (the caller's mapping, nested ones included, is left as it was);
+    values are parsed as YAML scalars."""
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")

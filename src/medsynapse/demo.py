@@ -54,7 +54,7 @@ from medsynapse.recipes.sft import train_sft
 from medsynapse.recipes.stage2_ccr import train_stage2
 from medsynapse.recipes.stage3_imt import train_stage3
 from medsynapse.recipes.train_encoder import EncoderTrainConfig, train_encoder
-from medsynapse.runconfig import RunConfig, resolve, resolve_baseline
+from medsynapse.runconfig import RunConfig, resolve, resolve_baseline, with_seed
 
 ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training changes
 
@@ -199,12 +199,15 @@ def demo_settings(run: RunConfig) -> DemoConfig:
     return from_dict(DemoConfig, dict(run.synthmed), f"{run.source}.synthmed")
 
 
+def fill_shared(run: RunConfig, shared: Shared) -> RunConfig:
+    """The run file with the SynthMed folders filled in: the cached base VLM, prior encoder and training file."""
+    model = dataclasses.replace(run.model, vlm=str(shared.vlm_base), encoder=str(shared.encoder))
+    return dataclasses.replace(run, model=model, data=dataclasses.replace(run.data, stage1_file=shared.train_file))
+
+
 def seed_run(run: RunConfig, shared: Shared, seed: int, out: Path) -> RunConfig:
     """The run file with the SynthMed folders filled in, every stage at training seed `seed`, output `out`."""
-    model = dataclasses.replace(run.model, vlm=str(shared.vlm_base), encoder=str(shared.encoder))
-    return dataclasses.replace(
-        run, output=str(out), model=model, data=dataclasses.replace(run.data, stage1_file=shared.train_file),
-        **{stage: {**getattr(run, stage), "seed": seed} for stage in ("stage1", "stage2", "stage3")})
+    return dataclasses.replace(with_seed(fill_shared(run, shared), seed), output=str(out))
 
 
 def _variant(run: RunConfig, stage: str, output_dir: Path, **overrides):

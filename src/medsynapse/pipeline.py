@@ -33,7 +33,7 @@ from accelerate import PartialState
 
 from medsynapse.eval.report import write_json
 from medsynapse.recipes.trainer import RESUMABLE_SETTINGS, latest_checkpoint, run_settings
-from medsynapse.runconfig import RunConfig, resolve, stage1_file, stage2_file
+from medsynapse.runconfig import RunConfig, resolve, stage1_file, stage2_file, stage_recipe
 
 STEPS = ("convert", "cache", "stage1", "stage2", "stage3", "eval")
 MANIFEST = "pipeline.json"
@@ -186,14 +186,7 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
                 cache_features(run.model.encoder, file, run.data.prior_cache)
         return None
     if step in ("stage1", "stage2", "stage3"):
-        config = dataclasses.replace(resolve(run, step), resume=True)
-        if step == "stage1":
-            from medsynapse.recipes.stage1_warmup import train_stage1 as train
-        elif step == "stage2":
-            from medsynapse.recipes.stage2_ccr import train_stage2 as train
-        else:
-            from medsynapse.recipes.stage3_imt import train_stage3 as train
-        train(config, on_step=hook)
+        stage_recipe(step)(dataclasses.replace(resolve(run, step), resume=True), on_step=hook)
         return None
     from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
     from medsynapse.eval.summary import write_summary

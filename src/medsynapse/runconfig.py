@@ -232,6 +232,28 @@ def resolve_baseline(run: RunConfig, method: str):
     return from_dict(SFTConfig, {**filled, **run.baselines.get(method, {})}, where)
 
 
+def with_seed(run: RunConfig, seed: int) -> RunConfig:
+    """The run with every stage (and so every baseline resolved from them) at training seed `seed`."""
+    return dataclasses.replace(run, **{stage: {**getattr(run, stage), "seed": seed} for stage in STAGES})
+
+
+def stage_recipe(stage: str):
+    """The training function of a stage (each takes the config `resolve` gives)."""
+    if stage == "stage1":
+        from medsynapse.recipes.stage1_warmup import train_stage1
+
+        return train_stage1
+    if stage == "stage2":
+        from medsynapse.recipes.stage2_ccr import train_stage2
+
+        return train_stage2
+    if stage == "stage3":
+        from medsynapse.recipes.stage3_imt import train_stage3
+
+        return train_stage3
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
 def baseline_recipe(method: str):
     """The training function of a baseline method (each takes the config `resolve_baseline` gives)."""
     if method not in BASELINES:

@@ -1,7 +1,8 @@
 """Stage III, Intrinsic Memory Transition: distil the privileged memory path into A_psi (paper Eq. 7-8).
 
 Teacher = VLM + Stage II LoRA + memory P_phi(E_ana(X)); student = the same VLM + LoRA + memory A_psi(the VLM's own
-merged visual tokens). Per step: one on-policy trajectory per sample from the student; the generalized JSD_β between
+merged visual tokens). Per step: one on-policy trajectory per sample from the student (`trajectories: teacher`: from
+the teacher instead, the off-policy ablation); the generalized JSD_β between
 the two branches' full-vocabulary next-token distributions at every trajectory position (token-weighted mean over
 the batch, as TRL's "batchmean"); only A_psi is updated (teacher under no_grad; LoRA frozen but active in both).
 Vision features and prior features are computed once per step and shared by generation and both branches.
@@ -31,6 +32,8 @@ from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidd
 from medsynapse.recipes import trainer
 from medsynapse.recipes.priors import prior_table
 
+TRAJECTORIES = ("student", "teacher")
+
 
 @dataclass
 class Stage3Config:
@@ -49,6 +52,9 @@ class Stage3Config:
     epochs: float = 0.0
     grad_clip: float = 1.0
     beta: float = 0.5
+    # whose trajectories the JSD is taken on: student (on-policy, the paper: y ~ pi^-, with A_psi's memory) | teacher
+    # (off-policy: sequences sampled with the privileged memory M_pri, the distillation ablation)
+    trajectories: str = "student"
     jsd_temperature: float = 1.0  # separate from the sampling temperature (one value served both in the reference)
     sample_temperature: float = 1.0
     top_p: float = 0.95
@@ -78,6 +84,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lr", "batch_size", "max_new_tokens", "save_every", "log_every"))
+    if config.trajectories not in TRAJECTORIES:
+        raise ValueError(f"unknown trajectories {config.trajectories!r}; expected one of {TRAJECTORIES}")
     if not (math.isfinite(config.memory_alignment) and config.memory_alignment >= 0):
         raise ValueError(f"memory_alignment must be a finite number >= 0, got {config.memory_alignment}")
     output = Path(config.output_dir)
@@ -134,7 +142,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         gen_start = time.perf_counter()
         keys = row_keys(config.seed, step, trainer.global_positions(config.batch_size, accelerator.process_index,
                                                                     accelerator.num_processes))
-        tokens = model.generate(batch, student_memory.detach(), max_new_tokens=config.max_new_tokens,
+        rollout_memory = student_memory.detach() if config.trajectories == "student" else teacher_memory
+        tokens = model.generate(batch, rollout_memory, max_new_tokens=config.max_new_tokens,
                                 features=features, **sampling_kwargs(keys, config.rollout_sampling,
                                                                      config.sample_temperature, config.top_p))
         gen_seconds = time.perf_counter() - gen_start

@@ -1,0 +1,655 @@
+"""`medsynapse study --config configs/study-synthmed.yaml [--rows a,b] [--seeds 0,1,2]`: Table 1 and the ablations
+over training seeds, one resumable command.
+
+A study file (StudyConfig) names a run file (the pipeline's: `model`, `data`, the stage sections, `baselines`; for
+SynthMed also its `synthmed` section) and rows. A row is a model to evaluate (`base`, `stage1`, `stage2`, `stage3`
+or a `baseline` method) after the row's overrides of the run file (`set: [KEY=VALUE, ...]`, as `--set`).
+
+Plan:
+1. shared by every row and seed: SynthMed's data, base VLM and prior encoder (demo.prepare_shared, cached), or for a
+   real run the pipeline's `convert` and `cache` steps;
+2. units: the trainings a (row, seed) needs (Stage I -> II -> III, or one baseline), each resolved exactly as
+   `pipeline` and `train baseline` resolve it (runconfig.py) and keyed by a hash of its settings and of the unit it
+   starts from. Rows that need the same unit share it: every Stage II ablation trains from the one Stage I, every
+   Stage III ablation from the one Stage II. A unit trains into OUTPUT/units/<kind>-s<seed>-<key> with
+   `resume: true` (killed, it continues from its newest checkpoint, bit-identically) and is finished once its
+   unit.json is written;
+3. evaluations, one per distinct model (the base VLM once for every seed), into OUTPUT/evals/<unit>/: accuracy
+   overall and per question type through the benchmark harness (`medsynapse eval`'s `evaluate_benchmarks`, resumable
+   per question; every question's correctness kept for the paired test), the memory-reliance report (models with
+   memory; M' with the study's `counterfactual` intervention) and efficiency (the harness's batched ms/sample and
+   peak memory, plus batch-1 latency and peak memory in a fresh process);
+4. cells: (row, seed) -> OUTPUT/cells/<row>/seed_<K>.json (the evaluation's numbers, the units, wall time, the
+   config hash); a cell whose file holds the same hash is never redone;
+5. report: OUTPUT/study.json, table.md (mean ± sd and 95 % t-interval over seeds; per row a paired bootstrap over
+   questions against its reference row, with the p-value: eval/stats.py), table.csv, accuracy.png and
+   efficiency.png (accuracy against ms/sample: the paper's efficiency argument in one picture).
+Jobs run in dependency order on `workers` processes (each with cores / workers threads; a worker dies with the study:
+a killed study leaves no job running). Progress: one line per job with the overall ETA.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medsynapse.config import ConfigError, from_dict, read_yaml
+from medsynapse.eval.report import mean_sd_ci, write_json
+from medsynapse.eval.stats import paired_bootstrap
+from medsynapse.locking import write_text_atomic
+from medsynapse.runconfig import (
+    BASELINES,
+    STAGES,
+    RunConfig,
+    baseline_recipe,
+    resolve,
+    resolve_baseline,
+    run_config_from,
+    stage_recipe,
+    with_seed,
+)
+
+MODELS = ("base", *STAGES, "baseline")
+UNSHARED_SETTINGS = ("output_dir", "resume", "save_every", "log_every", "prior_cache")  # how, not what, is trained
+
+
+@dataclass
+class RowSpec:
+    model: str  # base | stage1 | stage2 | stage3 (the encoder-free student) | baseline
+    method: str = ""  # the baseline's method (runconfig.BASELINES) when model is `baseline`
+    set: list[str] = field(default_factory=list)  # the run file's overrides, KEY=VALUE as --set
+    reference: str = ""  # the row its paired test compares with ("" = the study's reference; "none" = no test)
+    group: str = "Table 1"  # the table section
+    label: str = ""  # the table's name for it (default: the row's key)
+
+
+@dataclass
+class StudyConfig:
+    run: str = ""  # the run file every row starts from (relative to the study file's folder, or to the cwd)
+    output: str = "runs/study"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    reference: str = "medsynapse_v"  # the row every other row is compared with (unless its `reference` says)
+    rows: dict[str, RowSpec] = field(default_factory=dict)
+    benchmarks: list[str] = field(default_factory=list)  # empty: the run file's eval.benchmarks (SynthMed: synthmed)
+    data_root: str = ""  # empty: the run file's eval.data_root (SynthMed: the cached split)
+    eval_batch_size: int = 64
+    max_new_tokens: int | None = None  # None: each benchmark's protocol budget
+    reasoning_tokens: int | None = None  # reasoning-format rows (CoT-SFT, Coconut, IVT-LR); None: the harness's 1024
+    counterfactual: str = ""  # M' for the reliance report; empty: the run file's stage2 intervention
+    reliance_conditions: list[str] = field(default_factory=lambda: ["zeroed", "shuffled", "counterfactual"])
+    reliance_limit: int = 0  # questions of the first benchmark in the reliance report (0: all)
+    latency_samples: int = 20  # batch-1 answers timed in a fresh process per model (0: none)
+    bootstrap_resamples: int = 10_000
+    bootstrap_seed: int = 0
+    workers: int = 1  # jobs at once, each in its own process with cores / workers threads (1: in this process)
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+
+def read_study(path: str | Path, rows: list[str] | None = None, seeds: list[int] | None = None,
+               overrides: list[str] | None = None) -> tuple[StudyConfig, dict, str]:
+    """The study file (strict), restricted to `rows` / `seeds` when given; returns it, the run file's raw mapping
+    and the run file's path."""
+    from medsynapse.config import apply_overrides
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    data = apply_overrides(dict(read_yaml(path) or {}), overrides or [])
+    study = from_dict(StudyConfig, data, str(path))
+    study.rows = {name: from_dict(RowSpec, dict(spec or {}), f"{path}.rows.{name}")
+                  for name, spec in (data.get("rows") or {}).items()}
+    if seeds is not None:
+        study.seeds = seeds
+    if rows is not None:
+        unknown = [r for r in rows if r not in study.rows]
+        if unknown:
+            raise ConfigError(f"{path}: unknown row(s) {unknown}; known: {list(study.rows)}")
+        study.rows = {name: study.rows[name] for name in rows}
+    check_study(study, str(path))
+    run_path = Path(study.run) if Path(study.run).is_file() else path.parent / study.run
+    if not study.run or not run_path.is_file():
+        raise ConfigError(f"{path}.run: run file {study.run!r} not found (relative to the cwd or to the study file)")
+    return study, read_yaml(run_path) or {}, str(run_path)
+
+
+def check_study(study: StudyConfig, where: str) -> None:
+    if not study.rows:
+        raise ConfigError(f"{where}.rows: no rows")
+    if not study.seeds or len(set(study.seeds)) != len(study.seeds):
+        raise ConfigError(f"{where}.seeds: expected distinct seeds, got {study.seeds}")
+    if study.workers < 1:
+        raise ConfigError(f"{where}.workers: expected >= 1, got {study.workers}")
+    for name, row in study.rows.items():
+        if row.model not in MODELS:
+            raise ConfigError(f"{where}.rows.{name}.model: {row.model!r}; expected one of {MODELS}")
+        if (row.model == "baseline") != bool(row.method) or (row.method and row.method not in BASELINES):
+            raise ConfigError(f"{where}.rows.{name}.method: {row.method!r}; a `baseline` row names one of "
+                              f"{list(BASELINES)}, other rows none")
+        if row.reference not in ("", "none", *study.rows):
+            raise ConfigError(f"{where}.rows.{name}.reference: {row.reference!r} is not a row of this study")
+
+
+# --- planning ---------------------------------------------------------------------------------------------------
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Unit:
+    """One training: a recipe's config, trained into `folder`."""
+
+    kind: str  # stage1 | stage2 | stage3 | a baseline method
+    seed: int
+    key: str
+    config: Any
+    after: str | None = None  # the name of the unit it starts from
+
+    @property
+    def name(self) -> str:
+        return f"{BASELINES.get(self.kind, self.kind)}-s{self.seed}-{self.key}"
+
+
+@dataclass
+class Evaluation:
+    """One model's evaluation (shared by every cell that evaluates the same model)."""
+
+    name: str  # `base` or the unit's name
+    model: str  # its folder
+    output: str
+    benchmarks: list[str]
+    data_root: str
+    eval_batch_size: int
+    max_new_tokens: int | None
+    reasoning_tokens: int | None
+    counterfactual: str
+    reliance_conditions: list[str]
+    reliance_limit: int
+    latency_samples: int
+    after: str | None = None  # the unit that trains the model
+
+    def settings(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("output", "model", "after")}
+
+
+def _settings(config: Any) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in UNSHARED_SETTINGS}
+
+
+def row_run(raw: dict, source: str, row: RowSpec, seed: int, shared: Any) -> RunConfig:
+    """The run file with the row's overrides, every stage at training seed `seed`, SynthMed's folders filled in."""
+    run = with_seed(run_config_from(raw, source, row.set), seed)
+    if shared is not None:  # SynthMed: the cached base VLM, encoder and training file
+        from medsynapse.demo import fill_shared
+
+        run = fill_shared(run, shared)
+    return run
+
+
+def plan_units(run: RunConfig, row: RowSpec, seed: int, units_dir: Path) -> list[Unit]:
+    """The trainings the row's model needs, in order; each keyed by its settings and the unit it starts from."""
+    if row.model == "base":
+        return []
+    if row.model == "baseline":
+        config = resolve_baseline(run, row.method)
+        key = _key(row.method, _settings(config))
+        unit = Unit(row.method, seed, key, config)
+        return [dataclasses.replace(unit, config=_placed(config, units_dir / unit.name))]
+    units: list[Unit] = []
+    for stage in STAGES[: STAGES.index(row.model) + 1]:
+        config = resolve(run, stage)
+        settings = _settings(config)
+        previous = units[-1] if units else None
+        if previous is not None:
+            settings.pop("model")  # the folder it starts from: keyed by that unit instead
+        unit = Unit(stage, seed, _key(stage, settings, previous.key if previous else None), config,
+                    previous.name if previous else None)
+        moved = {"model": previous.config.output_dir} if previous else {}
+        units.append(dataclasses.replace(unit, config=_placed(config, units_dir / unit.name, **moved)))
+    return units
+
+
+def _placed(config: Any, folder: Path, **changes) -> Any:
+    return dataclasses.replace(config, output_dir=str(folder), resume=True, **changes)
+
+
+@dataclass
+class Plan:
+    units: dict[str, Unit]
+    evaluations: dict[str, Evaluation]
+    cells: dict[tuple[str, int], dict]  # (row, seed) -> {"evaluation": name, "units": [...], "hash": ...}
+
+
+def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_source: tuple[list[str], str],
+               output: Path) -> Plan:
+    units: dict[str, Unit] = {}
+    evaluations: dict[str, Evaluation] = {}
+    cells: dict[tuple[str, int], dict] = {}
+    benchmarks, data_root = eval_source
+    for seed in study.seeds:
+        for name, row in study.rows.items():
+            run = row_run(raw, source, row, seed, shared)
+            chain = plan_units(run, row, seed, output / "units")
+            for unit in chain:
+                units.setdefault(unit.name, unit)
+            model_name = chain[-1].name if chain else "base"
+            model_dir = chain[-1].config.output_dir if chain else run.model.vlm
+            counterfactual = study.counterfactual or resolve(run, "stage2").intervention
+            evaluation = Evaluation(model_name, model_dir, str(output / "evals" / model_name), benchmarks, data_root,
+                                    study.eval_batch_size, study.max_new_tokens, study.reasoning_tokens,
+                                    counterfactual, list(study.reliance_conditions), study.reliance_limit,
+                                    study.latency_samples, chain[-1].name if chain else None)
+            evaluations.setdefault(model_name, evaluation)
+            cells[(name, seed)] = {"evaluation": model_name, "units": [u.name for u in chain],
+                                   "hash": _key(model_name, evaluation.settings(),
+                                                run.model.vlm if not chain else None)}
+    return Plan(units, evaluations, cells)
+
+
+# --- jobs (run in a worker process, or in this one) --------------------------------------------------------------
+
+
+def train_unit(unit: Unit) -> dict:
+    """Train the unit (resuming its checkpoints) unless finished; returns its unit.json."""
+    folder = Path(unit.config.output_dir)
+    marker = folder / "unit.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    began = time.perf_counter()
+    recipe = stage_recipe(unit.kind) if unit.kind in STAGES else baseline_recipe(unit.kind)
+    started = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+    recipe(dataclasses.replace(unit.config, resume=started))  # a killed unit continues from its newest checkpoint
+    info = {"unit": unit.name, "kind": unit.kind, "seed": unit.seed, "key": unit.key, "after": unit.after,
+            "seconds": round(time.perf_counter() - began, 2)}
+    write_json(marker, info)
+    return info
+
+
+def evaluate_model(job: Evaluation) -> dict:
+    """The evaluation of one model folder (module docstring, step 3) into job.output/result.json; resumable."""
+    from medsynapse.data.schema import write_samples
+    from medsynapse.data.sources import load_source
+    from medsynapse.eval.efficiency import measure_isolated
+    from medsynapse.eval.runner import PREDICTIONS, EvalSettings, evaluate_benchmarks, latest_per_id, read_predictions
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    out = Path(job.output)
+    result_path = out / "result.json"
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if result.get("settings") == json.loads(json.dumps(job.settings())):
+            return result
+    began = time.perf_counter()
+    model = MedSynapseV.from_pretrained(job.model, merge_adapter=True)
+    reasoning = model.answer_format == "reasoning"
+    settings = EvalSettings(batch_size=job.eval_batch_size,
+                            max_new_tokens=job.reasoning_tokens if reasoning else job.max_new_tokens)
+    metrics = evaluate_benchmarks(job.model, job.benchmarks, job.data_root, out / "harness", settings)
+    correct = {}
+    for bench in job.benchmarks:
+        for line in latest_per_id(read_predictions(out / "harness" / bench / PREDICTIONS)):
+            if "skipped" not in line and line.get("correct") is not None:
+                correct[f"{bench}/{line['id']}"] = int(bool(line["correct"]))
+    write_json(out / "correct.json", correct)
+    per_bench = {b: {k: m.get(k) for k in ("accuracy", "n", "unparseable", "by_question_type", "n_skipped")}
+                 for b, m in metrics.items()}
+    accuracies = [m["accuracy"] for m in per_bench.values() if m["accuracy"] is not None]
+    result: dict = {"model": job.name, "answer_format": model.answer_format,
+                    "accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+                    "by_question_type": _pooled_types(per_bench), "benchmarks": per_bench,
+                    "efficiency": {"harness": {b: {k: m.get("efficiency", {}).get(k)
+                                                   for k in ("ms_per_sample", "peak_mem_mb", "batch_size")}
+                                               for b, m in metrics.items()}}}
+    first = load_source(job.benchmarks[0], job.data_root, out / ".images")
+    samples = first.samples[: job.reliance_limit] if job.reliance_limit else first.samples
+    if model.n_memory and model.latent is None and job.reliance_conditions:
+        from medsynapse.eval.diagnostics import reliance_report
+
+        reliance = reliance_report(model, samples, batch_size=job.eval_batch_size,
+                                   intervention=job.counterfactual, conditions=job.reliance_conditions,
+                                   max_new_tokens=settings.max_new_tokens or first.max_new_tokens)
+        reliance.pop("by_question_type", None)
+        if reliance.get("collapse_cosine") is not None:  # a float sum: its last digits follow the thread count
+            reliance["collapse_cosine"] = round(reliance["collapse_cosine"], 6)
+        result["reliance"] = reliance
+        if reliance.get("counterfactual") is not None:
+            result["counterfactual_accuracy"] = reliance["counterfactual"]
+            result["counterfactual_sensitivity"] = reliance["as_is"] - reliance["counterfactual"]
+    del model
+    if job.latency_samples:
+        timed = samples[: job.latency_samples + 3]
+        write_samples(out / "latency_questions.jsonl", timed)
+        isolated = measure_isolated(job.model, str(out / "latency_questions.jsonl"), [s.id for s in timed],
+                                    n_timed=len(timed) - 3,
+                                    max_new_tokens=settings.max_new_tokens or first.max_new_tokens)
+        result["efficiency"]["batch1"] = isolated
+    result["wall_s"] = round(time.perf_counter() - began, 2)
+    result["settings"] = job.settings()
+    write_json(result_path, result)
+    return result
+
+
+def _pooled_types(per_bench: dict) -> dict:
+    """Accuracy per question type over every benchmark (weighted by questions)."""
+    pooled: dict[str, list[float]] = {}
+    for metrics in per_bench.values():
+        for qtype, value in (metrics.get("by_question_type") or {}).items():
+            right, n = pooled.get(qtype, [0.0, 0])
+            pooled[qtype] = [right + value["accuracy"] * value["n"], n + value["n"]]
+    return {t: {"accuracy": right / n, "n": n} for t, (right, n) in sorted(pooled.items()) if n}
+
+
+def _worker_init(threads: int) -> None:
+    """A worker dies with the study (no orphan keeps training after a kill) and uses its share of the cores."""
+    import contextlib
+    import ctypes
+    import signal
+
+    import torch
+
+    with contextlib.suppress(OSError):  # Linux; elsewhere a killed study's workers finish their job
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    torch.set_num_threads(threads)
+    os.environ["TQDM_DISABLE"] = "1"
+
+
+# --- running -----------------------------------------------------------------------------------------------------
+
+
+def run_study(study: StudyConfig, raw: dict, source: str) -> dict:
+    """The plan of the module docstring; returns study.json's content."""
+    began = time.perf_counter()
+    output = Path(study.output)
+    output.mkdir(parents=True, exist_ok=True)
+    shared, eval_source, shared_report = prepare(study, raw, source)
+    plan = plan_study(study, raw, source, shared, eval_source, output)
+    run_jobs(plan, study.workers)
+    cells = write_cells(plan, output)
+    result = summarize(study, plan, cells, shared_report, round(time.perf_counter() - began, 2))
+    write_reports(result, output)
+    return result
+
+
+def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list[str], str], dict]:
+    """Step 1: SynthMed's shared folders (cached), or the pipeline's convert and cache steps for a real run."""
+    run = run_config_from(raw, source)
+    if run.synthmed:
+        from medsynapse.demo import demo_settings, prepare_shared
+
+        shared = prepare_shared(demo_settings(run))
+        eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(shared.data))
+        return shared, eval_source, {"synthmed": True, "timing_s": shared.timing, "data": str(shared.data),
+                                     "vlm": str(shared.vlm_base), "encoder": str(shared.encoder)}
+    from medsynapse.pipeline import run_pipeline
+
+    manifest = run_pipeline(run, until="cache")
+    eval_source = (study.benchmarks or list(run.eval.benchmarks), study.data_root or run.eval.data_root)
+    return None, eval_source, {"synthmed": False, "pipeline": manifest.get("steps", {})}
+
+
+def run_jobs(plan: Plan, workers: int) -> None:
+    """Every unit, then every evaluation, in dependency order; `workers` at once. Progress and ETA per job."""
+    jobs: dict[str, tuple[Any, Any, str | None]] = {}
+    for name, unit in plan.units.items():
+        jobs[f"train {name}"] = (train_unit, unit, f"train {unit.after}" if unit.after else None)
+    for name, evaluation in plan.evaluations.items():
+        jobs[f"eval {name}"] = (evaluate_model, evaluation,
+                                f"train {evaluation.after}" if evaluation.after else None)
+    done = {name for name, (fn, job, _) in jobs.items() if _finished(fn, job)}
+    total, seconds = len(jobs), []
+    print(f"study: {total} jobs ({len(plan.units)} trainings, {len(plan.evaluations)} evaluations, "
+          f"{len(plan.cells)} cells); {len(done)} already finished", flush=True)
+    pending = [name for name in jobs if name not in done]
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(threads,))
+    running: dict[Future, tuple[str, float]] = {}
+    try:
+        while pending or running:
+            ready = [n for n in pending if jobs[n][2] is None or jobs[n][2] in done]
+            if not ready and not running:
+                raise RuntimeError(f"study: jobs waiting on jobs that do not exist: {pending[:3]}")
+            while ready and len(running) < workers:
+                name = ready.pop(0)
+                pending.remove(name)
+                fn, job, _ = jobs[name]
+                print(f"study: [{len(done) + len(running) + 1}/{total}] {name} ...", flush=True)
+                if pool is None:
+                    start = time.perf_counter()
+                    fn(job)
+                    _finish(name, start, done, seconds, total, len(pending), workers)
+                else:
+                    running[pool.submit(fn, job)] = (name, time.perf_counter())
+            if running:
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name, start = running.pop(future)
+                    future.result()  # a failed job stops the study (its error, one line in the CLI)
+                    _finish(name, start, done, seconds, total, len(pending) + len(running), workers)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finished(fn: Any, job: Any) -> bool:
+    if fn is train_unit:
+        return (Path(job.config.output_dir) / "unit.json").is_file()
+    path = Path(job.output) / "result.json"
+    return path.is_file() and json.loads(path.read_text()).get("settings") == json.loads(json.dumps(job.settings()))
+
+
+def _finish(name: str, start: float, done: set, seconds: list, total: int, left: int, workers: int) -> None:
+    took = time.perf_counter() - start
+    done.add(name)
+    seconds.append(took)
+    eta = sum(seconds) / len(seconds) * left / workers
+    print(f"study: {name} finished in {took:.0f} s; {len(done)}/{total} done, ETA {eta / 60:.0f} min", flush=True)
+
+
+def write_cells(plan: Plan, output: Path) -> dict[tuple[str, int], dict]:
+    """Step 4: one file per (row, seed), written once (a cell with the same hash is kept as it is)."""
+    cells = {}
+    for (row, seed), cell in plan.cells.items():
+        path = output / "cells" / row / f"seed_{seed}.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("hash") == cell["hash"]:
+                cells[(row, seed)] = old
+                continue
+        evaluation = json.loads((Path(plan.evaluations[cell["evaluation"]].output) / "result.json").read_text())
+        trained = [json.loads((Path(plan.units[u].config.output_dir) / "unit.json").read_text())
+                   for u in cell["units"]]
+        value = {"row": row, "seed": seed, **cell, **{k: v for k, v in evaluation.items() if k != "settings"},
+                 "train_s": {t["unit"]: t["seconds"] for t in trained},
+                 "eval_s": evaluation.get("wall_s")}
+        value.pop("wall_s", None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, value)
+        cells[(row, seed)] = value
+    return cells
+
+
+# --- summary and reports -----------------------------------------------------------------------------------------
+
+
+def _correct(plan: Plan, evaluation: str) -> dict[str, int]:
+    return json.loads((Path(plan.evaluations[evaluation].output) / "correct.json").read_text())
+
+
+def summarize(study: StudyConfig, plan: Plan, cells: dict, shared: dict, wall_s: float) -> dict:
+    """Per row: its cells, mean ± sd [95 % t-interval] of every number shared by its seeds, and the paired
+    bootstrap against its reference row."""
+    rows = {}
+    for name, spec in study.rows.items():
+        per_seed = [cells[(name, seed)] for seed in study.seeds]
+        numbers = {"accuracy": [c["accuracy"] for c in per_seed]}
+        for key in ("counterfactual_accuracy", "counterfactual_sensitivity"):
+            if all(c.get(key) is not None for c in per_seed):
+                numbers[key] = [c[key] for c in per_seed]
+        batch1 = [c["efficiency"].get("batch1", {}) for c in per_seed]
+        for key in ("ms_per_sample", "peak_mem_mb"):
+            if all(b.get(key) is not None for b in batch1):
+                numbers[key] = [b[key] for b in batch1]
+        types = sorted({t for c in per_seed for t in c["by_question_type"]})
+        rows[name] = {"label": spec.label or name, "group": spec.group, "model": spec.model, "method": spec.method,
+                      "set": spec.set, "reference": _reference(study, name),
+                      "summary": {k: mean_sd_ci(v) for k, v in numbers.items()},
+                      "by_question_type": {t: mean_sd_ci([c["by_question_type"][t]["accuracy"] for c in per_seed
+                                                          if t in c["by_question_type"]]) for t in types},
+                      "cells": {str(c["seed"]): c for c in per_seed}}
+    for name, row in rows.items():
+        reference = row["reference"]
+        if reference is None:
+            continue
+        mine = [_correct(plan, cells[(name, s)]["evaluation"]) for s in study.seeds]
+        theirs = [_correct(plan, cells[(reference, s)]["evaluation"]) for s in study.seeds]
+        questions = sorted(set.intersection(*(set(c) for c in mine + theirs)))
+        row["paired_bootstrap"] = paired_bootstrap([[c[q] for q in questions] for c in mine],
+                                                   [[c[q] for q in questions] for c in theirs],
+                                                   study.bootstrap_resamples, study.bootstrap_seed)
+    shared_units = {}
+    for name in plan.units:
+        users = sorted({row for (row, _), cell in plan.cells.items() if name in cell["units"]})
+        if len(users) > 1:
+            shared_units[name] = users
+    trained_s = sum(json.loads((Path(u.config.output_dir) / "unit.json").read_text())["seconds"]
+                    for u in plan.units.values())
+    return {"study": {k: v for k, v in asdict(study).items() if k != "rows"}, "seeds": study.seeds,
+            "shared": shared, "rows": rows,
+            "units": {"count": len(plan.units), "evaluations": len(plan.evaluations), "cells": len(plan.cells),
+                      "shared_by_rows": shared_units},
+            "timing_s": {"wall": wall_s, "training_sum": round(trained_s, 2)}}
+
+
+def _reference(study: StudyConfig, row: str) -> str | None:
+    reference = study.rows[row].reference or study.reference
+    if reference == "none" or reference == row or reference not in study.rows:
+        return None
+    return reference
+
+
+def _stat(stat: dict | None, digits: int = 3) -> str:
+    if not stat:
+        return "—"
+    if stat["sd"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def _interval(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("ci95") is None:
+        return "—"
+    low, high = stat["ci95"]
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def table_rows(result: dict) -> list[dict]:
+    """One flat record per row: the columns of table.md and table.csv."""
+    out = []
+    for name, row in result["rows"].items():
+        summary, test = row["summary"], row.get("paired_bootstrap")
+        out.append({"group": row["group"], "row": row["label"], "key": name,
+                    "accuracy_mean": summary["accuracy"]["mean"], "accuracy_sd": summary["accuracy"]["sd"],
+                    "accuracy_ci95": summary["accuracy"]["ci95"],
+                    "counterfactual_sensitivity": (summary.get("counterfactual_sensitivity") or {}).get("mean"),
+                    "ms_per_sample": (summary.get("ms_per_sample") or {}).get("mean"),
+                    "peak_mem_mb": (summary.get("peak_mem_mb") or {}).get("mean"),
+                    "reference": row["reference"], "delta": test["delta"] if test else None,
+                    "delta_ci95": test["ci95"] if test else None, "p_value": test["p_value"] if test else None,
+                    "seeds": len(row["cells"])})
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    seeds = ", ".join(map(str, result["seeds"]))
+    resamples = result["study"]["bootstrap_resamples"]
+    lines = [f"Accuracy: mean ± sd over seeds {seeds} [95 % t-interval of the mean]. Δ: accuracy minus the reference "
+             f"row's, paired over questions and seeds, with a 95 % bootstrap interval and two-sided p "
+             f"({resamples} resamples of the questions). A(M) − A(M'): accuracy with the memory minus with the "
+             "counterfactual memory. ms/sample: batch 1, fresh process."]
+    group = None
+    for record in table_rows(result):
+        if record["group"] != group:
+            group = record["group"]
+            lines += ["", f"**{group}**", "", "| row | accuracy | 95 % interval | vs | Δ [95 % interval] | p | "
+                      "A(M) − A(M') | ms / sample |", "|---|---|---|---|---|---|---|---|"]
+        row = result["rows"][record["key"]]
+        delta = (f"{record['delta']:+.3f} [{record['delta_ci95'][0]:+.3f}, {record['delta_ci95'][1]:+.3f}]"
+                 if record["delta"] is not None else "—")
+        lines.append(f"| {record['row']} | {_stat(row['summary']['accuracy'])} | "
+                     f"{_interval(row['summary']['accuracy'])} | {record['reference'] or '—'} | {delta} | "
+                     f"{_p(record['p_value']) if record['p_value'] is not None else '—'} | "
+                     f"{_stat(row['summary'].get('counterfactual_sensitivity'))} | "
+                     f"{_stat(row['summary'].get('ms_per_sample'), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(result: dict) -> str:
+    records = table_rows(result)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def plot_study(result: dict, output: Path) -> None:
+    """accuracy.png: every row with its 95 % interval; efficiency.png: accuracy against batch-1 ms/sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = table_rows(result)
+    names = [r["row"] for r in records]
+    means = [r["accuracy_mean"] for r in records]
+    errors = [[m - r["accuracy_ci95"][0] if r["accuracy_ci95"] else 0 for m, r in zip(means, records)],
+              [r["accuracy_ci95"][1] - m if r["accuracy_ci95"] else 0 for m, r in zip(means, records)]]
+    figure, axis = plt.subplots(figsize=(7, 0.32 * len(records) + 1.2))
+    axis.barh(range(len(records)), means, xerr=errors, color="#4c72b0", capsize=2)
+    axis.set_yticks(range(len(records)), names, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel("accuracy (mean over seeds, 95 % interval)")
+    figure.tight_layout()
+    figure.savefig(output / "accuracy.png", dpi=120)
+    plt.close(figure)
+    timed = [r for r in records if r["ms_per_sample"] is not None]
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for record in timed:
+        axis.scatter(record["ms_per_sample"], record["accuracy_mean"],
+                     color="#c44e52" if record["group"] == "Table 1" else "#8c8c8c")
+        axis.annotate(record["row"], (record["ms_per_sample"], record["accuracy_mean"]), fontsize=7,
+                      xytext=(3, 3), textcoords="offset points")
+    axis.set_xlabel("ms / sample (batch 1)")
+    axis.set_ylabel("accuracy")
+    figure.tight_layout()
+    figure.savefig(output / "efficiency.png", dpi=120)
+    plt.close(figure)
+
+
+def write_reports(result: dict, output: Path) -> None:
+    write_json(output / "study.json", result)
+    write_text_atomic(output / "table.md", markdown_table(result))
+    write_text_atomic(output / "table.csv", csv_table(result))
+    plot_study(result, output)
