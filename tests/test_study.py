@@ -121,7 +121,9 @@ def test_study_killed_mid_training_resumes_to_the_same_study_json_without_retrai
     assert cell["accuracy"] is not None and cell["reliance"]["zeroed"] is not None
     assert cell["counterfactual_sensitivity"] == pytest.approx(cell["reliance"]["as_is"]
                                                                - cell["reliance"]["counterfactual"])
-    assert cell["efficiency"]["batch1"]["n_timed"] == 1
+    assert cell["efficiency"]["harness"]["synthmed"]["ms_per_sample"] > 0  # every cell: the eval's own timing
+    timed = straight["rows"]["medsynapse_v"]["efficiency"]  # per row, batch 1, fresh process, after every job
+    assert timed["n_timed"] == 1 and timed["ms_per_sample"] > 0 and timed["fixed_length"] is False
     assert straight["rows"]["without_stage2"]["paired_bootstrap"]["n_seeds"] == 2
     assert "paired_bootstrap" not in straight["rows"]["medsynapse_v"]  # the reference itself
     for name in ("study.json", "table.md", "table.csv", "accuracy.png", "efficiency.png"):

@@ -17,8 +17,8 @@ Plan:
 3. evaluations, one per distinct model (the base VLM once for every seed), into OUTPUT/evals/<unit>/: accuracy
    overall and per question type through the benchmark harness (`medsynapse eval`'s `evaluate_benchmarks`, resumable
    per question; every question's correctness kept for the paired test), the memory-reliance report (models with
-   memory; M' with the study's `counterfactual` intervention) and efficiency (the harness's batched ms/sample and
-   peak memory, plus batch-1 latency and peak memory in a fresh process);
+   memory; M' with the study's `counterfactual` intervention) and the harness's batched ms/sample and peak memory;
+   then, once every job is done, batch-1 latency and peak memory per row in a fresh process (measure_rows);
 4. cells: (row, seed) -> OUTPUT/cells/<row>/seed_<K>.json (the evaluation's numbers, the units, wall time, the
    config hash); a cell whose file holds the same hash is never redone;
 5. report: OUTPUT/study.json, table.md (mean ± sd and 95 % t-interval over seeds; per row a paired bootstrap over
@@ -87,7 +87,7 @@ class StudyConfig:
     counterfactual: str = ""  # M' for the reliance report; empty: the run file's stage2 intervention
     reliance_conditions: list[str] = field(default_factory=lambda: ["zeroed", "shuffled", "counterfactual"])
     reliance_limit: int = 0  # questions of the first benchmark in the reliance report (0: all)
-    latency_samples: int = 20  # batch-1 answers timed in a fresh process per model (0: none)
+    latency_samples: int = 20  # batch-1 answers timed per row, in a fresh process, after every job (0: none)
     bootstrap_resamples: int = 10_000
     bootstrap_seed: int = 0
     workers: int = 1  # jobs at once, each in its own process with cores / workers threads (1: in this process)
@@ -177,7 +177,6 @@ class Evaluation:
     counterfactual: str
     reliance_conditions: list[str]
     reliance_limit: int
-    latency_samples: int
     after: str | None = None  # the unit that trains the model
 
     def settings(self) -> dict:
@@ -250,7 +249,7 @@ def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_sou
             evaluation = Evaluation(model_name, model_dir, str(output / "evals" / model_name), benchmarks, data_root,
                                     study.eval_batch_size, study.max_new_tokens, study.reasoning_tokens,
                                     counterfactual, list(study.reliance_conditions), study.reliance_limit,
-                                    study.latency_samples, chain[-1].name if chain else None)
+                                    chain[-1].name if chain else None)
             evaluations.setdefault(model_name, evaluation)
             cells[(name, seed)] = {"evaluation": model_name, "units": [u.name for u in chain],
                                    "hash": _key(model_name, evaluation.settings(),
@@ -279,9 +278,7 @@ def train_unit(unit: Unit) -> dict:
 
 def evaluate_model(job: Evaluation) -> dict:
     """The evaluation of one model folder (module docstring, step 3) into job.output/result.json; resumable."""
-    from medsynapse.data.schema import write_samples
     from medsynapse.data.sources import load_source
-    from medsynapse.eval.efficiency import measure_isolated
     from medsynapse.eval.runner import PREDICTIONS, EvalSettings, evaluate_benchmarks, latest_per_id, read_predictions
     from medsynapse.model.medsynapse import MedSynapseV
 
@@ -327,14 +324,6 @@ def evaluate_model(job: Evaluation) -> dict:
         if reliance.get("counterfactual") is not None:
             result["counterfactual_accuracy"] = reliance["counterfactual"]
             result["counterfactual_sensitivity"] = reliance["as_is"] - reliance["counterfactual"]
-    del model
-    if job.latency_samples:
-        timed = samples[: job.latency_samples + 3]
-        write_samples(out / "latency_questions.jsonl", timed)
-        isolated = measure_isolated(job.model, str(out / "latency_questions.jsonl"), [s.id for s in timed],
-                                    n_timed=len(timed) - 3,
-                                    max_new_tokens=settings.max_new_tokens or first.max_new_tokens)
-        result["efficiency"]["batch1"] = isolated
     result["wall_s"] = round(time.perf_counter() - began, 2)
     result["settings"] = job.settings()
     write_json(result_path, result)
@@ -377,7 +366,8 @@ def run_study(study: StudyConfig, raw: dict, source: str) -> dict:
     plan = plan_study(study, raw, source, shared, eval_source, output)
     run_jobs(plan, study.workers)
     cells = write_cells(plan, output)
-    result = summarize(study, plan, cells, shared_report, round(time.perf_counter() - began, 2))
+    efficiency = measure_rows(study, plan, output)
+    result = summarize(study, plan, cells, efficiency, shared_report, round(time.perf_counter() - began, 2))
     write_reports(result, output)
     return result
 
@@ -462,6 +452,44 @@ def _finish(name: str, start: float, done: set, seconds: list, total: int, left:
     print(f"study: {name} finished in {took:.0f} s; {len(done)}/{total} done, ETA {eta / 60:.0f} min", flush=True)
 
 
+def measure_rows(study: StudyConfig, plan: Plan, output: Path) -> dict[str, dict]:
+    """Batch-1 latency and peak memory per row (the model of its first seed), each in a fresh process, one row after
+    another once every job is done (nothing else competes for the cores; timing a model beside a training job is
+    noise). Each answer stops at its end of sequence within the row's budget (the benchmark's for a direct reply,
+    `reasoning_tokens` for a reasoning one): what a user waits for. Kept in efficiency.json per row while the row's
+    model and these settings are the same (a kill loses at most the row being timed)."""
+    from medsynapse.data.schema import write_samples
+    from medsynapse.data.sources import load_source
+    from medsynapse.eval.efficiency import measure_isolated
+
+    if not study.latency_samples:
+        return {}
+    path = output / "efficiency.json"
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    first = next(iter(plan.evaluations.values()))
+    benchmark = load_source(first.benchmarks[0], first.data_root, output / "efficiency" / ".images")
+    timed = benchmark.samples[: study.latency_samples + 3]
+    questions = output / "efficiency" / "questions.jsonl"
+    questions.parent.mkdir(parents=True, exist_ok=True)
+    write_samples(questions, timed)
+    rows: dict[str, dict] = {}
+    for name in study.rows:
+        evaluation = plan.evaluations[plan.cells[(name, study.seeds[0])]["evaluation"]]
+        result = json.loads((Path(evaluation.output) / "result.json").read_text())
+        reasoning = result["answer_format"] == "reasoning"
+        budget = (study.reasoning_tokens if reasoning else study.max_new_tokens) or benchmark.max_new_tokens
+        settings = {"model": evaluation.name, "questions": [s.id for s in timed], "max_new_tokens": budget}
+        if kept.get(name, {}).get("settings") == settings:
+            rows[name] = kept[name]
+            continue
+        print(f"study: timing {name} ({evaluation.name}), batch 1, {len(timed) - 3} questions", flush=True)
+        measured = measure_isolated(evaluation.model, str(questions), [s.id for s in timed], n_timed=len(timed) - 3,
+                                    max_new_tokens=budget, fixed_length=False)
+        rows[name] = {**measured, "settings": settings}
+        write_json(path, {**kept, **rows})
+    return rows
+
+
 def write_cells(plan: Plan, output: Path) -> dict[tuple[str, int], dict]:
     """Step 4: one file per (row, seed), written once (a cell with the same hash is kept as it is)."""
     cells = {}
@@ -492,7 +520,7 @@ def _correct(plan: Plan, evaluation: str) -> dict[str, int]:
     return json.loads((Path(plan.evaluations[evaluation].output) / "correct.json").read_text())
 
 
-def summarize(study: StudyConfig, plan: Plan, cells: dict, shared: dict, wall_s: float) -> dict:
+def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, shared: dict, wall_s: float) -> dict:
     """Per row: its cells, mean ± sd [95 % t-interval] of every number shared by its seeds, and the paired
     bootstrap against its reference row."""
     rows = {}
@@ -502,14 +530,11 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, shared: dict, wall_s:
         for key in ("counterfactual_accuracy", "counterfactual_sensitivity"):
             if all(c.get(key) is not None for c in per_seed):
                 numbers[key] = [c[key] for c in per_seed]
-        batch1 = [c["efficiency"].get("batch1", {}) for c in per_seed]
-        for key in ("ms_per_sample", "peak_mem_mb"):
-            if all(b.get(key) is not None for b in batch1):
-                numbers[key] = [b[key] for b in batch1]
         types = sorted({t for c in per_seed for t in c["by_question_type"]})
         rows[name] = {"label": spec.label or name, "group": spec.group, "model": spec.model, "method": spec.method,
                       "set": spec.set, "reference": _reference(study, name),
                       "summary": {k: mean_sd_ci(v) for k, v in numbers.items()},
+                      "efficiency": {k: v for k, v in efficiency.get(name, {}).items() if k != "settings"},
                       "by_question_type": {t: mean_sd_ci([c["by_question_type"][t]["accuracy"] for c in per_seed
                                                           if t in c["by_question_type"]]) for t in types},
                       "cells": {str(c["seed"]): c for c in per_seed}}
@@ -559,6 +584,10 @@ def _interval(stat: dict | None, digits: int = 3) -> str:
     return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def _p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
@@ -572,8 +601,8 @@ def table_rows(result: dict) -> list[dict]:
                     "accuracy_mean": summary["accuracy"]["mean"], "accuracy_sd": summary["accuracy"]["sd"],
                     "accuracy_ci95": summary["accuracy"]["ci95"],
                     "counterfactual_sensitivity": (summary.get("counterfactual_sensitivity") or {}).get("mean"),
-                    "ms_per_sample": (summary.get("ms_per_sample") or {}).get("mean"),
-                    "peak_mem_mb": (summary.get("peak_mem_mb") or {}).get("mean"),
+                    "ms_per_sample": row["efficiency"].get("ms_per_sample"),
+                    "peak_mem_mb": row["efficiency"].get("peak_mem_mb"),
                     "reference": row["reference"], "delta": test["delta"] if test else None,
                     "delta_ci95": test["ci95"] if test else None, "p_value": test["p_value"] if test else None,
                     "seeds": len(row["cells"])})
@@ -586,7 +615,8 @@ def markdown_table(result: dict) -> str:
     lines = [f"Accuracy: mean ± sd over seeds {seeds} [95 % t-interval of the mean]. Δ: accuracy minus the reference "
              f"row's, paired over questions and seeds, with a 95 % bootstrap interval and two-sided p "
              f"({resamples} resamples of the questions). A(M) − A(M'): accuracy with the memory minus with the "
-             "counterfactual memory. ms/sample: batch 1, fresh process."]
+             "counterfactual memory. ms/sample: batch 1, the first seed's model alone in a fresh process, each "
+             "answer until its end of sequence (a reasoning row writes its analysis first)."]
     group = None
     for record in table_rows(result):
         if record["group"] != group:
@@ -600,7 +630,7 @@ def markdown_table(result: dict) -> str:
                      f"{_interval(row['summary']['accuracy'])} | {record['reference'] or '—'} | {delta} | "
                      f"{_p(record['p_value']) if record['p_value'] is not None else '—'} | "
                      f"{_stat(row['summary'].get('counterfactual_sensitivity'))} | "
-                     f"{_stat(row['summary'].get('ms_per_sample'), 1)} |")
+                     f"{_ms(record['ms_per_sample'])} |")
     return "\n".join(lines) + "\n"
 
 

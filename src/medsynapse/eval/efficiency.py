@@ -55,8 +55,10 @@ class PeakRSS:
 
 
 def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: int = 20, warmup: int = 3,
-            max_new_tokens: int = 8) -> dict:
-    """Load with `load_model()`, then time `answer` on `warmup + n_timed` samples (the first `warmup` untimed)."""
+            max_new_tokens: int = 8, fixed_length: bool = True) -> dict:
+    """Load with `load_model()`, then time `answer` on `warmup + n_timed` samples (the first `warmup` untimed).
+    `fixed_length`: every answer is `max_new_tokens` long (equal work per model); False: each stops at its end of
+    sequence (what a user waits for, e.g. a reasoning row's analysis), `max_new_tokens` at most."""
     if len(samples) < warmup + n_timed:
         raise ValueError(f"need {warmup + n_timed} samples, got {len(samples)}")
     gc.collect()
@@ -72,7 +74,8 @@ def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: in
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model.answer([image], [sample.model_prompt], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+            model.answer([image], [sample.model_prompt], max_new_tokens=max_new_tokens,
+                         **({"min_new_tokens": max_new_tokens} if fixed_length else {}))
             if cuda:
                 torch.cuda.synchronize()
             if index >= warmup:
@@ -81,7 +84,8 @@ def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: in
     del model
     gc.collect()
     return {"ms_per_sample": statistics.median(times), "peak_mem_mb": round(peak, 1), "n_timed": len(times),
-            "max_new_tokens": max_new_tokens, "memory_measure": "cuda_max_allocated" if cuda else "cpu_peak_rss_delta"}
+            "max_new_tokens": max_new_tokens, "fixed_length": fixed_length,
+            "memory_measure": "cuda_max_allocated" if cuda else "cpu_peak_rss_delta"}
 
 
 def compare_latency(loaders: dict[str, Callable[[], object]], samples: list[Sample], n_timed: int = 20,
@@ -108,11 +112,11 @@ def compare_latency(loaders: dict[str, Callable[[], object]], samples: list[Samp
 
 
 def measure_isolated(model_dir: str, data_file: str, question_ids: list[str], n_timed: int = 20, warmup: int = 3,
-                     max_new_tokens: int = 8) -> dict:
+                     max_new_tokens: int = 8, fixed_length: bool = True) -> dict:
     """`measure` in a fresh Python process (clean CPU peak memory), on the samples with the given ids, in order."""
     command = [sys.executable, "-m", "medsynapse.eval.efficiency", "--model", model_dir, "--data", data_file,
                "--n-timed", str(n_timed), "--warmup", str(warmup), "--max-new-tokens", str(max_new_tokens),
-               "--ids", ",".join(question_ids)]
+               "--ids", ",".join(question_ids), *([] if fixed_length else ["--until-eos"])]
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode != 0:
         raise RuntimeError(f"efficiency run for {model_dir} failed:\n{out.stderr[-2000:]}")
@@ -127,6 +131,7 @@ def _main() -> None:
     parser.add_argument("--n-timed", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--until-eos", action="store_true", help="each answer stops at its end of sequence")
     args = parser.parse_args()
     from transformers.utils import logging
 
@@ -138,7 +143,7 @@ def _main() -> None:
     by_id = {s.id: s for s in read_samples(args.data)}
     samples = [by_id[i] for i in args.ids.split(",")]
     result = measure(lambda: MedSynapseV.from_pretrained(args.model, merge_adapter=True), samples, args.n_timed,
-                     args.warmup, args.max_new_tokens)
+                     args.warmup, args.max_new_tokens, fixed_length=not args.until_eos)
     print(json.dumps(result))
 
 
