@@ -79,6 +79,7 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     reference: str = "medsynapse_v"  # the row every other row is compared with (unless its `reference` says)
     rows: dict[str, RowSpec] = field(default_factory=dict)
+    rows_from: str = ""  # a study file whose rows come first (relative to this file); this file's rows on top
     benchmarks: list[str] = field(default_factory=list)  # empty: the run file's eval.benchmarks (SynthMed: synthmed)
     data_root: str = ""  # empty: the run file's eval.data_root (SynthMed: the cached split)
     eval_batch_size: int = 64
@@ -107,16 +108,21 @@ def read_study(path: str | Path, rows: list[str] | None = None, seeds: list[int]
         raise ConfigError(f"{path}: study file not found")
     data = apply_overrides(dict(read_yaml(path) or {}), overrides or [])
     study = from_dict(StudyConfig, data, str(path))
-    study.rows = {name: from_dict(RowSpec, dict(spec or {}), f"{path}.rows.{name}")
-                  for name, spec in (data.get("rows") or {}).items()}
+    specs = dict(data.get("rows") or {})
+    if study.rows_from:
+        other = path.parent / study.rows_from
+        if not other.is_file():
+            raise ConfigError(f"{path}.rows_from: {other} not found")
+        specs = {**((read_yaml(other) or {}).get("rows") or {}), **specs}
+    study.rows = {name: from_dict(RowSpec, dict(spec or {}), f"{path}.rows.{name}") for name, spec in specs.items()}
     if seeds is not None:
         study.seeds = seeds
+    check_study(study, str(path))  # the whole file, before --rows keeps some of its rows
     if rows is not None:
         unknown = [r for r in rows if r not in study.rows]
         if unknown:
             raise ConfigError(f"{path}: unknown row(s) {unknown}; known: {list(study.rows)}")
-        study.rows = {name: study.rows[name] for name in rows}
-    check_study(study, str(path))
+        study.rows = {name: study.rows[name] for name in rows}  # a row whose reference is left out gets no test
     run_path = Path(study.run) if Path(study.run).is_file() else path.parent / study.run
     if not study.run or not run_path.is_file():
         raise ConfigError(f"{path}.run: run file {study.run!r} not found (relative to the cwd or to the study file)")
@@ -340,8 +346,9 @@ def _pooled_types(per_bench: dict) -> dict:
     return {t: {"accuracy": right / n, "n": n} for t, (right, n) in sorted(pooled.items()) if n}
 
 
-def _worker_init(threads: int) -> None:
-    """A worker dies with the study (no orphan keeps training after a kill) and uses its share of the cores."""
+def _worker_init(threads: int, devices: Any = None) -> None:
+    """A worker dies with the study (no orphan keeps training after a kill), uses its share of the cores and, on a
+    machine with GPUs, one GPU of its own (taken from the `devices` queue before CUDA starts in this process)."""
     import contextlib
     import ctypes
     import signal
@@ -352,6 +359,8 @@ def _worker_init(threads: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     torch.set_num_threads(threads)
     os.environ["TQDM_DISABLE"] = "1"
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
 
 
 # --- running -----------------------------------------------------------------------------------------------------
@@ -398,7 +407,7 @@ def run_jobs(plan: Plan, workers: int) -> None:
         jobs[f"eval {name}"] = (evaluate_model, evaluation,
                                 f"train {evaluation.after}" if evaluation.after else None)
     done = {name for name, (fn, job, _) in jobs.items() if _finished(fn, job)}
-    total, seconds = len(jobs), []
+    total, seconds = len(jobs), {"train": [], "eval": []}
     print(f"study: {total} jobs ({len(plan.units)} trainings, {len(plan.evaluations)} evaluations, "
           f"{len(plan.cells)} cells); {len(done)} already finished", flush=True)
     pending = [name for name in jobs if name not in done]
@@ -406,9 +415,21 @@ def run_jobs(plan: Plan, workers: int) -> None:
     if workers > 1:
         import multiprocessing
 
+        import torch
+
+        context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(threads,))
+        devices = None
+        if torch.cuda.is_available():  # one GPU per worker
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            if len(ids) < workers:
+                raise ValueError(f"workers: {workers} workers need {workers} GPUs, this machine shows {len(ids)}")
+            devices = context.Queue()
+            for device in ids[:workers]:
+                devices.put(device)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                   initargs=(threads, devices))
     running: dict[Future, tuple[str, float]] = {}
     try:
         while pending or running:
@@ -423,7 +444,7 @@ def run_jobs(plan: Plan, workers: int) -> None:
                 if pool is None:
                     start = time.perf_counter()
                     fn(job)
-                    _finish(name, start, done, seconds, total, len(pending), workers)
+                    _finish(name, start, done, seconds, total, pending, workers)
                 else:
                     running[pool.submit(fn, job)] = (name, time.perf_counter())
             if running:
@@ -431,7 +452,8 @@ def run_jobs(plan: Plan, workers: int) -> None:
                 for future in finished:
                     name, start = running.pop(future)
                     future.result()  # a failed job stops the study (its error, one line in the CLI)
-                    _finish(name, start, done, seconds, total, len(pending) + len(running), workers)
+                    _finish(name, start, done, seconds, total, pending + [n for n, _ in running.values()],
+                            workers)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -444,11 +466,15 @@ def _finished(fn: Any, job: Any) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("settings") == json.loads(json.dumps(job.settings()))
 
 
-def _finish(name: str, start: float, done: set, seconds: list, total: int, left: int, workers: int) -> None:
+def _finish(name: str, start: float, done: set, seconds: dict[str, list[float]], total: int, left: list[str],
+            workers: int) -> None:
+    """Progress line; the ETA from the mean time of each kind of job (trainings and evaluations) done so far."""
     took = time.perf_counter() - start
     done.add(name)
-    seconds.append(took)
-    eta = sum(seconds) / len(seconds) * left / workers
+    seconds[name.split()[0]].append(took)
+    mean = {kind: sum(v) / len(v) for kind, v in seconds.items() if v}
+    fallback = sum(mean.values()) / len(mean)
+    eta = sum(mean.get(job.split()[0], fallback) for job in left) / workers
     print(f"study: {name} finished in {took:.0f} s; {len(done)}/{total} done, ETA {eta / 60:.0f} min", flush=True)
 
 
@@ -626,8 +652,9 @@ def markdown_table(result: dict) -> str:
         row = result["rows"][record["key"]]
         delta = (f"{record['delta']:+.3f} [{record['delta_ci95'][0]:+.3f}, {record['delta_ci95'][1]:+.3f}]"
                  if record["delta"] is not None else "—")
+        versus = result["rows"][record["reference"]]["label"] if record["reference"] else "—"
         lines.append(f"| {record['row']} | {_stat(row['summary']['accuracy'])} | "
-                     f"{_interval(row['summary']['accuracy'])} | {record['reference'] or '—'} | {delta} | "
+                     f"{_interval(row['summary']['accuracy'])} | {versus} | {delta} | "
                      f"{_p(record['p_value']) if record['p_value'] is not None else '—'} | "
                      f"{_stat(row['summary'].get('counterfactual_sensitivity'))} | "
                      f"{_ms(record['ms_per_sample'])} |")
