@@ -46,6 +46,7 @@ from medsynapse.config import ConfigError, from_dict, read_yaml
 from medsynapse.eval.report import mean_sd_ci, write_json
 from medsynapse.eval.stats import paired_bootstrap
 from medsynapse.locking import write_text_atomic
+from medsynapse.recipes.trainer import RESUMABLE_SETTINGS
 from medsynapse.runconfig import (
     BASELINES,
     STAGES,
@@ -59,7 +60,7 @@ from medsynapse.runconfig import (
 )
 
 MODELS = ("base", *STAGES, "baseline")
-UNSHARED_SETTINGS = ("output_dir", "resume", "save_every", "log_every", "prior_cache")  # how, not what, is trained
+UNSHARED_SETTINGS = RESUMABLE_SETTINGS  # how, not what, is trained: not in a unit's key
 
 
 @dataclass
