@@ -46,7 +46,8 @@ def test_bootstrap_p_value_and_interval_match_the_exact_enumeration_of_every_res
     every = np.array(list(itertools.product(range(n), repeat=n)))
     assert np.array_equal(bootstrap_deltas(d, every), direct)  # the vectorised statistic is the loop's, exactly
     exact = percentile_test(d.mean(), direct)
-    expected_p = min(1.0, 2 * min(np.mean(direct <= 0), np.mean(direct >= 0)))
+    below, above = sum(x <= 0 for x in direct), sum(x >= 0 for x in direct)
+    expected_p = min(1.0, 2 * (min(below, above) + 1) / (len(direct) + 1))
     assert exact["p_value"] == expected_p and 0.05 < expected_p < 0.9
     sampled = paired_bootstrap(row, reference, resamples=200_000, seed=1)
     assert sampled["p_value"] == pytest.approx(expected_p, abs=0.01)  # Monte Carlo sd ~0.001 at 200k
@@ -56,7 +57,21 @@ def test_bootstrap_p_value_and_interval_match_the_exact_enumeration_of_every_res
     same = paired_bootstrap(reference, reference, resamples=1000)
     assert same["delta"] == 0 and same["p_value"] == 1.0
     better = paired_bootstrap([[1] * 40], [[0] * 40], resamples=1000)
-    assert better["delta"] == 1 and better["p_value"] == 0 and better["ci95"] == [1.0, 1.0]
+    assert better["delta"] == 1 and better["ci95"] == [1.0, 1.0]
+    assert better["p_value"] == pytest.approx(2 / 1001)  # never 0 from a finite number of resamples
+
+
+def test_bootstrap_by_benchmark_averages_the_benchmarks_and_resamples_within_each():
+    # benchmark "a": the row right on all 4 questions, the reference on none; benchmark "b" (16 questions): equal
+    row = [[1] * 4 + [0] * 16]
+    reference = [[0] * 20]
+    groups = ["a"] * 4 + ["b"] * 16
+    test = paired_bootstrap(row, reference, resamples=500, groups=groups)
+    assert test["delta"] == pytest.approx(0.5) and test["groups"] == 2  # mean of +1 and 0, not the pooled 0.2
+    assert test["ci95"] == [0.5, 0.5]  # within-group resampling keeps each benchmark's share fixed
+    assert paired_bootstrap(row, reference, resamples=500)["delta"] == pytest.approx(0.2)  # pooled, one group
+    with pytest.raises(ValueError, match="group labels"):
+        paired_bootstrap(row, reference, groups=["a"])
 
 
 def test_bootstrap_is_reproducible_from_its_seed():
@@ -119,8 +134,17 @@ def test_study_killed_mid_training_resumes_to_the_same_study_json_without_retrai
     assert len(units["shared_by_rows"]) == 2  # each seed's Stage I
     cell = straight["rows"]["medsynapse_v"]["cells"]["0"]
     assert cell["accuracy"] is not None and cell["reliance"]["zeroed"] is not None
-    assert cell["counterfactual_sensitivity"] == pytest.approx(cell["reliance"]["as_is"]
-                                                               - cell["reliance"]["counterfactual"])
+    # the counterfactual numbers, recomputed outside the study: the unit's model on the benchmark's questions
+    from medsynapse.data.sources import load_source
+    from medsynapse.eval.vqa import evaluate
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    model = MedSynapseV.from_pretrained(tmp_path / "straight" / "units" / cell["units"][-1], merge_adapter=True)
+    questions = load_source("synthmed", tiny_env.train_file.parent, tmp_path / "images").samples
+    factual = evaluate(model, questions, batch_size=8)["accuracy"]
+    counterfactual = evaluate(model, questions, branch="counterfactual", intervention="zero", batch_size=8)
+    assert cell["accuracy"] == factual and cell["counterfactual_accuracy"] == counterfactual["accuracy"]
+    assert cell["counterfactual_sensitivity"] == pytest.approx(factual - counterfactual["accuracy"])
     assert cell["efficiency"]["harness"]["synthmed"]["ms_per_sample"] > 0  # every cell: the eval's own timing
     timed = straight["rows"]["medsynapse_v"]["efficiency"]  # per row, batch 1, fresh process, after every job
     assert timed["n_timed"] == 1 and timed["ms_per_sample"] > 0 and timed["fixed_length"] is False

@@ -151,7 +151,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     rows = args.rows.split(",") if args.rows else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     overrides = list(args.set or []) + ([f"output={args.output}"] if args.output else [])
-    overrides += [f"workers={args.workers}"] if args.workers else []
+    overrides += [f"workers={args.workers}"] if args.workers is not None else []
     study, raw, source = read_study(args.config, rows, seeds, overrides)
     result = run_study(study, raw, source)
     print(f"\nstudy: {len(result['rows'])} rows x {len(result['seeds'])} seeds in {result['timing_s']['wall']:.0f} s; "

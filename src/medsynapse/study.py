@@ -257,7 +257,9 @@ def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_sou
                                     study.eval_batch_size, study.max_new_tokens, study.reasoning_tokens,
                                     counterfactual, list(study.reliance_conditions), study.reliance_limit,
                                     chain[-1].name if chain else None)
-            evaluations.setdefault(model_name, evaluation)
+            if evaluations.setdefault(model_name, evaluation).settings() != evaluation.settings():
+                raise ConfigError(f"study: rows sharing the model {model_name} ask for different evaluations "
+                                  "(e.g. another counterfactual); set the study's `counterfactual`")
             cells[(name, seed)] = {"evaluation": model_name, "units": [u.name for u in chain],
                                    "hash": _key(model_name, evaluation.settings(),
                                                 run.model.vlm if not chain else None)}
@@ -296,21 +298,21 @@ def evaluate_model(job: Evaluation) -> dict:
         if result.get("settings") == json.loads(json.dumps(job.settings())):
             return result
     began = time.perf_counter()
-    model = MedSynapseV.from_pretrained(job.model, merge_adapter=True)
-    reasoning = model.answer_format == "reasoning"
+    answer_format = _answer_format(job.model)
     settings = EvalSettings(batch_size=job.eval_batch_size,
-                            max_new_tokens=job.reasoning_tokens if reasoning else job.max_new_tokens)
-    metrics = evaluate_benchmarks(job.model, job.benchmarks, job.data_root, out / "harness", settings)
+                            max_new_tokens=job.reasoning_tokens if answer_format == "reasoning" else job.max_new_tokens)
+    harness = out / f"harness-{_key(asdict(settings))[:8]}"  # other settings, another folder (never refused)
+    metrics = evaluate_benchmarks(job.model, job.benchmarks, job.data_root, harness, settings)
     correct = {}
     for bench in job.benchmarks:
-        for line in latest_per_id(read_predictions(out / "harness" / bench / PREDICTIONS)):
+        for line in latest_per_id(read_predictions(harness / bench / PREDICTIONS)):
             if "skipped" not in line and line.get("correct") is not None:
                 correct[f"{bench}/{line['id']}"] = int(bool(line["correct"]))
     write_json(out / "correct.json", correct)
     per_bench = {b: {k: m.get(k) for k in ("accuracy", "n", "unparseable", "by_question_type", "n_skipped")}
                  for b, m in metrics.items()}
     accuracies = [m["accuracy"] for m in per_bench.values() if m["accuracy"] is not None]
-    result: dict = {"model": job.name, "answer_format": model.answer_format,
+    result: dict = {"model": job.name, "answer_format": answer_format,
                     "accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
                     "by_question_type": _pooled_types(per_bench), "benchmarks": per_bench,
                     "efficiency": {"harness": {b: {k: m.get("efficiency", {}).get(k)
@@ -318,9 +320,14 @@ def evaluate_model(job: Evaluation) -> dict:
                                                for b, m in metrics.items()}}}
     first = load_source(job.benchmarks[0], job.data_root, out / ".images")
     samples = first.samples[: job.reliance_limit] if job.reliance_limit else first.samples
-    if model.n_memory and model.latent is None and job.reliance_conditions:
+    if _has_memory(job.model) and job.reliance_conditions:
+        import torch
+
         from medsynapse.eval.diagnostics import reliance_report
 
+        model = MedSynapseV.from_pretrained(job.model, merge_adapter=True)  # after the harness freed its copy
+        if torch.cuda.is_available():
+            model.to("cuda")
         reliance = reliance_report(model, samples, batch_size=job.eval_batch_size,
                                    intervention=job.counterfactual, conditions=job.reliance_conditions,
                                    max_new_tokens=settings.max_new_tokens or first.max_new_tokens)
@@ -335,6 +342,25 @@ def evaluate_model(job: Evaluation) -> dict:
     result["settings"] = job.settings()
     write_json(result_path, result)
     return result
+
+
+def _has_memory(folder: str) -> bool:
+    """A P_phi or A_psi memory (a latent-reasoning baseline's thoughts are not memory to test)."""
+    from medsynapse.model.medsynapse import MANIFEST
+
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return False
+    values = json.loads(manifest.read_text())
+    return bool(values.get("sampler") or values.get("autonomous")) and not values.get("latent")
+
+
+def _answer_format(folder: str) -> str:
+    """The format a folder's model was trained to reply in (its manifest; a plain VLM answers directly)."""
+    from medsynapse.model.medsynapse import MANIFEST
+
+    manifest = Path(folder) / MANIFEST
+    return json.loads(manifest.read_text()).get("answer_format") or "direct" if manifest.is_file() else "direct"
 
 
 def _pooled_types(per_bench: dict) -> dict:
@@ -455,6 +481,11 @@ def run_jobs(plan: Plan, workers: int) -> None:
                     future.result()  # a failed job stops the study (its error, one line in the CLI)
                     _finish(name, start, done, seconds, total, pending + [n for n, _ in running.values()],
                             workers)
+    except BaseException:
+        if pool is not None:  # a failed job (or Ctrl-C) stops the others now, not when their training ends
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -488,6 +519,7 @@ def measure_rows(study: StudyConfig, plan: Plan, output: Path) -> dict[str, dict
     from medsynapse.data.schema import write_samples
     from medsynapse.data.sources import load_source
     from medsynapse.eval.efficiency import measure_isolated
+    from medsynapse.eval.runner import REASONING_BUDGET
 
     if not study.latency_samples:
         return {}
@@ -504,7 +536,8 @@ def measure_rows(study: StudyConfig, plan: Plan, output: Path) -> dict[str, dict
         evaluation = plan.evaluations[plan.cells[(name, study.seeds[0])]["evaluation"]]
         result = json.loads((Path(evaluation.output) / "result.json").read_text())
         reasoning = result["answer_format"] == "reasoning"
-        budget = (study.reasoning_tokens if reasoning else study.max_new_tokens) or benchmark.max_new_tokens
+        budget = ((study.reasoning_tokens or REASONING_BUDGET) if reasoning else study.max_new_tokens
+                  or benchmark.max_new_tokens)
         settings = {"model": evaluation.name, "questions": [s.id for s in timed], "max_new_tokens": budget}
         if kept.get(name, {}).get("settings") == settings:
             rows[name] = kept[name]
@@ -574,7 +607,8 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
         questions = sorted(set.intersection(*(set(c) for c in mine + theirs)))
         row["paired_bootstrap"] = paired_bootstrap([[c[q] for q in questions] for c in mine],
                                                    [[c[q] for q in questions] for c in theirs],
-                                                   study.bootstrap_resamples, study.bootstrap_seed)
+                                                   study.bootstrap_resamples, study.bootstrap_seed,
+                                                   groups=[q.split("/", 1)[0] for q in questions])
     shared_units = {}
     for name in plan.units:
         users = sorted({row for (row, _), cell in plan.cells.items() if name in cell["units"]})
