@@ -17,7 +17,7 @@ from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
-from medsynapse.recipes import trainer
+from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.priors import attach_reference_bank, prior_table
 
 
@@ -49,12 +49,14 @@ class Stage1Config:
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
+    distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
 
 
 @trainer.one_run_per_folder
 def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=0)  # before anything is loaded
     trainer.check_paths(config, ("vlm", "encoder", "train_file"))
+    sharding.check_distributed(config.distributed)
     trainer.check_positive(config, ("n_memory", "sampler_width", "sampler_layers", "sampler_heads", "lr",
                                     "batch_size", "save_every", "log_every", "reference_bank_size"))
     output = Path(config.output_dir)
@@ -69,6 +71,8 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
         trainer.enable_activation_checkpointing(model.vlm)
         trainer.train_without_dropout(model.vlm)  # transformers only checkpoints in train mode
     model.encoder.to(accelerator.device)
+    if config.distributed == "fsdp":
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=True)

@@ -35,9 +35,11 @@ from transformers import get_cosine_schedule_with_warmup
 from medsynapse.locking import fsync_tree, hold_for_launch
 
 CHECKPOINTS = "checkpoints"
+SHARDED = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 # settings that change neither what is trained nor in what order: a resume may change them
-RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache")
+# how, not what, is trained: a checkpoint may be resumed with other values (`distributed`: ddp | fsdp, same weights)
+RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache", "distributed")
 _RUN_LOCKS: ContextVar[ExitStack | None] = ContextVar("medsynapse_run_locks", default=None)
 
 
@@ -224,7 +226,12 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 
 def damaged_file(folder: Path) -> Path | None:
     """The first file of a checkpoint that is missing or empty, or whose state.json does not parse; None if intact."""
-    for name in CHECKPOINT_FILES:
+    sharded = (folder / SHARDED).is_dir()  # weights and optimizer state in SHARDED/ (torch.distributed.checkpoint)
+    names = [n for n in CHECKPOINT_FILES if n not in ("weights.safetensors", "optimizer.pt")] if sharded \
+        else CHECKPOINT_FILES
+    if sharded and not (folder / SHARDED / ".metadata").is_file():
+        return folder / SHARDED / ".metadata"
+    for name in names:
         path = folder / name
         if not path.is_file() or path.stat().st_size == 0:
             return path
@@ -321,10 +328,60 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimi
     return final
 
 
-def load_checkpoint(folder: Path, module: nn.Module, optimizer, scheduler) -> dict:
-    """Restore what `save_checkpoint` wrote (tensors only: `weights_only=True`); returns the state dict."""
-    load_trainable_state(module, load_file(str(folder / "weights.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+def save_sharded_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, module: nn.Module,
+                            optimizer, scheduler, extra: dict | None = None, keep: int = 2, config=None) -> Path:
+    """`save_checkpoint` for a module whose trainable parameters are sharded (FSDP2): called on every rank, each
+    writes its shards of the trainable weights and of the optimizer state with torch.distributed.checkpoint
+    (CHECKPOINT/sharded/); the main process writes the rest and renames the folder once every rank has finished."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(output_dir) / CHECKPOINTS
+    final, tmp = root / f"step_{step:07d}", root / f".tmp_step_{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    dcp.save(_sharded_state(module, optimizer), checkpoint_id=str(tmp / SHARDED))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        settings = {"settings": run_settings(config)} if config is not None else {}
+        (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": True, **settings, **(extra or {})}))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _sharded_state(module: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return {"model": {name: p.detach() for name, p in module.named_parameters() if p.requires_grad},
+            "optimizer": get_optimizer_state_dict(module, inner)}
+
+
+def load_checkpoint(folder: Path, module: nn.Module, optimizer, scheduler, sharded: bool = False) -> dict:
+    """Restore what `save_checkpoint` (or, `sharded`, `save_sharded_checkpoint`: every rank calls, any world size)
+    wrote (tensors only: `weights_only=True`); returns the state dict."""
+    written_sharded = (folder / SHARDED).is_dir()
+    if written_sharded != sharded:
+        kind = "distributed: fsdp" if written_sharded else "distributed: ddp (or one process)"
+        raise ValueError(f"{folder}: this checkpoint was written under {kind}; resume it the same way")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        state = _sharded_state(module, optimizer)
+        dcp.load(state, checkpoint_id=str(folder / SHARDED))  # in place: the parameters' own shards
+        set_optimizer_state_dict(module, getattr(optimizer, "optimizer", optimizer), state["optimizer"])
+    else:
+        load_trainable_state(module, load_file(str(folder / "weights.safetensors")))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
     return json.loads((folder / "state.json").read_text())

@@ -1,0 +1,74 @@
+"""FSDP2 (`distributed: fsdp`) under `torchrun --nproc_per_node 2` with gloo on CPU: each rank holds half of the
+frozen VLM, and training gives the trainable weights of the one-process run (the DDP tests' tolerances: the sharded
+VLM is gathered exactly, only the summation order of the trainable gradients differs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import _check_learning_rates, _check_weights, _config, _probe, needs_torchrun
+
+
+def _held(folder) -> list[dict]:
+    return [json.loads((folder / f"sharding.rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@needs_torchrun
+def test_stage1_and_stage3_under_fsdp2_match_one_process_and_hold_half_the_vlm(tiny_env, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    configs = {}
+    for name, out in (("one", one), ("two", two)):
+        path = _config(tiny_env, out)
+        path.write_text(path.read_text() + "distributed: fsdp\n")
+        configs[name] = path
+    a = _probe(["train", "stage1", "--config", str(configs["one"])], tmp_path / "probe1")
+    b = _probe(["train", "stage1", "--config", str(configs["two"])], tmp_path / "probe2", processes=2, port=29581)
+    _check_learning_rates(a, b, 1e-2, 8, 0.25)
+    _check_weights(a, b, "stage1")
+    held = _held(two)
+    assert not (one / "sharding.rank0.json").exists()  # one process: nothing sharded
+    assert [h["rank"] for h in held] == [0, 1] and held[0]["vlm_parameters"] == held[1]["vlm_parameters"]
+    for h in held:  # each rank's local shards: half of every tensor (rounded up per tensor)
+        assert h["vlm_local_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert load_file(str(two / "sampler.safetensors")).keys() == b.after.keys()
+
+
+@needs_torchrun
+def test_stage2_and_stage3_under_fsdp2_match_one_process(tiny_env, tmp_path):
+    """Stage II trains the LoRA inside the sharded units (reduce-scattered gradients, sharded optimizer state and
+    checkpoints); Stage III trains A_psi beside the sharded VLM + LoRA, with generation kept in step across ranks.
+    Both against the one-process run of the same settings, the saved folders are the single-folder format."""
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    stage1 = tmp_path / "s1"
+    _probe(["train", "stage1", "--config", str(_config(tiny_env, stage1))], tmp_path / "probe-s1")
+    probes = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        (tmp_path / f"stage2-{world}.yaml").write_text(
+            f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's2'}\nlora_r: 4\n"
+            "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 3\nnum_iterations: 2\nmax_new_tokens: 3\n"
+            "lr: 1.0e-2\nwarmup_ratio: 0.25\ntemperature: 1.0\ndtype: float64\nsave_every: 2\n"
+            "distributed: fsdp\n")
+        (tmp_path / f"stage3-{world}.yaml").write_text(
+            f"model: {out / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's3'}\nbatch_size: 4\n"
+            "max_steps: 6\nmax_new_tokens: 3\nlr: 1.0e-2\nwarmup_ratio: 0.25\ndtype: float64\nfused_jsd: true\n"
+            "distributed: fsdp\n")
+        for stage, port in (("stage2", 29583), ("stage3", 29585)):
+            probes[stage, world] = _probe(["train", stage, "--config", str(tmp_path / f"{stage}-{world}.yaml")],
+                                          tmp_path / f"probe-{stage}-{world}", processes=world, port=port)
+    for stage in ("stage2", "stage3"):
+        _check_learning_rates(probes[stage, 1], probes[stage, 2], 1e-2, 6, 0.25)
+        _check_weights(probes[stage, 1], probes[stage, 2], stage)
+    assert all(h["vlm_local_fraction"] == pytest.approx(0.5, abs=0.01) for h in _held(tmp_path / "w2" / "s2"))
+    assert (tmp_path / "w2" / "s2" / "checkpoints" / "step_0000002" / "sharded" / ".metadata").is_file()
+    for stage, folder in (("stage2", "s2"), ("stage3", "s3")):  # gathered on rank 0 into the usual folder
+        loaded = MedSynapseV.from_pretrained(tmp_path / "w2" / folder, dtype="float64")
+        lora = {k: v for k, v in loaded.vlm.named_parameters() if "lora_" in k}
+        assert lora and not any(hasattr(v, "full_tensor") for v in lora.values())
+        if stage == "stage2":
+            after = probes["stage2", 2].after
+            assert sorted(after) == sorted(lora) and all(torch.equal(after[k], lora[k]) for k in after)
