@@ -5,11 +5,24 @@ VLM is gathered exactly, only the summation order of the trainable gradients dif
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import _check_learning_rates, _check_weights, _config, _probe, needs_torchrun
+from test_distributed import (
+    FLOAT64,
+    PROBE,
+    TORCHRUN,
+    _check_learning_rates,
+    _check_weights,
+    _config,
+    _probe,
+    needs_torchrun,
+)
 
 
 def _held(folder) -> list[dict]:
@@ -72,3 +85,51 @@ def test_stage2_and_stage3_under_fsdp2_match_one_process(tiny_env, tmp_path):
         if stage == "stage2":
             after = probes["stage2", 2].after
             assert sorted(after) == sorted(lora) and all(torch.equal(after[k], lora[k]) for k in after)
+
+
+@needs_torchrun
+def test_fsdp2_stage2_killed_and_resumed_from_its_sharded_checkpoint_equals_an_uninterrupted_run(tiny_env, tmp_path):
+    """SIGKILL to every process of a 2-rank FSDP2 Stage II once a sharded checkpoint exists, then `--resume` (the
+    LoRA shards and the sharded optimizer state come back through torch.distributed.checkpoint): the same adapter as
+    a run that was never stopped."""
+    stage1 = tmp_path / "s1"
+    _probe(["train", "stage1", "--config", str(_config(tiny_env, stage1))], tmp_path / "probe-s1")
+
+    def config(name: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / name}\n"
+                        "lora_r: 4\nlora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 10\nmax_new_tokens: 3\n"
+                        "lr: 1.0e-2\nwarmup_ratio: 0.25\ntemperature: 1.0\ndtype: float64\nsave_every: 2\n"
+                        "distributed: fsdp\n")
+        return str(path)
+
+    straight = _probe(["train", "stage2", "--config", config("straight")], tmp_path / "probe-straight",
+                      processes=2, port=29587)
+    killed = tmp_path / "killed"
+    launch = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29589", PROBE, "recipe",
+              str(tmp_path / "probe-killed"), "train", "stage2", "--config", config("killed")]
+    process = subprocess.Popen(launch, env=FLOAT64, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "step_0000002").is_dir():
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (killed / "checkpoints" / "step_0000002" / "sharded" / ".metadata").is_file()
+    assert not (killed / "medsynapse.json").exists()  # stopped before the end
+    resumed = _probe(["train", "stage2", "--config", config("killed"), "--resume"], tmp_path / "probe-resumed",
+                     processes=2, port=29591)
+    assert resumed.after.keys() == straight.after.keys()
+    for name, value in straight.after.items():
+        assert torch.equal(resumed.after[name], value), name
+
+
+def test_the_units_cover_every_vlm_parameter_once(tiny_env):
+    """What shard_vlm shards (and benchmarks/fsdp_memory.py counts): every parameter of the VLM in exactly one
+    unit, so none is left replicated and unsynchronised."""
+    from medsynapse.model.vlm import load_vlm
+    from medsynapse.recipes.sharding import units
+
+    vlm, _ = load_vlm(tiny_env.vlm, dtype="float32")
+    owned = [id(p) for unit in units(vlm) for p in unit.parameters()]
+    assert len(owned) == len(set(owned)) and set(owned) == {id(p) for p in vlm.parameters()}

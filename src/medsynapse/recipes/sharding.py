@@ -39,6 +39,15 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def units(core: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of a Qwen3-VL model (module docstring), root excluded. Leaves only around the vision and text
+    models: fully_shard gives a unit a new class, and transformers finds a model's hidden-state recorders by its
+    class name (output_hidden_states would come back empty)."""
+    language, visual = core.model.language_model, core.model.visual
+    return [*language.layers, *visual.blocks, visual.patch_embed, visual.pos_embed, visual.merger,
+            *visual.deepstack_merger_list, language.embed_tokens, language.norm, core.lm_head]
+
+
 def shard_vlm(vlm: nn.Module, accelerator, record: str | Path | None = None) -> None:
     """Shard the VLM (a Qwen3-VL model, or a peft model around one) over the launch's processes, in place; with
     `record` (an output folder), each rank writes what it holds to RECORD/sharding.rank{R}.json."""
@@ -50,16 +59,11 @@ def shard_vlm(vlm: nn.Module, accelerator, record: str | Path | None = None) -> 
     if accelerator.num_processes < 2:
         return  # one process: nothing to shard over
     core = core_vlm(vlm)
-    language, visual = core.model.language_model, core.model.visual
-    if core.lm_head.weight is language.embed_tokens.weight:
+    if core.lm_head.weight is core.get_input_embeddings().weight:
         raise NotImplementedError("distributed: fsdp needs untied input and output embeddings (Qwen3-VL-4B/8B "
                                   "untie them); this model ties them")
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    # Leaves only around the vision and text models: fully_shard gives a unit a new class, and transformers finds a
-    # model's hidden-state recorders by its class name (output_hidden_states would come back empty)
-    units = (*language.layers, *visual.blocks, visual.patch_embed, visual.pos_embed, visual.merger,
-             *visual.deepstack_merger_list, language.embed_tokens, language.norm, core.lm_head)
-    for unit in units:
+    for unit in units(core):
         fully_shard(unit, mesh=mesh)
     fully_shard(core, mesh=mesh)
     left = [name for name, p in core.named_parameters() if not hasattr(p, "to_local")]

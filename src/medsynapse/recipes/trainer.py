@@ -112,20 +112,21 @@ def end_training(accelerator: Accelerator) -> None:
 
 
 def check_supported(distributed_type) -> None:
-    """Refuse sharded training before any work is done, rather than fail (or save garbage) hours later.
+    """Refuse accelerate's own sharding plugins before any work is done, rather than fail (or save garbage) later.
 
-    The recipes call the VLM's submodules directly (embedding splice, vision tower, lm_head for the fused JSD) and
-    write checkpoints per module from the main process; FSDP- or ZeRO-3-sharded parameters allow neither, and ZeRO's
-    partitioned optimizer state is not gathered by our checkpoints. DDP with the frozen VLM replicated per rank fits
-    an 80 GB GPU in bf16 (see `medsynapse inspect`).
+    Sharding is the recipes' `distributed: fsdp` setting under a DDP launch (torchrun, or configs/accelerate/ddp.yaml):
+    recipes/sharding.py chooses the FSDP2 units so that the vision tower, the embeddings and lm_head can be called
+    outside the VLM's forward, and keeps the small trainable modules replicated. Accelerate's FSDP plugin would wrap
+    the modules its way (the trainable sampler alone, say) and DeepSpeed ZeRO-3 partitions parameters that the
+    recipes read directly (README, "Sharded training").
     """
     from accelerate.utils import DistributedType
 
     if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise NotImplementedError(
-            f"{distributed_type.value} is not supported by the MedSynapse recipes yet: they use DDP (every rank holds "
-            "the frozen VLM; one trainable module is wrapped). Launch with configs/accelerate/ddp.yaml or torchrun. "
-            "See README, 'Scaling up'.")
+            f"{distributed_type.value} launches are not supported by the MedSynapse recipes: launch with torchrun or "
+            "configs/accelerate/ddp.yaml and set `distributed: fsdp` in the stage's settings to shard the VLM "
+            "(FSDP2). See README, 'Sharded training'.")
 
 
 def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> list[int]:
