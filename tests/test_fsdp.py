@@ -133,3 +133,20 @@ def test_the_units_cover_every_vlm_parameter_once(tiny_env):
     vlm, _ = load_vlm(tiny_env.vlm, dtype="float32")
     owned = [id(p) for unit in units(vlm) for p in unit.parameters()]
     assert len(owned) == len(set(owned)) and set(owned) == {id(p) for p in vlm.parameters()}
+
+
+@needs_torchrun
+def test_sft_under_fsdp2_matches_one_process(tiny_env, tmp_path):
+    """The SFT baseline (LoRA trained in the sharded units, as Stage II) against one process."""
+    probes = {}
+    for world in (1, 2):
+        path = tmp_path / f"sft-{world}.yaml"
+        path.write_text(f"model: {tiny_env.vlm}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / str(world)}\n"
+                        "lora_r: 4\nlora_alpha: 8\nbatch_size: 4\nmax_steps: 6\nlr: 1.0e-2\nwarmup_ratio: 0.25\n"
+                        "loss_reduction: sample\nanswer_types: [yes_no, multiple_choice]\ndtype: float64\n"
+                        "distributed: fsdp\n")
+        probes[world] = _probe(["train", "sft", "--config", str(path)], tmp_path / f"probe-{world}",
+                               processes=world, port=29593)
+    _check_learning_rates(probes[1], probes[2], 1e-2, 6, 0.25)
+    _check_weights(probes[1], probes[2], "sft")
+    assert all(h["vlm_local_fraction"] == pytest.approx(0.5, abs=0.01) for h in _held(tmp_path / "2"))

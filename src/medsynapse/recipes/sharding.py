@@ -33,12 +33,6 @@ def check_distributed(value: str) -> None:
         raise ValueError(f"unknown distributed {value!r}; expected one of {DISTRIBUTED}")
 
 
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
-
-
 def units(core: nn.Module) -> list[nn.Module]:
     """The FSDP2 units of a Qwen3-VL model (module docstring), root excluded. Leaves only around the vision and text
     models: fully_shard gives a unit a new class, and transformers finds a model's hidden-state recorders by its
@@ -76,6 +70,20 @@ def shard_vlm(vlm: nn.Module, accelerator, record: str | Path | None = None) -> 
         held = {"rank": accelerator.process_index, "world": accelerator.num_processes,
                 "vlm_parameters": sum(p.numel() for p in vlm.parameters()), "vlm_local_fraction": local_fraction(vlm)}
         (Path(record) / f"sharding.rank{accelerator.process_index}.json").write_text(json.dumps(held))
+
+
+def prepare_policy(accelerator, vlm: nn.Module, optimizer, scheduler, sharded: bool):
+    """`accelerator.prepare` for a recipe that trains a LoRA inside the VLM: DDP-wrapped, or, sharded, the VLM as it
+    is (FSDP2 reduce-scatters the LoRA's gradients itself). Returns (policy, optimizer, scheduler)."""
+    if sharded:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        return vlm, optimizer, scheduler
+    return accelerator.prepare(vlm, optimizer, scheduler)
+
+
+def adapter_state(vlm: nn.Module, sharded: bool) -> dict[str, torch.Tensor] | None:
+    """The LoRA tensors gathered from their shards for `save_pretrained` (every rank takes part), None unsharded."""
+    return full_state(vlm, lambda key: "lora_" in key) if sharded else None
 
 
 def full_weight(linear: nn.Module) -> torch.Tensor:

@@ -71,7 +71,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
         trainer.enable_activation_checkpointing(model.vlm)
         trainer.train_without_dropout(model.vlm)  # transformers only checkpoints in train mode
     model.encoder.to(accelerator.device)
-    if config.distributed == "fsdp":
+    if config.distributed == "fsdp":  # P_phi stays replicated (DDP)
         sharding.shard_vlm(model.vlm, accelerator, record=output)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,

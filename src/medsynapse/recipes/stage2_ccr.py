@@ -267,11 +267,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     total_updates = config.max_steps * config.num_iterations
     optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
     scheduler = trainer.cosine_schedule(optimizer, total_updates, config.warmup_ratio)
-    if sharded:  # FSDP2 reduce-scatters the LoRA gradients itself: no DDP wrapper
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-        policy = model.vlm
-    else:
-        policy, optimizer, scheduler = accelerator.prepare(model.vlm, optimizer, scheduler)
+    policy, optimizer, scheduler = sharding.prepare_policy(accelerator, model.vlm, optimizer, scheduler, sharded)
     unwrapped = accelerator.unwrap_model(policy)
     model.vlm = unwrapped
 
@@ -363,17 +359,13 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
             bar.set_postfix(r_acc=f"{logs['r_acc']:.2f}", r_causal=f"{logs['r_causal']:.2f}")
         done = step + 1
         if done % config.save_every == 0 or done == config.max_steps:
-            if sharded:  # every rank writes its shards
-                trainer.save_sharded_checkpoint(accelerator, output, done, unwrapped, optimizer, scheduler,
-                                                extra={"causal_record": record}, config=config)
-            elif accelerator.is_main_process:
-                trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler,
-                                        extra={"causal_record": record}, config=config)
+            trainer.checkpoint(accelerator, output, done, unwrapped, optimizer, scheduler, sharded,
+                               extra={"causal_record": record}, config=config)
         if on_step is not None:
             on_step(done)
 
     accelerator.wait_for_everyone()
-    adapter = sharding.full_state(unwrapped, lambda key: "lora_" in key) if sharded else None  # every rank gathers
+    adapter = sharding.adapter_state(unwrapped, sharded)
     if accelerator.is_main_process:
         unwrapped.eval()
         model.answer_format = config.answer_format  # eval and predict prompt and score the model as it was trained

@@ -107,7 +107,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
-    if config.distributed == "fsdp":
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # A_psi stays replicated (DDP)
         sharding.shard_vlm(model.vlm, accelerator, record=output)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
@@ -193,8 +194,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
             on_step(done)
 
     accelerator.wait_for_everyone()
-    adapter = (sharding.full_state(model.vlm, lambda key: "lora_" in key) if sharding.is_sharded(model.vlm)
-               else None)  # the frozen Stage II LoRA, gathered from its shards (every rank takes part)
+    adapter = sharding.adapter_state(model.vlm, sharded)  # the frozen Stage II LoRA, gathered from its shards
     if accelerator.is_main_process:
         save_student(model, accelerator.unwrap_model(student), Path(config.model), output, config.answer_format,
                      adapter)

@@ -329,6 +329,17 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimi
     return final
 
 
+def checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, module: nn.Module, optimizer, scheduler,
+               sharded: bool = False, extra: dict | None = None, config=None) -> None:
+    """Call on every rank at a save point: the main process writes `save_checkpoint`, or, `sharded`, every rank
+    writes its shards (`save_sharded_checkpoint`)."""
+    if sharded:
+        save_sharded_checkpoint(accelerator, output_dir, step, module, optimizer, scheduler, extra=extra,
+                                config=config)
+    elif accelerator.is_main_process:
+        save_checkpoint(output_dir, step, module, optimizer, scheduler, extra=extra, config=config)
+
+
 def save_sharded_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, module: nn.Module,
                             optimizer, scheduler, extra: dict | None = None, keep: int = 2, config=None) -> Path:
     """`save_checkpoint` for a module whose trainable parameters are sharded (FSDP2): called on every rank, each
