@@ -141,8 +141,9 @@ def test_sft_under_fsdp2_matches_one_process(tiny_env, tmp_path):
     probes = {}
     for world in (1, 2):
         path = tmp_path / f"sft-{world}.yaml"
-        path.write_text(f"model: {tiny_env.vlm}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / str(world)}\n"
-                        "lora_r: 4\nlora_alpha: 8\nbatch_size: 4\nmax_steps: 6\nlr: 1.0e-2\nwarmup_ratio: 0.25\n"
+        path.write_text(f"model: {tiny_env.vlm}\ntrain_file: {tiny_env.train_file}\n"
+                        f"output_dir: {tmp_path / str(world)}\nlora_r: 4\nlora_alpha: 8\nbatch_size: 4\n"
+                        "max_steps: 6\nlr: 1.0e-2\nwarmup_ratio: 0.25\n"
                         "loss_reduction: sample\nanswer_types: [yes_no, multiple_choice]\ndtype: float64\n"
                         "distributed: fsdp\n")
         probes[world] = _probe(["train", "sft", "--config", str(path)], tmp_path / f"probe-{world}",
