@@ -126,7 +126,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
     accelerator.init_trackers("stage3", config={k: str(v) for k, v in to_dict(config).items()})
-    lm_head = sharding.full_weight(vlm_core.lm_head)  # the fused JSD applies it chunk by chunk
+    # the fused JSD applies lm_head chunk by chunk (gathered whole once when sharded: every rank takes part)
+    lm_head = sharding.full_weight(vlm_core.lm_head) if config.fused_jsd else None
 
     bar = tqdm(range(start, total_steps), desc="stage3", disable=not accelerator.is_main_process,
                initial=start, total=total_steps)
