@@ -60,7 +60,7 @@ def recipe(out: Path, args: list[str]) -> int:
     trainer.adamw = adamw
     end_process_group, cli._end_process_group = cli._end_process_group, lambda: None  # gather the shards first
     code = cli.main(args)
-    (module, before), = trained
+    module, before = trained[0]  # the first optimizer's module (Coconut builds one per curriculum stage)
     after = snapshot(module)
     end_process_group()
     out.mkdir(parents=True, exist_ok=True)

@@ -151,3 +151,29 @@ def test_sft_under_fsdp2_matches_one_process(tiny_env, tmp_path):
     _check_learning_rates(probes[1], probes[2], 1e-2, 6, 0.25)
     _check_weights(probes[1], probes[2], "sft")
     assert all(h["vlm_local_fraction"] == pytest.approx(0.5, abs=0.01) for h in _held(tmp_path / "2"))
+
+
+@needs_torchrun
+@pytest.mark.parametrize("method,patches", [("coconut", 0)])
+def test_latent_baselines_train_on_two_processes_under_fsdp2(tiny_env, tmp_path, method, patches):
+    """Coconut† runs several forwards of the model before one backward: DDP refuses that, FSDP2 does not. Two ranks
+    give the one-process LoRA (optimizer reset per curriculum stage, continuous thoughts backpropagated through the
+    sharded units). IVT-LR† is refused under FSDP2 (its KV-cache gradient path; the recipe says so)."""
+    import yaml
+
+    probes = {}
+    for world in (1, 2):
+        run = {"output": str(tmp_path / f"run{world}"),
+               "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
+               "data": {"stage1_file": str(tiny_env.train_file)},
+               "stage1": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "answer_types": ["yes_no"],
+                          "loss_reduction": "sample", "dtype": "float64", "save_every": 100},
+               "baselines": {method: {"max_latent_stage": 2, "thoughts_per_step": 1, "patches_per_step": patches,
+                                      "distributed": "fsdp", "weight_decay": 0.0}}}
+        path = tmp_path / f"run{world}.yaml"
+        path.write_text(yaml.safe_dump(run))
+        probes[world] = _probe(["train", "baseline", "--method", method, "--config", str(path)],
+                               tmp_path / f"probe-{world}", processes=world, port=29595)
+    _check_weights(probes[1], probes[2], "sft")  # LoRA trained from sample-mean losses: SFT's tolerance
+    assert all(h["vlm_local_fraction"] == pytest.approx(0.5, abs=0.01)
+               for h in _held(tmp_path / "run2" / method.replace("-", "_")))

@@ -97,11 +97,13 @@ def answer_loss(policy, batch, memory: torch.Tensor | None, latent_id: int, feat
     return answer_nll(logits, batch.labels[:, -keep:], reduction)
 
 
-def require_one_process(accelerator: Accelerator, recipe: str) -> None:
-    """The latent baselines run several forwards of the model before one backward, which DDP does not allow."""
+def require_one_process(accelerator: Accelerator, recipe: str, sharded_alternative: bool = False) -> None:
+    """The latent baselines run several forwards of the model before one backward, which DDP does not allow (FSDP2
+    does: `distributed: fsdp`, where the recipe supports it)."""
     if accelerator.num_processes > 1:
-        raise NotImplementedError(f"{recipe} trains in one process for now: each step runs several forwards of the "
-                                  "model before one backward, which DDP does not allow")
+        hint = "; set `distributed: fsdp` to train it sharded" if sharded_alternative else ""
+        raise NotImplementedError(f"{recipe} trains in one process under DDP: each step runs several forwards of the "
+                                  f"model before one backward, which DDP does not allow{hint}")
 
 
 def end_training(accelerator: Accelerator) -> None:
