@@ -30,7 +30,7 @@ def _held(folder) -> list[dict]:
 
 
 @needs_torchrun
-def test_stage1_and_stage3_under_fsdp2_match_one_process_and_hold_half_the_vlm(tiny_env, tmp_path):
+def test_stage1_under_fsdp2_matches_one_process_and_holds_half_the_vlm(tiny_env, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     configs = {}
     for name, out in (("one", one), ("two", two)):
@@ -117,11 +117,17 @@ def test_fsdp2_stage2_killed_and_resumed_from_its_sharded_checkpoint_equals_an_u
     process.wait()
     assert (killed / "checkpoints" / "step_0000002" / "sharded" / ".metadata").is_file()
     assert not (killed / "medsynapse.json").exists()  # stopped before the end
+    import shutil
+
+    shutil.copytree(killed, tmp_path / "killed_one")  # the same sharded checkpoints, resumed by one process
     resumed = _probe(["train", "stage2", "--config", config("killed"), "--resume"], tmp_path / "probe-resumed",
                      processes=2, port=29591)
     assert resumed.after.keys() == straight.after.keys()
     for name, value in straight.after.items():
         assert torch.equal(resumed.after[name], value), name
+    one = _probe(["train", "stage2", "--config", config("killed_one"), "--resume"], tmp_path / "probe-one")
+    for name, value in straight.after.items():  # DCP reads the shards back whole; one process vs two: 1e-12
+        torch.testing.assert_close(one.after[name], value, atol=1e-12, rtol=0)
 
 
 def test_the_units_cover_every_vlm_parameter_once(tiny_env):
@@ -177,3 +183,20 @@ def test_latent_baselines_train_on_two_processes_under_fsdp2(tiny_env, tmp_path,
     _check_weights(probes[1], probes[2], "sft")  # LoRA trained from sample-mean losses: SFT's tolerance
     assert all(h["vlm_local_fraction"] == pytest.approx(0.5, abs=0.01)
                for h in _held(tmp_path / "run2" / method.replace("-", "_")))
+
+
+@needs_torchrun
+def test_ivt_lr_is_refused_under_fsdp2_with_its_reason(tiny_env, tmp_path):
+    import yaml
+
+    run = {"output": str(tmp_path / "run"),
+           "model": {"vlm": str(tiny_env.vlm), "encoder": str(tiny_env.encoder), "lora_r": 4, "lora_alpha": 8},
+           "data": {"stage1_file": str(tiny_env.train_file)},
+           "stage1": {"max_steps": 2, "batch_size": 4, "answer_types": ["yes_no"]},
+           "baselines": {"ivt-lr": {"max_latent_stage": 1, "patches_per_step": 1, "distributed": "fsdp"}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    launch = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29597", "-m", "medsynapse.cli", "train",
+              "baseline", "--method", "ivt-lr", "--config", str(tmp_path / "run.yaml")]
+    done = subprocess.run(launch, env=FLOAT64, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "IVT-LR with distributed: fsdp" in done.stderr and "KV cache" in done.stderr
+    assert "Traceback" not in done.stderr.split("IVT-LR with distributed")[0][-500:]  # one line, no traceback

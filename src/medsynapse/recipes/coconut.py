@@ -120,9 +120,9 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     torch.manual_seed(config.seed)
     model = MedSynapseV.plain_with_lora(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         config.lora_targets, dtype=config.dtype)
-    model.to(accelerator.device)
-    if sharded:  # before the optimizers: they hold the LoRA's shards
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device), before the optimizers
         sharding.shard_vlm(model.vlm, accelerator, record=output)
+    model.to(accelerator.device)
 
     plain = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                              with_answers=True, answer_format="reasoning")

@@ -101,12 +101,12 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     vlm_path = base_vlm_path(config.model)
     model = MedSynapseV.plain_with_lora(vlm_path, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         config.lora_targets, dtype=config.dtype)  # no memory slots; seeded init
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device), before the optimizer
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
-    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
-    if sharded:  # before the optimizer: it holds the LoRA's shards
-        sharding.shard_vlm(model.vlm, accelerator, record=output)
 
     if config.target not in ("answer", "rationale"):
         raise ValueError(f"target must be 'answer' (SFT) or 'rationale' (CoT-SFT), got {config.target!r}")

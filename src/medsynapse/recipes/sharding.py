@@ -57,12 +57,13 @@ def shard_vlm(vlm: nn.Module, accelerator, record: str | Path | None = None) -> 
         raise NotImplementedError("distributed: fsdp needs untied input and output embeddings (Qwen3-VL-4B/8B "
                                   "untie them); this model ties them")
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    owned = {id(p) for unit in units(core) for p in unit.parameters()}
+    left = [name for name, p in core.named_parameters() if id(p) not in owned]
+    if left:  # another architecture's parameters would land in the root unit, gathered for the whole run
+        raise NotImplementedError(f"distributed: fsdp does not know which unit these VLM parameters go in: {left[:5]}")
     for unit in units(core):
-        fully_shard(unit, mesh=mesh)
+        fully_shard(unit, mesh=mesh)  # from the CPU, each shard goes to the mesh's device
     fully_shard(core, mesh=mesh)
-    left = [name for name, p in core.named_parameters() if not hasattr(p, "to_local")]
-    if left:  # another architecture's parameters outside these units would be replicated and never synchronised
-        raise NotImplementedError(f"distributed: fsdp does not know where these VLM parameters go: {left[:5]}")
     core._get_fsdp_state()._lazy_init()  # the root first: the units are then called directly in any order
     core._is_fsdp_managed_module = True  # transformers' generate keeps every rank stepping until all are done
     if record is not None:

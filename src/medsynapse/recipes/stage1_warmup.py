@@ -66,13 +66,14 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     model = MedSynapseV.build(config.vlm, config.encoder, n_memory=config.n_memory, width=config.sampler_width,
                               layers=config.sampler_layers, heads=config.sampler_heads, seed=config.seed,
                               dtype=config.dtype)
-    model.vlm.requires_grad_(False).eval().to(accelerator.device)
+    model.vlm.requires_grad_(False).eval()
+    if config.distributed == "fsdp":  # on the CPU (no rank holds the whole VLM on its device); P_phi stays DDP
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
+    model.vlm.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
         trainer.train_without_dropout(model.vlm)  # transformers only checkpoints in train mode
     model.encoder.to(accelerator.device)
-    if config.distributed == "fsdp":  # P_phi stays replicated (DDP)
-        sharding.shard_vlm(model.vlm, accelerator, record=output)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=True)

@@ -250,12 +250,12 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     if model.sampler is not None:
         model.sampler.requires_grad_(False).eval()
     model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device), before the optimizer
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)  # active in the train-mode update passes only
-    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
-    if sharded:  # before the optimizer: it holds the LoRA's shards
-        sharding.shard_vlm(model.vlm, accelerator, record=output)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False, answer_format=config.answer_format)

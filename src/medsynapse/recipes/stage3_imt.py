@@ -104,12 +104,12 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
         embed_rms=embedding_rms(vlm_core.get_input_embeddings()), pooling=config.pooling,
         attention_dim=config.attention_dim))
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device); A_psi stays replicated
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
-    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
-    if sharded:  # A_psi stays replicated (DDP)
-        sharding.shard_vlm(model.vlm, accelerator, record=output)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False, answer_format=config.answer_format)

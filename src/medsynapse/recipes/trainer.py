@@ -38,7 +38,8 @@ CHECKPOINTS = "checkpoints"
 SHARDED = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 # settings that change neither what is trained nor in what order: a resume may change them
-# how, not what, is trained: a checkpoint may be resumed with other values (`distributed`: ddp | fsdp, same weights)
+# how, not what, is trained: a checkpoint may be resumed with other values (`distributed`: a sharded checkpoint also
+# resumes in one process or under DDP; an unsharded one under FSDP2 is refused by load_checkpoint, with the reason)
 RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache", "distributed")
 _RUN_LOCKS: ContextVar[ExitStack | None] = ContextVar("medsynapse_run_locks", default=None)
 
@@ -380,13 +381,13 @@ def _sharded_state(module: nn.Module, optimizer) -> dict:
 
 
 def load_checkpoint(folder: Path, module: nn.Module, optimizer, scheduler, sharded: bool = False) -> dict:
-    """Restore what `save_checkpoint` (or, `sharded`, `save_sharded_checkpoint`: every rank calls, any world size)
-    wrote (tensors only: `weights_only=True`); returns the state dict."""
+    """Restore what `save_checkpoint` or `save_sharded_checkpoint` wrote (tensors only: `weights_only=True`); returns
+    the state dict. A sharded checkpoint loads on any number of ranks, sharded or not (torch.distributed.checkpoint
+    reads each rank's slices; every rank calls this); an unsharded one into a sharded run is refused."""
     written_sharded = (folder / SHARDED).is_dir()
-    if written_sharded != sharded:
-        kind = "distributed: fsdp" if written_sharded else "distributed: ddp (or one process)"
-        raise ValueError(f"{folder}: this checkpoint was written under {kind}; resume it the same way")
-    if sharded:
+    if sharded and not written_sharded:
+        raise ValueError(f"{folder}: written without sharding (distributed: ddp or one process); resume it that way")
+    if written_sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
