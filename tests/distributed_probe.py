@@ -41,7 +41,9 @@ def record_learning_rates() -> list[list[float]]:
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.clone().contiguous() for name, p in trainer.trainable_state(module).items()}
+    """The trainable tensors, whole (a sharded one is gathered: every rank calls this)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).clone().contiguous()
+            for name, p in trainer.trainable_state(module).items()}
 
 
 def recipe(out: Path, args: list[str]) -> int:
@@ -56,13 +58,16 @@ def recipe(out: Path, args: list[str]) -> int:
         return build_optimizer(module, lr, weight_decay)
 
     trainer.adamw = adamw
+    end_process_group, cli._end_process_group = cli._end_process_group, lambda: None  # gather the shards first
     code = cli.main(args)
+    module, before = trained[0]  # the first optimizer's module (Coconut builds one per curriculum stage)
+    after = snapshot(module)
+    end_process_group()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"lrs.rank{RANK}.json").write_text(json.dumps(used))
     if RANK == 0:
-        (module, before), = trained
         save_file(before, str(out / "before.safetensors"))
-        save_file(snapshot(module), str(out / "after.safetensors"))
+        save_file(after, str(out / "after.safetensors"))
     return code or 0
 
 

@@ -28,9 +28,9 @@ PROBE = str(Path(__file__).with_name("distributed_probe.py"))
 # small here: r_causal is a difference of two log-probabilities of ~1e-4 nats (noise ~1e-6), the group normalisation
 # makes that 1 % of the advantages, and Adam turns near-zero gradient entries into ±lr steps; measured gaps were as
 # large as the weights' whole movement. So the runs are in float64 (the probe builds the recipes' modules in float64),
-# where the gaps measured over these runs were ≤ 3e-15 (Stages II, III, SFT) and 1.0e-8 in Stage I (its answer loss
-# casts the logits to float32: `answer_nll`'s `.float()`). The tolerances below are ~100x those.
-TOLERANCE = {"stage1": 1e-6, "stage2": 1e-12, "stage3": 1e-12, "sft": 1e-12}
+# where the gaps measured over these runs were ≤ 3e-15 (the answer loss keeps float64 logits in float64; its former
+# float32 cast left 1.0e-8 in Stage I). The tolerances below are ~100x those.
+TOLERANCE = {"stage1": 1e-12, "stage2": 1e-12, "stage3": 1e-12, "sft": 1e-12}
 MOVE = 100 * max(TOLERANCE.values())  # every trained tensor must move this far, or the comparison proves nothing
 # A_psi's attention pooling adds key_proj(β) + b to every key alike: a constant shift of each query's logits, which
 # softmax ignores; these tensors get no gradient and cannot move (checked: they stay within 1e-12 of their start).

@@ -165,8 +165,9 @@ class LastQueryHook:
 
         hidden = (args[0] if args else kwargs["hidden_states"])[:, -1:]
         cos, sin = kwargs["position_embeddings"]
-        query = module.q_norm(module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim)).transpose(1, 2)
-        self.query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+        with torch.no_grad():  # it only chooses patches (top-K): no gradient, and no weight kept for a backward
+            query = module.q_norm(module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim)).transpose(1, 2)
+            self.query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
 
     def weights(self, keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) attention of the captured position over `keys` (B, kv_heads, L, d), averaged over heads."""

@@ -156,7 +156,9 @@ class MedSynapseV(nn.Module):
                             target_modules=lora_target_regex(projections))
         self.vlm = get_peft_model(self.vlm, config)
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, adapter_state: dict[str, torch.Tensor] | None = None) -> None:
+        """The loadable folder. `adapter_state`: the LoRA tensors to write (keys as in the VLM's state dict) when the
+        VLM's own are not whole on this process (sharded training gathers them first)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"format": MANIFEST_FORMAT, "vlm": str(Path(self.vlm_path).expanduser().resolve()),
@@ -168,7 +170,8 @@ class MedSynapseV(nn.Module):
                     else None,
                     "answer_format": self.answer_format, "latent": self.latent}
         if self.has_adapter:
-            self.vlm.save_pretrained(folder / ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
+            # adapter_config.json + adapter_model.safetensors
+            self.vlm.save_pretrained(folder / ADAPTER_DIR, **({"state_dict": adapter_state} if adapter_state else {}))
         elif self.adapter_path and Path(self.adapter_path).resolve() != (folder / ADAPTER_DIR).resolve():
             shutil.copytree(self.adapter_path, folder / ADAPTER_DIR, dirs_exist_ok=True)  # merged in memory
         for name, module in (("autonomous", self.autonomous), ("latent_attention", self.latent_module)):

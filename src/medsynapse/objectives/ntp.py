@@ -16,7 +16,9 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "tok
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    shift_logits = logits[:, :-1].float()
+    shift_logits = logits[:, :-1]
+    if shift_logits.dtype != torch.float64:  # bf16 / fp16 logits in float32; a float64 run stays float64
+        shift_logits = shift_logits.float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none") * mask

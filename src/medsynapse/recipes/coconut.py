@@ -46,7 +46,7 @@ from medsynapse.model.latent import ivt_latents, latent_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features
 from medsynapse.objectives.answers import reasoning_target
-from medsynapse.recipes import trainer
+from medsynapse.recipes import sharding, trainer
 
 
 @dataclass
@@ -77,6 +77,9 @@ class CoconutConfig:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    # ddp: one process (several forwards before one backward: DDP refuses) | fsdp: the VLM and its LoRA sharded over
+    # the ranks (recipes/sharding), which allows it
+    distributed: str = "ddp"
 
 
 def stage_of(step: int, steps_per_stage: int, max_latent_stage: int) -> int:
@@ -103,12 +106,22 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
         raise ValueError(f"patches_per_step must be >= 0, got {config.patches_per_step}")
     if config.steps_per_stage < 0 or (config.steps_per_stage == 0 and not config.epochs_per_stage > 0):
         raise ValueError("steps_per_stage must be >= 1, or 0 with epochs_per_stage > 0")
+    sharding.check_distributed(config.distributed)
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
-    trainer.require_one_process(accelerator, "Coconut")
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded and config.patches_per_step:
+        raise NotImplementedError(
+            "IVT-LR with distributed: fsdp: its patch passes reach earlier passes' keys through the KV cache, a "
+            "gradient path FSDP2's backward does not re-gather the LoRA for (measured: a freed shard at backward); "
+            "train it in one process")
+    if not sharded:
+        trainer.require_one_process(accelerator, "Coconut", sharded_alternative=True)
     torch.manual_seed(config.seed)
     model = MedSynapseV.plain_with_lora(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         config.lora_targets, dtype=config.dtype)
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device), before the optimizers
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
     model.to(accelerator.device)
 
     plain = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
@@ -139,7 +152,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     checkpoint = trainer.resume_point(output, config, total_steps)
     optimizer, scheduler = _stage_optimizer(model, config, per_stage)
     if checkpoint is not None:
-        start = trainer.load_checkpoint(checkpoint, model.vlm, optimizer, scheduler)["step"]
+        start = trainer.load_checkpoint(checkpoint, model.vlm, optimizer, scheduler, sharded=sharded)["step"]
         if start % per_stage == 0:  # the run would start a new stage here: a fresh optimiser
             optimizer, scheduler = _stage_optimizer(model, config, per_stage)
     accelerator.init_trackers("coconut", config={k: str(v) for k, v in to_dict(config).items()})
@@ -153,7 +166,8 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
             optimizer, scheduler = _stage_optimizer(model, config, per_stage)  # reset_optimizer, per stage
         dataset = dataset_for(stage)
         k = stage * config.thoughts_per_step
-        indices = trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed)
+        indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
+                                     accelerator.process_index, accelerator.num_processes)
         items = [dataset.encoded(i) for i in indices]
         batch = dataset.prompts.collate(items, with_answers=True).to(accelerator.device)
         with torch.no_grad():
@@ -175,7 +189,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
             bar.set_postfix(loss=f"{logs['loss']:.3f}", stage=stage)
         done = step + 1
         if done % config.save_every == 0 or done == total_steps or done % per_stage == 0:
-            trainer.save_checkpoint(output, done, model.vlm, optimizer, scheduler, config=config)
+            trainer.checkpoint(accelerator, output, done, model.vlm, optimizer, scheduler, sharded, config=config)
         if on_step is not None:
             on_step(done)
 
@@ -186,6 +200,9 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
         model.latent = {"method": "ivt-lr", "thoughts": steps * per_latent, "steps": steps,
                         "patches": config.patches_per_step, "layer": layer}
     model.answer_format = "reasoning"
-    model.save_pretrained(output)
+    adapter = sharding.adapter_state(model.vlm, sharded)
+    if accelerator.is_main_process:
+        model.save_pretrained(output, adapter_state=adapter)
+    accelerator.wait_for_everyone()
     trainer.end_training(accelerator)
     return output

@@ -35,7 +35,7 @@ from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MANIFEST, MedSynapseV
 from medsynapse.model.vlm import PromptBatch, vision_features
-from medsynapse.recipes import trainer
+from medsynapse.recipes import sharding, trainer
 
 
 @dataclass
@@ -66,6 +66,7 @@ class SFTConfig:
     resume: bool = False
     dtype: str = "float32"
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
+    distributed: str = "ddp"  # ddp | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding, as Stage II)
 
 
 def base_vlm_path(folder: str | Path) -> str:
@@ -91,6 +92,7 @@ def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reductio
 def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
+    sharding.check_distributed(config.distributed)
     trainer.check_positive(config, ("lora_r", "lora_alpha", "lr", "batch_size", "save_every", "log_every"))
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output)
@@ -99,6 +101,9 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     vlm_path = base_vlm_path(config.model)
     model = MedSynapseV.plain_with_lora(vlm_path, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         config.lora_targets, dtype=config.dtype)  # no memory slots; seeded init
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device), before the optimizer
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
@@ -112,14 +117,14 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
     optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
     scheduler = trainer.cosine_schedule(optimizer, total_steps, config.warmup_ratio)
-    policy, optimizer, scheduler = accelerator.prepare(model.vlm, optimizer, scheduler)
+    policy, optimizer, scheduler = sharding.prepare_policy(accelerator, model.vlm, optimizer, scheduler, sharded)
     unwrapped = accelerator.unwrap_model(policy)
     model.vlm = unwrapped
 
     start = 0
     checkpoint = trainer.resume_point(output, config, total_steps)
     if checkpoint is not None:
-        start = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)["step"]
+        start = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler, sharded=sharded)["step"]
     accelerator.init_trackers("sft", config={k: str(v) for k, v in to_dict(config).items()})
 
     unwrapped.train()  # LoRA dropout (if any) on; Qwen3-VL's own dropout rates are 0
@@ -142,14 +147,15 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
             accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
         done = step + 1
-        if accelerator.is_main_process and (done % config.save_every == 0 or done == total_steps):
-            trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler, config=config)
+        if done % config.save_every == 0 or done == total_steps:
+            trainer.checkpoint(accelerator, output, done, unwrapped, optimizer, scheduler, sharded, config=config)
         if on_step is not None:
             on_step(done)
 
     accelerator.wait_for_everyone()
+    adapter = sharding.adapter_state(unwrapped, sharded)
     if accelerator.is_main_process:
         unwrapped.eval()
-        model.save_pretrained(output)
+        model.save_pretrained(output, adapter_state=adapter)
     trainer.end_training(accelerator)
     return output

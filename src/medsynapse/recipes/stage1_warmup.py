@@ -17,7 +17,7 @@ from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
-from medsynapse.recipes import trainer
+from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.priors import attach_reference_bank, prior_table
 
 
@@ -49,12 +49,14 @@ class Stage1Config:
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
+    distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
 
 
 @trainer.one_run_per_folder
 def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = None) -> Path:
     trainer.check_steps(config.max_steps, minimum=0)  # before anything is loaded
     trainer.check_paths(config, ("vlm", "encoder", "train_file"))
+    sharding.check_distributed(config.distributed)
     trainer.check_positive(config, ("n_memory", "sampler_width", "sampler_layers", "sampler_heads", "lr",
                                     "batch_size", "save_every", "log_every", "reference_bank_size"))
     output = Path(config.output_dir)
@@ -64,7 +66,10 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     model = MedSynapseV.build(config.vlm, config.encoder, n_memory=config.n_memory, width=config.sampler_width,
                               layers=config.sampler_layers, heads=config.sampler_heads, seed=config.seed,
                               dtype=config.dtype)
-    model.vlm.requires_grad_(False).eval().to(accelerator.device)
+    model.vlm.requires_grad_(False).eval()
+    if config.distributed == "fsdp":  # on the CPU (no rank holds the whole VLM on its device); P_phi stays DDP
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
+    model.vlm.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
         trainer.train_without_dropout(model.vlm)  # transformers only checkpoints in train mode

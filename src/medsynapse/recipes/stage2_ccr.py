@@ -54,7 +54,7 @@ from medsynapse.objectives.rewards import (
     check_ranked,
     composite_reward,
 )
-from medsynapse.recipes import trainer
+from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.priors import attach_reference_bank, prior_table
 
 
@@ -115,6 +115,9 @@ class Stage2Config:
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
+    # ddp: every rank holds the VLM | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding), sharded
+    # checkpoints (torch.distributed.checkpoint), the same single-folder output
+    distributed: str = "ddp"
 
 
 @dataclass
@@ -226,6 +229,7 @@ def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_si
 @trainer.one_run_per_folder
 def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = None) -> Path:
     check_config(config)
+    sharding.check_distributed(config.distributed)
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lora_r", "lora_alpha", "group_size", "batch_size", "lr", "max_new_tokens",
@@ -246,6 +250,9 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     if model.sampler is not None:
         model.sampler.requires_grad_(False).eval()
     model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device), before the optimizer
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)  # active in the train-mode update passes only
@@ -260,7 +267,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     total_updates = config.max_steps * config.num_iterations
     optimizer = trainer.adamw(model.vlm, config.lr, config.weight_decay)
     scheduler = trainer.cosine_schedule(optimizer, total_updates, config.warmup_ratio)
-    policy, optimizer, scheduler = accelerator.prepare(model.vlm, optimizer, scheduler)
+    policy, optimizer, scheduler = sharding.prepare_policy(accelerator, model.vlm, optimizer, scheduler, sharded)
     unwrapped = accelerator.unwrap_model(policy)
     model.vlm = unwrapped
 
@@ -268,7 +275,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     record: dict[str, list[float]] = {"correct": [], "wrong": []}
     checkpoint = trainer.resume_point(output, config, config.max_steps)
     if checkpoint is not None:
-        state = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler)
+        state = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler, sharded=sharded)
         start, record = state["step"], state.get("causal_record", record)
     accelerator.init_trackers("stage2", config={k: str(v) for k, v in to_dict(config).items()})
     record_from = int(config.max_steps * (1 - config.record_last_fraction))
@@ -351,17 +358,18 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
             accelerator.log(logs, step=step)
             bar.set_postfix(r_acc=f"{logs['r_acc']:.2f}", r_causal=f"{logs['r_causal']:.2f}")
         done = step + 1
-        if accelerator.is_main_process and (done % config.save_every == 0 or done == config.max_steps):
-            trainer.save_checkpoint(output, done, unwrapped, optimizer, scheduler, extra={"causal_record": record},
-                                    config=config)
+        if done % config.save_every == 0 or done == config.max_steps:
+            trainer.checkpoint(accelerator, output, done, unwrapped, optimizer, scheduler, sharded,
+                               extra={"causal_record": record}, config=config)
         if on_step is not None:
             on_step(done)
 
     accelerator.wait_for_everyone()
+    adapter = sharding.adapter_state(unwrapped, sharded)
     if accelerator.is_main_process:
         unwrapped.eval()
         model.answer_format = config.answer_format  # eval and predict prompt and score the model as it was trained
-        model.save_pretrained(output)
+        model.save_pretrained(output, adapter_state=adapter)
         summary = {"mean_causal_reward_correct": _mean(record["correct"]),
                    "mean_causal_reward_wrong": _mean(record["wrong"]),
                    "n_correct": len(record["correct"]), "n_wrong": len(record["wrong"]),

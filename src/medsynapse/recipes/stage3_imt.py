@@ -29,7 +29,7 @@ from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, 
 from medsynapse.objectives.alignment import memory_alignment_loss
 from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
-from medsynapse.recipes import trainer
+from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.priors import prior_table
 
 TRAJECTORIES = ("student", "teacher")
@@ -74,6 +74,7 @@ class Stage3Config:
     # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
     answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
+    distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
 
 
 @trainer.one_run_per_folder
@@ -84,6 +85,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
     trainer.check_positive(config, ("lr", "batch_size", "max_new_tokens", "save_every", "log_every"))
+    sharding.check_distributed(config.distributed)
     if config.trajectories not in TRAJECTORIES:
         raise ValueError(f"unknown trajectories {config.trajectories!r}; expected one of {TRAJECTORIES}")
     if not (math.isfinite(config.memory_alignment) and config.memory_alignment >= 0):
@@ -102,6 +104,9 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
         embed_rms=embedding_rms(vlm_core.get_input_embeddings()), pooling=config.pooling,
         attention_dim=config.attention_dim))
+    sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # on the CPU (no rank holds the whole VLM on its device); A_psi stays replicated
+        sharding.shard_vlm(model.vlm, accelerator, record=output)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
@@ -121,7 +126,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
     accelerator.init_trackers("stage3", config={k: str(v) for k, v in to_dict(config).items()})
-    lm_head = vlm_core.lm_head.weight.detach()
+    # the fused JSD applies lm_head chunk by chunk (gathered whole once when sharded: every rank takes part)
+    lm_head = sharding.full_weight(vlm_core.lm_head) if config.fused_jsd else None
 
     bar = tqdm(range(start, total_steps), desc="stage3", disable=not accelerator.is_main_process,
                initial=start, total=total_steps)
@@ -189,17 +195,19 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
             on_step(done)
 
     accelerator.wait_for_everyone()
+    adapter = sharding.adapter_state(model.vlm, sharded)  # the frozen Stage II LoRA, gathered from its shards
     if accelerator.is_main_process:
-        save_student(model, accelerator.unwrap_model(student), Path(config.model), output, config.answer_format)
+        save_student(model, accelerator.unwrap_model(student), Path(config.model), output, config.answer_format,
+                     adapter)
     trainer.end_training(accelerator)
     return output
 
 
 def save_student(model: MedSynapseV, autonomous: AutonomousMemoryModule, teacher_dir: Path, output: Path,
-                 answer_format: str = "direct") -> None:
+                 answer_format: str = "direct", adapter_state: dict | None = None) -> None:
     """The encoder-free folder: VLM reference + the Stage II adapter + A_psi; no encoder, no sampler."""
     student = MedSynapseV(model.vlm, model.processor, encoder=None, sampler=None, vlm_path=model.vlm_path,
                           autonomous=autonomous)
     student.answer_format = answer_format
-    student.save_pretrained(output)
+    student.save_pretrained(output, adapter_state=adapter_state)
     (output / "teacher.json").write_text(json.dumps({"teacher": str(teacher_dir.resolve())}))

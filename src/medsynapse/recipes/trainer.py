@@ -35,9 +35,12 @@ from transformers import get_cosine_schedule_with_warmup
 from medsynapse.locking import fsync_tree, hold_for_launch
 
 CHECKPOINTS = "checkpoints"
+SHARDED = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 # settings that change neither what is trained nor in what order: a resume may change them
-RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache")
+# how, not what, is trained: a checkpoint may be resumed with other values (`distributed`: a sharded checkpoint also
+# resumes in one process or under DDP; an unsharded one under FSDP2 is refused by load_checkpoint, with the reason)
+RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache", "distributed")
 _RUN_LOCKS: ContextVar[ExitStack | None] = ContextVar("medsynapse_run_locks", default=None)
 
 
@@ -95,11 +98,13 @@ def answer_loss(policy, batch, memory: torch.Tensor | None, latent_id: int, feat
     return answer_nll(logits, batch.labels[:, -keep:], reduction)
 
 
-def require_one_process(accelerator: Accelerator, recipe: str) -> None:
-    """The latent baselines run several forwards of the model before one backward, which DDP does not allow."""
+def require_one_process(accelerator: Accelerator, recipe: str, sharded_alternative: bool = False) -> None:
+    """The latent baselines run several forwards of the model before one backward, which DDP does not allow (FSDP2
+    does: `distributed: fsdp`, where the recipe supports it)."""
     if accelerator.num_processes > 1:
-        raise NotImplementedError(f"{recipe} trains in one process for now: each step runs several forwards of the "
-                                  "model before one backward, which DDP does not allow")
+        hint = "; set `distributed: fsdp` to train it sharded" if sharded_alternative else ""
+        raise NotImplementedError(f"{recipe} trains in one process under DDP: each step runs several forwards of the "
+                                  f"model before one backward, which DDP does not allow{hint}")
 
 
 def end_training(accelerator: Accelerator) -> None:
@@ -110,20 +115,21 @@ def end_training(accelerator: Accelerator) -> None:
 
 
 def check_supported(distributed_type) -> None:
-    """Refuse sharded training before any work is done, rather than fail (or save garbage) hours later.
+    """Refuse accelerate's own sharding plugins before any work is done, rather than fail (or save garbage) later.
 
-    The recipes call the VLM's submodules directly (embedding splice, vision tower, lm_head for the fused JSD) and
-    write checkpoints per module from the main process; FSDP- or ZeRO-3-sharded parameters allow neither, and ZeRO's
-    partitioned optimizer state is not gathered by our checkpoints. DDP with the frozen VLM replicated per rank fits
-    an 80 GB GPU in bf16 (see `medsynapse inspect`).
+    Sharding is the recipes' `distributed: fsdp` setting under a DDP launch (torchrun, or configs/accelerate/ddp.yaml):
+    recipes/sharding.py chooses the FSDP2 units so that the vision tower, the embeddings and lm_head can be called
+    outside the VLM's forward, and keeps the small trainable modules replicated. Accelerate's FSDP plugin would wrap
+    the modules its way (the trainable sampler alone, say) and DeepSpeed ZeRO-3 partitions parameters that the
+    recipes read directly (README, "Sharded training").
     """
     from accelerate.utils import DistributedType
 
     if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise NotImplementedError(
-            f"{distributed_type.value} is not supported by the MedSynapse recipes yet: they use DDP (every rank holds "
-            "the frozen VLM; one trainable module is wrapped). Launch with configs/accelerate/ddp.yaml or torchrun. "
-            "See README, 'Scaling up'.")
+            f"{distributed_type.value} launches are not supported by the MedSynapse recipes: launch with torchrun or "
+            "configs/accelerate/ddp.yaml and set `distributed: fsdp` in the stage's settings to shard the VLM "
+            "(FSDP2). See README, 'Sharded training'.")
 
 
 def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> list[int]:
@@ -224,7 +230,12 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 
 def damaged_file(folder: Path) -> Path | None:
     """The first file of a checkpoint that is missing or empty, or whose state.json does not parse; None if intact."""
-    for name in CHECKPOINT_FILES:
+    sharded = (folder / SHARDED).is_dir()  # weights and optimizer state in SHARDED/ (torch.distributed.checkpoint)
+    names = [n for n in CHECKPOINT_FILES if n not in ("weights.safetensors", "optimizer.pt")] if sharded \
+        else CHECKPOINT_FILES
+    if sharded and not (folder / SHARDED / ".metadata").is_file():
+        return folder / SHARDED / ".metadata"
+    for name in names:
         path = folder / name
         if not path.is_file() or path.stat().st_size == 0:
             return path
@@ -321,10 +332,71 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimi
     return final
 
 
-def load_checkpoint(folder: Path, module: nn.Module, optimizer, scheduler) -> dict:
-    """Restore what `save_checkpoint` wrote (tensors only: `weights_only=True`); returns the state dict."""
-    load_trainable_state(module, load_file(str(folder / "weights.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+def checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, module: nn.Module, optimizer, scheduler,
+               sharded: bool = False, extra: dict | None = None, config=None) -> None:
+    """Call on every rank at a save point: the main process writes `save_checkpoint`, or, `sharded`, every rank
+    writes its shards (`save_sharded_checkpoint`)."""
+    if sharded:
+        save_sharded_checkpoint(accelerator, output_dir, step, module, optimizer, scheduler, extra=extra,
+                                config=config)
+    elif accelerator.is_main_process:
+        save_checkpoint(output_dir, step, module, optimizer, scheduler, extra=extra, config=config)
+
+
+def save_sharded_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, module: nn.Module,
+                            optimizer, scheduler, extra: dict | None = None, keep: int = 2, config=None) -> Path:
+    """`save_checkpoint` for a module whose trainable parameters are sharded (FSDP2): called on every rank, each
+    writes its shards of the trainable weights and of the optimizer state with torch.distributed.checkpoint
+    (CHECKPOINT/sharded/); the main process writes the rest and renames the folder once every rank has finished."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(output_dir) / CHECKPOINTS
+    final, tmp = root / f"step_{step:07d}", root / f".tmp_step_{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    dcp.save(_sharded_state(module, optimizer), checkpoint_id=str(tmp / SHARDED))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        settings = {"settings": run_settings(config)} if config is not None else {}
+        (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": True, **settings, **(extra or {})}))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _sharded_state(module: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return {"model": {name: p.detach() for name, p in module.named_parameters() if p.requires_grad},
+            "optimizer": get_optimizer_state_dict(module, inner)}
+
+
+def load_checkpoint(folder: Path, module: nn.Module, optimizer, scheduler, sharded: bool = False) -> dict:
+    """Restore what `save_checkpoint` or `save_sharded_checkpoint` wrote (tensors only: `weights_only=True`); returns
+    the state dict. A sharded checkpoint loads on any number of ranks, sharded or not (torch.distributed.checkpoint
+    reads each rank's slices; every rank calls this); an unsharded one into a sharded run is refused."""
+    written_sharded = (folder / SHARDED).is_dir()
+    if sharded and not written_sharded:
+        raise ValueError(f"{folder}: written without sharding (distributed: ddp or one process); resume it that way")
+    if written_sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        state = _sharded_state(module, optimizer)
+        dcp.load(state, checkpoint_id=str(folder / SHARDED))  # in place: the parameters' own shards
+        set_optimizer_state_dict(module, getattr(optimizer, "optimizer", optimizer), state["optimizer"])
+    else:
+        load_trainable_state(module, load_file(str(folder / "weights.safetensors")))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
     return json.loads((folder / "state.json").read_text())
