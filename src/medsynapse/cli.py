@@ -145,6 +145,20 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medsynapse.serve import ServeSettings, serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"medsynapse serve: listening on {args.host}: reachable from other machines; there is no "
+              "authentication, put it behind one", file=sys.stderr)
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
+                             max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout,
+                             allow_dirs=args.allow_dir or [])
+    serve(args.model, args.host, args.port, settings)
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from medsynapse.study import read_study, run_study
 
@@ -417,6 +431,22 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--until", default=None, help="stop after this step")
     pipeline.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     pipeline.set_defaults(func=cmd_pipeline)
+
+    server = sub.add_parser("serve", parents=[common],
+                            help="an OpenAI-compatible chat-completions server with dynamic batching")
+    server.add_argument("--model", required=True, help="a MedSynapse folder (Stage II with encoder, or a student)")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--max-batch", type=int, default=16, help="requests answered together at most")
+    server.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    server.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    server.add_argument("--max-new-tokens", type=int, default=64, help="default and largest max_tokens")
+    server.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image (width x height)")
+    server.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
+    server.add_argument("--timeout", type=float, default=120.0, help="seconds a request waits for its answer (504)")
+    server.add_argument("--allow-dir", action="append", metavar="DIR",
+                        help="local image paths are read under this folder (repeatable; default none)")
+    server.set_defaults(func=cmd_serve)
 
     study = sub.add_parser("study", parents=[common],
                            help="Table 1 and the ablations over seeds from a study file: shared units, resumable "

@@ -330,6 +330,16 @@ class MedSynapseV(nn.Module):
         benchmark runner). Vision features are computed once and reused for A_psi and generation; the prior encoder
         sees each sample's first image. `memory_transform` maps the memory (B, N, H) to what the VLM receives
         instead (the diagnostics' zeroed / mean / shuffled / noise memories); None leaves the path unchanged."""
+        tokens = self.generate_encoded(items, first_images, max_new_tokens, branch, intervention, memory_transform,
+                                       **generate_kwargs)
+        return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_encoded(self, items: list[EncodedPrompt], first_images: list[Image.Image], max_new_tokens: int = 16,
+                         branch: str | None = None, intervention: str = "zero",
+                         memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         **generate_kwargs) -> torch.Tensor:
+        """`answer_encoded`'s new tokens (B, T), before decoding (a server counts them and sees where each ended)."""
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(self.vlm, batch)
@@ -338,5 +348,4 @@ class MedSynapseV(nn.Module):
             if memory is None:
                 raise ValueError("memory_transform given, but this model has no memory (a plain VLM)")
             memory = memory_transform(memory)
-        tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
-        return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
