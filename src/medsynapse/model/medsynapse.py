@@ -24,6 +24,7 @@ from medsynapse.model.memory import (
     DiagnosticMemorySampler,
     SamplerConfig,
     embedding_rms,
+    sampler_attention,
 )
 from medsynapse.model.processor import ModelNotFoundError
 from medsynapse.model.vlm import (
@@ -255,6 +256,29 @@ class MedSynapseV(nn.Module):
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
         counts = batch.images_per_sample or [1] * batch.input_ids.shape[0]
         return self.autonomous(features.pooler_output, grids, counts)
+
+    @torch.no_grad()
+    def memory_maps(self, image: Image.Image) -> dict[str, torch.Tensor] | None:
+        """Where the memory of one image comes from, as maps over the image (the app draws them; nothing here draws).
+
+        A model with the prior encoder and P_phi: `region` (Hf, Wf), the encoder's diagnostic region B (what the
+        counterfactual removes), and `probes` (layers, N, Hf, Wf), each probe's cross-attention over the prior tokens
+        per sampler layer (averaged over heads; each map sums to 1). A student whose A_psi pools by attention:
+        `probes` (1, N, h, w) over the VLM's merged visual tokens. None for a model without such maps (a plain VLM, a
+        latent-reasoning model, A_psi's grid pooling)."""
+        if self.sampler is not None and self.encoder is not None:
+            prior = self.prior([image])
+            probes = sampler_attention(self.sampler, prior.tokens, prior.grid)[0]
+            return {"region": prior.region_mask[0].reshape(prior.grid).float(), "probes": probes}
+        if self.autonomous is None or self.autonomous.config.pooling != "attention":
+            return None
+        device = next(core_vlm(self.vlm).parameters()).device
+        batch = self.prompts.collate([self.prompts.encode([image], "")], with_answers=False).to(device)
+        features = vision_features(self.vlm, batch)
+        merge = core_vlm(self.vlm).config.vision_config.spatial_merge_size
+        _, h, w = batch.image_grid_thw[0].tolist()
+        weights = self.autonomous.attend(features.pooler_output, [(h // merge, w // merge)], [1])[1]
+        return {"probes": weights[0].reshape(1, -1, h // merge, w // merge)}
 
     def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero") -> torch.Tensor:
         """M = P_phi(S) for the privileged branch; M' = P_phi(S with the region B removed) for the counterfactual
