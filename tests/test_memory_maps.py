@@ -57,3 +57,24 @@ def test_student_maps_are_a_psi_attention_pooling(tiny_env, model, pooling):
     probes = maps["probes"]
     assert probes.shape[:2] == (1, model.n_memory) and "region" not in maps
     torch.testing.assert_close(probes.sum(dim=(-2, -1)), torch.ones(1, model.n_memory))
+
+
+def test_counterfactual_check_scores_the_answer_under_both_memories(tiny_env, model):
+    from medsynapse.model.vlm import completion_logprobs, completion_mask, vision_features
+
+    sample = read_samples(tiny_env.test_file)[0]
+    image = load_image(sample.images[0])
+    check = model.counterfactual_check(image, sample.question, max_new_tokens=4, intervention="zero")
+    assert check["answer"] == model.answer([image], [sample.question], max_new_tokens=4)[0]  # the usual answer
+    batch = model.prompts.collate([model.prompts.encode([image], sample.question)], with_answers=False)
+    features = vision_features(model.vlm, batch)
+    prior = model.prior([image])
+    tokens = model.generate(batch, model.memory(prior), max_new_tokens=4, features=features)
+    mask = completion_mask(tokens, model.prompts.eos_id)
+    direct = {branch: float(completion_logprobs(model.vlm, batch, model.memory(prior, branch, "zero"), tokens, mask,
+                                                model.latent_id, features).sum())
+              for branch in ("privileged", "counterfactual")}
+    assert check["logprob"] == pytest.approx(direct["privileged"], abs=1e-6)
+    assert check["logprob_without_region"] == pytest.approx(direct["counterfactual"], abs=1e-6)
+    assert check["logprob_shift"] == pytest.approx(direct["privileged"] - direct["counterfactual"], abs=1e-6)
+    assert check["logprob_shift"] != 0  # the region changes the memory, so the answer's probability moves

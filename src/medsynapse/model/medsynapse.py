@@ -280,6 +280,34 @@ class MedSynapseV(nn.Module):
         weights = self.autonomous.attend(features.pooler_output, [(h // merge, w // merge)], [1])[1]
         return {"probes": weights[0].reshape(1, -1, h // merge, w // merge)}
 
+    @torch.no_grad()
+    def counterfactual_check(self, image: Image.Image, question: str, max_new_tokens: int = 16,
+                             intervention: str | None = None) -> dict:
+        """How much one answer rests on the encoder's region: the greedy answer with the memory M and with M' (the
+        region removed by `intervention`; default `reference` when the folder has its bank, else the paper's
+        `zero`), and log p(answer | M) − log p(answer | M'), the answer's own tokens scored under both memories
+        (Eq. 5's log-ratio for this one answer). Needs the prior encoder and P_phi."""
+        from medsynapse.model.vlm import completion_logprobs, completion_mask
+
+        if self.sampler is None or self.encoder is None:
+            raise ValueError("the counterfactual needs the prior encoder and the memory sampler P_phi (a teacher)")
+        intervention = intervention or ("reference" if self.reference_bank is not None else "zero")
+        device = next(core_vlm(self.vlm).parameters()).device
+        batch = self.prompts.collate([self.prompts.encode([image], question)], with_answers=False).to(device)
+        features = vision_features(self.vlm, batch)
+        prior = self.prior([image])
+        memories = {"with": self.memory(prior), "without": self.memory(prior, "counterfactual", intervention)}
+        tokens = {k: self.generate(batch, m, max_new_tokens=max_new_tokens, features=features)
+                  for k, m in memories.items()}
+        mask = completion_mask(tokens["with"], self.prompts.eos_id)
+        logp = {k: float(completion_logprobs(self.vlm, batch, m, tokens["with"], mask, self.latent_id,
+                                             features).sum()) for k, m in memories.items()}
+        decode = self.processor.tokenizer.batch_decode
+        return {"answer": decode(tokens["with"], skip_special_tokens=True)[0].strip(),
+                "answer_without_region": decode(tokens["without"], skip_special_tokens=True)[0].strip(),
+                "logprob": logp["with"], "logprob_without_region": logp["without"],
+                "logprob_shift": logp["with"] - logp["without"], "intervention": intervention}
+
     def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero") -> torch.Tensor:
         """M = P_phi(S) for the privileged branch; M' = P_phi(S with the region B removed) for the counterfactual
         (`intervention`: zero = S ⊙ ¬B as in the paper, drop, inpaint or reference; see model/counterfactual.py)."""
