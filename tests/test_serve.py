@@ -203,3 +203,54 @@ def test_a_full_queue_is_a_503_and_a_late_answer_a_504(folders, requests):
     with TestClient(create_app(str(teacher), ServeSettings(timeout_s=0.0001))) as client:
         reply = client.post("/v1/chat/completions", json=_body(_data_uri(requests[0][0]), requests[0][1]))
     assert reply.status_code == 504 and "no answer within" in reply.text
+
+
+def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, requests, tmp_path):
+    """Playwright drives Debian's chromium (headless; `make test` installs it when missing): upload a DICOM, ask,
+    and the teacher's and the student's answers and heat-maps appear; a screenshot is kept in the test's folder."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (make test installs it with apt-get)")
+    teacher, student = folders
+    dicom = next(path for path, _ in requests if path.suffix == ".dcm")
+    port = _free_port()
+    command = [sys.executable, "-c", "from medsynapse.cli import main; raise SystemExit(main())", "app",
+               "--model", str(teacher), "--compare", str(student), "--port", str(port), "--max-new-tokens", "6"]
+    app = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(900):
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(app.stdout.read().decode()[-2000:] if app.poll() is not None else "the app did not start")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.locator("#scan input[type=file]").set_input_files(str(dicom))
+            page.get_by_text(dicom.name).first.wait_for(timeout=30_000)  # uploaded
+            question = page.locator("#question input")
+            question.fill("Is there a lesion?")
+            question.press("Enter")
+            page.locator("#ask").click()
+            for column in (0, 1):
+                page.locator(f"#answer-{column}").get_by_text("Answer:").wait_for(timeout=60_000)
+                page.locator(f"#grid-{column} img").first.wait_for(timeout=60_000)
+            teacher_text = page.locator("#answer-0").inner_text()
+            assert "Without the region" in teacher_text and "nats" in teacher_text  # the counterfactual
+            assert "Without the region" not in page.locator("#answer-1").inner_text()  # the student has none
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            browser.close()
+        assert (tmp_path / "app.png").stat().st_size > 10_000
+    finally:
+        app.terminate()
+        app.wait(timeout=30)

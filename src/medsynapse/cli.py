@@ -159,6 +159,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from medsynapse.app import launch
+
+    launch(args.model, args.compare, args.host, args.port, args.max_new_tokens)
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from medsynapse.study import read_study, run_study
 
@@ -447,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--allow-dir", action="append", metavar="DIR",
                         help="local image paths are read under this folder (repeatable; default none)")
     server.set_defaults(func=cmd_serve)
+
+    app = sub.add_parser("app", parents=[common], help="a browser app: upload a scan, ask, see what the memory used")
+    app.add_argument("--model", required=True, help="a MedSynapse folder")
+    app.add_argument("--compare", default=None, help="a second folder shown side by side (e.g. the student)")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--max-new-tokens", type=int, default=16)
+    app.set_defaults(func=cmd_app)
 
     study = sub.add_parser("study", parents=[common],
                            help="Table 1 and the ablations over seeds from a study file: shared units, resumable "
