@@ -145,7 +145,16 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_app_extras(command: str, modules: tuple[str, ...]) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise NotImplementedError(f"`medsynapse {command}` needs {', '.join(missing)}: pip install -e '.[app]'")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _need_app_extras("serve", ("fastapi", "uvicorn"))
     from medsynapse.serve import ServeSettings, serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -160,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
+    _need_app_extras("app", ("gradio",))
     from medsynapse.app import launch
 
     launch(args.model, args.compare, args.host, args.port, args.max_new_tokens)
