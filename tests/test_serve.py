@@ -237,14 +237,19 @@ def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, r
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.locator("#scan input[type=file]").set_input_files(str(dicom))
-            page.get_by_text(dicom.name).first.wait_for(timeout=30_000)  # uploaded
+            try:
+                page.get_by_text(dicom.name).first.wait_for(timeout=120_000)  # uploaded
+            except Exception:
+                page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+                (tmp_path / "page.html").write_text(page.content())
+                raise
             question = page.locator("#question input")
             question.fill("Is there a lesion?")
             question.press("Enter")
             page.locator("#ask").click()
             for column in (0, 1):
-                page.locator(f"#answer-{column}").get_by_text("Answer:").wait_for(timeout=60_000)
-                page.locator(f"#grid-{column} img").first.wait_for(timeout=60_000)
+                page.locator(f"#answer-{column}").get_by_text("Answer:").wait_for(timeout=120_000)
+                page.locator(f"#grid-{column} img").first.wait_for(timeout=120_000)
             teacher_text = page.locator("#answer-0").inner_text()
             assert "Without the region" in teacher_text and "nats" in teacher_text  # the counterfactual
             assert "Without the region" not in page.locator("#answer-1").inner_text()  # the student has none

@@ -34,11 +34,14 @@ def load_scan(path: str, preset: str, level: float, width: float) -> Image.Image
     return load_image(path, window=window)
 
 
-def overlay(image: Image.Image, heat: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40)) -> Image.Image:
-    """`heat` (h, w) in [0, 1], upsampled to the image and blended in `colour`."""
+def overlay(image: Image.Image, heat: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40),
+            side: int = 384) -> Image.Image:
+    """`heat` (h, w), scaled to its maximum, blended in `colour` over the image shown at least `side` px wide."""
+    scale = max(1, side // max(image.size))
+    shown = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
     grid = Image.fromarray(np.uint8(255 * np.clip(heat / max(float(heat.max()), 1e-9), 0, 1)))
-    alpha = np.asarray(grid.resize(image.size, Image.NEAREST), dtype=np.float32)[..., None] / 255 * 0.6
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    alpha = np.asarray(grid.resize(shown.size, Image.NEAREST), dtype=np.float32)[..., None] / 255 * 0.6
+    base = np.asarray(shown, dtype=np.float32)
     return Image.fromarray(np.uint8(base * (1 - alpha) + np.array(colour, dtype=np.float32) * alpha))
 
 
@@ -50,7 +53,7 @@ def heatmap_grid(probes: np.ndarray, title: str) -> Image.Image:
     import matplotlib.pyplot as plt
 
     layers, n = probes.shape[:2]
-    figure, axes = plt.subplots(layers, n, figsize=(0.8 * n + 0.6, 0.85 * layers + 0.5), squeeze=False)
+    figure, axes = plt.subplots(layers, n, figsize=(max(0.8 * n + 0.6, 4.0), 0.85 * layers + 0.7), squeeze=False)
     for layer in range(layers):
         for probe in range(n):
             axis = axes[layer][probe]
@@ -60,7 +63,7 @@ def heatmap_grid(probes: np.ndarray, title: str) -> Image.Image:
             if layer == 0:
                 axis.set_title(str(probe), fontsize=7)
         axes[layer][0].set_ylabel(f"layer {layer}", fontsize=7)
-    figure.suptitle(title, fontsize=8)
+    figure.suptitle(title, fontsize=7, wrap=True)
     figure.tight_layout()
     figure.canvas.draw()
     image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
@@ -139,7 +142,7 @@ def build(models: dict[str, object], max_new_tokens: int = 16):
             values = [""]
             for model in models.values():
                 result = explain(model, image, text or QUESTIONS[0], max_new_tokens)
-                values += [summary(result), result["overlay"] or image, result["grid"]]
+                values += [summary(result), result["overlay"] or overlay(image, np.zeros((1, 1))), result["grid"]]
             return values
 
         ask.click(run, [upload, preset, level, width, question],
