@@ -244,7 +244,7 @@ def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, r
                 (tmp_path / "page.html").write_text(page.content())
                 raise
             question = page.locator("#question input")
-            question.fill("Is there a lesion?")
+            question.fill("Is there a lesion in this image? Answer yes or no.")
             question.press("Enter")
             page.locator("#ask").click()
             for column in (0, 1):

@@ -20,8 +20,13 @@ from PIL import Image
 
 WINDOWS = {"as stored": None, "lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "abdomen": (40.0, 400.0),
            "bone": (400.0, 1800.0), "brain": (40.0, 80.0), "custom": "custom"}
-QUESTIONS = ["Is there a lesion?", "How many lesions are there?", "Where is the largest lesion?",
-             "What is the imaging modality?", "Is the lesion hyperdense or hypodense?"]
+# SynthMed's phrasings (what the demo's models were trained on); any other question can be typed
+QUESTIONS = ["Is there a lesion in this image? Answer yes or no.",
+             "How many lesions are visible? Answer with one word.",
+             "Where is the largest lesion? Options: A. upper left B. upper right C. lower left D. lower right Answer "
+             "with the option letter.",
+             "What is the size of the largest lesion? Options: A. small B. large Answer with the option letter.",
+             "What is the density of the lesions? Options: A. hyperdense B. hypodense Answer with the option letter."]
 
 
 def load_scan(path: str, preset: str, level: float, width: float) -> Image.Image:
@@ -45,24 +50,24 @@ def overlay(image: Image.Image, heat: np.ndarray, colour: tuple[int, int, int] =
     return Image.fromarray(np.uint8(base * (1 - alpha) + np.array(colour, dtype=np.float32) * alpha))
 
 
-def heatmap_grid(probes: np.ndarray, title: str) -> Image.Image:
-    """(layers, N, h, w) maps as a grid of small heat-maps: one row per layer, one column per probe."""
+def heatmap_grid(probes: np.ndarray, title: str, per_row: int = 8) -> Image.Image:
+    """(layers, N, h, w) maps as small heat-maps: per layer, rows of `per_row` probes (numbered)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers, n = probes.shape[:2]
-    figure, axes = plt.subplots(layers, n, figsize=(max(0.8 * n + 0.6, 4.0), 0.85 * layers + 0.7), squeeze=False)
+    columns, rows_per_layer = min(n, per_row), -(-n // per_row)
+    figure, axes = plt.subplots(layers * rows_per_layer, columns, squeeze=False,
+                                figsize=(max(0.75 * columns + 0.6, 4.0), 0.8 * layers * rows_per_layer + 0.6))
+    for axis in axes.flat:
+        axis.axis("off")
     for layer in range(layers):
         for probe in range(n):
-            axis = axes[layer][probe]
+            axis = axes[layer * rows_per_layer + probe // per_row][probe % per_row]
             axis.imshow(probes[layer, probe], cmap="magma", interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if layer == 0:
-                axis.set_title(str(probe), fontsize=7)
-        axes[layer][0].set_ylabel(f"layer {layer}", fontsize=7)
+            axis.set_title(f"L{layer} p{probe}", fontsize=6)
     figure.suptitle(title, fontsize=7, wrap=True)
     figure.tight_layout()
     figure.canvas.draw()
