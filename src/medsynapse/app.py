@@ -165,7 +165,10 @@ def launch(model_dir: str, compare: str | None = None, host: str = "127.0.0.1", 
     names = [Path(f).name for f in folders]
     if len(set(names)) < len(names):  # two folders of the same name: say which is which
         names = [f"{label}: {name}" for label, name in zip("AB", names)]
-    models = {name: MedSynapseV.from_pretrained(folder, merge_adapter=True).eval()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {name: MedSynapseV.from_pretrained(folder, merge_adapter=True).eval().to(device)
               for name, folder in zip(names, folders)}
     demo = build(models, max_new_tokens)
     print(f"app on http://{host}:{port}", flush=True)

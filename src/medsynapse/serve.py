@@ -28,11 +28,12 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field
 
 MIME_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "application/dicom": ".dcm",
@@ -102,6 +103,9 @@ def parse_request(request: ChatRequest, settings: ServeSettings) -> Parsed:
     index = users[-1]
     content = request.messages[index].content
     parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
+    count = sum(part.type == "image_url" for part in parts)
+    if count > settings.max_images:  # before any image is decoded
+        raise BadRequest(413, f"messages[{index}]: {count} images, at most {settings.max_images}")
     texts, images = [], []
     for number, part in enumerate(parts):
         where = f"messages[{index}].content[{number}]"
@@ -118,8 +122,6 @@ def parse_request(request: ChatRequest, settings: ServeSettings) -> Parsed:
         raise BadRequest(400, f"messages[{index}]: no question text")
     if not images:
         raise BadRequest(400, f"messages[{index}]: no image (an image_url part with a data: URI or an allowed path)")
-    if len(images) > settings.max_images:
-        raise BadRequest(413, f"messages[{index}]: {len(images)} images, at most {settings.max_images}")
     return Parsed(question, system, images)
 
 
@@ -147,6 +149,7 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
+            _check_size(path, where, settings)
             image = _open(load_image, path, where, DataError)
         finally:
             os.unlink(path)
@@ -155,11 +158,31 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
         if not any(path.is_relative_to(Path(d).expanduser().resolve()) for d in settings.allow_dirs):
             raise BadRequest(403, f"{where}.image_url: local paths are read only under --allow-dir "
                                   f"({settings.allow_dirs or 'none given'}); send a data: URI")
+        _check_size(str(path), where, settings)
         image = _open(load_image, str(path), where, DataError)
-    if image.width * image.height > settings.max_pixels:
-        raise BadRequest(413, f"{where}.image_url: {image.width}x{image.height} = {image.width * image.height} "
-                              f"pixels, more than --max-pixels {settings.max_pixels}")
     return image
+
+
+def _check_size(path: str, where: str, settings: ServeSettings) -> None:
+    """Width x height from the file's header (PNG/JPEG via PIL's lazy open, DICOM's Rows/Columns), refused past
+    `max_pixels` before any pixel is decoded (a small compressed file can decode to gigabytes)."""
+    from PIL import Image, UnidentifiedImageError
+
+    size = None
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        try:
+            import pydicom
+
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            size = (int(header.Columns), int(header.Rows))
+        except Exception:  # not an image: the loader names what is wrong
+            return
+    if size[0] * size[1] > settings.max_pixels:
+        raise BadRequest(413, f"{where}.image_url: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
+                              f"--max-pixels {settings.max_pixels}")
 
 
 def _open(load_image, path: str, where: str, data_error: type):
@@ -189,7 +212,8 @@ class Batcher:
     def __init__(self, model, settings: ServeSettings):
         self.model, self.settings = model, settings
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
-        self.batches: list[int] = []  # the size of every batch run (tests and /health read it)
+        self.batches = 0  # batches run so far, and the largest (/health reports them)
+        self.largest = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="medsynapse-batcher", daemon=True)
         self._thread.start()
@@ -217,7 +241,8 @@ class Batcher:
                 batch.append(self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait())
             except queue.Empty:
                 break
-        return [job for job in batch if not job.cancelled]
+        # a job whose request gave up (504) is skipped; the others can no longer be cancelled
+        return [job for job in batch if not job.cancelled and job.future.set_running_or_notify_cancel()]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -225,15 +250,22 @@ class Batcher:
             for job in self._take():
                 groups.setdefault((job.max_new_tokens, job.temperature), []).append(job)
             for (max_new_tokens, temperature), group in groups.items():
-                self.batches.append(len(group))
+                self.batches += 1
+                self.largest = max(self.largest, len(group))
                 try:
                     results = self._answer(group, max_new_tokens, temperature)
                 except Exception as err:  # the server keeps serving; each request of the group gets a 500
-                    for job in group:
-                        job.future.set_exception(err)
-                    continue
+                    results = [err] * len(group)
                 for job, result in zip(group, results):
-                    job.future.set_result(result)
+                    with contextlib.suppress(InvalidStateError):  # its request already gave up
+                        if isinstance(result, Exception):
+                            job.future.set_exception(result)
+                        else:
+                            job.future.set_result(result)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _answer(self, group: list[Job], max_new_tokens: int, temperature: float) -> list[dict]:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
@@ -302,6 +334,8 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     settings = settings or ServeSettings()
     model = model or MedSynapseV.from_pretrained(model_dir, merge_adapter=True)
     model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
     name = Path(model_dir).name
     kind = "encoder" if model.sampler is not None else "autonomous" if model.autonomous is not None else "none"
     batcher = Batcher(model, settings)
@@ -321,9 +355,10 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
                             status_code=err.status)
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model": name, "memory": kind, "queued": batcher.jobs.qsize(),
-                "batches": len(batcher.batches)}
+    def health():
+        body = {"status": "ok" if batcher.alive else "batcher stopped", "model": name, "memory": kind,
+                "queued": batcher.jobs.qsize(), "batches": batcher.batches, "largest_batch": batcher.largest}
+        return body if batcher.alive else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     def models() -> dict:
