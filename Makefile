@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean mutation mutation-sample
+.PHONY: demo test lint venv browser clean mutation mutation-sample
 
 venv: $(VENV)/.installed
 
@@ -21,7 +21,13 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
 
-test: lint
+# The app's browser test drives Debian's chromium (Playwright's own browser download is not reachable here).
+browser:
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ (apt-get update -q && apt-get install -y -q chromium) >/dev/null || \
+		  sudo sh -c 'apt-get update -q && apt-get install -y -q chromium' >/dev/null; }
+
+test: lint browser
 	$(BIN)/python -m pytest
 
 # Mutation testing (not in CI): mutmut over the modules listed in pyproject's [tool.mutmut], then the score per module

@@ -145,6 +145,37 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_app_extras(command: str, modules: tuple[str, ...]) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise NotImplementedError(f"`medsynapse {command}` needs {', '.join(missing)}: pip install -e '.[app]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _need_app_extras("serve", ("fastapi", "uvicorn"))
+    from medsynapse.serve import ServeSettings, serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"medsynapse serve: listening on {args.host}: reachable from other machines; there is no "
+              "authentication, put it behind one", file=sys.stderr)
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
+                             max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout,
+                             allow_dirs=args.allow_dir or [])
+    serve(args.model, args.host, args.port, settings)
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    _need_app_extras("app", ("gradio",))
+    from medsynapse.app import launch
+
+    launch(args.model, args.compare, args.host, args.port, args.max_new_tokens)
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from medsynapse.study import read_study, run_study
 
@@ -417,6 +448,30 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--until", default=None, help="stop after this step")
     pipeline.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     pipeline.set_defaults(func=cmd_pipeline)
+
+    server = sub.add_parser("serve", parents=[common],
+                            help="an OpenAI-compatible chat-completions server with dynamic batching")
+    server.add_argument("--model", required=True, help="a MedSynapse folder (Stage II with encoder, or a student)")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--max-batch", type=int, default=16, help="requests answered together at most")
+    server.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    server.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    server.add_argument("--max-new-tokens", type=int, default=64, help="default and largest max_tokens")
+    server.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image (width x height)")
+    server.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
+    server.add_argument("--timeout", type=float, default=120.0, help="seconds a request waits for its answer (504)")
+    server.add_argument("--allow-dir", action="append", metavar="DIR",
+                        help="local image paths are read under this folder (repeatable; default none)")
+    server.set_defaults(func=cmd_serve)
+
+    app = sub.add_parser("app", parents=[common], help="a browser app: upload a scan, ask, see what the memory used")
+    app.add_argument("--model", required=True, help="a MedSynapse folder")
+    app.add_argument("--compare", default=None, help="a second folder shown side by side (e.g. the student)")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--max-new-tokens", type=int, default=16)
+    app.set_defaults(func=cmd_app)
 
     study = sub.add_parser("study", parents=[common],
                            help="Table 1 and the ablations over seeds from a study file: shared units, resumable "

@@ -24,6 +24,7 @@ from medsynapse.model.memory import (
     DiagnosticMemorySampler,
     SamplerConfig,
     embedding_rms,
+    sampler_attention,
 )
 from medsynapse.model.processor import ModelNotFoundError
 from medsynapse.model.vlm import (
@@ -259,6 +260,57 @@ class MedSynapseV(nn.Module):
         counts = batch.images_per_sample or [1] * batch.input_ids.shape[0]
         return self.autonomous(features.pooler_output, grids, counts)
 
+    @torch.no_grad()
+    def memory_maps(self, image: Image.Image) -> dict[str, torch.Tensor] | None:
+        """Where the memory of one image comes from, as maps over the image (the app draws them; nothing here draws).
+
+        A model with the prior encoder and P_phi: `region` (Hf, Wf), the encoder's diagnostic region B (what the
+        counterfactual removes), and `probes` (layers, N, Hf, Wf), each probe's cross-attention over the prior tokens
+        per sampler layer (averaged over heads; each map sums to 1). A student whose A_psi pools by attention:
+        `probes` (1, N, h, w) over the VLM's merged visual tokens. None for a model without such maps (a plain VLM, a
+        latent-reasoning model, A_psi's grid pooling)."""
+        if self.sampler is not None and self.encoder is not None:
+            prior = self.prior([image])
+            probes = sampler_attention(self.sampler, prior.tokens, prior.grid)[0]
+            return {"region": prior.region_mask[0].reshape(prior.grid).float(), "probes": probes}
+        if self.autonomous is None or self.autonomous.config.pooling != "attention":
+            return None
+        device = next(core_vlm(self.vlm).parameters()).device
+        batch = self.prompts.collate([self.prompts.encode([image], "")], with_answers=False).to(device)
+        features = vision_features(self.vlm, batch)
+        merge = core_vlm(self.vlm).config.vision_config.spatial_merge_size
+        _, h, w = batch.image_grid_thw[0].tolist()
+        weights = self.autonomous.attend(features.pooler_output, [(h // merge, w // merge)], [1])[1]
+        return {"probes": weights[0].reshape(1, -1, h // merge, w // merge)}
+
+    @torch.no_grad()
+    def counterfactual_check(self, image: Image.Image, question: str, max_new_tokens: int = 16,
+                             intervention: str | None = None) -> dict:
+        """How much one answer rests on the encoder's region: the greedy answer with the memory M and with M' (the
+        region removed by `intervention`; default `reference` when the folder has its bank, else the paper's
+        `zero`), and log p(answer | M) − log p(answer | M'), the answer's own tokens scored under both memories
+        (Eq. 5's log-ratio for this one answer). Needs the prior encoder and P_phi."""
+        from medsynapse.model.vlm import completion_logprobs, completion_mask
+
+        if self.sampler is None or self.encoder is None:
+            raise ValueError("the counterfactual needs the prior encoder and the memory sampler P_phi (a teacher)")
+        intervention = intervention or ("reference" if self.reference_bank is not None else "zero")
+        device = next(core_vlm(self.vlm).parameters()).device
+        batch = self.prompts.collate([self.prompts.encode([image], question)], with_answers=False).to(device)
+        features = vision_features(self.vlm, batch)
+        prior = self.prior([image])
+        memories = {"with": self.memory(prior), "without": self.memory(prior, "counterfactual", intervention)}
+        tokens = {k: self.generate(batch, m, max_new_tokens=max_new_tokens, features=features)
+                  for k, m in memories.items()}
+        mask = completion_mask(tokens["with"], self.prompts.eos_id)
+        logp = {k: float(completion_logprobs(self.vlm, batch, m, tokens["with"], mask, self.latent_id,
+                                             features).sum()) for k, m in memories.items()}
+        decode = self.processor.tokenizer.batch_decode
+        return {"answer": decode(tokens["with"], skip_special_tokens=True)[0].strip(),
+                "answer_without_region": decode(tokens["without"], skip_special_tokens=True)[0].strip(),
+                "logprob": logp["with"], "logprob_without_region": logp["without"],
+                "logprob_shift": logp["with"] - logp["without"], "intervention": intervention}
+
     def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero") -> torch.Tensor:
         """M = P_phi(S) for the privileged branch; M' = P_phi(S with the region B removed) for the counterfactual
         (`intervention`: zero = S ⊙ ¬B as in the paper, drop, inpaint or reference; see model/counterfactual.py)."""
@@ -333,6 +385,16 @@ class MedSynapseV(nn.Module):
         benchmark runner). Vision features are computed once and reused for A_psi and generation; the prior encoder
         sees each sample's first image. `memory_transform` maps the memory (B, N, H) to what the VLM receives
         instead (the diagnostics' zeroed / mean / shuffled / noise memories); None leaves the path unchanged."""
+        tokens = self.generate_encoded(items, first_images, max_new_tokens, branch, intervention, memory_transform,
+                                       **generate_kwargs)
+        return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_encoded(self, items: list[EncodedPrompt], first_images: list[Image.Image], max_new_tokens: int = 16,
+                         branch: str | None = None, intervention: str = "zero",
+                         memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         **generate_kwargs) -> torch.Tensor:
+        """`answer_encoded`'s new tokens (B, T), before decoding (a server counts them and sees where each ended)."""
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(self.vlm, batch)
@@ -341,5 +403,4 @@ class MedSynapseV(nn.Module):
             if memory is None:
                 raise ValueError("memory_transform given, but this model has no memory (a plain VLM)")
             memory = memory_transform(memory)
-        tokens = self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
-        return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)

@@ -50,11 +50,17 @@ class SamplerBlock(nn.Module):
         self.norm_ffn = nn.LayerNorm(width)
         self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
 
-    def forward(self, probes: torch.Tensor, context: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, probes: torch.Tensor, context: torch.Tensor, drop: torch.Tensor | None,
+                weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`weights`: a list that receives this block's cross-attention weights (B, N, M), averaged over heads."""
         x = self.norm_self(probes)
         probes = probes + self.self_attn(x, x, x, need_weights=False)[0]
         kv = self.norm_kv(context)
-        probes = probes + self.cross_attn(self.norm_q(probes), kv, kv, key_padding_mask=drop, need_weights=False)[0]
+        attended, attention = self.cross_attn(self.norm_q(probes), kv, kv, key_padding_mask=drop,
+                                              need_weights=weights is not None)
+        if weights is not None:
+            weights.append(attention)
+        probes = probes + attended
         return probes + self.ffn(self.norm_ffn(probes))
 
 
@@ -78,8 +84,10 @@ class DiagnosticMemorySampler(nn.Module):
         self.out_proj = nn.Linear(width, config.hidden_size)
         self.gain = nn.Parameter(torch.tensor(float(config.embed_rms)))
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], drop: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, M, d_f) -> memory (B, N, H). `drop` (B, M) True = token removed from cross-attention."""
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], drop: torch.Tensor | None = None,
+                weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens (B, M, d_f) -> memory (B, N, H). `drop` (B, M) True = token removed from cross-attention.
+        `weights`: a list that receives every block's cross-attention weights (B, N, M), averaged over heads."""
         if drop is not None:
             # A row with every token dropped would attend to nothing (NaN): fall back to zeroing its tokens instead.
             everything = drop.all(dim=1, keepdim=True)
@@ -90,10 +98,20 @@ class DiagnosticMemorySampler(nn.Module):
         context = self.input_proj(self.input_norm(tokens)) + pos
         probes = self.probes.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for block in self.blocks:
-            probes = block(probes, context, drop)
+            probes = block(probes, context, drop, weights)
         out = self.out_proj(self.out_norm(probes))
         rms = out.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
         return out * rms * self.gain
+
+
+@torch.no_grad()
+def sampler_attention(sampler: DiagnosticMemorySampler, tokens: torch.Tensor, grid: tuple[int, int],
+                      drop: torch.Tensor | None = None) -> torch.Tensor:
+    """Where each probe looked: the cross-attention weights of every layer, (B, layers, N, Hf, Wf), each map summing
+    to 1 over the prior tokens (a separate pass that asks for the weights; the memory itself is computed as always)."""
+    weights: list[torch.Tensor] = []
+    sampler(tokens, grid, drop, weights)
+    return torch.stack(weights, dim=1).unflatten(-1, grid)
 
 
 def embedding_rms(embedding: nn.Embedding) -> float:

@@ -1,0 +1,176 @@
+"""`medsynapse app --model DIR [--compare DIR2]`: a browser app to try a model on one scan (Gradio, local only).
+
+Upload a PNG, JPEG or DICOM (DICOM windowed by a preset: lung, mediastinum, abdomen, bone, brain, or a custom
+level/width; "as stored" uses the file's own window), type or pick a question, and get per model: the answer and its
+latency; for a model with the prior encoder, the encoder's region over the scan, each probe's cross-attention per
+sampler layer as a heat-map grid, and the answer without the region next to the real one with the answer's
+log-probability shift (MedSynapseV.counterfactual_check); for an encoder-free student, where A_psi's pooling looked.
+With `--compare`, two models side by side (e.g. teacher and student). Every number and map comes from the model
+package (`memory_maps`, `counterfactual_check`, `answer`); this module only loads the image and draws.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WINDOWS = {"as stored": None, "lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "abdomen": (40.0, 400.0),
+           "bone": (400.0, 1800.0), "brain": (40.0, 80.0), "custom": "custom"}
+# SynthMed's phrasings (what the demo's models were trained on); any other question can be typed
+QUESTIONS = ["Is there a lesion in this image? Answer yes or no.",
+             "How many lesions are visible? Answer with one word.",
+             "Where is the largest lesion? Options: A. upper left B. upper right C. lower left D. lower right Answer "
+             "with the option letter.",
+             "What is the size of the largest lesion? Options: A. small B. large Answer with the option letter.",
+             "What is the density of the lesions? Options: A. hyperdense B. hypodense Answer with the option letter."]
+
+
+def load_scan(path: str, preset: str, level: float, width: float) -> Image.Image:
+    """The upload through the project's loader (DICOM windowed by the preset or the custom level/width)."""
+    from medsynapse.data.images import load_image
+
+    window = WINDOWS[preset]
+    if window == "custom":
+        window = (float(level), float(width))
+    return load_image(path, window=window)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40),
+            side: int = 384) -> Image.Image:
+    """`heat` (h, w), scaled to its maximum, blended in `colour` over the image shown at least `side` px wide."""
+    scale = max(1, side // max(image.size))
+    shown = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    grid = Image.fromarray(np.uint8(255 * np.clip(heat / max(float(heat.max()), 1e-9), 0, 1)))
+    alpha = np.asarray(grid.resize(shown.size, Image.NEAREST), dtype=np.float32)[..., None] / 255 * 0.6
+    base = np.asarray(shown, dtype=np.float32)
+    return Image.fromarray(np.uint8(base * (1 - alpha) + np.array(colour, dtype=np.float32) * alpha))
+
+
+def heatmap_grid(probes: np.ndarray, title: str, per_row: int = 8) -> Image.Image:
+    """(layers, N, h, w) maps as small heat-maps: per layer, rows of `per_row` probes (numbered)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, n = probes.shape[:2]
+    columns, rows_per_layer = min(n, per_row), -(-n // per_row)
+    figure, axes = plt.subplots(layers * rows_per_layer, columns, squeeze=False,
+                                figsize=(max(0.75 * columns + 0.6, 4.0), 0.8 * layers * rows_per_layer + 0.6))
+    for axis in axes.flat:
+        axis.axis("off")
+    for layer in range(layers):
+        for probe in range(n):
+            axis = axes[layer * rows_per_layer + probe // per_row][probe % per_row]
+            axis.imshow(probes[layer, probe], cmap="magma", interpolation="nearest")
+            axis.set_title(f"L{layer} p{probe}", fontsize=6)
+    figure.suptitle(title, fontsize=7, wrap=True)
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
+    plt.close(figure)
+    return image
+
+
+def explain(model, image: Image.Image, question: str, max_new_tokens: int) -> dict:
+    """Everything the page shows for one model: answer, latency, maps and the counterfactual."""
+    from medsynapse.objectives.answers import format_prompt
+
+    prompt = format_prompt(question, model.answer_format)
+    start = time.perf_counter()
+    answer = model.answer([image], [prompt], max_new_tokens=max_new_tokens)[0]
+    out = {"answer": answer, "ms": 1000 * (time.perf_counter() - start), "overlay": None, "grid": None,
+           "counterfactual": None}
+    maps = model.memory_maps(image)
+    if maps is not None:
+        probes = maps["probes"].float().cpu().numpy()
+        if "region" in maps:  # the teacher: the encoder's region, the probes over the prior tokens
+            out["overlay"] = overlay(image, maps["region"].cpu().numpy())
+            out["grid"] = heatmap_grid(probes, "each probe's cross-attention over the prior tokens, per layer")
+            out["counterfactual"] = model.counterfactual_check(image, prompt, max_new_tokens)
+        else:  # the student: where A_psi's pooling looked
+            out["overlay"] = overlay(image, probes[0].mean(0), colour=(40, 160, 255))
+            out["grid"] = heatmap_grid(probes, "A_psi's attention over the VLM's visual tokens, per memory slot")
+    return out
+
+
+def summary(result: dict) -> str:
+    lines = [f"**Answer:** {result['answer']}", f"latency: {result['ms']:.0f} ms"]
+    check = result["counterfactual"]
+    if check is not None:
+        lines += [f"**Without the region** ({check['intervention']}): {check['answer_without_region']}",
+                  f"log p(answer | M) − log p(answer | M') = {check['logprob_shift']:+.3f} nats"]
+    return "\n\n".join(lines)
+
+
+def build(models: dict[str, object], max_new_tokens: int = 16):
+    """The Gradio Blocks for one or two loaded models (name -> MedSynapseV)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    with gr.Blocks(title="MedSynapse") as demo:
+        gr.Markdown("# MedSynapse\nA research model, not a medical device. Upload a scan and ask about it.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="scan (PNG, JPEG or DICOM)", file_types=[".png", ".jpg", ".jpeg", ".dcm"],
+                                 type="filepath", elem_id="scan")
+                preset = gr.Dropdown(list(WINDOWS), value="as stored", label="DICOM window")
+                with gr.Row():
+                    level = gr.Number(value=40, label="level (custom)")
+                    width = gr.Number(value=400, label="width (custom)")
+                question = gr.Dropdown(QUESTIONS, value=QUESTIONS[0], allow_custom_value=True, label="question",
+                                       elem_id="question")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                error = gr.Markdown(elem_id="error")
+            outputs = []
+            for name in models:
+                with gr.Column(scale=2):
+                    gr.Markdown(f"### {name}")
+                    answer = gr.Markdown(elem_id=f"answer-{len(outputs)}")
+                    shown = gr.Image(label="region / attention over the scan", type="pil",
+                                     elem_id=f"overlay-{len(outputs)}")
+                    grid = gr.Image(label="probe maps", type="pil", elem_id=f"grid-{len(outputs)}")
+                    outputs.append((answer, shown, grid))
+
+        def run(path, preset_name, level_value, width_value, text):
+            blank = [gr.update()] * (3 * len(models))
+            if not path:
+                return ["Upload a scan first.", *blank]
+            try:
+                image = load_scan(path, preset_name, level_value, width_value)
+            except ValueError as err:  # DataError: names what was wrong with the file
+                return [f"**Cannot read the scan:** {err}", *blank]
+            values = [""]
+            for model in models.values():
+                result = explain(model, image, text or QUESTIONS[0], max_new_tokens)
+                values += [summary(result), result["overlay"] or overlay(image, np.zeros((1, 1))), result["grid"]]
+            return values
+
+        ask.click(run, [upload, preset, level, width, question],
+                  [error, *[component for triple in outputs for component in triple]])
+    return demo
+
+
+def launch(model_dir: str, compare: str | None = None, host: str = "127.0.0.1", port: int = 7860,
+           max_new_tokens: int = 16) -> None:
+    import gradio as gr
+
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    folders = [model_dir, *([compare] if compare else [])]
+    names = [Path(f).name for f in folders]
+    if len(set(names)) < len(names):  # two folders of the same name: say which is which
+        names = [f"{label}: {name}" for label, name in zip("AB", names)]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {name: MedSynapseV.from_pretrained(folder, merge_adapter=True).eval().to(device)
+              for name, folder in zip(names, folders)}
+    demo = build(models, max_new_tokens)
+    print(f"app on http://{host}:{port}", flush=True)
+    demo.launch(server_name=host, server_port=port, share=False, show_error=True,
+                theme=gr.themes.Base(font=["sans-serif"], font_mono=["monospace"]))  # no web fonts fetched
