@@ -335,8 +335,22 @@ def _evaluate_locked(state, model_path: str, benchmarks: list[str], data_root: s
         results[name] = metrics
     if state.is_main_process:
         write_summary(output, label=Path(model_path).name)
+        record_in_card(model_path, results, output)
     state.wait_for_everyone()
     return results
+
+
+def record_in_card(model_path: str, results: dict[str, dict], output: Path) -> None:
+    """The benchmarks' accuracies in the model folder's card (model/card.py), when it has one (a MedSynapse folder;
+    a plain VLM folder is left alone)."""
+    from medsynapse.model.card import set_evaluation
+
+    lines = [f"`medsynapse eval` into `{output}`:", "", "| benchmark | questions | accuracy | unparseable |",
+             "|---|---|---|---|"]
+    for name, metrics in results.items():
+        accuracy = "—" if metrics.get("accuracy") is None else f"{metrics['accuracy']:.3f}"
+        lines.append(f"| {name} | {metrics.get('n')} | {accuracy} | {metrics.get('unparseable')} |")
+    set_evaluation(model_path, "\n".join(lines))
 
 
 def combine_efficiency(per_rank: list[dict]) -> dict:

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medsynapse.model.card import write_card
 from medsynapse.model.counterfactual import counterfactual_tokens
 from medsynapse.model.encoders import PriorEncoder, PriorOutput, load_encoder
 from medsynapse.model.memory import (
@@ -157,9 +158,11 @@ class MedSynapseV(nn.Module):
                             target_modules=lora_target_regex(projections))
         self.vlm = get_peft_model(self.vlm, config)
 
-    def save_pretrained(self, folder: str | Path, adapter_state: dict[str, torch.Tensor] | None = None) -> None:
-        """The loadable folder. `adapter_state`: the LoRA tensors to write (keys as in the VLM's state dict) when the
-        VLM's own are not whole on this process (sharded training gathers them first)."""
+    def save_pretrained(self, folder: str | Path, adapter_state: dict[str, torch.Tensor] | None = None,
+                        training: dict | None = None) -> None:
+        """The loadable folder, with its model card (README.md, model/card.py; `training`: the recipe's record).
+        `adapter_state`: the LoRA tensors to write (keys as in the VLM's state dict) when the VLM's own are not whole
+        on this process (sharded training gathers them first)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"format": MANIFEST_FORMAT, "vlm": str(Path(self.vlm_path).expanduser().resolve()),
@@ -188,6 +191,7 @@ class MedSynapseV(nn.Module):
             bank_tmp = folder / (REFERENCE_BANK + ".tmp")
             save_file({"tokens": self.reference_bank.detach().cpu().contiguous()}, str(bank_tmp))
             bank_tmp.replace(folder / REFERENCE_BANK)
+        write_card(folder, manifest, training)
         tmp = folder / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.replace(folder / MANIFEST)

@@ -77,6 +77,7 @@ class CoconutConfig:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     # ddp: one process (several forwards before one backward: DDP refuses) | fsdp: the VLM and its LoRA sharded over
     # the ranks (recipes/sharding), which allows it
     distributed: str = "ddp"
@@ -108,7 +109,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
         raise ValueError("steps_per_stage must be >= 1, or 0 with epochs_per_stage > 0")
     sharding.check_distributed(config.distributed)
     output = Path(config.output_dir)
-    accelerator = trainer.make_accelerator(output)
+    accelerator = trainer.make_accelerator(output, config.report_to)
     sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
     if sharded and config.patches_per_step:
         raise NotImplementedError(
@@ -202,7 +203,9 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     model.answer_format = "reasoning"
     adapter = sharding.adapter_state(model.vlm, sharded)
     if accelerator.is_main_process:
-        model.save_pretrained(output, adapter_state=adapter)
+        model.save_pretrained(output, adapter_state=adapter,
+                              training=trainer.training_record(config, "ivt-lr" if config.patches_per_step
+                                                               else "coconut"))
     accelerator.wait_for_everyone()
     trainer.end_training(accelerator)
     return output

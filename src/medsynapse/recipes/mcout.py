@@ -63,6 +63,7 @@ class MCOUTConfig:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
 
 
 def mcout_loss(model: MedSynapseV, module: nn.Module, prompts: PromptBuilder, items: list, k: int, mu: float,
@@ -92,7 +93,7 @@ def train_mcout(config: MCOUTConfig, on_step: Callable[[int], None] | None = Non
         raise ValueError(f"mu must be >= 0, got {config.mu}")
     trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)
     output = Path(config.output_dir)
-    accelerator = trainer.make_accelerator(output)
+    accelerator = trainer.make_accelerator(output, config.report_to)
     trainer.require_one_process(accelerator, "MCOUT")
     torch.manual_seed(config.seed)
     model = MedSynapseV.plain_with_lora(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
@@ -141,6 +142,6 @@ def train_mcout(config: MCOUTConfig, on_step: Callable[[int], None] | None = Non
     trained.eval()
     model.latent = {"method": "mcout", "thoughts": config.thoughts, "attention": module.config.to_dict()}
     model.latent_module = module
-    model.save_pretrained(output)
+    model.save_pretrained(output, training=trainer.training_record(config, "mcout"))
     trainer.end_training(accelerator)
     return output

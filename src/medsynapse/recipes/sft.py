@@ -65,6 +65,7 @@ class SFTConfig:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     distributed: str = "ddp"  # ddp | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding, as Stage II)
 
@@ -95,7 +96,7 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     sharding.check_distributed(config.distributed)
     trainer.check_positive(config, ("lora_r", "lora_alpha", "lr", "batch_size", "save_every", "log_every"))
     output = Path(config.output_dir)
-    accelerator = trainer.make_accelerator(output)
+    accelerator = trainer.make_accelerator(output, config.report_to)
     torch.manual_seed(config.seed)
 
     vlm_path = base_vlm_path(config.model)
@@ -156,6 +157,8 @@ def train_sft(config: SFTConfig, on_step: Callable[[int], None] | None = None) -
     adapter = sharding.adapter_state(unwrapped, sharded)
     if accelerator.is_main_process:
         unwrapped.eval()
-        model.save_pretrained(output, adapter_state=adapter)
+        model.save_pretrained(output, adapter_state=adapter,
+                              training=trainer.training_record(config, "cot-sft" if config.target == "rationale"
+                                                               else "sft"))
     trainer.end_training(accelerator)
     return output

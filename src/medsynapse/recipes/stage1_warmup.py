@@ -46,6 +46,7 @@ class Stage1Config:
     loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
     resume: bool = False
     dtype: str = "float32"
+    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
@@ -60,7 +61,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     trainer.check_positive(config, ("n_memory", "sampler_width", "sampler_layers", "sampler_heads", "lr",
                                     "batch_size", "save_every", "log_every", "reference_bank_size"))
     output = Path(config.output_dir)
-    accelerator = trainer.make_accelerator(output)
+    accelerator = trainer.make_accelerator(output, config.report_to)
     torch.manual_seed(config.seed)
 
     model = MedSynapseV.build(config.vlm, config.encoder, n_memory=config.n_memory, width=config.sampler_width,
@@ -120,6 +121,6 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model.sampler = accelerator.unwrap_model(wrapped)
-        model.save_pretrained(output)
+        model.save_pretrained(output, training=trainer.training_record(config, "stage1"))
     trainer.end_training(accelerator)
     return output

@@ -112,6 +112,7 @@ class Stage2Config:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
@@ -235,7 +236,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     trainer.check_positive(config, ("lora_r", "lora_alpha", "group_size", "batch_size", "lr", "max_new_tokens",
                                     "save_every", "log_every", "num_iterations"))
     output = Path(config.output_dir)
-    accelerator = trainer.make_accelerator(output)
+    accelerator = trainer.make_accelerator(output, config.report_to)
     torch.manual_seed(config.seed)
     G = config.group_size
 
@@ -369,7 +370,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     if accelerator.is_main_process:
         unwrapped.eval()
         model.answer_format = config.answer_format  # eval and predict prompt and score the model as it was trained
-        model.save_pretrained(output, adapter_state=adapter)
+        model.save_pretrained(output, adapter_state=adapter, training=trainer.training_record(config, "stage2"))
         summary = {"mean_causal_reward_correct": _mean(record["correct"]),
                    "mean_causal_reward_wrong": _mean(record["wrong"]),
                    "n_correct": len(record["correct"]), "n_wrong": len(record["wrong"]),

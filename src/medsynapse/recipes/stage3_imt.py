@@ -69,6 +69,7 @@ class Stage3Config:
     seed: int = 0
     resume: bool = False
     dtype: str = "float32"
+    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     memory_alignment: float = 0.0  # weight of ||M_auto − M_pri||² / ||M_pri||² added to the JSD
     # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
@@ -91,7 +92,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     if not (math.isfinite(config.memory_alignment) and config.memory_alignment >= 0):
         raise ValueError(f"memory_alignment must be a finite number >= 0, got {config.memory_alignment}")
     output = Path(config.output_dir)
-    accelerator = trainer.make_accelerator(output)
+    accelerator = trainer.make_accelerator(output, config.report_to)
     torch.manual_seed(config.seed)
 
     model = MedSynapseV.from_pretrained(config.model, dtype=config.dtype)
@@ -198,16 +199,17 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     adapter = sharding.adapter_state(model.vlm, sharded)  # the frozen Stage II LoRA, gathered from its shards
     if accelerator.is_main_process:
         save_student(model, accelerator.unwrap_model(student), Path(config.model), output, config.answer_format,
-                     adapter)
+                     adapter, trainer.training_record(config, "stage3"))
     trainer.end_training(accelerator)
     return output
 
 
 def save_student(model: MedSynapseV, autonomous: AutonomousMemoryModule, teacher_dir: Path, output: Path,
-                 answer_format: str = "direct", adapter_state: dict | None = None) -> None:
+                 answer_format: str = "direct", adapter_state: dict | None = None,
+                 training: dict | None = None) -> None:
     """The encoder-free folder: VLM reference + the Stage II adapter + A_psi; no encoder, no sampler."""
     student = MedSynapseV(model.vlm, model.processor, encoder=None, sampler=None, vlm_path=model.vlm_path,
                           autonomous=autonomous)
     student.answer_format = answer_format
-    student.save_pretrained(output, adapter_state=adapter_state)
+    student.save_pretrained(output, adapter_state=adapter_state, training=training)
     (output / "teacher.json").write_text(json.dumps({"teacher": str(teacher_dir.resolve())}))

@@ -40,7 +40,9 @@ CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.
 # settings that change neither what is trained nor in what order: a resume may change them
 # how, not what, is trained: a checkpoint may be resumed with other values (`distributed`: a sharded checkpoint also
 # resumes in one process or under DDP; an unsharded one under FSDP2 is refused by load_checkpoint, with the reason)
-RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache", "distributed")
+RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache", "distributed", "report_to")
+# where a run's logs go (accelerate's trackers): TensorBoard files in the output folder, a service only when asked
+REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 _RUN_LOCKS: ContextVar[ExitStack | None] = ContextVar("medsynapse_run_locks", default=None)
 
 
@@ -58,7 +60,7 @@ def one_run_per_folder(train: Callable) -> Callable:
     return wrapper
 
 
-def make_accelerator(output_dir: str | Path) -> Accelerator:
+def make_accelerator(output_dir: str | Path, report_to: str = "tensorboard") -> Accelerator:
     """CPU or GPU, one process or DDP as `accelerate launch` / `torchrun` set it up; TensorBoard logs in output_dir.
 
     `split_batches=True` states the recipes' convention: `batch_size` is the global batch and each rank takes its
@@ -67,13 +69,35 @@ def make_accelerator(output_dir: str | Path) -> Accelerator:
     (an N-process run would go through the learning-rate schedule N times too fast). The recipes prepare no data
     loader, so the flag changes nothing else.
     """
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=str(output_dir),
+    check_report_to(report_to)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=None if report_to == "none" else report_to,
+                              project_dir=str(output_dir),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     check_supported(accelerator.distributed_type)
     stack = _RUN_LOCKS.get()
     if stack is not None:
         hold_for_launch(stack, output_dir, "training run", accelerator.is_main_process, accelerator.num_processes)
     return accelerator
+
+
+def check_report_to(report_to: str) -> None:
+    """A known tracker whose package is installed (wandb and mlflow are not dependencies), before anything runs."""
+    import importlib.util
+
+    if report_to not in REPORTERS:
+        raise ValueError(f"report_to {report_to!r}: expected one of {REPORTERS}")
+    if report_to in ("wandb", "mlflow") and importlib.util.find_spec(report_to) is None:
+        raise ValueError(f"report_to {report_to!r} needs the {report_to} package: pip install {report_to}")
+
+
+def training_record(config, recipe: str) -> dict:
+    """What the model card says about the training: recipe, the settings that shape the weights and their hash."""
+    import hashlib
+
+    settings = run_settings(config)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    source = getattr(config, "model", "") or getattr(config, "vlm", "")
+    return {"recipe": recipe, "config_hash": digest, "source": str(source), "settings": settings}
 
 
 def answer_window(labels: torch.Tensor) -> int:

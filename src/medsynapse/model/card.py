@@ -1,0 +1,92 @@
+"""The model card every saved MedSynapse folder carries (README.md): what the folder is, what it was built from, how
+it was trained, how it scored, and what it is not. Written by `MedSynapseV.save_pretrained` from the folder's
+manifest and the training record a recipe passes; `medsynapse eval` adds its table (`set_evaluation`). The folder
+stays loadable as before: nothing reads README.md back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+CARD = "README.md"
+EVALUATION_START, EVALUATION_END = "<!-- evaluation -->", "<!-- /evaluation -->"
+
+LIMITATIONS = ("A research model, **not a medical device**: not validated for diagnosis, triage or any clinical "
+               "decision, on any population. Its answers can be wrong with high confidence. Trained on the data "
+               "named above only; performance on other scanners, sites, modalities or patients is unknown.")
+
+
+def kind_of(manifest: dict) -> str:
+    """What the folder holds, from its manifest."""
+    if manifest.get("latent"):
+        return f"latent-reasoning baseline ({manifest['latent'].get('method')})"
+    if manifest.get("autonomous"):
+        return "MedSynapse-V encoder-free student (Stage III: VLM + LoRA + A_psi)"
+    if manifest.get("sampler") and manifest.get("adapter"):
+        return "MedSynapse-V teacher (Stage II: VLM + LoRA + prior encoder + P_phi)"
+    if manifest.get("sampler"):
+        return "MedSynapse-V Stage I (VLM + prior encoder + P_phi)"
+    if manifest.get("adapter"):
+        return "VLM + LoRA, no memory (a baseline)"
+    return "plain VLM"
+
+
+def render(manifest: dict, training: dict | None, evaluation: str | None) -> str:
+    lines = ["---", "library_name: medsynapse", "tags: [medical-vqa, vision-language, research-only]", "---", "",
+             f"# {kind_of(manifest)}", "",
+             f"- base VLM: `{manifest.get('vlm')}`",
+             f"- prior encoder: `{manifest.get('encoder')}`" if manifest.get("encoder") else "- prior encoder: none",
+             f"- answer format: {manifest.get('answer_format', 'direct')}",
+             "- load: `MedSynapseV.from_pretrained(FOLDER)`; `medsynapse predict | eval | serve | app --model FOLDER`",
+             "", "## Training", ""]
+    if training:
+        lines += [f"- recipe: `{training.get('recipe')}`", f"- config hash: `{training.get('config_hash')}`",
+                  f"- trained from: `{training.get('source')}`", "", "<details><summary>settings</summary>", "",
+                  "```json", json.dumps(training.get("settings", {}), indent=2, sort_keys=True), "```", "",
+                  "</details>"]
+    else:
+        lines.append("No training record (saved outside a recipe).")
+    lines += ["", "## Evaluation", "", EVALUATION_START, evaluation or "Not evaluated yet: `medsynapse eval "
+              "--model FOLDER ...` adds its table here.", EVALUATION_END, "", "## Intended use and limitations", "",
+              "Research on medical vision-language models: reproducing and testing MedSynapse-V (arXiv 2604.26283). "
+              + LIMITATIONS, ""]
+    return "\n".join(lines)
+
+
+def write_card(folder: str | Path, manifest: dict, training: dict | None = None) -> None:
+    """README.md for a freshly saved folder (an evaluation table already there is kept)."""
+    path = Path(folder) / CARD
+    _write(path, render(manifest, training, _evaluation_in(path)))
+
+
+def set_evaluation(folder: str | Path, table: str) -> bool:
+    """Put `table` (markdown) in the card's evaluation section; False when the folder has no card to update (a
+    plain VLM folder is not ours to write into)."""
+    path = Path(folder) / CARD
+    if not path.is_file() or EVALUATION_START not in path.read_text():
+        return False
+    text = path.read_text()
+    head, _, rest = text.partition(EVALUATION_START)
+    _, _, tail = rest.partition(EVALUATION_END)
+    _write(path, f"{head}{EVALUATION_START}\n{table.strip()}\n{EVALUATION_END}{tail}")
+    return True
+
+
+def _evaluation_in(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    if EVALUATION_START not in text:
+        return None
+    inside = text.partition(EVALUATION_START)[2].partition(EVALUATION_END)[0].strip()
+    return None if inside.startswith("Not evaluated yet") else inside
+
+
+def _write(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".card.")
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
