@@ -15,6 +15,7 @@ pipeline.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,20 +154,22 @@ def _filled(run: RunConfig, stage: str) -> dict:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
+# Each stage's recipe module, its config class and its training function (imported when first asked for).
+STAGE_RECIPES = {"stage1": ("stage1_warmup", "Stage1Config", "train_stage1"),
+                 "stage2": ("stage2_ccr", "Stage2Config", "train_stage2"),
+                 "stage3": ("stage3_imt", "Stage3Config", "train_stage3")}
+
+
+def _stage_part(stage: str, index: int):
+    if stage not in STAGE_RECIPES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    module, *names = STAGE_RECIPES[stage]
+    return getattr(importlib.import_module(f"medsynapse.recipes.{module}"), names[index])
+
+
 def stage_class(stage: str) -> type:
-    if stage == "stage1":
-        from medsynapse.recipes.stage1_warmup import Stage1Config
-
-        return Stage1Config
-    if stage == "stage2":
-        from medsynapse.recipes.stage2_ccr import Stage2Config
-
-        return Stage2Config
-    if stage == "stage3":
-        from medsynapse.recipes.stage3_imt import Stage3Config
-
-        return Stage3Config
-    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    """The config class of a stage's recipe."""
+    return _stage_part(stage, 0)
 
 
 def resolve(run: RunConfig, stage: str):
@@ -239,19 +242,7 @@ def with_seed(run: RunConfig, seed: int) -> RunConfig:
 
 def stage_recipe(stage: str):
     """The training function of a stage (each takes the config `resolve` gives)."""
-    if stage == "stage1":
-        from medsynapse.recipes.stage1_warmup import train_stage1
-
-        return train_stage1
-    if stage == "stage2":
-        from medsynapse.recipes.stage2_ccr import train_stage2
-
-        return train_stage2
-    if stage == "stage3":
-        from medsynapse.recipes.stage3_imt import train_stage3
-
-        return train_stage3
-    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    return _stage_part(stage, 1)
 
 
 def baseline_recipe(method: str):
