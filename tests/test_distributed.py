@@ -94,6 +94,20 @@ def _config(tiny_env, out):
     return path
 
 
+def _stage2_and_stage3_files(tiny_env, tmp_path, world: int, stage1, stage2_extra: str = "",
+                             stage3_extra: str = "") -> None:
+    """TMP/stage2-WORLD.yaml (from `stage1`, into TMP/wWORLD/s2) and TMP/stage3-WORLD.yaml (from that, into .../s3):
+    the settings every 1-vs-2-process comparison of Stages II-III uses, plus `*_extra` YAML lines."""
+    out = tmp_path / f"w{world}"
+    (tmp_path / f"stage2-{world}.yaml").write_text(
+        f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's2'}\nlora_r: 4\n"
+        "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 3\nnum_iterations: 2\nmax_new_tokens: 3\n"
+        "lr: 1.0e-2\nwarmup_ratio: 0.25\ntemperature: 1.0\ndtype: float64\n" + stage2_extra)
+    (tmp_path / f"stage3-{world}.yaml").write_text(
+        f"model: {out / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's3'}\nbatch_size: 4\n"
+        "max_steps: 6\nmax_new_tokens: 3\nlr: 1.0e-2\nwarmup_ratio: 0.25\ndtype: float64\n" + stage3_extra)
+
+
 @needs_torchrun
 def test_trainer_plumbing_steps_the_schedule_once_per_optimizer_step(tmp_path):
     """What every recipe uses (make_accelerator, adamw, cosine_schedule, prepare, save/load_checkpoint) on a toy
@@ -127,13 +141,7 @@ def test_stage2_stage3_and_sft_two_processes_match_one(tiny_env, tmp_path):
     probes = {}
     for world in (1, 2):
         out = tmp_path / f"w{world}"
-        (tmp_path / f"stage2-{world}.yaml").write_text(
-            f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's2'}\nlora_r: 4\n"
-            "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 3\nnum_iterations: 2\nmax_new_tokens: 3\n"
-            "lr: 1.0e-2\nwarmup_ratio: 0.25\ntemperature: 1.0\ndtype: float64\n")
-        (tmp_path / f"stage3-{world}.yaml").write_text(
-            f"model: {out / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's3'}\nbatch_size: 4\n"
-            "max_steps: 6\nmax_new_tokens: 3\nlr: 1.0e-2\nwarmup_ratio: 0.25\ndtype: float64\n")
+        _stage2_and_stage3_files(tiny_env, tmp_path, world, stage1)
         (tmp_path / f"sft-{world}.yaml").write_text(
             f"model: {tiny_env.vlm}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 'sft'}\nlora_r: 4\n"
             "lora_alpha: 8\nbatch_size: 4\nmax_steps: 6\nlr: 1.0e-2\nwarmup_ratio: 0.25\nloss_reduction: sample\n"

@@ -21,6 +21,7 @@ from test_distributed import (
     _check_weights,
     _config,
     _probe,
+    _stage2_and_stage3_files,
     needs_torchrun,
 )
 
@@ -60,16 +61,8 @@ def test_stage2_and_stage3_under_fsdp2_match_one_process(tiny_env, tmp_path):
     _probe(["train", "stage1", "--config", str(_config(tiny_env, stage1))], tmp_path / "probe-s1")
     probes = {}
     for world in (1, 2):
-        out = tmp_path / f"w{world}"
-        (tmp_path / f"stage2-{world}.yaml").write_text(
-            f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's2'}\nlora_r: 4\n"
-            "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 3\nnum_iterations: 2\nmax_new_tokens: 3\n"
-            "lr: 1.0e-2\nwarmup_ratio: 0.25\ntemperature: 1.0\ndtype: float64\nsave_every: 2\n"
-            "distributed: fsdp\n")
-        (tmp_path / f"stage3-{world}.yaml").write_text(
-            f"model: {out / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's3'}\nbatch_size: 4\n"
-            "max_steps: 6\nmax_new_tokens: 3\nlr: 1.0e-2\nwarmup_ratio: 0.25\ndtype: float64\nfused_jsd: true\n"
-            "distributed: fsdp\n")
+        _stage2_and_stage3_files(tiny_env, tmp_path, world, stage1, "save_every: 2\ndistributed: fsdp\n",
+                                 "fused_jsd: true\ndistributed: fsdp\n")
         for stage, port in (("stage2", 29583), ("stage3", 29585)):
             probes[stage, world] = _probe(["train", stage, "--config", str(tmp_path / f"{stage}-{world}.yaml")],
                                           tmp_path / f"probe-{stage}-{world}", processes=world, port=port)
