@@ -18,7 +18,17 @@ import yaml
 
 from medsynapse.config import ConfigError
 from medsynapse.eval.stats import bootstrap_deltas, paired_bootstrap, per_question_differences, percentile_test
-from medsynapse.study import read_study, run_study
+from medsynapse.runconfig import STAGES
+from medsynapse.study import _waiting_on, read_study, run_study
+
+
+def test_jobs_with_the_most_work_waiting_on_them_count_every_descendant():
+    parents = {"train s1": None, "train s2a": "train s1", "train s2b": "train s1", "train s3": "train s2a",
+               "eval s3": "train s3", "train sft": None, "eval sft": "train sft"}
+    jobs = {name: (None, None, parent) for name, parent in parents.items()}
+    assert _waiting_on(jobs) == {"train s1": 4, "train s2a": 2, "train s2b": 0, "train s3": 1, "eval s3": 0,
+                                 "train sft": 1, "eval sft": 0}
+
 
 # --- the paired bootstrap ----------------------------------------------------------------------------------------
 
@@ -225,12 +235,14 @@ def test_the_shipped_synthmed_study_plans_shared_units(tmp_path):
     assert study.seeds == [0, 1, 2] and len(study.rows) == 21
 
     class Shared:  # the cached folders' stand-ins (nothing is read from them when planning)
-        vlm_base, encoder, train_file = "VLM", "ENCODER", "TRAIN"
+        vlm_base, encoder, train_file, data = "VLM", "ENCODER", "TRAIN", "CACHE/DATA"
 
     chains = {name: plan_units(row_run(raw, source, row, 0, Shared()), row, 0, tmp_path)
               for name, row in study.rows.items()}
     names = {name: [u.name for u in chain] for name, chain in chains.items()}
     stage1, stage2, stage3 = names["medsynapse_v_imt"]
+    caches = {u.config.prior_cache for chain in chains.values() for u in chain if u.kind in STAGES}
+    assert caches == {str(Path("CACHE") / "prior-features")}  # every memory unit reads the one feature cache
     assert names["without_stage2"] == [stage1] and names["medsynapse_v"] == [stage1, stage2]
     for row in ("lambda_causal_0", "causal_paper_eq5", "intervention_zero", "intervention_drop"):
         assert names[row][0] == stage1 and names[row][1] != stage2  # its own Stage II from the shared Stage I

@@ -6,8 +6,10 @@ SynthMed also its `synthmed` section) and rows. A row is a model to evaluate (`b
 or a `baseline` method) after the row's overrides of the run file (`set: [KEY=VALUE, ...]`, as `--set`).
 
 Plan:
-1. shared by every row and seed: SynthMed's data, base VLM and prior encoder (demo.prepare_shared, cached), or for a
-   real run the pipeline's `convert` and `cache` steps;
+1. shared by every row and seed: SynthMed's data, base VLM and prior encoder (demo.prepare_shared, cached) and the
+   prior encoder's features of every training image (one on-disk feature cache that every unit reads instead of
+   encoding the images again: the same tensors, bit for bit), or for a real run the pipeline's `convert` and
+   `cache` steps;
 2. units: the trainings a (row, seed) needs (Stage I -> II -> III, or one baseline), each resolved exactly as
    `pipeline` and `train baseline` resolve it (runconfig.py) and keyed by a hash of its settings and of the unit it
    starts from. Rows that need the same unit share it: every Stage II ablation trains from the one Stage I, every
@@ -25,7 +27,9 @@ Plan:
    questions against its reference row, with the p-value: eval/stats.py), table.csv, accuracy.png and
    efficiency.png (accuracy against ms/sample: the paper's efficiency argument in one picture).
 Jobs run in dependency order on `workers` processes (each with cores / workers threads; a worker dies with the study:
-a killed study leaves no job running). Progress: one line per job with the overall ETA.
+a killed study leaves no job running); of the jobs that can start, the one with the most work waiting on it first
+(a Stage I before a baseline), so the independent baselines and evaluations fill the end instead of one worker idling
+while the other finishes a chain. Progress: one line per job with the overall ETA.
 """
 
 from __future__ import annotations
@@ -201,7 +205,15 @@ def row_run(raw: dict, source: str, row: RowSpec, seed: int, shared: Any) -> Run
         from medsynapse.demo import fill_shared
 
         run = fill_shared(run, shared)
+        if not run.data.prior_cache:
+            data = dataclasses.replace(run.data, prior_cache=str(shared_prior_cache(shared)))
+            run = dataclasses.replace(run, data=data)
     return run
+
+
+def shared_prior_cache(shared: Any) -> Path:
+    """SynthMed's prior-feature cache, beside its data in the demo cache (keyed inside by encoder and image bytes)."""
+    return Path(shared.data).parent / "prior-features"
 
 
 def plan_units(run: RunConfig, row: RowSpec, seed: int, units_dir: Path) -> list[Unit]:
@@ -413,8 +425,11 @@ def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list
     run = run_config_from(raw, source)
     if run.synthmed:
         from medsynapse.demo import demo_settings, prepare_shared
+        from medsynapse.recipes.priors import cache_features
 
         shared = prepare_shared(demo_settings(run))
+        if not run.data.prior_cache:  # filled here, once, before any worker reads it
+            cache_features(str(shared.encoder), shared.train_file, str(shared_prior_cache(shared)))
         eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(shared.data))
         return shared, eval_source, {"synthmed": True, "timing_s": shared.timing, "data": str(shared.data),
                                      "vlm": str(shared.vlm_base), "encoder": str(shared.encoder)}
@@ -437,7 +452,8 @@ def run_jobs(plan: Plan, workers: int) -> None:
     total, seconds = len(jobs), {"train": [], "eval": []}
     print(f"study: {total} jobs ({len(plan.units)} trainings, {len(plan.evaluations)} evaluations, "
           f"{len(plan.cells)} cells); {len(done)} already finished", flush=True)
-    pending = [name for name in jobs if name not in done]
+    waiting_on = _waiting_on(jobs)
+    pending = sorted((name for name in jobs if name not in done), key=lambda n: -waiting_on[n])  # stable: plan order
     pool = None
     if workers > 1:
         import multiprocessing
@@ -489,6 +505,17 @@ def run_jobs(plan: Plan, workers: int) -> None:
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _waiting_on(jobs: dict[str, tuple[Any, Any, str | None]]) -> dict[str, int]:
+    """How many jobs wait, directly or not, on each job (a Stage I: its Stage IIs, their Stage IIIs and evaluations)."""
+    count = dict.fromkeys(jobs, 0)
+    for name in jobs:
+        parent = jobs[name][2]
+        while parent is not None:
+            count[parent] += 1
+            parent = jobs[parent][2]
+    return count
 
 
 def _finished(fn: Any, job: Any) -> bool:
