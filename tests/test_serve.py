@@ -196,11 +196,11 @@ class _Slow(Batcher):
 def test_the_batcher_survives_requests_that_give_up():
     batcher = _Slow(None, ServeSettings(max_batch=1, max_wait_ms=0))
     try:
-        running = batcher.submit(Job("a", None, 4, 0.0))
+        running = batcher.submit(Job("a", [], 4, 0.0))
         time.sleep(0.1)
-        waiting = batcher.submit(Job("b", None, 4, 0.0))
+        waiting = batcher.submit(Job("b", [], 4, 0.0))
         assert not running.cancel() and waiting.cancel()  # a 504 cancels what waits; what runs finishes
-        later = batcher.submit(Job("c", None, 4, 0.0))
+        later = batcher.submit(Job("c", [], 4, 0.0))
         assert running.result(5)["text"] == "a" and later.result(5)["text"] == "c"
         assert batcher.alive and batcher.batches == 2  # the cancelled job was skipped, the thread kept going
     finally:
@@ -213,11 +213,11 @@ def test_a_full_queue_is_a_503_and_a_late_answer_a_504(folders, requests):
     blocking = _Blocking()
     batcher = Batcher(blocking, ServeSettings(max_batch=1, max_queue=1, max_wait_ms=0))
     try:
-        batcher.submit(Job("a", None, 4, 0.0))  # taken by the batcher, which then blocks
+        batcher.submit(Job("a", [], 4, 0.0))  # taken by the batcher, which then blocks
         time.sleep(0.3)
-        batcher.submit(Job("b", None, 4, 0.0))  # waits in the queue (size 1)
+        batcher.submit(Job("b", [], 4, 0.0))  # waits in the queue (size 1)
         with pytest.raises(BadRequest, match="queue full") as refused:
-            batcher.submit(Job("c", None, 4, 0.0))
+            batcher.submit(Job("c", [], 4, 0.0))
         assert refused.value.status == 503
     finally:
         blocking.release.set()

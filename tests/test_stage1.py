@@ -55,7 +55,7 @@ def test_stage1_loss_goes_down(tiny_env, tmp_path):
         priors, rows = prior_table(model.prior, model.encoder_path, data)
         batch = model.prompts.collate([data.encoded(i) for i in range(len(samples))])
         with torch.no_grad():
-            return float(model.forward(batch, model.memory(priors.select(rows))).loss)
+            return float(model.forward(batch, model.memory(priors.select([r for rs in rows for r in rs]))).loss)
 
     before = mean_loss(MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32))
     out = train_stage1(stage1_config(tiny_env, tmp_path / "fit", max_steps=30, batch_size=8, lr=3e-3, save_every=100))

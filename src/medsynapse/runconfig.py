@@ -45,6 +45,9 @@ class ModelSection:
     lora_alpha: int = 128
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     autonomous_mlp_hidden: int = 0  # A_psi's MLP width (0 = the VLM's hidden size)
+    # images per question the memory tells apart (an image-index embedding in P_phi, and in A_psi's attention
+    # pooling); 1: none (SynthMed has one image per question). Every image reaches the memory either way.
+    max_images: int = 1
 
 
 @dataclass
@@ -144,7 +147,7 @@ def _filled(run: RunConfig, stage: str) -> dict:
     if stage == "stage1":
         return dict(vlm=m.vlm, encoder=m.encoder, train_file=stage1_file(run), output_dir=str(out / "stage1"),
                     n_memory=m.n_memory, sampler_width=m.sampler_width, sampler_layers=m.sampler_layers,
-                    sampler_heads=m.sampler_heads, prior_cache=d.prior_cache)
+                    sampler_heads=m.sampler_heads, prior_cache=d.prior_cache, max_images=m.max_images)
     if stage == "stage2":
         return dict(model=str(out / "stage1"), train_file=rl_file, output_dir=str(out / "stage2"), lora_r=m.lora_r,
                     lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), prior_cache=d.prior_cache)

@@ -199,7 +199,7 @@ def _open(load_image, path: str, where: str, data_error: type):
 @dataclass
 class Job:
     item: object  # EncodedPrompt
-    image: object
+    images: list  # every image of the request (the memory is built from all of them)
     max_new_tokens: int
     temperature: float
     future: Future = field(default_factory=Future)
@@ -269,8 +269,8 @@ class Batcher:
 
     def _answer(self, group: list[Job], max_new_tokens: int, temperature: float) -> list[dict]:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
-        tokens = self.model.generate_encoded([j.item for j in group], [j.image for j in group], max_new_tokens,
-                                             **sampling)
+        images = [img for j in group for img in j.images]
+        tokens = self.model.generate_encoded([j.item for j in group], images, max_new_tokens, **sampling)
         tokenizer, eos = self.model.processor.tokenizer, self.model.prompts.eos_id
         out = []
         for row in tokens.tolist():
@@ -377,7 +377,7 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
             parsed = parse_request(request, settings)
             question = format_prompt(parsed.question, model.answer_format)  # as `predict` asks it
             item = model.prompts.encode(parsed.images, question, system=parsed.system)
-            return Job(item, parsed.images[0], max_new_tokens, request.temperature)
+            return Job(item, list(parsed.images), max_new_tokens, request.temperature)
 
         job = await run_in_threadpool(prepare)
         future = batcher.submit(job)

@@ -65,6 +65,9 @@ from medsynapse.runconfig import (
 
 MODELS = ("base", *STAGES, "baseline")
 UNSHARED_SETTINGS = RESUMABLE_SETTINGS  # how, not what, is trained: not in a unit's key
+# Settings added after studies were first run, left out of a unit's key while at these values (what every unit
+# trained before they existed did), so a study run by an older version keeps its finished units.
+KEY_NEUTRAL_DEFAULTS = {"max_images": 1}
 
 
 @dataclass
@@ -195,7 +198,8 @@ class Evaluation:
 
 
 def _settings(config: Any) -> dict:
-    return {k: v for k, v in asdict(config).items() if k not in UNSHARED_SETTINGS}
+    return {k: v for k, v in asdict(config).items()
+            if k not in UNSHARED_SETTINGS and not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])}
 
 
 def row_run(raw: dict, source: str, row: RowSpec, seed: int, shared: Any) -> RunConfig:

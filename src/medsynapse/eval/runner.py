@@ -194,15 +194,30 @@ class BenchmarkRun:
             return lines, 0.0
         start = time.perf_counter()
         items = [self.model.prompts.encode(imgs, s.model_prompt, system=s.system) for imgs, s in zip(images, ready)]
-        texts = self.model.answer_encoded(items, [imgs[0] for imgs in images], self.max_new_tokens,
+        texts = self.model.answer_encoded(items, [img for imgs in images for img in imgs], self.max_new_tokens,
                                           self.settings.branch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         ms = 1000 * seconds / len(ready)
+        shown = self.memory_inputs(ready, images)
         for sample, text in zip(ready, texts):
-            lines.append(self.score(sample, text, ms))
+            lines.append({**self.score(sample, text, ms), **shown.get(sample.id, {})})
         return lines, seconds
+
+    def memory_inputs(self, samples: list[Sample], images: list[list]) -> dict[str, dict]:
+        """For the chunk's first question with several images, when the memory comes from the prior encoder: what
+        each image gave it (file, prior grid, token count, region size, finding, token RMS), recorded in that
+        question's prediction line so a reader can check by eye that every image reached the memory. Timed apart
+        from the answers (one more encoder pass on one question)."""
+        if self.model.encoder is None or self.model.sampler is None or self.model.autonomous is not None:
+            return {}
+        for sample, imgs in zip(samples, images):
+            if len(imgs) > 1:
+                summary = self.model.prior_summary(imgs)
+                return {sample.id: {"memory_inputs": [{"image": Path(path).name, **part}
+                                                      for path, part in zip(sample.images, summary)]}}
+        return {}
 
     def score(self, sample: Sample, text: str, ms: float) -> dict:
         if self.benchmark.scorable:

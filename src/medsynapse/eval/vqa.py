@@ -38,8 +38,9 @@ def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = Non
         if memory_transform is not None:
             def transform(memory, indices=indices):
                 return memory_transform(memory, indices)
-        texts = model.answer_encoded([dataset.encoded(i) for i in indices], [dataset.images(i)[0] for i in indices],
-                                     max_new_tokens, branch, intervention, memory_transform=transform)
+        images = [img for i in indices for img in dataset.images(i)]  # every image: the memory reads them all
+        texts = model.answer_encoded([dataset.encoded(i) for i in indices], images, max_new_tokens, branch,
+                                     intervention, memory_transform=transform)
         for i, text in zip(indices, texts):
             sample = samples[i]
             correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options, answer_format)

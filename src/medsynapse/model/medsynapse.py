@@ -86,6 +86,15 @@ def check_local_adapter(folder: Path) -> None:
                                      "is missing (the model folder is incomplete; nothing is fetched from the hub)")
 
 
+def batch_image_counts(batch: PromptBatch, n_images: int) -> list[int]:
+    """Images per question of a prompt batch, checked against the `n_images` images given for its memory."""
+    counts = list(batch.images_per_sample or [1] * batch.input_ids.shape[0])
+    if sum(counts) != n_images:
+        raise ValueError(f"the batch's {len(counts)} questions show {sum(counts)} images, but {n_images} were given "
+                         "for their memory (give every image of every question, in order)")
+    return counts
+
+
 class MedSynapseV(nn.Module):
     """VLM + optional prior encoder E_ana + optional sampler P_phi. Without a sampler it is the plain base VLM."""
 
@@ -123,7 +132,8 @@ class MedSynapseV(nn.Module):
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
     def build(cls, vlm_path: str, encoder_path: str | None = None, n_memory: int = 16, width: int = 256,
-              layers: int = 2, heads: int = 4, seed: int = 0, dtype: str = "auto") -> MedSynapseV:
+              layers: int = 2, heads: int = 4, seed: int = 0, dtype: str = "auto",
+              max_images: int = 1) -> MedSynapseV:
         """A fresh model for Stage I: loaded VLM and encoder, newly initialised sampler."""
         vlm, processor = load_vlm(vlm_path, dtype=dtype)
         encoder = load_encoder(encoder_path) if encoder_path else None
@@ -132,7 +142,8 @@ class MedSynapseV(nn.Module):
             torch.manual_seed(seed)
             sampler = DiagnosticMemorySampler(SamplerConfig(
                 prior_dim=encoder.feature_dim, hidden_size=vlm.config.text_config.hidden_size, n_memory=n_memory,
-                width=width, layers=layers, heads=heads, embed_rms=embedding_rms(vlm.get_input_embeddings())))
+                width=width, layers=layers, heads=heads, embed_rms=embedding_rms(vlm.get_input_embeddings()),
+                max_images=max_images))
         return cls(vlm, processor, encoder, sampler, str(vlm_path), encoder_path)
 
     @classmethod
@@ -255,6 +266,16 @@ class MedSynapseV(nn.Module):
         with torch.no_grad():
             return self.encoder.encode(images)
 
+    def prior_summary(self, images: list[Image.Image]) -> list[dict]:
+        """What each image of one question gives the memory: its prior grid, token count, region size, whether the
+        encoder found anything, and the tokens' RMS (numbers a person can read; the tokens themselves are large)."""
+        prior = self.prior(images)
+        return [{"grid": list(prior.grid), "tokens": int(prior.tokens.shape[1]),
+                 "region_tokens": int(prior.region_mask[i].sum()),
+                 "finding": None if prior.finding is None else bool(prior.finding[i]),
+                 "token_rms": round(float(prior.tokens[i].float().pow(2).mean().sqrt()), 6)}
+                for i in range(len(images))]
+
     def autonomous_memory(self, batch: PromptBatch, features) -> torch.Tensor:
         """M_auto = A_psi(the VLM's merged visual tokens): the encoder-free memory."""
         if self.autonomous is None:
@@ -315,18 +336,23 @@ class MedSynapseV(nn.Module):
                 "logprob": logp["with"], "logprob_without_region": logp["without"],
                 "logprob_shift": logp["with"] - logp["without"], "intervention": intervention}
 
-    def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero") -> torch.Tensor:
+    def memory(self, prior: PriorOutput, branch: str = "privileged", intervention: str = "zero",
+               images_per_sample: list[int] | None = None) -> torch.Tensor:
         """M = P_phi(S) for the privileged branch; M' = P_phi(S with the region B removed) for the counterfactual
-        (`intervention`: zero = S ⊙ ¬B as in the paper, drop, inpaint or reference; see model/counterfactual.py)."""
+        (`intervention`: zero = S ⊙ ¬B as in the paper, drop, inpaint or reference; see model/counterfactual.py).
+
+        `prior` holds one row per image; `images_per_sample` (None: one image per question) groups them into
+        questions: the probes read every image of a question, and the counterfactual removes each image's own region
+        (an image without a finding keeps its tokens under `reference`)."""
         if self.sampler is None:
             raise ValueError("this model has no memory sampler")
         if branch == "privileged":
-            return self.sampler(prior.tokens, prior.grid)
+            return self.sampler(prior.tokens, prior.grid, images_per_sample=images_per_sample)
         if branch != "counterfactual":
             raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES}")
         tokens, drop = counterfactual_tokens(prior.tokens, prior.grid, prior.region_mask, intervention,
                                              finding=prior.finding, bank=self.reference_bank)
-        return self.sampler(tokens, prior.grid, drop=drop)
+        return self.sampler(tokens, prior.grid, drop=drop, images_per_sample=images_per_sample)
 
     # --- VLM passes ---------------------------------------------------------------------------------------------
     def forward(self, batch: PromptBatch, memory: torch.Tensor | None, features=None, **kwargs):
@@ -340,6 +366,7 @@ class MedSynapseV(nn.Module):
     def memory_for(self, batch: PromptBatch, images: list[Image.Image], features, branch: str | None = None,
                    intervention: str = "zero"):
         """Memory for a prompt batch: autonomous (A_psi) when present, else P_phi's branch; None for the base VLM.
+        `images`: every image of every question of the batch, in order (the prior encoder sees them all).
 
         An explicit "privileged" or "counterfactual" branch on a model without the prior encoder and P_phi (an
         encoder-free student, a plain VLM) is an error, not a silent run without memory."""
@@ -363,15 +390,17 @@ class MedSynapseV(nn.Module):
             return self.autonomous_memory(batch, features)
         if self.sampler is None:
             return None
+        counts = batch_image_counts(batch, len(images))
         if branch == "counterfactual" and intervention == "pixels":
-            return self.image_counterfactual_memory(images)
-        return self.memory(self.prior(images), branch, intervention)
+            return self.image_counterfactual_memory(images, counts)
+        return self.memory(self.prior(images), branch, intervention, counts)
 
-    def image_counterfactual_memory(self, images: list[Image.Image]) -> torch.Tensor:
+    def image_counterfactual_memory(self, images: list[Image.Image],
+                                    images_per_sample: list[int] | None = None) -> torch.Tensor:
         """M' with the finding removed from the images themselves and the encoder run again ("pixels")."""
         with torch.no_grad():
             edited = self.encoder.encode_counterfactual(images)
-        return self.sampler(edited.tokens, edited.grid)
+        return self.sampler(edited.tokens, edited.grid, images_per_sample=images_per_sample)
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 16,
@@ -381,20 +410,21 @@ class MedSynapseV(nn.Module):
         return self.answer_encoded(items, images, max_new_tokens, branch, **generate_kwargs)
 
     @torch.no_grad()
-    def answer_encoded(self, items: list[EncodedPrompt], first_images: list[Image.Image], max_new_tokens: int = 16,
+    def answer_encoded(self, items: list[EncodedPrompt], images: list[Image.Image], max_new_tokens: int = 16,
                        branch: str | None = None, intervention: str = "zero",
                        memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                        **generate_kwargs) -> list[str]:
         """Greedy answers to already-encoded prompts (the one generation path of `answer`, evaluation and the
-        benchmark runner). Vision features are computed once and reused for A_psi and generation; the prior encoder
-        sees each sample's first image. `memory_transform` maps the memory (B, N, H) to what the VLM receives
+        benchmark runner). `images`: every image of every item, in order. Vision features are computed once and
+        reused for A_psi and generation; the prior encoder sees every image.
+        `memory_transform` maps the memory (B, N, H) to what the VLM receives
         instead (the diagnostics' zeroed / mean / shuffled / noise memories); None leaves the path unchanged."""
-        tokens = self.generate_encoded(items, first_images, max_new_tokens, branch, intervention, memory_transform,
+        tokens = self.generate_encoded(items, images, max_new_tokens, branch, intervention, memory_transform,
                                        **generate_kwargs)
         return [t.strip() for t in self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     @torch.no_grad()
-    def generate_encoded(self, items: list[EncodedPrompt], first_images: list[Image.Image], max_new_tokens: int = 16,
+    def generate_encoded(self, items: list[EncodedPrompt], images: list[Image.Image], max_new_tokens: int = 16,
                          branch: str | None = None, intervention: str = "zero",
                          memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                          **generate_kwargs) -> torch.Tensor:
@@ -402,7 +432,7 @@ class MedSynapseV(nn.Module):
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate(items, with_answers=False).to(device)
         features = vision_features(self.vlm, batch)
-        memory = self.memory_for(batch, first_images, features, branch, intervention)
+        memory = self.memory_for(batch, images, features, branch, intervention)
         if memory_transform is not None:
             if memory is None:
                 raise ValueError("memory_transform given, but this model has no memory (a plain VLM)")

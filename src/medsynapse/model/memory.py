@@ -18,9 +18,54 @@ class SamplerConfig:
     heads: int = 4
     ffn_mult: int = 4
     embed_rms: float = 1.0  # RMS of the VLM's embedding rows: the scale the memory starts at
+    # Images of one question the probes tell apart by a learned image-index embedding (the first image has none, so
+    # a single-image question's memory is what it always was). 1: no embedding; the probes still attend over every
+    # image's tokens, which then differ only by content (folders written before multi-image memory read as 1).
+    max_images: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_image_counts(images_per_sample: list[int], rows: int) -> None:
+    """Counts of images per question that cover `rows` per-image rows, each at least 1."""
+    if any(int(c) < 1 for c in images_per_sample) or sum(images_per_sample) != rows:
+        raise ValueError(f"images_per_sample {list(images_per_sample)} must be counts >= 1 summing to the {rows} "
+                         "images given")
+
+
+def pack_images(tokens: torch.Tensor, drop: torch.Tensor | None, images_per_sample: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Every image's tokens (I, M, d) -> one row per question: (B, K·M, d) with K its largest image count, the drop
+    mask laid out the same way (None stays None), each token's image index within its question (B, K·M) and the
+    padding (B, K·M) (True where a question has fewer than K images)."""
+    check_image_counts(images_per_sample, tokens.shape[0])
+    m, k = tokens.shape[1], max(images_per_sample)
+    batch = len(images_per_sample)
+    packed = tokens.new_zeros(batch, k * m, tokens.shape[2])
+    packed_drop = None if drop is None else torch.zeros(batch, k * m, dtype=torch.bool, device=tokens.device)
+    padding = torch.ones(batch, k * m, dtype=torch.bool, device=tokens.device)
+    start = 0
+    for row, count in enumerate(images_per_sample):
+        packed[row, : count * m] = tokens[start:start + count].reshape(count * m, -1)
+        if drop is not None:
+            packed_drop[row, : count * m] = drop[start:start + count].reshape(-1)
+        padding[row, : count * m] = False
+        start += count
+    index = torch.arange(k, device=tokens.device).repeat_interleave(m).expand(batch, -1)
+    return packed, packed_drop, index, padding
+
+
+def image_index_embedding(table: torch.Tensor | None, index: torch.Tensor, max_images: int) -> torch.Tensor | None:
+    """(…, width) embedding of each position's image index: zero for the first image, `table[k - 1]` for image k;
+    None without a table (max_images 1). More images than `max_images` is an error, not a silent reuse of rows."""
+    if table is None:
+        return None
+    if int(index.max()) >= max_images:
+        raise ValueError(f"a question has {int(index.max()) + 1} images; this memory module tells at most "
+                         f"{max_images} apart (max_images)")
+    rows = torch.cat([table.new_zeros(1, table.shape[1]), table])
+    return rows[index]
 
 
 def sincos_2d(grid: tuple[int, int], dim: int, device=None) -> torch.Tensor:
@@ -83,11 +128,21 @@ class DiagnosticMemorySampler(nn.Module):
         self.out_norm = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, config.hidden_size)
         self.gain = nn.Parameter(torch.tensor(float(config.embed_rms)))
+        # created last and without drawing random numbers: the other weights start as they always did
+        self.image_embed = nn.Parameter(torch.zeros(config.max_images - 1, width)) if config.max_images > 1 else None
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int], drop: torch.Tensor | None = None,
-                weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+                weights: list[torch.Tensor] | None = None, images_per_sample: list[int] | None = None) -> torch.Tensor:
         """tokens (B, M, d_f) -> memory (B, N, H). `drop` (B, M) True = token removed from cross-attention.
-        `weights`: a list that receives every block's cross-attention weights (B, N, M), averaged over heads."""
+        `weights`: a list that receives every block's cross-attention weights (B, N, M), averaged over heads.
+
+        Several images per question: `tokens` (I, M, d_f) and `drop` (I, M) hold every image of the B questions in
+        order and `images_per_sample` (B,) says how many each has. The probes of a question then attend over all its
+        images' tokens at once (B, K·M keys, padded to the largest count K), each token with its 2-D position and,
+        when `max_images` > 1, its image's index embedding; still N memory vectors per question. `weights` are then
+        over the K·M padded positions. None, or one image each, is exactly the single-image computation."""
+        if images_per_sample is not None and any(int(c) != 1 for c in images_per_sample):
+            return self._forward_packed(tokens, grid, drop, weights, images_per_sample)
         if drop is not None:
             # A row with every token dropped would attend to nothing (NaN): fall back to zeroing its tokens instead.
             everything = drop.all(dim=1, keepdim=True)
@@ -96,7 +151,28 @@ class DiagnosticMemorySampler(nn.Module):
         # Both terms are learnt projections, so neither the positions nor the content swamps the other at init.
         pos = self.pos_proj(sincos_2d(grid, self.config.width, tokens.device).to(tokens.dtype))
         context = self.input_proj(self.input_norm(tokens)) + pos
-        probes = self.probes.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if self.image_embed is not None:  # keeps the embedding in every graph (DDP wants each parameter used): + 0
+            context = context + 0.0 * self.image_embed.sum()
+        return self._read(context, drop, weights)
+
+    def _forward_packed(self, tokens: torch.Tensor, grid: tuple[int, int], drop: torch.Tensor | None,
+                        weights: list[torch.Tensor] | None, images_per_sample: list[int]) -> torch.Tensor:
+        tokens, drop, index, padding = pack_images(tokens, drop, images_per_sample)
+        if drop is not None:  # every real token of a question dropped: zero its tokens instead (as above)
+            everything = (drop | padding).all(dim=1, keepdim=True)
+            tokens = tokens.masked_fill(everything.unsqueeze(-1), 0.0)
+            padding = padding | (drop & ~everything)
+        k = tokens.shape[1] // (grid[0] * grid[1])
+        pos = self.pos_proj(sincos_2d(grid, self.config.width, tokens.device).to(tokens.dtype)).repeat(k, 1)
+        context = self.input_proj(self.input_norm(tokens)) + pos
+        tag = image_index_embedding(self.image_embed, index, self.config.max_images)
+        if tag is not None:
+            context = context + tag.to(context.dtype)
+        return self._read(context, padding, weights)
+
+    def _read(self, context: torch.Tensor, drop: torch.Tensor | None, weights: list[torch.Tensor] | None):
+        """The probes read the context through the blocks; RMS-normalised output at the learnt gain."""
+        probes = self.probes.unsqueeze(0).expand(context.shape[0], -1, -1)
         for block in self.blocks:
             probes = block(probes, context, drop, weights)
         out = self.out_proj(self.out_norm(probes))
@@ -106,12 +182,17 @@ class DiagnosticMemorySampler(nn.Module):
 
 @torch.no_grad()
 def sampler_attention(sampler: DiagnosticMemorySampler, tokens: torch.Tensor, grid: tuple[int, int],
-                      drop: torch.Tensor | None = None) -> torch.Tensor:
+                      drop: torch.Tensor | None = None, images_per_sample: list[int] | None = None) -> torch.Tensor:
     """Where each probe looked: the cross-attention weights of every layer, (B, layers, N, Hf, Wf), each map summing
-    to 1 over the prior tokens (a separate pass that asks for the weights; the memory itself is computed as always)."""
+    to 1 over the prior tokens (a separate pass that asks for the weights; the memory itself is computed as always).
+    Several images per question (`images_per_sample`): (B, layers, N, K, Hf, Wf), summing to 1 over all K images
+    (0 on a question's padding images)."""
     weights: list[torch.Tensor] = []
-    sampler(tokens, grid, drop, weights)
-    return torch.stack(weights, dim=1).unflatten(-1, grid)
+    sampler(tokens, grid, drop, weights, images_per_sample)
+    stacked = torch.stack(weights, dim=1)
+    if images_per_sample is not None and any(int(c) != 1 for c in images_per_sample):
+        return stacked.unflatten(-1, (max(images_per_sample), *grid))
+    return stacked.unflatten(-1, grid)
 
 
 def embedding_rms(embedding: nn.Embedding) -> float:
@@ -135,6 +216,7 @@ class AutonomousConfig:
     embed_rms: float = 1.0
     pooling: str = "grid"  # attention (content-selective, recommended) | grid (folders written before it existed)
     attention_dim: int = 256  # query/key width of the attention pooling (H x 256 + N x 256 weights: ~1 M at 8B)
+    max_images: int = 1  # attention pooling: images told apart by a learned index embedding on the keys (as P_phi)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,6 +255,9 @@ class AutonomousMemoryModule(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
         self.norm = nn.LayerNorm(hidden)
         self.gain = nn.Parameter(torch.tensor(float(config.embed_rms)))
+        # created last, zeros: the other weights start as they always did; the first image of a question has none
+        tagged = config.pooling == "attention" and config.max_images > 1
+        self.image_embed = nn.Parameter(torch.zeros(config.max_images - 1, config.attention_dim)) if tagged else None
 
     def pool(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Grid pooling: (h*w, H) merged tokens of one image -> (N, H) slots."""
@@ -186,6 +271,10 @@ class AutonomousMemoryModule(nn.Module):
         the key padding mask (B, K) (True = padding)."""
         keys = [self.key_proj(self.key_norm(t)) + sincos_2d(g, self.config.attention_dim, t.device).to(t.dtype)
                 for t, g in zip(visual_tokens, grids)]
+        if self.image_embed is not None:  # image k of its question: + its index embedding (0 for the first)
+            index = torch.cat([torch.arange(int(c)) for c in images_per_sample]).to(self.image_embed.device)
+            table = image_index_embedding(self.image_embed, index, self.config.max_images)
+            keys = [k + table[i].to(k.dtype) for i, k in enumerate(keys)]
         per_sample_keys, per_sample_values, start = [], [], 0
         for count in images_per_sample:
             per_sample_keys.append(torch.cat(keys[start:start + count]))

@@ -20,15 +20,17 @@ logger = logging.getLogger(__name__)
 
 
 def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None, dataset: VQADataset,
-                batch_size: int = 64, cache_dir: str = "") -> tuple[PriorOutput, list[int]]:
-    """Prior tokens for every distinct image, computed once (or read from the on-disk cache); returns the table and
-    each sample's row in it. Images missing from the cache are encoded and added to it."""
+                batch_size: int = 64, cache_dir: str = "") -> tuple[PriorOutput, list[list[int]]]:
+    """Prior tokens for every distinct image of every sample, computed once (or read from the on-disk cache);
+    returns the table and each sample's rows in it, one per image in the sample's order. Images missing from the
+    cache are encoded and added to it."""
     rows: dict[str, int] = {}  # image path -> row in the table
-    first_sample: dict[str, int] = {}  # image path -> a sample that shows it
+    first_sample: dict[str, tuple[int, int]] = {}  # image path -> (a sample that shows it, its place there)
     for index, sample in enumerate(dataset.samples):
-        first_sample.setdefault(sample.images[0], index)
-        rows.setdefault(sample.images[0], len(rows))
-    order = [rows[sample.images[0]] for sample in dataset.samples]
+        for place, path in enumerate(sample.images):
+            first_sample.setdefault(path, (index, place))
+            rows.setdefault(path, len(rows))
+    order = [[rows[path] for path in sample.images] for sample in dataset.samples]
     paths = list(rows)
     cache = PriorCache(cache_dir, encoder_path) if cache_dir and encoder_path else None
     keys = [image_key(p) for p in paths] if cache is not None else paths
@@ -36,7 +38,7 @@ def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None,
     computed: dict[int, tuple] = {}
     for start in range(0, len(missing), batch_size):
         chunk = missing[start:start + batch_size]
-        prior = encode([dataset.images(first_sample[paths[i]])[0] for i in chunk])
+        prior = encode([dataset.images(first_sample[paths[i]][0])[first_sample[paths[i]][1]] for i in chunk])
         if cache is not None:
             cache.put([keys[i] for i in chunk], prior)
         for j, i in enumerate(chunk):
@@ -51,6 +53,14 @@ def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None,
     table = PriorOutput(torch.stack([t for t, _, _, _ in parts]), grids.pop(), torch.stack([r for _, r, _, _ in parts]),
                         finding)
     return table, order
+
+
+def select_priors(table: PriorOutput, rows: list[list[int]], indices: list[int]
+                  ) -> tuple[PriorOutput, list[int] | None]:
+    """The prior rows of the samples `indices` (every image of each, in order) and their image counts for
+    `images_per_sample`; None when each has one image (the single-image computation, unchanged)."""
+    counts = [len(rows[i]) for i in indices]
+    return table.select([row for i in indices for row in rows[i]]), (None if set(counts) == {1} else counts)
 
 
 def cache_features(encoder_folder: str, data_file: str, cache_dir: str) -> int:

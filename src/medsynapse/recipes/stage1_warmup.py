@@ -18,7 +18,7 @@ from medsynapse.data.dataset import training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.priors import attach_reference_bank, prior_table
+from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Stage1Config:
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
     distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    max_images: int = 1  # images per question P_phi tells apart by an image-index embedding (model/memory.py)
 
 
 @trainer.one_run_per_folder
@@ -59,14 +60,14 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     trainer.check_paths(config, ("vlm", "encoder", "train_file"))
     sharding.check_distributed(config.distributed)
     trainer.check_positive(config, ("n_memory", "sampler_width", "sampler_layers", "sampler_heads", "lr",
-                                    "batch_size", "save_every", "log_every", "reference_bank_size"))
+                                    "batch_size", "save_every", "log_every", "reference_bank_size", "max_images"))
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output, config.report_to)
     torch.manual_seed(config.seed)
 
     model = MedSynapseV.build(config.vlm, config.encoder, n_memory=config.n_memory, width=config.sampler_width,
                               layers=config.sampler_layers, heads=config.sampler_heads, seed=config.seed,
-                              dtype=config.dtype)
+                              dtype=config.dtype, max_images=config.max_images)
     model.vlm.requires_grad_(False).eval()
     if config.distributed == "fsdp":  # on the CPU (no rank holds the whole VLM on its device); P_phi stays DDP
         sharding.shard_vlm(model.vlm, accelerator, record=output)
@@ -99,8 +100,8 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
         indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
                                      accelerator.process_index, accelerator.num_processes)
         batch = model.prompts.collate([dataset.encoded(i) for i in indices]).to(accelerator.device)
-        prior = priors.select([prior_row[i] for i in indices])
-        memory = wrapped(prior.tokens.to(accelerator.device), prior.grid)
+        prior, counts = select_priors(priors, prior_row, indices)
+        memory = wrapped(prior.tokens.to(accelerator.device), prior.grid, images_per_sample=counts)
         logits = model.forward(batch, memory, labels=None).logits
         loss = answer_nll(logits, batch.labels, config.loss_reduction)
         accelerator.backward(loss)

@@ -55,7 +55,7 @@ from medsynapse.objectives.rewards import (
     composite_reward,
 )
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.priors import attach_reference_bank, prior_table
+from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 
 @dataclass
@@ -294,9 +294,10 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         memory = memory_cf = None
         with torch.no_grad():
             if config.use_memory:
-                prior = priors.select([prior_row[i] for i in indices]).to(accelerator.device)
-                memory = model.memory(prior)[rows]
-                memory_cf = model.memory(prior, "counterfactual", config.intervention)[rows]
+                prior, counts = select_priors(priors, prior_row, indices)
+                prior = prior.to(accelerator.device)
+                memory = model.memory(prior, images_per_sample=counts)[rows]
+                memory_cf = model.memory(prior, "counterfactual", config.intervention, counts)[rows]
             features = vision_features(unwrapped, prompts)  # the vision tower has no LoRA: reused by every pass
         batch = prompts.select(rows)
         batch_features = select_features(features, prompts.image_rows(rows))

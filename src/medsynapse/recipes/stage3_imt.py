@@ -30,7 +30,7 @@ from medsynapse.objectives.alignment import memory_alignment_loss
 from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.priors import prior_table
+from medsynapse.recipes.priors import prior_table, select_priors
 
 TRAJECTORIES = ("student", "teacher")
 
@@ -101,10 +101,11 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     model.vlm.requires_grad_(False).eval()
     model.sampler.requires_grad_(False).eval()
     vlm_core = core_vlm(model.vlm)
+    # A_psi tells a question's images apart as the teacher's P_phi does
     model.autonomous = AutonomousMemoryModule(AutonomousConfig(
         hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
         embed_rms=embedding_rms(vlm_core.get_input_embeddings()), pooling=config.pooling,
-        attention_dim=config.attention_dim))
+        attention_dim=config.attention_dim, max_images=model.sampler.config.max_images))
     sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
     if sharded:  # on the CPU (no rank holds the whole VLM on its device); A_psi stays replicated
         sharding.shard_vlm(model.vlm, accelerator, record=output)
@@ -137,10 +138,10 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
                                      accelerator.process_index, accelerator.num_processes)
         batch = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=False)
         batch = batch.to(accelerator.device)
-        prior = priors.select([prior_row[i] for i in indices])
+        prior, counts = select_priors(priors, prior_row, indices)
         with torch.no_grad():
             features = vision_features(model.vlm, batch)
-            teacher_memory = model.sampler(prior.tokens.to(accelerator.device), prior.grid)
+            teacher_memory = model.sampler(prior.tokens.to(accelerator.device), prior.grid, images_per_sample=counts)
 
         merge = vlm_core.config.vision_config.spatial_merge_size
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
