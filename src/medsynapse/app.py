@@ -29,14 +29,20 @@ QUESTIONS = ["Is there a lesion in this image? Answer yes or no.",
              "What is the density of the lesions? Options: A. hyperdense B. hypodense Answer with the option letter."]
 
 
-def load_scan(path: str, preset: str, level: float, width: float) -> Image.Image:
-    """The upload through the project's loader (DICOM windowed by the preset or the custom level/width)."""
-    from medsynapse.data.images import load_image
+def load_scan(path: str, preset: str, level: float, width: float, axis: str = "axial",
+              slice_index: float | None = None) -> Image.Image:
+    """The upload through the project's loader (DICOM and NIfTI windowed by the preset or the custom level/width;
+    a NIfTI volume shows the `axis` view's slice `slice_index`, the middle one when empty or negative)."""
+    from medsynapse.data.images import VolumeView, is_nifti, load_image
 
     window = WINDOWS[preset]
     if window == "custom":
         window = (float(level), float(width))
-    return load_image(path, window=window)
+    view = None
+    if is_nifti(path):
+        chosen = None if slice_index is None or slice_index < 0 else int(slice_index)
+        view = VolumeView(axis=axis, slice=chosen)
+    return load_image(path, window=window, view=view)
 
 
 def overlay(image: Image.Image, heat: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40),
@@ -116,12 +122,17 @@ def build(models: dict[str, object], max_new_tokens: int = 16):
         gr.Markdown("# MedSynapse\nA research model, not a medical device. Upload a scan and ask about it.")
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="scan (PNG, JPEG or DICOM)", file_types=[".png", ".jpg", ".jpeg", ".dcm"],
-                                 type="filepath", elem_id="scan")
-                preset = gr.Dropdown(list(WINDOWS), value="as stored", label="DICOM window")
+                upload = gr.File(label="scan (PNG, JPEG, DICOM or NIfTI)",
+                                 file_types=[".png", ".jpg", ".jpeg", ".dcm", ".nii", ".gz"], type="filepath",
+                                 elem_id="scan")
+                preset = gr.Dropdown(list(WINDOWS), value="as stored", label="DICOM / NIfTI window")
                 with gr.Row():
                     level = gr.Number(value=40, label="level (custom)")
                     width = gr.Number(value=400, label="width (custom)")
+                with gr.Row():  # NIfTI volumes only
+                    axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="NIfTI view")
+                    slice_index = gr.Number(value=-1, precision=0, label="NIfTI slice (-1: middle)",
+                                            elem_id="slice")
                 question = gr.Dropdown(QUESTIONS, value=QUESTIONS[0], allow_custom_value=True, label="question",
                                        elem_id="question")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
@@ -136,12 +147,12 @@ def build(models: dict[str, object], max_new_tokens: int = 16):
                     grid = gr.Image(label="probe maps", type="pil", elem_id=f"grid-{len(outputs)}")
                     outputs.append((answer, shown, grid))
 
-        def run(path, preset_name, level_value, width_value, text):
+        def run(path, preset_name, level_value, width_value, axis_name, slice_value, text):
             blank = [gr.update()] * (3 * len(models))
             if not path:
                 return ["Upload a scan first.", *blank]
             try:
-                image = load_scan(path, preset_name, level_value, width_value)
+                image = load_scan(path, preset_name, level_value, width_value, axis_name, slice_value)
             except ValueError as err:  # DataError: names what was wrong with the file
                 return [f"**Cannot read the scan:** {err}", *blank]
             values = [""]
@@ -150,7 +161,7 @@ def build(models: dict[str, object], max_new_tokens: int = 16):
                 values += [summary(result), result["overlay"] or overlay(image, np.zeros((1, 1))), result["grid"]]
             return values
 
-        ask.click(run, [upload, preset, level, width, question],
+        ask.click(run, [upload, preset, level, width, axis, slice_index, question],
                   [error, *[component for triple in outputs for component in triple]])
     return demo
 

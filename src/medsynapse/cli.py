@@ -214,13 +214,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medsynapse.model.medsynapse import MedSynapseV
 
     window = tuple(args.window) if args.window else None
-    image = load_image(args.image, window=window)  # a bad image or window fails before the model is loaded
+    image = load_image(args.image, window=window, view=volume_view(args))  # a bad image, view or window fails
+    # before the model is loaded
     from medsynapse.objectives.answers import format_prompt
 
     model = MedSynapseV.from_pretrained(args.model, merge_adapter=True)
     question = format_prompt(args.question, model.answer_format)  # as the model was trained to be asked
     print(model.answer([image], [question], max_new_tokens=args.max_new_tokens)[0])
     return 0
+
+
+def volume_view(args: argparse.Namespace):
+    """`--slice / --axis / --mip` as a NIfTI view (None when none is given); refused for a 2-D image."""
+    from medsynapse.data.images import VolumeView, is_nifti
+
+    if args.slice is None and args.mip is None and args.axis is None:
+        return None
+    if not is_nifti(args.image):
+        raise ValueError(f"{args.image}: --slice, --axis and --mip choose an image of a NIfTI volume (.nii, .nii.gz)")
+    if args.slice is not None and args.mip is not None:
+        raise ValueError("--slice and --mip: give one (a slice, or the maximum-intensity projection over a range)")
+    return VolumeView(axis=args.axis or "axial", slice=args.slice, mip=tuple(args.mip) if args.mip else None)
 
 
 def parse_source_options(items: list[str], names: list[str]) -> dict[str, dict]:
@@ -373,13 +387,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     predict = sub.add_parser("predict", parents=[common],
-                             help="answer one question about one image (PNG, JPEG or DICOM)")
+                             help="answer one question about one image (PNG, JPEG, DICOM or a NIfTI volume's "
+                                  "slice)")
     predict.add_argument("--model", required=True)
     predict.add_argument("--image", required=True)
     predict.add_argument("--question", required=True)
     predict.add_argument("--max-new-tokens", type=int, default=16)
     predict.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
-                         help="DICOM window (e.g. 40 400 for soft tissue); default: the file's own window")
+                         help="DICOM / NIfTI window (e.g. 40 400 for soft tissue); default: the file's own window "
+                              "(NIfTI: its cal_min/cal_max, else the slice's range)")
+    predict.add_argument("--slice", type=int, default=None,
+                         help="NIfTI: the slice (voxel index along the file axis nearest the view's direction); "
+                              "default the middle one")
+    predict.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default=None,
+                         help="NIfTI: the view (reoriented by the affine to the radiological convention); "
+                              "default axial")
+    predict.add_argument("--mip", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
+                         help="NIfTI: maximum-intensity projection over slices FIRST..LAST instead of one slice")
     predict.set_defaults(func=cmd_predict)
     cache = sub.add_parser("cache-features", parents=[common],
                              help="precompute frozen prior-encoder features into safetensors shards")

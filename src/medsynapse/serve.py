@@ -37,7 +37,8 @@ import torch
 from pydantic import BaseModel, Field
 
 MIME_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "application/dicom": ".dcm",
-                 "image/dicom": ".dcm"}
+                 "image/dicom": ".dcm", "application/x-nifti": ".nii", "application/gzip": ".nii.gz",
+                 "application/x-nifti-gz": ".nii.gz"}  # gzip: a compressed NIfTI volume
 
 
 @dataclass
@@ -130,11 +131,13 @@ def _text(content: str | list[ContentPart]) -> str:
 
 
 def load_request_image(url: str, where: str, settings: ServeSettings):
-    """A `data:` URI (PNG, JPEG, DICOM) or an allowed local path, opened by the project's image loader."""
-    from medsynapse.data.images import load_image
+    """A `data:` URI (PNG, JPEG, DICOM, NIfTI) or an allowed local path, opened by the project's image loader. A NIfTI
+    volume's view follows a '#' (`...#axis=coronal&slice=40&window=40,400`; default the middle axial slice)."""
+    from medsynapse.data.images import is_nifti, load_image, split_view
     from medsynapse.data.schema import DataError
 
     if url.startswith("data:"):
+        url, _, fragment = url.partition("#")  # base64 has no '#': what follows is a volume's view
         header, sep, payload = url.partition(",")
         mime = header[5:].split(";")[0].lower()
         if not sep or ";base64" not in header:
@@ -145,27 +148,53 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise BadRequest(400, f"{where}.image_url: not valid base64") from None
+        if fragment and not MIME_SUFFIXES[mime].startswith(".nii"):
+            raise BadRequest(400, f"{where}.image_url: a view after '#' applies to NIfTI volumes, not {mime!r}")
         handle, path = tempfile.mkstemp(suffix=MIME_SUFFIXES[mime])
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
             _check_size(path, where, settings)
-            image = _open(load_image, path, where, DataError)
+            image = _open(load_image, f"{path}#{fragment}" if fragment else path, where, DataError)
         finally:
             os.unlink(path)
     else:
-        path = Path(url.removeprefix("file://")).expanduser().resolve()
+        file, fragment = split_view(url.removeprefix("file://"))
+        path = Path(file).expanduser().resolve()
         if not any(path.is_relative_to(Path(d).expanduser().resolve()) for d in settings.allow_dirs):
             raise BadRequest(403, f"{where}.image_url: local paths are read only under --allow-dir "
                                   f"({settings.allow_dirs or 'none given'}); send a data: URI")
         _check_size(str(path), where, settings)
-        image = _open(load_image, str(path), where, DataError)
+        shown = f"{path}#{fragment}" if fragment and is_nifti(str(path)) else str(path)
+        image = _open(load_image, shown, where, DataError)
     return image
 
 
 def _check_size(path: str, where: str, settings: ServeSettings) -> None:
     """Width x height from the file's header (PNG/JPEG via PIL's lazy open, DICOM's Rows/Columns), refused past
     `max_pixels` before any pixel is decoded (a small compressed file can decode to gigabytes)."""
+
+    from medsynapse.data.images import is_nifti
+
+    size = None
+    if is_nifti(path):  # a volume: its largest plane, from the header
+        try:
+            import nibabel as nib
+
+            dims = sorted(int(n) for n in nib.load(path).shape[:3])
+            size = (dims[-1], dims[-2] if len(dims) > 1 else 1)
+        except Exception:  # not a volume: the loader names what is wrong
+            return
+    else:
+        size = _picture_size(path)
+    if size is None:
+        return
+    if size[0] * size[1] > settings.max_pixels:
+        raise BadRequest(413, f"{where}.image_url: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
+                              f"--max-pixels {settings.max_pixels}")
+
+
+def _picture_size(path: str) -> tuple[int, int] | None:
     from PIL import Image, UnidentifiedImageError
 
     size = None
@@ -179,10 +208,8 @@ def _check_size(path: str, where: str, settings: ServeSettings) -> None:
             header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             size = (int(header.Columns), int(header.Rows))
         except Exception:  # not an image: the loader names what is wrong
-            return
-    if size[0] * size[1] > settings.max_pixels:
-        raise BadRequest(413, f"{where}.image_url: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
-                              f"--max-pixels {settings.max_pixels}")
+            return None
+    return size
 
 
 def _open(load_image, path: str, where: str, data_error: type):

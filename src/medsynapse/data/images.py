@@ -2,11 +2,175 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from PIL import Image, UnidentifiedImageError
 
 from medsynapse.data.schema import DataError, Sample
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VIEW_AXES = ("axial", "coronal", "sagittal")  # the RAS+ axis each view's slices are taken along: z, y, x
+_VIEW_RAS_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    """Which 2-D image of a NIfTI volume to show: slices along `axis` (axial, coronal or sagittal, whatever the
+    file's voxel order), the `slice` (a voxel index along the file axis nearest to that direction, as viewers number
+    them; None: the middle one) or a maximum-intensity projection over the slices `mip` = (first, last), inclusive.
+    `window` (center, width) in the volume's stored units (CT: Hounsfield units after the file's scaling)."""
+
+    axis: str = "axial"
+    slice: int | None = None
+    mip: tuple[int, int] | None = None
+    window: tuple[float, float] | None = None
+
+    def spec(self) -> str:
+        """The view as a path fragment (`ct.nii.gz#axis=axial&slice=40`): how a sample names a volume's image."""
+        parts = [f"axis={self.axis}"]
+        if self.slice is not None:
+            parts.append(f"slice={self.slice}")
+        if self.mip is not None:
+            parts.append(f"mip={self.mip[0]},{self.mip[1]}")
+        if self.window is not None:
+            parts.append(f"window={self.window[0]:g},{self.window[1]:g}")
+        return "&".join(parts)
+
+
+def is_nifti(path: str) -> bool:
+    return split_view(path)[0].lower().endswith(NIFTI_SUFFIXES)
+
+
+def split_view(path: str) -> tuple[str, str]:
+    """(file, view fragment): `ct.nii.gz#slice=40` -> ("ct.nii.gz", "slice=40"); other paths keep any '#'."""
+    file, sep, fragment = str(path).rpartition("#")
+    if sep and file.lower().endswith(NIFTI_SUFFIXES):
+        return file, fragment
+    return str(path), ""
+
+
+def parse_view(fragment: str, where: str = "image") -> VolumeView:
+    """A view fragment (`axis=coronal&slice=40&window=40,400`, `mip=30,50`) -> VolumeView; a bad one names itself."""
+    values: dict = {}
+    for part in filter(None, fragment.split("&")):
+        key, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected KEY=VALUE")
+            if key == "axis":
+                if value not in VIEW_AXES:
+                    raise ValueError(f"axis must be one of {VIEW_AXES}")
+                values["axis"] = value
+            elif key == "slice":
+                values["slice"] = int(value)
+            elif key in ("mip", "window"):
+                first, second = (float(v) for v in value.split(","))
+                values[key] = (int(first), int(second)) if key == "mip" else (first, second)
+            else:
+                raise ValueError("known keys: axis, slice, mip, window")
+        except ValueError as err:
+            raise DataError(f"{where}: bad volume view {part!r} ({err})") from None
+    if "slice" in values and "mip" in values:
+        raise DataError(f"{where}: a volume view takes a slice or a mip range, not both")
+    return VolumeView(**values)
+
+
+def volume_entry(entry: object, where: str) -> str:
+    """A JSONL image entry naming a volume and its view, {"path": "ct.nii.gz", "slice": 40, "axis": "axial",
+    "mip": [30, 50], "window": [40, 400]}, as the path string every loader reads (`ct.nii.gz#axis=axial&slice=40`)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise DataError(f"{where}: an image entry is a path, or an object with a 'path' (a NIfTI volume) and its view")
+    unknown = set(entry) - {"path", "axis", "slice", "mip", "window"}
+    if unknown:
+        raise DataError(f"{where}: unknown image-entry key(s) {sorted(unknown)}")
+    if not entry["path"].lower().endswith(NIFTI_SUFFIXES):
+        raise DataError(f"{where}: {entry['path']!r}: a view (slice, axis, mip, window) applies to NIfTI volumes "
+                        f"({', '.join(NIFTI_SUFFIXES)})")
+    fragment = "&".join(f"{k}={','.join(str(x) for x in v) if isinstance(v, list) else v}"
+                        for k, v in entry.items() if k != "path")
+    parse_view(fragment, where)  # checked here, so a bad view names the record
+    return f"{entry['path']}#{fragment}" if fragment else entry["path"]
+
+
+def load_nifti(path: str, view: VolumeView | None = None) -> Image.Image:
+    """One 2-D image of a NIfTI volume as 8-bit RGB, in the radiological convention.
+
+    The slice (or the maximum-intensity projection over a range of slices) is read from the file's voxel grid
+    without loading the rest of the volume, then reoriented by the affine (nibabel's `io_orientation`: the RAS+ axis
+    nearest to each voxel axis): axial and coronal images show the patient's right on the image's left and
+    anterior / superior at the top, sagittal ones anterior on the left and superior at the top, as DICOM viewers show
+    them. Voxels that are not square in the image plane are resampled to their physical aspect. Window: `view.window`,
+    else the header's display range (cal_min, cal_max) when set, else the image's own value range. A 4-D file (a time
+    series or several volumes) is refused: which volume to show is the user's choice.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    view = view or VolumeView()
+    image = nib.load(path)
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) > 4 or (len(shape) == 4 and shape[3] > 1):
+        raise DataError(f"{path}: a {len(shape)}-D NIfTI volume of shape {shape} (a time series or several volumes); "
+                        "MedSynapse reads 3-D volumes: extract one first (e.g. fslroi, or nibabel's "
+                        "image.slicer[..., t])")
+    if len(shape) < 2:
+        raise DataError(f"{path}: a NIfTI file of shape {shape} holds no image")
+    spatial = shape[:3] if len(shape) >= 3 else (*shape, 1)
+    orientation = nib.orientations.io_orientation(image.affine)  # per voxel axis: (RAS+ axis, +1 / -1)
+    target = _VIEW_RAS_AXIS[view.axis]
+    voxel_axis = int(np.flatnonzero(orientation[:, 0] == target)[0])
+    count = spatial[voxel_axis]
+    if view.mip is not None:
+        first, last = view.mip
+        if not 0 <= first <= last < count:
+            raise DataError(f"{path}: mip range {first}..{last} is outside the volume's {count} {view.axis} slices "
+                            f"(0..{count - 1}, along voxel axis {voxel_axis})")
+        chosen = slice(first, last + 1)
+    else:
+        index = count // 2 if view.slice is None else view.slice
+        if not 0 <= index < count:
+            raise DataError(f"{path}: slice {index} is outside the volume's {count} {view.axis} slices "
+                            f"(0..{count - 1}, along voxel axis {voxel_axis})")
+        chosen = slice(index, index + 1)
+    where = [slice(None)] * 3
+    where[voxel_axis] = chosen
+    try:
+        if len(shape) == 2:  # one slice stored as a 2-D image
+            slab = np.asarray(image.dataobj, dtype=np.float64)[:, :, None][tuple(where)]
+        else:  # only the chosen slices are read (a 4-D file of one volume: its volume 0)
+            slab = np.asarray(image.dataobj[(*where, *[0] * (len(shape) - 3))], dtype=np.float64)
+    except (OSError, ValueError, EOFError) as err:  # a truncated or damaged file shows here
+        raise DataError(f"{path}: cannot read the volume's voxels ({err})") from None
+    plane = slab.max(axis=voxel_axis)  # one slice, or the maximum-intensity projection of the range
+    rest = [axis for axis in range(3) if axis != voxel_axis]  # the plane's voxel axes, in file order
+    for position, axis in enumerate(rest):  # increasing index = increasing RAS+ coordinate
+        if orientation[axis, 1] < 0:
+            plane = np.flip(plane, axis=position)
+    if orientation[rest[0], 0] > orientation[rest[1], 0]:  # plane axes in RAS+ order
+        plane, rest = plane.T, rest[::-1]
+    shown = np.ascontiguousarray(plane[::-1, ::-1].T)  # rows: 2nd RAS+ axis descending; columns: 1st descending
+    zooms = [float(z) for z in image.header.get_zooms()[:3]] + [1.0] * (3 - len(image.header.get_zooms()[:3]))
+    row_mm, column_mm = zooms[rest[1]], zooms[rest[0]]
+    low, high = _volume_window(image, view, shown, path)
+    scaled = np.clip((shown - low) / max(high - low, 1e-6), 0.0, 1.0)
+    picture = Image.fromarray((scaled * 255).round().astype(np.uint8))
+    if row_mm > 0 and column_mm > 0 and abs(row_mm / column_mm - 1) > 0.01:  # physical aspect
+        finest = min(row_mm, column_mm)
+        size = (round(picture.width * column_mm / finest), round(picture.height * row_mm / finest))
+        picture = picture.resize(size, Image.Resampling.BILINEAR)
+    return picture.convert("RGB")
+
+
+def _volume_window(image, view: VolumeView, plane, path: str) -> tuple[float, float]:
+    if view.window is not None:
+        center, width = check_window(view.window, path)
+        return center - width / 2, center + width / 2
+    cal_min, cal_max = (float(image.header.get(k, 0) or 0) for k in ("cal_min", "cal_max"))
+    if cal_max > cal_min:
+        return cal_min, cal_max
+    return float(plane.min()), float(plane.max())
 
 
 def file_window(ds) -> tuple[float, float] | None:
@@ -89,11 +253,28 @@ def has_dicom_preamble(path: str) -> bool:
 
 
 def load_image(path: str, sample: Sample | None = None, field: str = "images",
-               window: tuple[float, float] | None = None) -> Image.Image:
-    """Open an image fully (so corruption shows here, not deep inside a batch) as RGB; DICOM is windowed."""
+               window: tuple[float, float] | None = None, view: VolumeView | None = None) -> Image.Image:
+    """Open an image fully (so corruption shows here, not deep inside a batch) as RGB; DICOM is windowed. A NIfTI
+    volume (`.nii`, `.nii.gz`) gives the slice its path names (`ct.nii.gz#slice=40&axis=axial`) or `view`
+    (`load_nifti`); `window` then overrides the view's."""
     where = f"record id {sample.id!r}, field '{field}'" if sample is not None else "image"
     if window is not None:
         window = check_window(window, "--window")  # the caller's setting, not the file's fault
+    if is_nifti(path):
+        file, fragment = split_view(path)
+        chosen = view or parse_view(fragment, f"{file} ({where})")
+        if window is not None:
+            chosen = dataclasses.replace(chosen, window=window)
+        try:
+            return load_nifti(file, chosen)
+        except DataError as err:
+            raise DataError(f"{err} ({where})") from None
+        except FileNotFoundError:
+            raise DataError(f"{file}: image not found ({where})") from None
+        except Exception as err:  # nibabel raises several types for files that are not NIfTI or are damaged
+            raise DataError(f"{file}: corrupt or unreadable NIfTI ({where}): {err}") from None
+    if view is not None:
+        raise DataError(f"{path}: a volume view (slice, axis, mip) applies to NIfTI volumes ({where})")
     if str(path).lower().endswith(DICOM_SUFFIXES) or has_dicom_preamble(path):
         try:
             return load_dicom(path, window)

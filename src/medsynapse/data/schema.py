@@ -68,8 +68,14 @@ def sample_from_record(record: object, source: str, line: int) -> Sample:
         raise DataError(f"{where}: unknown field(s) {sorted(unknown)}")
     if record["answer_type"] not in ANSWER_TYPES:
         raise DataError(f"{where}: field 'answer_type' must be one of {ANSWER_TYPES}, got {record['answer_type']!r}")
+    if any(isinstance(p, dict) for p in record["images"]):  # a NIfTI volume and its view -> "ct.nii.gz#slice=40"
+        from medsynapse.data.images import volume_entry
+
+        record = {**record, "images": [volume_entry(p, f"{where}, field 'images'") if isinstance(p, dict) else p
+                                       for p in record["images"]]}
     if not record["images"] or not all(isinstance(p, str) and p for p in record["images"]):
-        raise DataError(f"{where}: field 'images' must be a non-empty list of paths")
+        raise DataError(f"{where}: field 'images' must be a non-empty list of paths (or of volume entries "
+                        "{\"path\": \"ct.nii.gz\", \"slice\": 40})")
     if not all(isinstance(step, str) and step.strip() for step in record.get("rationale", [])):
         raise DataError(f"{where}: field 'rationale' must be a list of non-empty strings (the reasoning steps)")
     if record["answer_type"] == "multiple_choice" and record["answer"] not in record.get("options", {}):
@@ -92,13 +98,22 @@ def read_samples(path: str | Path) -> list[Sample]:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, record {line_no}: not valid JSON ({err.msg})") from None
             sample = sample_from_record(record, str(path), line_no)
-            sample.images = [str((path.parent / p).resolve()) for p in sample.images]
+            sample.images = [_absolute(path.parent, p) for p in sample.images]
             if sample.mask is not None:
                 sample.mask = str((path.parent / sample.mask).resolve())
             samples.append(sample)
     if not samples:
         raise DataError(f"{path}: no records")
     return samples
+
+
+def _absolute(folder: Path, image: str) -> str:
+    """An image path made absolute against the data file's folder; a volume's view fragment is kept."""
+    from medsynapse.data.images import split_view
+
+    file, fragment = split_view(image)
+    resolved = str((folder / file).resolve())
+    return f"{resolved}#{fragment}" if fragment else resolved
 
 
 def write_samples(path: str | Path, samples: list[Sample]) -> None:

@@ -65,7 +65,13 @@ def encoder_fingerprint(folder: str | Path, memo: dict[str, str] | None = None) 
 
 
 def image_key(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of the image file's bytes; a NIfTI volume's view (`ct.nii.gz#slice=40`) is part of the key, so
+    every slice of one volume has its own features."""
+    from medsynapse.data.images import split_view
+
+    file, fragment = split_view(str(path))
+    digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    return hashlib.sha256(f"{digest}#{fragment}".encode()).hexdigest() if fragment else digest
 
 
 def _load_digests(path: Path) -> dict[str, str]:
