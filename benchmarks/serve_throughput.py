@@ -1,10 +1,11 @@
 """Requests per second of `medsynapse serve` with dynamic batching against the same server answering one request at a
-time (`max_batch` 1), on the same requests, side by side in one run.
+time (`--max-batch 1`), on the same requests, side by side in one run.
 
-Each server runs in this process (uvicorn in a thread, on 127.0.0.1), gets the same `--requests` chat completions
-(held-out SynthMed questions with their scans as PNG data URIs) from `--concurrency` client threads, after a warm-up of
-8 requests; the batched server's answers are checked equal to the one-at-a-time server's. Prints a markdown table and
-writes the numbers as JSON.
+Each server is the real command (`medsynapse serve`, a separate process on 127.0.0.1, as users run it), so the
+client's own work (building and reading HTTP messages) does not share the server's interpreter. It gets the same
+`--requests` chat completions (held-out SynthMed questions with their scans as PNG data URIs, bodies encoded once up
+front) from `--concurrency` client threads, after a warm-up of 8 requests; the batched server's answers are checked
+equal to the one-at-a-time server's. Prints a markdown table and writes the numbers as JSON.
 Usage: python benchmarks/serve_throughput.py --model runs/demo/stage2 --data DATA/test.jsonl
        [--requests 256 --concurrency 32 --max-batch 32 --max-wait-ms 20 --json runs/serve_throughput.json]
 """
@@ -15,7 +16,8 @@ import argparse
 import base64
 import json
 import socket
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,25 +42,24 @@ def _bodies(data: str, count: int) -> list[dict]:
     return bodies
 
 
-def run_server(model, model_dir: str, settings, bodies: list[dict], concurrency: int) -> tuple[float, list[str]]:
-    """Requests per second and the answers, for one server configuration."""
+def run_server(model_dir: str, max_batch: int, max_wait_ms: float, bodies: list[bytes],
+               concurrency: int) -> tuple[float, list[str]]:
+    """Requests per second and the answers, for one server configuration (a `medsynapse serve` process)."""
     import httpx
-    import uvicorn
-
-    from medsynapse.serve import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model_dir, settings, model=model), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    command = [sys.executable, "-m", "medsynapse.cli", "serve", "--model", model_dir, "--port", str(port),
+               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue",
+               str(len(bodies) + 16)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
                           limits=httpx.Limits(max_connections=concurrency)) as client:
-            def ask(body):
-                reply = client.post("/v1/chat/completions", json=body)
+            _wait_until_up(client, server)
+
+            def ask(body: bytes) -> str:
+                reply = client.post("/v1/chat/completions", content=body,
+                                    headers={"content-type": "application/json"})
                 reply.raise_for_status()
                 return reply.json()["choices"][0]["message"]["content"]
 
@@ -68,9 +69,25 @@ def run_server(model, model_dir: str, settings, bodies: list[dict], concurrency:
                 answers = list(pool.map(ask, bodies))
                 seconds = time.perf_counter() - start
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.terminate()
+        server.wait(timeout=60)
     return len(bodies) / seconds, answers
+
+
+def _wait_until_up(client, server: subprocess.Popen, limit_s: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"medsynapse serve exited: {server.stderr.read()[-2000:]}")
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"medsynapse serve did not come up in {limit_s:.0f} s")
 
 
 def main() -> None:
@@ -83,16 +100,11 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    from medsynapse.model.medsynapse import MedSynapseV
-    from medsynapse.serve import ServeSettings
-
-    model = MedSynapseV.from_pretrained(args.model, merge_adapter=True)
-    bodies = _bodies(args.data, args.requests)
+    bodies = [json.dumps(body).encode() for body in _bodies(args.data, args.requests)]
     results = {}
     for name, batch in (("batched", args.max_batch), ("one at a time", 1)):
-        settings = ServeSettings(max_batch=batch, max_wait_ms=args.max_wait_ms if batch > 1 else 0.0,
-                                 max_queue=args.requests + 16)
-        rate, answers = run_server(model, args.model, settings, bodies, args.concurrency)
+        rate, answers = run_server(args.model, batch, args.max_wait_ms if batch > 1 else 0.0, bodies,
+                                   args.concurrency)
         results[name] = {"requests_per_s": rate, "max_batch": batch, "answers": answers}
     same = results["batched"]["answers"] == results["one at a time"]["answers"]
     ratio = results["batched"]["requests_per_s"] / results["one at a time"]["requests_per_s"]

@@ -150,6 +150,10 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
             raise BadRequest(400, f"{where}.image_url: not valid base64") from None
         if fragment and not MIME_SUFFIXES[mime].startswith(".nii"):
             raise BadRequest(400, f"{where}.image_url: a view after '#' applies to NIfTI volumes, not {mime!r}")
+        if mime.startswith("image/") and MIME_SUFFIXES[mime] in (".png", ".jpg"):  # decoded in memory
+            picture = _picture_from_bytes(data, where, settings)
+            if picture is not None:
+                return picture
         handle, path = tempfile.mkstemp(suffix=MIME_SUFFIXES[mime])
         try:
             with os.fdopen(handle, "wb") as out:
@@ -168,6 +172,31 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
         shown = f"{path}#{fragment}" if fragment and is_nifti(str(path)) else str(path)
         image = _open(load_image, shown, where, DataError)
     return image
+
+
+def _picture_from_bytes(data: bytes, where: str, settings: ServeSettings):
+    """A PNG / JPEG upload decoded from memory (no temporary file): its size from the header first, then the pixels.
+    None when PIL does not recognise it (e.g. a DICOM sent as image/png): the loader's path through a file then
+    reads it or names the problem."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from medsynapse.data.images import open_picture
+    from medsynapse.data.schema import DataError
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            size = header.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
+        return None
+    if size[0] * size[1] > settings.max_pixels:
+        raise BadRequest(413, f"{where}.image_url: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
+                              f"--max-pixels {settings.max_pixels}")
+    try:
+        return open_picture(io.BytesIO(data), "the image", where)
+    except DataError as err:
+        raise BadRequest(400, f"{where}.image_url: {err}") from None
 
 
 def _check_size(path: str, where: str, settings: ServeSettings) -> None:

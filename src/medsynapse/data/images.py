@@ -282,16 +282,22 @@ def load_image(path: str, sample: Sample | None = None, field: str = "images",
             raise DataError(f"{path}: image not found ({where})") from None
         except Exception as err:  # pydicom raises many types for bad files
             raise DataError(f"{path}: corrupt or unreadable DICOM ({where}): {err}") from None
+    return open_picture(path, path, where)
+
+
+def open_picture(source, name: str, where: str = "image") -> Image.Image:
+    """A PNG / JPEG / other PIL image from a path or a binary file object (a server's decoded upload, no temporary
+    file), decoded fully and as RGB; errors name `name` and `where`."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return to_rgb(img)
     except FileNotFoundError:
-        raise DataError(f"{path}: image not found ({where})") from None
+        raise DataError(f"{name}: image not found ({where})") from None
     except Image.DecompressionBombError as err:
-        raise DataError(f"{path}: image too large ({where}): {err}") from None
+        raise DataError(f"{name}: image too large ({where}): {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: corrupt or unreadable image ({where}): {err}") from None
+        raise DataError(f"{name}: corrupt or unreadable image ({where}): {err}") from None
 
 
 def significant_bits(values) -> int:

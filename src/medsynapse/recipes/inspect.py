@@ -95,7 +95,8 @@ def report(config: RealSizeConfig) -> dict:
     with torch.device("meta"):
         sampler = DiagnosticMemorySampler(SamplerConfig(prior_dim=config.prior_dim, hidden_size=hidden,
                                                         n_memory=config.n_memory, width=config.sampler_width,
-                                                        layers=config.sampler_layers, heads=config.sampler_heads))
+                                                        layers=config.sampler_layers, heads=config.sampler_heads,
+                                                        max_images=config.max_images))
         autonomous = AutonomousMemoryModule(AutonomousConfig(hidden_size=hidden, n_memory=config.n_memory,
                                                              mlp_hidden=config.autonomous_mlp_hidden))
     counts = {"vlm": count_parameters(vlm), "encoder": ENCODER_PARAMS.get(config.encoder_kind, 0),
