@@ -18,6 +18,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,36 +52,43 @@ def run_server(model_dir: str, max_batch: int, max_wait_ms: float, bodies: list[
     command = [sys.executable, "-m", "medsynapse.cli", "serve", "--model", model_dir, "--port", str(port),
                "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue",
                str(len(bodies) + 16)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                          limits=httpx.Limits(max_connections=concurrency)) as client:
-            _wait_until_up(client, server)
+    # the server's own messages go to a file (a pipe nobody reads could fill and block it)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
+                              limits=httpx.Limits(max_connections=concurrency)) as client:
+                _wait_until_up(client, server, log)
 
-            def ask(body: bytes) -> str:
-                reply = client.post("/v1/chat/completions", content=body,
-                                    headers={"content-type": "application/json"})
-                reply.raise_for_status()
-                return reply.json()["choices"][0]["message"]["content"]
+                def ask(body: bytes) -> str:
+                    reply = client.post("/v1/chat/completions", content=body,
+                                        headers={"content-type": "application/json"})
+                    reply.raise_for_status()
+                    return reply.json()["choices"][0]["message"]["content"]
 
-            with ThreadPoolExecutor(concurrency) as pool:
-                list(pool.map(ask, bodies[:8]))  # warm-up
-                start = time.perf_counter()
-                answers = list(pool.map(ask, bodies))
-                seconds = time.perf_counter() - start
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+                with ThreadPoolExecutor(concurrency) as pool:
+                    list(pool.map(ask, bodies[:8]))  # warm-up
+                    start = time.perf_counter()
+                    answers = list(pool.map(ask, bodies))
+                    seconds = time.perf_counter() - start
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     return len(bodies) / seconds, answers
 
 
-def _wait_until_up(client, server: subprocess.Popen, limit_s: float = 300.0) -> None:
+def _wait_until_up(client, server: subprocess.Popen, log, limit_s: float = 300.0) -> None:
     import httpx
 
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"medsynapse serve exited: {server.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"medsynapse serve exited: {log.read()[-2000:]}")
         try:
             if client.get("/health").status_code == 200:
                 return

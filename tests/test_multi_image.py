@@ -63,16 +63,27 @@ def test_one_image_per_question_is_exactly_the_single_image_computation():
     assert torch.equal(plain(tokens, GRID), tagged(tokens, GRID))
 
 
+def test_the_image_embedding_takes_part_in_every_single_image_graph_with_a_zero_gradient():
+    """DDP wants every parameter in each backward: a single-image batch adds 0 x the embedding (a zero gradient)."""
+    module = sampler(3)
+    module(torch.randn(2, 12, 8), GRID).sum().backward()
+    assert module.image_embed.grad is not None and float(module.image_embed.grad.abs().max()) == 0.0
+    pooling = autonomous(3)
+    pooling([torch.randn(6, 16), torch.randn(6, 16)], [(2, 3)] * 2, [1, 1]).sum().backward()
+    assert pooling.image_embed.grad is not None and float(pooling.image_embed.grad.abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("max_images", [1, 3])
 def test_a_padded_batch_of_mixed_image_counts_equals_per_question_runs(max_images):
-    module, counts = sampler(max_images), [2, 1, 3, 2]
+    module, counts = sampler(max_images), [2, 1, 3, 2, 1]
     tokens = torch.randn(sum(counts), 12, 8)
     drop = torch.rand(sum(counts), 12) < 0.3
-    drop[6:8] = True  # the last question: every token of both images dropped (its tokens are zeroed instead)
+    drop[6:8] = True  # the 4th question: every token of both images dropped (its tokens are zeroed instead)
+    drop[8] = True  # the 5th, one image: every token dropped too
     for mask in (None, drop):
-        batched = module(tokens, GRID, mask, images_per_sample=counts)
+        batched = module(tokens, GRID, mask, images_per_sample=torch.tensor(counts))  # counts as a tensor too
         alone = per_question(module, tokens, counts, mask)
-        assert batched.shape == (4, 4, 16)
+        assert batched.shape == (5, 4, 16)
         torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
         assert (batched[0] - batched[1]).abs().max() > 0.1  # the tolerance is far below what tells questions apart
 

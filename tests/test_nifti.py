@@ -15,7 +15,7 @@ from medsynapse.data.images import VolumeView, load_image, volume_entry
 from medsynapse.data.schema import DataError, read_samples
 
 X, Y, Z = 6, 8, 5
-MARK = (0, 7, 2)  # the patient's far left (x small in RAS+), most anterior, slice 2 from the feet
+MARK = (0, 7, 1)  # the patient's far left (x small in RAS+), most anterior, slice 1 from the feet
 
 
 def ras_volume() -> np.ndarray:
@@ -43,48 +43,52 @@ def brightest(image: np.ndarray) -> tuple[int, int]:
 
 def test_axial_coronal_and_sagittal_views_follow_the_radiological_convention(tmp_path):
     path = save(tmp_path / "ras.nii.gz", ras_volume())
-    axial = pixels(path, slice=2)
+    axial = pixels(path, slice=1)
     assert axial.shape == (Y, X)  # rows: anterior -> posterior; columns: patient's right -> left
     assert brightest(axial) == (0, X - 1)  # anterior at the top, the patient's left on the image's right
     coronal = pixels(path, axis="coronal", slice=7)
-    assert coronal.shape == (Z, X) and brightest(coronal) == (Z - 1 - 2, X - 1)  # superior at the top
+    assert coronal.shape == (Z, X) and brightest(coronal) == (Z - 1 - 1, X - 1)  # superior at the top
     sagittal = pixels(path, axis="sagittal", slice=0)
-    assert sagittal.shape == (Z, Y) and brightest(sagittal) == (Z - 1 - 2, 0)  # anterior on the left
+    assert sagittal.shape == (Z, Y) and brightest(sagittal) == (Z - 1 - 1, 0)  # anterior on the left
 
 
-@pytest.mark.parametrize("layout", ["lps", "permuted"])
+@pytest.mark.parametrize("layout", ["lps", "permuted", "z_flipped"])
 def test_the_same_anatomy_stored_in_another_voxel_order_gives_the_same_images(tmp_path, layout):
     reference = save(tmp_path / "ras.nii.gz", ras_volume())
     if layout == "lps":  # as many DICOM converters write it: x and y stored right-to-left and front-to-back
         data = ras_volume()[::-1, ::-1, :].copy()
         affine = np.diag([-1.0, -1.0, 1.0, 1.0])
         affine[:3, 3] = [X - 1, Y - 1, 0]
-    else:  # voxel axes (z, x, y)
+    elif layout == "permuted":  # voxel axes (z, x, y)
         data = ras_volume().transpose(2, 0, 1).copy()
         affine = np.array([[0.0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+    else:  # slices stored head first
+        data = ras_volume()[:, :, ::-1].copy()
+        affine = np.diag([1.0, 1.0, -1.0, 1.0])
+        affine[2, 3] = Z - 1
     other = save(tmp_path / f"{layout}.nii.gz", data, affine)
-    axial_index = 2  # z is never flipped here, so the axial slice keeps its number
-    assert np.array_equal(pixels(other, slice=axial_index), pixels(reference, slice=axial_index))
+    axial_index = Z - 1 - 1 if layout == "z_flipped" else 1  # slices are numbered as stored
+    assert np.array_equal(pixels(other, slice=axial_index), pixels(reference, slice=1))
     coronal_index = Y - 1 - 7 if layout == "lps" else 7  # voxel numbering along the stored (flipped) axis
     assert np.array_equal(pixels(other, axis="coronal", slice=coronal_index), pixels(reference, axis="coronal",
                                                                                        slice=7))
-    assert np.array_equal(pixels(other, axis="sagittal"), pixels(reference, axis="sagittal", slice=X // 2 if
-                                                                  layout == "permuted" else X - 1 - X // 2))
+    sagittal_index = X - 1 - X // 2 if layout == "lps" else X // 2  # the default: the middle of the stored order
+    assert np.array_equal(pixels(other, axis="sagittal"), pixels(reference, axis="sagittal", slice=sagittal_index))
 
 
 def test_projection_window_middle_slice_and_physical_aspect(tmp_path):
     path = save(tmp_path / "ras.nii", ras_volume())
-    mip = pixels(path, mip=(2, 4))  # both marks, each where its own slice shows it
+    mip = pixels(path, mip=(1, 4))  # both marks, each where its own slice shows it
     assert mip[0, X - 1] == 255 and mip[Y - 1, 0] == round(60 / 100 * 255)
-    assert pixels(path, slice=2, window=(50.0, 100.0))[0, X - 1] == 255
-    assert pixels(path, slice=2, window=(150.0, 100.0))[0, X - 1] == 0  # below the window: black
+    assert pixels(path, slice=1, window=(50.0, 100.0))[0, X - 1] == 255
+    assert pixels(path, slice=1, window=(150.0, 100.0))[0, X - 1] == 0  # below the window: black
     assert np.array_equal(pixels(path), pixels(path, slice=Z // 2))  # no slice given: the middle one
     stretched = save(tmp_path / "aniso.nii.gz", ras_volume(), zooms=(1.0, 2.0, 3.0))
-    assert pixels(stretched, slice=2).shape == (2 * Y, X)  # 2 mm rows shown twice as tall as 1 mm columns
+    assert pixels(stretched, slice=1).shape == (2 * Y, X)  # 2 mm rows shown twice as tall as 1 mm columns
     image = nib.Nifti1Image(ras_volume(), np.eye(4))
     image.header["cal_min"], image.header["cal_max"] = 0, 200  # the file's display range
     nib.save(image, str(tmp_path / "cal.nii.gz"))
-    assert pixels(str(tmp_path / "cal.nii.gz"), slice=2)[0, X - 1] == round(100 / 200 * 255)
+    assert pixels(str(tmp_path / "cal.nii.gz"), slice=1)[0, X - 1] == round(100 / 200 * 255)
 
 
 def test_four_d_files_out_of_range_slices_and_damaged_files_get_one_clear_error(tmp_path):
@@ -101,18 +105,24 @@ def test_four_d_files_out_of_range_slices_and_damaged_files_get_one_clear_error(
         load_image(str(tmp_path / "bad.nii.gz"))
     with pytest.raises(DataError, match="applies to NIfTI volumes"):
         load_image(str(tmp_path / "x.png"), view=VolumeView(slice=1))
+    with pytest.raises(DataError, match=r"bad volume view 'window=40,0'.*width > 0"):
+        load_image(f"{path}#window=40,0")
+    with_nan = ras_volume().astype(np.float32)
+    with_nan[1, 1, 1] = np.nan
+    shown = pixels(save(tmp_path / "nan.nii.gz", with_nan), slice=1)
+    assert shown[0, X - 1] == 255 and shown[Y - 2, X - 2] == 0  # the NaN voxel black, the range from the others
 
 
 def test_a_jsonl_entry_names_a_volume_and_its_slice_and_each_slice_has_its_own_cache_key(tmp_path):
     from medsynapse.model.encoders.cache import image_key
 
     save(tmp_path / "ct.nii.gz", ras_volume())
-    record = {"id": "q1", "images": [{"path": "ct.nii.gz", "slice": 2, "window": [50, 100]},
+    record = {"id": "q1", "images": [{"path": "ct.nii.gz", "slice": 1, "window": [50, 100]},
                                      {"path": "ct.nii.gz", "axis": "coronal", "mip": [6, 7]}],
               "question": "Is there a lesion?", "answer": "yes", "answer_type": "yes_no"}
     (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
     sample = read_samples(tmp_path / "data.jsonl")[0]
-    assert sample.images[0] == f"{tmp_path / 'ct.nii.gz'}#slice=2&window=50,100"
+    assert sample.images[0] == f"{tmp_path / 'ct.nii.gz'}#axis=axial&slice=1&window=50,100"  # one spelling
     assert np.asarray(load_image(sample.images[0]))[0, X - 1, 0] == 255
     assert load_image(sample.images[1]).size == (X, Z)
     assert image_key(sample.images[0]) != image_key(sample.images[1]) != image_key(str(tmp_path / "ct.nii.gz"))
@@ -128,7 +138,7 @@ def test_predict_answers_about_a_volume_slice_and_refuses_a_4d_file_in_one_line(
     from medsynapse.cli import main
 
     volume = save(tmp_path / "scan.nii.gz", ras_volume().astype(np.float32) * 10)
-    assert main(["predict", "--model", str(tiny_env.vlm), "--image", volume, "--slice", "2", "--window", "40",
+    assert main(["predict", "--model", str(tiny_env.vlm), "--image", volume, "--slice", "1", "--window", "40",
                  "400", "--question", "Is there a lesion?", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.strip()
     four_d = save(tmp_path / "series.nii.gz", np.zeros((4, 4, 4, 2), dtype=np.float32))
@@ -151,11 +161,12 @@ def test_the_server_and_the_app_read_volumes_with_their_view(tmp_path):
     got = load_request_image(f"data:application/gzip;base64,{payload}#axis=coronal&slice=7", "m", settings)
     assert np.array_equal(np.asarray(got), expected)
     assert np.array_equal(np.asarray(load_request_image(f"{volume}#axis=coronal&slice=7", "m", settings)), expected)
-    with pytest.raises(BadRequest, match="slice 40 is outside"):
+    with pytest.raises(BadRequest, match="slice 40 is outside") as refused:
         load_request_image(f"data:application/gzip;base64,{payload}#slice=40", "m", settings)
+    assert "tmp" not in str(refused.value) and "the image" in str(refused.value)  # no server file names
     with pytest.raises(BadRequest, match="applies to NIfTI volumes"):
         load_request_image(f"data:image/png;base64,{payload}#slice=1", "m", settings)
-    assert np.array_equal(np.asarray(load_scan(volume, "custom", 50, 100, "axial", 2)),
-                          np.asarray(load_image(volume, view=VolumeView(slice=2, window=(50.0, 100.0)))))
+    assert np.array_equal(np.asarray(load_scan(volume, "custom", 50, 100, "axial", 1)),
+                          np.asarray(load_image(volume, view=VolumeView(slice=1, window=(50.0, 100.0)))))
     assert np.array_equal(np.asarray(load_scan(volume, "as stored", 0, 1, "axial", -1)),
                           np.asarray(load_image(volume)))  # -1: the middle slice

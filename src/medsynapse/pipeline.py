@@ -32,7 +32,7 @@ import torch
 from accelerate import PartialState
 
 from medsynapse.eval.report import write_json
-from medsynapse.recipes.trainer import RESUMABLE_SETTINGS, latest_checkpoint, run_settings
+from medsynapse.recipes.trainer import latest_checkpoint, recorded_settings, run_settings
 from medsynapse.runconfig import RunConfig, resolve, stage1_file, stage2_file, stage_recipe
 
 STEPS = ("convert", "cache", "stage1", "stage2", "stage3", "eval")
@@ -52,10 +52,7 @@ def _sha256(path: str) -> str | None:
 def _settings(run: RunConfig, step: str) -> dict:
     """What a step's result depends on (compared with the manifest before the step is skipped)."""
     if step in ("stage1", "stage2", "stage3"):
-        settings = dataclasses.asdict(resolve(run, step))
-        for key in RESUMABLE_SETTINGS:  # how, not what, is trained (the checkpoints' own rule)
-            settings.pop(key, None)
-        return settings
+        return recorded_settings(dataclasses.asdict(resolve(run, step)))  # the checkpoints' own rule
     if step == "convert":
         d = run.data
         return {"data_root": d.data_root, "subset_seed": d.subset_seed, "skip_bad": d.skip_bad,

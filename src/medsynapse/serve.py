@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -244,8 +244,10 @@ def _picture_size(path: str) -> tuple[int, int] | None:
 def _open(load_image, path: str, where: str, data_error: type):
     try:
         return load_image(path)
-    except data_error as err:
-        message = str(err).replace(path, "the image")
+    except data_error as err:  # the server's own file names (a temporary upload) are not the client's business
+        from medsynapse.data.images import split_view
+
+        message = str(err).replace(path, "the image").replace(split_view(path)[0], "the image")
         raise BadRequest(400, f"{where}.image_url: {message}") from None
 
 
@@ -392,6 +394,8 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
+    if model.max_images is not None and settings.max_images > model.max_images:  # a request past the memory's
+        settings = replace(settings, max_images=model.max_images)  # limit is a 413, not a batch's 500
     name = Path(model_dir).name
     kind = "encoder" if model.sampler is not None else "autonomous" if model.autonomous is not None else "none"
     batcher = Batcher(model, settings)

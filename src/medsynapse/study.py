@@ -50,7 +50,7 @@ from medsynapse.config import ConfigError, from_dict, read_yaml
 from medsynapse.eval.report import mean_sd_ci, write_json
 from medsynapse.eval.stats import paired_bootstrap
 from medsynapse.locking import write_text_atomic
-from medsynapse.recipes.trainer import RESUMABLE_SETTINGS
+from medsynapse.recipes.trainer import recorded_settings
 from medsynapse.runconfig import (
     BASELINES,
     STAGES,
@@ -64,10 +64,6 @@ from medsynapse.runconfig import (
 )
 
 MODELS = ("base", *STAGES, "baseline")
-UNSHARED_SETTINGS = RESUMABLE_SETTINGS  # how, not what, is trained: not in a unit's key
-# Settings added after studies were first run, left out of a unit's key while at these values (what every unit
-# trained before they existed did), so a study run by an older version keeps its finished units.
-KEY_NEUTRAL_DEFAULTS = {"max_images": 1}
 
 
 @dataclass
@@ -198,8 +194,7 @@ class Evaluation:
 
 
 def _settings(config: Any) -> dict:
-    return {k: v for k, v in asdict(config).items()
-            if k not in UNSHARED_SETTINGS and not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])}
+    return recorded_settings(asdict(config))  # how, not what, is trained is not in a unit's key
 
 
 def row_run(raw: dict, source: str, row: RowSpec, seed: int, shared: Any) -> RunConfig:

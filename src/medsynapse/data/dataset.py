@@ -7,7 +7,7 @@ import dataclasses
 from PIL import Image
 
 from medsynapse.data.images import load_image
-from medsynapse.data.schema import Sample, read_samples
+from medsynapse.data.schema import DataError, Sample, read_samples
 from medsynapse.model.vlm import EncodedPrompt, PromptBuilder
 from medsynapse.objectives.answers import format_prompt, reasoning_target
 
@@ -51,6 +51,16 @@ class VQADataset:
         """Load every image now: a corrupt file stops the run before training starts, naming file and record."""
         for index in range(len(self)):
             self.images(index)
+
+
+def check_image_limit(samples: list[Sample], limit: int | None, source: str) -> None:
+    """A DataError naming the first record with more images than the memory tells apart (`limit`; None: any)."""
+    if limit is None:
+        return
+    for sample in samples:
+        if len(sample.images) > limit:
+            raise DataError(f"{source}: record id {sample.id!r}, field 'images': {len(sample.images)} images, more "
+                            f"than the {limit} this model's memory tells apart (model.max_images)")
 
 
 def with_answer_format(samples: list[Sample], answer_format: str) -> list[Sample]:

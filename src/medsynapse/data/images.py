@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -11,6 +12,7 @@ from medsynapse.data.schema import DataError, Sample
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_PLANE_PIXELS = 2**26  # a 2-D image of a volume larger than this is refused (8192 x 8192)
 VIEW_AXES = ("axial", "coronal", "sagittal")  # the RAS+ axis each view's slices are taken along: z, y, x
 _VIEW_RAS_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 
@@ -67,7 +69,7 @@ def parse_view(fragment: str, where: str = "image") -> VolumeView:
                 values["slice"] = int(value)
             elif key in ("mip", "window"):
                 first, second = (float(v) for v in value.split(","))
-                values[key] = (int(first), int(second)) if key == "mip" else (first, second)
+                values[key] = (int(first), int(second)) if key == "mip" else check_window((first, second), where)
             else:
                 raise ValueError("known keys: axis, slice, mip, window")
         except ValueError as err:
@@ -90,8 +92,8 @@ def volume_entry(entry: object, where: str) -> str:
                         f"({', '.join(NIFTI_SUFFIXES)})")
     fragment = "&".join(f"{k}={','.join(str(x) for x in v) if isinstance(v, list) else v}"
                         for k, v in entry.items() if k != "path")
-    parse_view(fragment, where)  # checked here, so a bad view names the record
-    return f"{entry['path']}#{fragment}" if fragment else entry["path"]
+    # checked here, so a bad view names the record; one spelling per view (one cache entry per slice)
+    return f"{entry['path']}#{parse_view(fragment, where).spec()}"
 
 
 def load_nifti(path: str, view: VolumeView | None = None) -> Image.Image:
@@ -120,30 +122,32 @@ def load_nifti(path: str, view: VolumeView | None = None) -> Image.Image:
     spatial = shape[:3] if len(shape) >= 3 else (*shape, 1)
     orientation = nib.orientations.io_orientation(image.affine)  # per voxel axis: (RAS+ axis, +1 / -1)
     target = _VIEW_RAS_AXIS[view.axis]
+    if not np.isin(target, orientation[:, 0]):
+        raise DataError(f"{path}: the affine does not say which voxel axis runs {view.axis} (degenerate affine "
+                        f"{image.affine.tolist()})")
     voxel_axis = int(np.flatnonzero(orientation[:, 0] == target)[0])
+    if len(shape) == 2 and voxel_axis != 2:
+        raise DataError(f"{path}: a 2-D NIfTI image has no {view.axis} view (it is one slice)")
     count = spatial[voxel_axis]
+    plane_pixels = math.prod(n for axis, n in enumerate(spatial) if axis != voxel_axis)
+    if plane_pixels > MAX_PLANE_PIXELS:
+        raise DataError(f"{path}: a {view.axis} plane of {plane_pixels} voxels, more than {MAX_PLANE_PIXELS}")
     if view.mip is not None:
         first, last = view.mip
         if not 0 <= first <= last < count:
             raise DataError(f"{path}: mip range {first}..{last} is outside the volume's {count} {view.axis} slices "
                             f"(0..{count - 1}, along voxel axis {voxel_axis})")
-        chosen = slice(first, last + 1)
+        chosen = range(first, last + 1)
     else:
         index = count // 2 if view.slice is None else view.slice
         if not 0 <= index < count:
             raise DataError(f"{path}: slice {index} is outside the volume's {count} {view.axis} slices "
                             f"(0..{count - 1}, along voxel axis {voxel_axis})")
-        chosen = slice(index, index + 1)
-    where = [slice(None)] * 3
-    where[voxel_axis] = chosen
-    try:
-        if len(shape) == 2:  # one slice stored as a 2-D image
-            slab = np.asarray(image.dataobj, dtype=np.float64)[:, :, None][tuple(where)]
-        else:  # only the chosen slices are read (a 4-D file of one volume: its volume 0)
-            slab = np.asarray(image.dataobj[(*where, *[0] * (len(shape) - 3))], dtype=np.float64)
-    except (OSError, ValueError, EOFError) as err:  # a truncated or damaged file shows here
-        raise DataError(f"{path}: cannot read the volume's voxels ({err})") from None
-    plane = slab.max(axis=voxel_axis)  # one slice, or the maximum-intensity projection of the range
+        chosen = range(index, index + 1)
+    plane = None
+    for number in chosen:  # one slice at a time: a projection never holds its whole range
+        part = _read_slice(image, shape, voxel_axis, number, path)
+        plane = part if plane is None else np.fmax(plane, part)  # the maximum-intensity projection
     rest = [axis for axis in range(3) if axis != voxel_axis]  # the plane's voxel axes, in file order
     for position, axis in enumerate(rest):  # increasing index = increasing RAS+ coordinate
         if orientation[axis, 1] < 0:
@@ -154,13 +158,30 @@ def load_nifti(path: str, view: VolumeView | None = None) -> Image.Image:
     zooms = [float(z) for z in image.header.get_zooms()[:3]] + [1.0] * (3 - len(image.header.get_zooms()[:3]))
     row_mm, column_mm = zooms[rest[1]], zooms[rest[0]]
     low, high = _volume_window(image, view, shown, path)
-    scaled = np.clip((shown - low) / max(high - low, 1e-6), 0.0, 1.0)
+    scaled = np.nan_to_num(np.clip((shown - low) / max(high - low, 1e-6), 0.0, 1.0), nan=0.0)  # NaN voxels: black
     picture = Image.fromarray((scaled * 255).round().astype(np.uint8))
     if row_mm > 0 and column_mm > 0 and abs(row_mm / column_mm - 1) > 0.01:  # physical aspect
         finest = min(row_mm, column_mm)
         size = (round(picture.width * column_mm / finest), round(picture.height * row_mm / finest))
+        if size[0] * size[1] > MAX_PLANE_PIXELS:
+            raise DataError(f"{path}: voxel sizes {row_mm:g} x {column_mm:g} mm would make a {size[0]}x{size[1]} "
+                            "image; check the header's pixdim")
         picture = picture.resize(size, Image.Resampling.BILINEAR)
     return picture.convert("RGB")
+
+
+def _read_slice(image, shape: tuple[int, ...], voxel_axis: int, number: int, path: str):
+    """Voxel slice `number` along `voxel_axis`, as float64 (the file's scaling applied); only that slice is read."""
+    import numpy as np
+
+    try:
+        if len(shape) == 2:  # one slice stored as a 2-D image
+            return np.asarray(image.dataobj, dtype=np.float64)
+        where: list = [slice(None)] * 3
+        where[voxel_axis] = number
+        return np.asarray(image.dataobj[(*where, *[0] * (len(shape) - 3))], dtype=np.float64)  # 4-D: volume 0
+    except (OSError, ValueError, EOFError) as err:  # a truncated or damaged file shows here
+        raise DataError(f"{path}: cannot read the volume's voxels ({err})") from None
 
 
 def _volume_window(image, view: VolumeView, plane, path: str) -> tuple[float, float]:
@@ -170,7 +191,10 @@ def _volume_window(image, view: VolumeView, plane, path: str) -> tuple[float, fl
     cal_min, cal_max = (float(image.header.get(k, 0) or 0) for k in ("cal_min", "cal_max"))
     if cal_max > cal_min:
         return cal_min, cal_max
-    return float(plane.min()), float(plane.max())
+    import numpy as np
+
+    finite = plane[np.isfinite(plane)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
 
 
 def file_window(ds) -> tuple[float, float] | None:

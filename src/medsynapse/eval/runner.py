@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medsynapse.data.dataset import with_answer_format
+from medsynapse.data.dataset import check_image_limit, with_answer_format
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
@@ -184,6 +184,7 @@ class BenchmarkRun:
         lines, ready, images = [], [], []
         for sample in chunk:
             try:
+                check_image_limit([sample], self.model.max_images, self.benchmark.source)
                 images.append([load_image(path, sample) for path in sample.images])
                 ready.append(sample)
             except DataError as err:

@@ -88,7 +88,8 @@ def check_local_adapter(folder: Path) -> None:
 
 def batch_image_counts(batch: PromptBatch, n_images: int) -> list[int]:
     """Images per question of a prompt batch, checked against the `n_images` images given for its memory."""
-    counts = list(batch.images_per_sample or [1] * batch.input_ids.shape[0])
+    given = batch.images_per_sample
+    counts = [int(c) for c in given] if given is not None and len(given) else [1] * batch.input_ids.shape[0]
     if sum(counts) != n_images:
         raise ValueError(f"the batch's {len(counts)} questions show {sum(counts)} images, but {n_images} were given "
                          "for their memory (give every image of every question, in order)")
@@ -259,6 +260,14 @@ class MedSynapseV(nn.Module):
         return model.eval()
 
     # --- memory -------------------------------------------------------------------------------------------------
+    @property
+    def max_images(self) -> int | None:
+        """The most images a question may have for this model's memory (its image-index embedding's size), None
+        when any number goes (no memory module, or one that does not tell images apart)."""
+        module = self.sampler if self.sampler is not None else self.autonomous
+        limit = getattr(getattr(module, "config", None), "max_images", 1)
+        return limit if limit > 1 else None
+
     def prior(self, images: list[Image.Image]) -> PriorOutput:
         """E_ana on one image per sample, without gradients (the encoder is frozen)."""
         if self.encoder is None:

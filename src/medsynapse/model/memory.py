@@ -29,7 +29,7 @@ class SamplerConfig:
 
 def check_image_counts(images_per_sample: list[int], rows: int) -> None:
     """Counts of images per question that cover `rows` per-image rows, each at least 1."""
-    if any(int(c) < 1 for c in images_per_sample) or sum(images_per_sample) != rows:
+    if any(int(c) < 1 for c in images_per_sample) or sum(int(c) for c in images_per_sample) != rows:
         raise ValueError(f"images_per_sample {list(images_per_sample)} must be counts >= 1 summing to the {rows} "
                          "images given")
 
@@ -40,6 +40,7 @@ def pack_images(tokens: torch.Tensor, drop: torch.Tensor | None, images_per_samp
     mask laid out the same way (None stays None), each token's image index within its question (B, K·M) and the
     padding (B, K·M) (True where a question has fewer than K images)."""
     check_image_counts(images_per_sample, tokens.shape[0])
+    images_per_sample = [int(c) for c in images_per_sample]
     m, k = tokens.shape[1], max(images_per_sample)
     batch = len(images_per_sample)
     packed = tokens.new_zeros(batch, k * m, tokens.shape[2])
@@ -291,6 +292,7 @@ class AutonomousMemoryModule(nn.Module):
     def forward(self, visual_tokens: list[torch.Tensor] | tuple[torch.Tensor, ...], grids: list[tuple[int, int]],
                 images_per_sample: list[int]) -> torch.Tensor:
         """Per-image merged tokens (the vision tower's `pooler_output`) -> memory (B, N, H)."""
+        check_image_counts(images_per_sample, len(visual_tokens))
         if self.config.pooling == "attention":
             x = self.attend(visual_tokens, grids, images_per_sample)[0]
         else:

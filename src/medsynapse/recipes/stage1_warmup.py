@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import training_dataset
+from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import sharding, trainer
@@ -79,6 +79,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=True)
+    check_image_limit(dataset.samples, model.max_images, config.train_file)
     priors, prior_row = prior_table(model.prior, model.encoder_path, dataset, cache_dir=config.prior_cache)
     attach_reference_bank(model, priors, config.reference_bank_size, required=False)
 

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import training_dataset
+from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.counterfactual import TOKEN_INTERVENTIONS
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.sampling import row_keys, sampling_kwargs
@@ -260,6 +260,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False, answer_format=config.answer_format)
+    check_image_limit(dataset.samples, model.max_images, config.train_file)
     priors, prior_row = (prior_table(model.prior, model.encoder_path, dataset, cache_dir=config.prior_cache)
                          if config.use_memory else (None, None))
     if priors is not None:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import training_dataset
+from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
 from medsynapse.model.sampling import row_keys, sampling_kwargs
@@ -115,6 +115,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=False, answer_format=config.answer_format)
+    check_image_limit(dataset.samples, model.max_images, config.train_file)
     priors, prior_row = prior_table(model.prior, model.encoder_path, dataset,
                                                       cache_dir=config.prior_cache)
 

@@ -41,6 +41,16 @@ CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "scheduler.pt", "rng.
 # how, not what, is trained: a checkpoint may be resumed with other values (`distributed`: a sharded checkpoint also
 # resumes in one process or under DDP; an unsharded one under FSDP2 is refused by load_checkpoint, with the reason)
 RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_cache", "distributed", "report_to")
+# Settings added after runs were first recorded, left out of a run's recorded settings while at these values (what
+# every run before they existed did): checkpoints, pipeline manifests, study units and config hashes written earlier
+# still match.
+NEUTRAL_DEFAULTS = {"max_images": 1}
+
+
+def recorded_settings(values: dict) -> dict:
+    """`values` without the settings a resume may change and the new settings at their neutral defaults."""
+    return {k: v for k, v in values.items()
+            if k not in RESUMABLE_SETTINGS and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
 # where a run's logs go (accelerate's trackers): TensorBoard files in the output folder, a service only when asked
 REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
 _RUN_LOCKS: ContextVar[ExitStack | None] = ContextVar("medsynapse_run_locks", default=None)
@@ -241,7 +251,7 @@ def run_settings(config) -> dict:
     from medsynapse.config import to_dict
 
     values = json.loads(json.dumps(to_dict(config), default=str))
-    return {k: v for k, v in sorted(values.items()) if k not in RESUMABLE_SETTINGS}
+    return recorded_settings(dict(sorted(values.items())))
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:

@@ -70,7 +70,8 @@ def image_key(path: str | Path) -> str:
     from medsynapse.data.images import split_view
 
     file, fragment = split_view(str(path))
-    digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    digest = file_digest(Path(file)) if fragment else hashlib.sha256(Path(file).read_bytes()).hexdigest()  # a
+    # volume is hashed once for all its views (remembered by path, size and mtime)
     return hashlib.sha256(f"{digest}#{fragment}".encode()).hexdigest() if fragment else digest
 
 
