@@ -19,7 +19,7 @@ import yaml
 from medsynapse.config import ConfigError
 from medsynapse.eval.stats import bootstrap_deltas, paired_bootstrap, per_question_differences, percentile_test
 from medsynapse.runconfig import STAGES
-from medsynapse.study import _waiting_on, read_study, run_study
+from medsynapse.study import _job_kind, _waiting_on, read_study, run_study
 
 
 def test_jobs_with_the_most_work_waiting_on_them_count_every_descendant():
@@ -28,6 +28,8 @@ def test_jobs_with_the_most_work_waiting_on_them_count_every_descendant():
     jobs = {name: (None, None, parent) for name, parent in parents.items()}
     assert _waiting_on(jobs) == {"train s1": 4, "train s2a": 2, "train s2b": 0, "train s3": 1, "eval s3": 0,
                                  "train sft": 1, "eval sft": 0}
+    assert [_job_kind(n) for n in ("train stage2-s0-132d90d27c89", "eval ivt_lr-s1-cb91", "eval base")] == [
+        "train stage2", "eval ivt_lr", "eval base"]  # the ETA prices each kind of job by its own mean
 
 
 # --- the paired bootstrap ----------------------------------------------------------------------------------------

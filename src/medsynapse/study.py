@@ -526,14 +526,23 @@ def _finished(fn: Any, job: Any) -> bool:
 
 def _finish(name: str, start: float, done: set, seconds: dict[str, list[float]], total: int, left: list[str],
             workers: int) -> None:
-    """Progress line; the ETA from the mean time of each kind of job (trainings and evaluations) done so far."""
+    """Progress line; the ETA from the mean time of each kind of job done so far ("train stage2", "eval sft", ...;
+    a kind not seen yet: the mean of its trainings or evaluations, else of everything). One mean over all trainings
+    would price a 60-s SFT like a 200-s Stage II."""
     took = time.perf_counter() - start
     done.add(name)
-    seconds[name.split()[0]].append(took)
+    for key in (_job_kind(name), name.split()[0]):
+        seconds.setdefault(key, []).append(took)
     mean = {kind: sum(v) / len(v) for kind, v in seconds.items() if v}
-    fallback = sum(mean.values()) / len(mean)
-    eta = sum(mean.get(job.split()[0], fallback) for job in left) / workers
+    overall = sum(sum(v) for v in seconds.values() if v) / max(1, sum(len(v) for v in seconds.values()))
+    eta = sum(mean.get(_job_kind(job), mean.get(job.split()[0], overall)) for job in left) / workers
     print(f"study: {name} finished in {took:.0f} s; {len(done)}/{total} done, ETA {eta / 60:.0f} min", flush=True)
+
+
+def _job_kind(name: str) -> str:
+    """'train stage2-s0-132d90d27c89' -> 'train stage2'; 'eval ivt_lr-s1-…' -> 'eval ivt_lr'; 'eval base'."""
+    action, _, unit = name.partition(" ")
+    return f"{action} {unit.split('-')[0]}"
 
 
 def measure_rows(study: StudyConfig, plan: Plan, output: Path) -> dict[str, dict]:
