@@ -7,7 +7,7 @@ client's own work (building and reading HTTP messages) does not share the server
 front) from `--concurrency` client threads, after a warm-up of 8 requests; the batched server's answers are checked
 equal to the one-at-a-time server's. Prints a markdown table and writes the numbers as JSON.
 Usage: python benchmarks/serve_throughput.py --model runs/demo/stage2 --data DATA/test.jsonl
-       [--requests 256 --concurrency 32 --max-batch 32 --max-wait-ms 20 --json runs/serve_throughput.json]
+       [--requests 512 --concurrency 32 --max-batch 32 --max-wait-ms 20 --json runs/serve_throughput.json]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="a SynthMed split (test.jsonl)")
-    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
