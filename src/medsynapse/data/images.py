@@ -280,7 +280,7 @@ def load_image(path: str, sample: Sample | None = None, field: str = "images",
                window: tuple[float, float] | None = None, view: VolumeView | None = None) -> Image.Image:
     """Open an image fully (so corruption shows here, not deep inside a batch) as RGB; DICOM is windowed. A NIfTI
     volume (`.nii`, `.nii.gz`) gives the slice its path names (`ct.nii.gz#slice=40&axis=axial`) or `view`
-    (`load_nifti`); `window` then overrides the view's."""
+    (`load_nifti`; a given `view` replaces the path's); `window` then overrides the view's."""
     where = f"record id {sample.id!r}, field '{field}'" if sample is not None else "image"
     if window is not None:
         window = check_window(window, "--window")  # the caller's setting, not the file's fault

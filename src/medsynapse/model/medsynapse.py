@@ -269,7 +269,7 @@ class MedSynapseV(nn.Module):
         return limit if limit > 1 else None
 
     def prior(self, images: list[Image.Image]) -> PriorOutput:
-        """E_ana on one image per sample, without gradients (the encoder is frozen)."""
+        """E_ana on each image given (every image of every question, in order), without gradients (frozen)."""
         if self.encoder is None:
             raise ValueError("this model has no prior encoder")
         with torch.no_grad():
