@@ -190,9 +190,7 @@ def _picture_from_bytes(data: bytes, where: str, settings: ServeSettings):
             size = header.size
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
         return None
-    if size[0] * size[1] > settings.max_pixels:
-        raise BadRequest(413, f"{where}.image_url: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
-                              f"--max-pixels {settings.max_pixels}")
+    _refuse_past_max_pixels(size, where, settings)
     try:
         return open_picture(io.BytesIO(data), "the image", where)
     except DataError as err:
@@ -216,8 +214,11 @@ def _check_size(path: str, where: str, settings: ServeSettings) -> None:
             return
     else:
         size = _picture_size(path)
-    if size is None:
-        return
+    if size is not None:
+        _refuse_past_max_pixels(size, where, settings)
+
+
+def _refuse_past_max_pixels(size: tuple[int, int], where: str, settings: ServeSettings) -> None:
     if size[0] * size[1] > settings.max_pixels:
         raise BadRequest(413, f"{where}.image_url: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
                               f"--max-pixels {settings.max_pixels}")

@@ -144,11 +144,7 @@ class DiagnosticMemorySampler(nn.Module):
         over the K·M padded positions. None, or one image each, is exactly the single-image computation."""
         if images_per_sample is not None and any(int(c) != 1 for c in images_per_sample):
             return self._forward_packed(tokens, grid, drop, weights, images_per_sample)
-        if drop is not None:
-            # A row with every token dropped would attend to nothing (NaN): fall back to zeroing its tokens instead.
-            everything = drop.all(dim=1, keepdim=True)
-            tokens = tokens.masked_fill(everything.unsqueeze(-1), 0.0)
-            drop = drop & ~everything
+        tokens, drop = _zero_when_all_dropped(tokens, drop)
         # Both terms are learnt projections, so neither the positions nor the content swamps the other at init.
         pos = self.pos_proj(sincos_2d(grid, self.config.width, tokens.device).to(tokens.dtype))
         context = self.input_proj(self.input_norm(tokens)) + pos
@@ -159,17 +155,14 @@ class DiagnosticMemorySampler(nn.Module):
     def _forward_packed(self, tokens: torch.Tensor, grid: tuple[int, int], drop: torch.Tensor | None,
                         weights: list[torch.Tensor] | None, images_per_sample: list[int]) -> torch.Tensor:
         tokens, drop, index, padding = pack_images(tokens, drop, images_per_sample)
-        if drop is not None:  # every real token of a question dropped: zero its tokens instead (as above)
-            everything = (drop | padding).all(dim=1, keepdim=True)
-            tokens = tokens.masked_fill(everything.unsqueeze(-1), 0.0)
-            padding = padding | (drop & ~everything)
+        tokens, blocked = _zero_when_all_dropped(tokens, drop, padding)
         k = tokens.shape[1] // (grid[0] * grid[1])
         pos = self.pos_proj(sincos_2d(grid, self.config.width, tokens.device).to(tokens.dtype)).repeat(k, 1)
         context = self.input_proj(self.input_norm(tokens)) + pos
         tag = image_index_embedding(self.image_embed, index, self.config.max_images)
         if tag is not None:
             context = context + tag.to(context.dtype)
-        return self._read(context, padding, weights)
+        return self._read(context, blocked, weights)
 
     def _read(self, context: torch.Tensor, drop: torch.Tensor | None, weights: list[torch.Tensor] | None):
         """The probes read the context through the blocks; RMS-normalised output at the learnt gain."""
@@ -179,6 +172,18 @@ class DiagnosticMemorySampler(nn.Module):
         out = self.out_proj(self.out_norm(probes))
         rms = out.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
         return out * rms * self.gain
+
+
+def _zero_when_all_dropped(tokens: torch.Tensor, drop: torch.Tensor | None, padding: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens, key mask). A row whose every real token is dropped would attend to nothing (NaN): its tokens are
+    zeroed and attended instead. `padding` (packed questions) stays masked either way."""
+    if drop is None:
+        return tokens, padding
+    everything = (drop if padding is None else drop | padding).all(dim=1, keepdim=True)
+    tokens = tokens.masked_fill(everything.unsqueeze(-1), 0.0)
+    mask = drop & ~everything
+    return tokens, (mask if padding is None else padding | mask)
 
 
 @torch.no_grad()

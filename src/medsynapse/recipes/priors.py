@@ -32,13 +32,17 @@ def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None,
             rows.setdefault(path, len(rows))
     order = [[rows[path] for path in sample.images] for sample in dataset.samples]
     paths = list(rows)
+
+    def image_at(sample_index: int, place: int):
+        return dataset.images(sample_index)[place]
+
     cache = PriorCache(cache_dir, encoder_path) if cache_dir and encoder_path else None
     keys = [image_key(p) for p in paths] if cache is not None else paths
     missing = [i for i, key in enumerate(keys) if cache is None or key not in cache]
     computed: dict[int, tuple] = {}
     for start in range(0, len(missing), batch_size):
         chunk = missing[start:start + batch_size]
-        prior = encode([dataset.images(first_sample[paths[i]][0])[first_sample[paths[i]][1]] for i in chunk])
+        prior = encode([image_at(*first_sample[paths[i]]) for i in chunk])
         if cache is not None:
             cache.put([keys[i] for i in chunk], prior)
         for j, i in enumerate(chunk):
