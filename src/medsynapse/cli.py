@@ -177,13 +177,19 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from medsynapse.study import read_study, run_study
+    import json
+
+    from medsynapse.study import describe_plan, plan_markdown, read_study, run_study
 
     rows = args.rows.split(",") if args.rows else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     overrides = list(args.set or []) + ([f"output={args.output}"] if args.output else [])
     overrides += [f"workers={args.workers}"] if args.workers is not None else []
     study, raw, source = read_study(args.config, rows, seeds, overrides)
+    if args.plan:  # nothing is built, trained or evaluated
+        plan = describe_plan(study, raw, source)
+        print(json.dumps(plan, indent=2) if args.json else plan_markdown(plan))
+        return 0
     result = run_study(study, raw, source)
     print(f"\nstudy: {len(result['rows'])} rows x {len(result['seeds'])} seeds in {result['timing_s']['wall']:.0f} s; "
           f"{study.output}/study.json, table.md, table.csv, accuracy.png, efficiency.png")
@@ -506,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--workers", type=int, default=None, help="jobs at once (default: the file's)")
     study.add_argument("--output", default=None, help="default: the study file's `output`")
     study.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="study-file keys, e.g. latency_samples=0")
+    study.add_argument("--plan", action="store_true",
+                       help="print every row's units, reference, format and accelerator-hours; run nothing")
+    study.add_argument("--json", action="store_true", help="with --plan: the plan as JSON")
     study.set_defaults(func=cmd_study)
 
     config = sub.add_parser("config", parents=[common], help="show a run config's fully resolved settings")

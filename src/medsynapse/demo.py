@@ -141,11 +141,29 @@ def _timer(timing: dict[str, float]):
     return timed
 
 
+def shared_folders(config: DemoConfig) -> dict[str, Path]:
+    """Where the cache keeps (or will keep) the data, the tiny VLM, the prepared base VLM and the prior encoder: the
+    content keys of what shapes each, computed without building anything (`medsynapse study --plan` uses them)."""
+    cache, seed = _cache_root(config), config.data_seed
+    spec = TinyVLMSpec(image_size=config.image_size, vlm_resolution=config.vlm_resolution, seed=seed)
+    data_key = _key(SYNTHMED_VERSION, seed, config.image_size, config.train_images, config.test_images)
+    vlm_key = _key(data_key, asdict(spec))
+    base_key = _key(vlm_key, config.base_steps, BASE_VERSION, config.base_vision_steps, config.base_grounding_weight)
+    return {"data": cache / f"data-{data_key}", "vlm_init": cache / f"vlm_init-{vlm_key}",
+            "vlm_base": cache / f"vlm_base-{base_key}",
+            "encoder": cache / f"encoder-{_key(data_key, ENCODER_VERSION, config.encoder_steps)}"}
+
+
+def planned_shared(config: DemoConfig) -> Shared:
+    """The Shared folders `prepare_shared` would give, without building them (no test split, no timings)."""
+    folders = shared_folders(config)
+    return Shared(folders["data"], folders["vlm_base"], folders["encoder"], {}, [], 0, {})
+
+
 def prepare_shared(config: DemoConfig) -> Shared:
     """Data, tiny VLM, base-VLM preparation and the prior encoder, each cached under a key of what shapes it."""
     timing: dict[str, float] = {}
     timed = _timer(timing)
-    cache = _cache_root(config)
     seed = config.data_seed
 
     def make_data(tmp: Path) -> None:
@@ -153,11 +171,10 @@ def prepare_shared(config: DemoConfig) -> Shared:
         generate_split(tmp, "test", config.test_images, seed, config.image_size)
 
     spec = TinyVLMSpec(image_size=config.image_size, vlm_resolution=config.vlm_resolution, seed=seed)
-    data_key = _key(SYNTHMED_VERSION, seed, config.image_size, config.train_images, config.test_images)
-    vlm_key = _key(data_key, asdict(spec))
-    data = timed("data", lambda: _cached(cache / f"data-{data_key}", make_data))
+    folders = shared_folders(config)
+    data = timed("data", lambda: _cached(folders["data"], make_data))
     train_file = str(data / "train.jsonl")
-    vlm_init = timed("build_vlm", lambda: _cached(cache / f"vlm_init-{vlm_key}",
+    vlm_init = timed("build_vlm", lambda: _cached(folders["vlm_init"],
                                                   lambda tmp: build_tiny_vlm(tmp, corpus_lines(), spec)))
 
     def make_base(tmp: Path) -> None:
@@ -166,8 +183,7 @@ def prepare_shared(config: DemoConfig) -> Shared:
                                     vision_steps=config.base_vision_steps,
                                     grounding_weight=config.base_grounding_weight))
 
-    base_key = _key(vlm_key, config.base_steps, BASE_VERSION, config.base_vision_steps, config.base_grounding_weight)
-    vlm_base = timed("base_prep", lambda: _cached(cache / f"vlm_base-{base_key}", make_base))
+    vlm_base = timed("base_prep", lambda: _cached(folders["vlm_base"], make_base))
 
     def make_encoder(tmp: Path) -> None:
         _, info = train_encoder(EncoderTrainConfig(train_file=train_file, output_dir=str(tmp),
@@ -175,8 +191,7 @@ def prepare_shared(config: DemoConfig) -> Shared:
                                                    seed=seed))
         (tmp / "train_metrics.json").write_text(json.dumps(info))
 
-    encoder_key = _key(data_key, ENCODER_VERSION, config.encoder_steps)
-    encoder = timed("encoder", lambda: _cached(cache / f"encoder-{encoder_key}", make_encoder))
+    encoder = timed("encoder", lambda: _cached(folders["encoder"], make_encoder))
     test = [s for s in read_samples(data / "test.jsonl") if s.family == "lesion" and s.answer_type != "caption"]
     train_n = len([s for s in read_samples(data / "train.jsonl") if s.answer_type != "caption"])
     return Shared(data, vlm_base, encoder, json.loads((encoder / "train_metrics.json").read_text()), test, train_n,

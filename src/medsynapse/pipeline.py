@@ -33,7 +33,15 @@ from accelerate import PartialState
 
 from medsynapse.eval.report import write_json
 from medsynapse.recipes.trainer import latest_checkpoint, recorded_settings, run_settings
-from medsynapse.runconfig import RunConfig, resolve, stage1_file, stage2_file, stage_recipe
+from medsynapse.runconfig import (
+    RunConfig,
+    baseline_file,
+    rationale_file,
+    resolve,
+    stage1_file,
+    stage2_file,
+    stage_recipe,
+)
 
 STEPS = ("convert", "cache", "stage1", "stage2", "stage3", "eval")
 MANIFEST = "pipeline.json"
@@ -57,14 +65,31 @@ def _settings(run: RunConfig, step: str) -> dict:
         d = run.data
         return {"data_root": d.data_root, "subset_seed": d.subset_seed, "skip_bad": d.skip_bad,
                 "stage1": [dataclasses.asdict(c) for c in d.stage1_corpora],
-                "stage2": [dataclasses.asdict(c) for c in d.stage2_corpora], "files": _training_files(run)}
+                "stage2": [dataclasses.asdict(c) for c in d.stage2_corpora], "files": _training_files(run),
+                **({"rationale": [dataclasses.asdict(c) for c in d.rationale_corpora]} if d.rationale_corpora else {})}
     if step == "cache":
         return {"encoder": run.model.encoder, "files": _training_files(run), "prior_cache": run.data.prior_cache}
     return {**dataclasses.asdict(run.eval), "models": _eval_rows(run)}
 
 
 def _training_files(run: RunConfig) -> list[str]:
-    return list(dict.fromkeys(f for f in (stage1_file(run), stage2_file(run)) if f))
+    """Every file a stage or a baseline of the run trains on (the stages' first)."""
+    return list(dict.fromkeys(f for f in (stage1_file(run), stage2_file(run), baseline_file(run),
+                                          rationale_file(run)) if f))
+
+
+def write_union(files: list[str], output: str) -> dict:
+    """The baselines' file: every record of `files` in order (atomically), with the count from each."""
+    from medsynapse.locking import write_text_atomic
+
+    counts, lines = {}, []
+    for file in files:
+        text = Path(file).read_text()
+        kept = [line for line in text.splitlines() if line.strip()]
+        counts[file] = len(kept)
+        lines += kept
+    write_text_atomic(output, "".join(line + "\n" for line in lines))
+    return {"files": counts, "records": len(lines)}
 
 
 def _eval_rows(run: RunConfig) -> dict[str, str]:
@@ -174,6 +199,11 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
                                   ("stage2", d.stage2_corpora, stage2_file(run))):
             if specs:
                 report[name] = write_training_file(specs, d.data_root, file, d.subset_seed, d.skip_bad)
+        if d.rationale_corpora:
+            report["rationale"] = write_training_file(d.rationale_corpora, d.data_root, rationale_file(run),
+                                                      d.subset_seed, d.skip_bad)
+        if not d.baseline_file and baseline_file(run) != stage1_file(run):  # Stage I's and Stage II's records
+            report["baselines"] = write_union([stage1_file(run), stage2_file(run)], baseline_file(run))
         return report or None
     if step == "cache":
         if run.data.prior_cache:

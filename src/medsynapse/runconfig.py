@@ -36,6 +36,10 @@ class ModelSection:
     architecture: str = "qwen3-vl-8b"  # `inspect`'s preset when the folder is absent (meta device)
     encoder: str = ""  # a prior-encoder folder
     encoder_kind: str = "sam3-vision"  # `inspect` only: which published encoder size to count
+    # A SAM 3 encoder's prior-token level (model/encoders/sam3.py: fpn_1x, fpn_2x, fpn_4x, fpn_0.5x, vit). "": not
+    # chosen here (the encoder folder's medsynapse_sam3.json decides, else fpn_1x). Chosen: `inspect` refuses a
+    # prior_dim of another width and an encoder folder set to another level.
+    encoder_feature_level: str = ""
     prior_dim: int = 1024  # `inspect` only (at run time the encoder folder gives it)
     n_memory: int = 16  # N probes / memory vectors
     sampler_width: int = 256
@@ -62,6 +66,14 @@ class DataSection:
     stage2_corpora: list[CorpusSpec] = field(default_factory=list)
     subset_seed: int = 0  # the seed of every corpus's `size` subset
     skip_bad: bool = False  # skip (and count) bad records instead of stopping at the first
+    # The no-memory baselines train on what MedSynapse-V sees across its stages: `baseline_file`, or (when Stage II's
+    # file differs from Stage I's) OUTPUT/data/baselines.jsonl, both files' records, written by the convert step.
+    baseline_file: str = ""
+    # The reasoning rows (CoT-SFT, Coconut, IVT-LR) need `rationale` steps: `rationale_file`, or the converted
+    # `rationale_corpora` (OUTPUT/data/rationale.jsonl, e.g. PubMedVision with rationale=sentences), else the baseline
+    # file. A separate file, so that Stage I's and SFT's data stay as they are.
+    rationale_file: str = ""
+    rationale_corpora: list[CorpusSpec] = field(default_factory=list)
 
 
 def stage1_file(run: RunConfig) -> str:
@@ -75,6 +87,21 @@ def stage2_file(run: RunConfig) -> str:
     d = run.data
     return (d.stage2_file or (str(Path(run.output) / "data" / "stage2.jsonl") if d.stage2_corpora else "")
             or stage1_file(run))
+
+
+def baseline_file(run: RunConfig) -> str:
+    """The no-memory baselines' training file: every record of Stage I's and Stage II's files (DataSection)."""
+    d, first, second = run.data, stage1_file(run), stage2_file(run)
+    if d.baseline_file:
+        return d.baseline_file
+    return str(Path(run.output) / "data" / "baselines.jsonl") if second != first else first
+
+
+def rationale_file(run: RunConfig) -> str:
+    """The reasoning rows' training file (DataSection.rationale_file)."""
+    d = run.data
+    return (d.rationale_file or (str(Path(run.output) / "data" / "rationale.jsonl") if d.rationale_corpora else "")
+            or baseline_file(run))
 
 
 @dataclass
@@ -128,7 +155,7 @@ def run_config_from(data: dict, source: str = "config", overrides: list[str] | N
     for stage in (*STAGES, "baselines", "synthmed"):
         if not isinstance(getattr(run, stage), dict):
             raise ConfigError(f"{source}.{stage}: expected a mapping")
-    for key in ("stage1_corpora", "stage2_corpora"):
+    for key in ("stage1_corpora", "stage2_corpora", "rationale_corpora"):
         try:
             check_specs(getattr(run.data, key), f"data.{key}")
         except ValueError as error:
@@ -182,14 +209,18 @@ def resolve(run: RunConfig, stage: str):
 
 
 def resolve_baseline(run: RunConfig, method: str):
-    """The recipe config of a no-memory baseline, trained on the same data with the budget of the stage that shares
-    its objective (the paper's controls: same data, same backbone), then the `baselines.<method>` keys on top:
-    - sft: LoRA (the model section's) + next-token loss on Stage I's data, steps / epochs, batch, lr and schedule;
-    - cot-sft: the same on the reasoning steps + tagged answer (`target: rationale`), replying in `reasoning` format;
-    - grpo: Stage II's resolved settings on the plain VLM, with no memory and no causal term (GRPO-only);
-    - coconut, ivt-lr: Stage I's data, batch, lr and steps, split evenly over the curriculum's stages (ivt-lr: K 32
-      image tokens per latent step unless the section says otherwise);
-    - mcout: Stage I's data, batch, lr and steps (MCOUT-Multi, the answer as target).
+    """The recipe config of a no-memory baseline, trained on the data MedSynapse-V sees across its stages with the
+    budget of the stage that shares its objective (the paper's controls: same data, same backbone), then the
+    `baselines.<method>` keys on top:
+    - sft: LoRA (the model section's) + next-token loss on `baseline_file` (Stage I's and Stage II's records) with
+      Stage I's steps / epochs, batch, lr and schedule;
+    - cot-sft: the same on `rationale_file`'s reasoning steps + tagged answer (`target: rationale`), replying in
+      `reasoning` format;
+    - grpo: Stage II's resolved settings (its data: the accuracy reward needs Stage II's short verifiable answers) on
+      the plain VLM, with no memory and no causal term (GRPO-only);
+    - coconut, ivt-lr: `rationale_file`, Stage I's batch, lr and steps, split evenly over the curriculum's stages and
+      its final all-latent phase (ivt-lr: K 32 image tokens per latent step unless the section says otherwise);
+    - mcout: `baseline_file`, Stage I's batch, lr and steps (MCOUT-Multi, the answer as target).
     Folders: OUTPUT/<method> (grpo: OUTPUT/grpo_only, cot-sft: OUTPUT/cot_sft)."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; known: {list(BASELINES)}")
@@ -208,7 +239,7 @@ def resolve_baseline(run: RunConfig, method: str):
 
         overrides = run.baselines.get(method, {})
         stages = int(overrides.get("max_latent_stage", CoconutConfig.max_latent_stage)) + 1
-        filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]),
+        filled = dict(model=m.vlm, train_file=rationale_file(run), output_dir=str(out / BASELINES[method]),
                       lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr,
                       batch_size=s1.batch_size, steps_per_stage=s1.max_steps // stages if s1.max_steps else 0,
                       epochs_per_stage=s1.epochs / stages, weight_decay=s1.weight_decay, grad_clip=s1.grad_clip,
@@ -221,14 +252,15 @@ def resolve_baseline(run: RunConfig, method: str):
     if method == "mcout":  # Stage I's data and budget, the answer as target
         from medsynapse.recipes.mcout import MCOUTConfig
 
-        filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]),
+        filled = dict(model=m.vlm, train_file=baseline_file(run), output_dir=str(out / BASELINES[method]),
                       lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr,
                       batch_size=s1.batch_size, max_steps=s1.max_steps, epochs=s1.epochs,
                       weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, loss_reduction=s1.loss_reduction,
                       families=list(s1.families), answer_types=list(s1.answer_types), save_every=s1.save_every,
                       log_every=s1.log_every, seed=s1.seed, dtype=s1.dtype)
         return from_dict(MCOUTConfig, {**filled, **run.baselines.get(method, {})}, where)
-    filled = dict(model=m.vlm, train_file=s1.train_file, output_dir=str(out / BASELINES[method]), lora_r=m.lora_r,
+    file = rationale_file(run) if method == "cot-sft" else baseline_file(run)
+    filled = dict(model=m.vlm, train_file=file, output_dir=str(out / BASELINES[method]), lora_r=m.lora_r,
                   lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr, epochs=s1.epochs,
                   max_steps=s1.max_steps, batch_size=s1.batch_size, warmup_ratio=s1.warmup_ratio,
                   weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, loss_reduction=s1.loss_reduction,

@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -48,7 +49,7 @@ from typing import Any
 
 from medsynapse.config import ConfigError, from_dict, read_yaml
 from medsynapse.eval.report import mean_sd_ci, write_json
-from medsynapse.eval.stats import paired_bootstrap
+from medsynapse.eval.stats import adjust_family, compare
 from medsynapse.locking import write_text_atomic
 from medsynapse.recipes.trainer import recorded_settings
 from medsynapse.runconfig import (
@@ -74,6 +75,7 @@ class RowSpec:
     reference: str = ""  # the row its paired test compares with ("" = the study's reference; "none" = no test)
     group: str = "Table 1"  # the table section
     label: str = ""  # the table's name for it (default: the row's key)
+    answer_format: str = ""  # "": scored in the format the model was trained in; direct | reasoning: in that one
 
 
 @dataclass
@@ -95,6 +97,11 @@ class StudyConfig:
     latency_samples: int = 20  # batch-1 answers timed per row, in a fresh process, after every job (0: none)
     bootstrap_resamples: int = 10_000
     bootstrap_seed: int = 0
+    correction: str = "holm"  # p-value adjustment over each table's comparisons: holm | bh (Benjamini-Hochberg)
+    # What `--plan` prices (accelerator-hours): seconds per optimiser step of each kind of unit (stage1, stage2,
+    # stage3, sft, cot-sft, grpo, coconut, mcout, ivt-lr), seconds per scored question per answer format, and the
+    # scored questions per benchmark. Measured or estimated as the study file says; a missing entry prices at 0.
+    costs: dict = field(default_factory=dict)
     workers: int = 1  # jobs at once, each in its own process with cores / workers threads (1: in this process)
 
 
@@ -148,6 +155,14 @@ def check_study(study: StudyConfig, where: str) -> None:
                               f"{list(BASELINES)}, other rows none")
         if row.reference not in ("", "none", *study.rows):
             raise ConfigError(f"{where}.rows.{name}.reference: {row.reference!r} is not a row of this study")
+        if row.answer_format not in ("", "direct", "reasoning"):
+            raise ConfigError(f"{where}.rows.{name}.answer_format: {row.answer_format!r}; expected direct or "
+                              "reasoning (empty: as trained)")
+    if study.correction not in ("holm", "bh"):
+        raise ConfigError(f"{where}.correction: {study.correction!r}; expected holm or bh")
+    unknown = sorted(set(study.costs) - {"step_s", "question_s", "questions"})
+    if unknown:
+        raise ConfigError(f"{where}.costs: unknown key(s) {unknown}; expected step_s, question_s, questions")
 
 
 # --- planning ---------------------------------------------------------------------------------------------------
@@ -188,9 +203,13 @@ class Evaluation:
     reliance_conditions: list[str]
     reliance_limit: int
     after: str | None = None  # the unit that trains the model
+    answer_format: str = ""  # "": the format the model was trained in
 
     def settings(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("output", "model", "after")}
+        settings = {k: v for k, v in asdict(self).items() if k not in ("output", "model", "after")}
+        if not settings["answer_format"]:  # as trained: left out, so earlier evaluations keep their settings
+            settings.pop("answer_format")
+        return settings
 
 
 def _settings(config: Any) -> dict:
@@ -261,20 +280,217 @@ def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_sou
             chain = plan_units(run, row, seed, output / "units")
             for unit in chain:
                 units.setdefault(unit.name, unit)
-            model_name = chain[-1].name if chain else "base"
+            model_name = (chain[-1].name if chain else "base") + (f"-{row.answer_format}" if row.answer_format
+                                                                   else "")
             model_dir = chain[-1].config.output_dir if chain else run.model.vlm
             counterfactual = study.counterfactual or resolve(run, "stage2").intervention
             evaluation = Evaluation(model_name, model_dir, str(output / "evals" / model_name), benchmarks, data_root,
                                     study.eval_batch_size, study.max_new_tokens, study.reasoning_tokens,
                                     counterfactual, list(study.reliance_conditions), study.reliance_limit,
-                                    chain[-1].name if chain else None)
+                                    chain[-1].name if chain else None, row.answer_format)
             if evaluations.setdefault(model_name, evaluation).settings() != evaluation.settings():
                 raise ConfigError(f"study: rows sharing the model {model_name} ask for different evaluations "
                                   "(e.g. another counterfactual); set the study's `counterfactual`")
             cells[(name, seed)] = {"evaluation": model_name, "units": [u.name for u in chain],
                                    "hash": _key(model_name, evaluation.settings(),
                                                 run.model.vlm if not chain else None)}
+    refuse_rows_equal_to_their_reference(study, cells)
     return Plan(units, evaluations, cells)
+
+
+def refuse_rows_equal_to_their_reference(study: StudyConfig, cells: dict[tuple[str, int], dict]) -> None:
+    """An ablation must change something: a row whose model (the same units, scored the same way) is its reference's
+    would report a difference of exactly 0 as a result. One line naming both rows and what they share."""
+    for name in study.rows:
+        reference = _reference(study, name)
+        if reference is None:
+            continue
+        for seed in study.seeds:
+            mine, theirs = cells[(name, seed)], cells[(reference, seed)]
+            if mine["evaluation"] == theirs["evaluation"]:
+                shared = mine["units"][-1] if mine["units"] else mine["evaluation"]
+                raise ConfigError(f"study: row {name!r} resolves to the same model as its reference {reference!r} "
+                                  f"(unit {shared}): its `set` changes nothing the run file does not already say")
+
+
+# --- what a plan costs and what each row trains on ------------------------------------------------------------------
+
+
+def unit_format(unit: Unit | None) -> str:
+    """The answer format a unit's model is trained to reply in (None: the base VLM, which answers directly)."""
+    if unit is None:
+        return "direct"
+    config = unit.config
+    if unit.kind in ("coconut", "ivt-lr") or getattr(config, "target", "answer") == "rationale":
+        return "reasoning"
+    return getattr(config, "answer_format", "direct") or "direct"
+
+
+def planned_steps(config: Any, records: int | None) -> int | None:
+    """Optimiser steps of a unit: its max_steps, else epochs over `records` at its batch size (None: unknown size)."""
+    from medsynapse.recipes.coconut import n_stages
+
+    batch = config.batch_size
+    if hasattr(config, "steps_per_stage"):  # Coconut / IVT-LR: per curriculum stage
+        per_stage = config.steps_per_stage or (math.ceil(config.epochs_per_stage * records / batch)
+                                               if records else None)
+        return per_stage * n_stages(config.max_latent_stage, config.final_stage) if per_stage is not None else None
+    if getattr(config, "max_steps", 0) > 0:
+        return config.max_steps
+    epochs = getattr(config, "epochs", 0)
+    return math.ceil(epochs * records / batch) if records else None
+
+
+def planned_records(run: RunConfig) -> dict[str, int]:
+    """Records of each training file before it exists: the sizes of the corpora the convert step writes into it."""
+    from medsynapse.runconfig import baseline_file, rationale_file, stage1_file, stage2_file
+
+    def total(specs: list) -> int:
+        return sum(spec.size for spec in specs) if specs and all(spec.size for spec in specs) else 0
+
+    d = run.data
+    sizes = {stage1_file(run): total(d.stage1_corpora), stage2_file(run): total(d.stage2_corpora)}
+    sizes.setdefault(baseline_file(run), sizes[stage1_file(run)] + sizes[stage2_file(run)])
+    sizes.setdefault(rationale_file(run), total(d.rationale_corpora))
+    return {file: n for file, n in sizes.items() if file and n}
+
+
+def _file_facts(file: str, planned: dict[str, int]) -> dict:
+    """A training file's SHA-256 and records when it exists (else the planned count, sha256 None)."""
+    from medsynapse.pipeline import _sha256
+
+    path = Path(file)
+    if path.is_file():
+        with open(path, "rb") as handle:
+            records = sum(1 for line in handle if line.strip())
+        return {"file": file, "sha256": _sha256(file), "records": records}
+    return {"file": file, "sha256": None, "records": planned.get(file)}
+
+
+def parity_table(study: StudyConfig, plan: Plan, runs: dict[str, RunConfig] | None = None) -> dict:
+    """Per row (its first seed): every unit it trains with its training file (SHA-256, records), optimiser steps,
+    batch and the samples seen (steps x batch; Stage II and GRPO-only: prompts, each with group_size rollouts)."""
+    runs = runs or {}
+    table = {}
+    for name in study.rows:
+        cell = plan.cells[(name, study.seeds[0])]
+        units = []
+        for unit_name in cell["units"]:
+            unit = plan.units[unit_name]
+            facts = _file_facts(unit.config.train_file, planned_records(runs[name]) if name in runs else {})
+            steps = planned_steps(unit.config, facts["records"])
+            units.append({"unit": unit_name, "kind": unit.kind, **facts, "steps": steps,
+                          "batch": unit.config.batch_size,
+                          "samples_seen": steps * unit.config.batch_size if steps is not None else None,
+                          **({"rollouts_per_prompt": unit.config.group_size}
+                             if hasattr(unit.config, "group_size") else {})})
+        table[name] = {"units": units, "samples_seen": sum(u["samples_seen"] or 0 for u in units),
+                       "files": sorted({u["file"] for u in units})}
+    return table
+
+
+def parity_markdown(parity: dict) -> str:
+    lines = ["**Training data per row** (first seed's units; samples seen = steps × batch; RL units: prompts)", "",
+             "| row | unit | file | SHA-256 | records | steps | batch | samples seen |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in parity.items():
+        for unit in row["units"] or [{"unit": "—", "file": "—", "sha256": None, "records": None, "steps": None,
+                                      "batch": None, "samples_seen": None}]:
+            sha = unit["sha256"][:12] if unit["sha256"] else "—"
+            lines.append(f"| {name} | {unit['unit'].split('-s')[0]} | {Path(unit['file']).name} | {sha} | "
+                         f"{unit['records'] if unit['records'] is not None else '—'} | "
+                         f"{unit['steps'] if unit['steps'] is not None else '—'} | {unit['batch'] or '—'} | "
+                         f"{unit['samples_seen'] if unit['samples_seen'] is not None else '—'} |")
+    return "\n".join(lines)
+
+
+def _hours(seconds: float) -> float:
+    return round(seconds / 3600, 2)
+
+
+def describe_plan(study: StudyConfig, raw: dict, source: str) -> dict:
+    """`medsynapse study --plan`: every row with its units (keys) per seed, its reference and answer format, the
+    distinct units and models to evaluate, the data parity table, and accelerator-hours from `study.costs`: per row
+    alone (everything it needs) and added (what no earlier row already needs), and in all. Builds, trains and
+    evaluates nothing (SynthMed's cached folders are named by their content keys, built or not)."""
+    run = run_config_from(raw, source)
+    shared = None
+    if run.synthmed:
+        from medsynapse.demo import demo_settings, planned_shared
+
+        shared = planned_shared(demo_settings(run))
+        eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(shared.data))
+    else:
+        eval_source = (study.benchmarks or list(run.eval.benchmarks), study.data_root or run.eval.data_root)
+    output = Path(study.output)
+    plan = plan_study(study, raw, source, shared, eval_source, output)
+    runs = {name: row_run(raw, source, spec, study.seeds[0], shared) for name, spec in study.rows.items()}
+    step_s, question_s = study.costs.get("step_s", {}), study.costs.get("question_s", {})
+    questions = sum(int(study.costs.get("questions", {}).get(b, 0)) for b in eval_source[0])
+    first_questions = int(study.costs.get("questions", {}).get(eval_source[0][0], 0))
+
+    def unit_seconds(unit: Unit, records: dict[str, int]) -> float:
+        facts = _file_facts(unit.config.train_file, records)
+        return (planned_steps(unit.config, facts["records"]) or 0) * float(step_s.get(unit.kind, 0))
+
+    def eval_seconds(evaluation: Evaluation) -> float:
+        unit = plan.units.get(evaluation.after) if evaluation.after else None
+        answer_format = evaluation.answer_format or unit_format(unit)
+        seconds = questions * float(question_s.get(answer_format, 0))
+        if unit is not None and unit.kind in STAGES and evaluation.reliance_conditions:  # the reliance passes
+            scored = min(evaluation.reliance_limit or first_questions, first_questions)
+            seconds += len(evaluation.reliance_conditions) * scored * float(question_s.get(answer_format, 0))
+        return seconds
+
+    counted: dict[str, float] = {}  # job -> seconds, each distinct unit and evaluation once
+    rows = {}
+    for name, spec in study.rows.items():
+        records = planned_records(runs[name])
+        alone = added = 0.0
+        for seed in study.seeds:
+            cell = plan.cells[(name, seed)]
+            jobs = [(u, unit_seconds(plan.units[u], records)) for u in cell["units"]]
+            jobs.append((f"eval {cell['evaluation']}", eval_seconds(plan.evaluations[cell["evaluation"]])))
+            for job, seconds in jobs:
+                alone += seconds
+                if job not in counted:
+                    counted[job] = seconds
+                    added += seconds
+        last = plan.cells[(name, study.seeds[0])]["units"]
+        rows[name] = {"label": spec.label or name, "group": spec.group, "reference": _reference(study, name),
+                      "set": spec.set,
+                      "answer_format": spec.answer_format or unit_format(plan.units[last[-1]] if last else None),
+                      "units": {str(seed): plan.cells[(name, seed)]["units"] for seed in study.seeds},
+                      "evaluation": {str(seed): plan.cells[(name, seed)]["evaluation"] for seed in study.seeds},
+                      "hours_alone": _hours(alone), "hours_added": _hours(added)}
+    kinds: dict[str, int] = {}
+    for unit in plan.units.values():
+        kinds[unit.kind] = kinds.get(unit.kind, 0) + 1
+    training = sum(seconds for job, seconds in counted.items() if not job.startswith("eval "))
+    evaluation = sum(seconds for job, seconds in counted.items() if job.startswith("eval "))
+    per_seed = {kind: count / len(study.seeds) for kind, count in kinds.items()}
+    return {"study": source, "seeds": study.seeds, "rows": rows,
+            "distinct": {"units": len(plan.units), "units_by_kind": kinds, "units_per_seed_by_kind": per_seed,
+                         "evaluations": len(plan.evaluations), "cells": len(plan.cells)},
+            "benchmarks": eval_source[0], "scored_questions_per_model": questions,
+            "costs": study.costs, "hours": {"training": _hours(training), "evaluation": _hours(evaluation),
+                                            "total": _hours(training + evaluation)},
+            "parity": parity_table(study, plan, runs)}
+
+
+def plan_markdown(plan: dict) -> str:
+    """The plan of `describe_plan` as a table (rows, units per seed, hours) and the distinct counts."""
+    lines = [f"Study {plan['study']}: seeds {plan['seeds']}; benchmarks {', '.join(plan['benchmarks'])} "
+             f"({plan['scored_questions_per_model']} scored questions per model)", "",
+             "| row | format | vs | units (first seed) | hours alone | hours added |", "|---|---|---|---|---|---|"]
+    for name, row in plan["rows"].items():
+        units = ", ".join(next(iter(row["units"].values()))) or "—"
+        lines.append(f"| {name} | {row['answer_format']} | {row['reference'] or '—'} | {units} | "
+                     f"{row['hours_alone']} | {row['hours_added']} |")
+    distinct = plan["distinct"]
+    lines += ["", f"Distinct: {distinct['units']} units ({distinct['units_by_kind']}), {distinct['evaluations']} "
+              f"models to evaluate, {distinct['cells']} cells. Hours: {plan['hours']}"]
+    return "\n".join(lines)
 
 
 # --- jobs (run in a worker process, or in this one) --------------------------------------------------------------
@@ -309,9 +525,10 @@ def evaluate_model(job: Evaluation) -> dict:
         if result.get("settings") == json.loads(json.dumps(job.settings())):
             return result
     began = time.perf_counter()
-    answer_format = _answer_format(job.model)
+    answer_format = job.answer_format or _answer_format(job.model)
     settings = EvalSettings(batch_size=job.eval_batch_size,
-                            max_new_tokens=job.reasoning_tokens if answer_format == "reasoning" else job.max_new_tokens)
+                            max_new_tokens=job.reasoning_tokens if answer_format == "reasoning" else job.max_new_tokens,
+                            answer_format=answer_format if job.answer_format else None)
     harness = out / f"harness-{_key(asdict(settings))[:8]}"  # other settings, another folder (never refused)
     metrics = evaluate_benchmarks(job.model, job.benchmarks, job.data_root, harness, settings)
     correct = {}
@@ -568,6 +785,8 @@ def measure_rows(study: StudyConfig, plan: Plan, output: Path) -> dict[str, dict
     write_samples(questions, timed)
     rows: dict[str, dict] = {}
     for name in study.rows:
+        if study.rows[name].answer_format:  # the same folder as its as-trained row: timed there
+            continue
         evaluation = plan.evaluations[plan.cells[(name, study.seeds[0])]["evaluation"]]
         result = json.loads((Path(evaluation.output) / "result.json").read_text())
         reasoning = result["answer_format"] == "reasoning"
@@ -616,8 +835,10 @@ def _correct(plan: Plan, evaluation: str) -> dict[str, int]:
 
 
 def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, shared: dict, wall_s: float) -> dict:
-    """Per row: its cells, mean ± sd [95 % t-interval] of every number shared by its seeds, and the paired
-    bootstrap against its reference row."""
+    """Per row: its cells, mean ± sd [95 % t-interval] of every number shared by its seeds, its answer format, and
+    the paired comparison against its reference row (eval/stats.compare: hierarchical bootstrap over seeds and
+    questions, seed-level t, question-only bootstrap), p-values adjusted over each table (group) by
+    `study.correction`; the data parity table."""
     rows = {}
     for name, spec in study.rows.items():
         per_seed = [cells[(name, seed)] for seed in study.seeds]
@@ -626,8 +847,9 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
             if all(c.get(key) is not None for c in per_seed):
                 numbers[key] = [c[key] for c in per_seed]
         types = sorted({t for c in per_seed for t in c["by_question_type"]})
+        formats = sorted({c.get("answer_format") or "direct" for c in per_seed})
         rows[name] = {"label": spec.label or name, "group": spec.group, "model": spec.model, "method": spec.method,
-                      "set": spec.set, "reference": _reference(study, name),
+                      "set": spec.set, "reference": _reference(study, name), "answer_format": "/".join(formats),
                       "summary": {k: mean_sd_ci(v) for k, v in numbers.items()},
                       "efficiency": {k: v for k, v in efficiency.get(name, {}).items() if k != "settings"},
                       "by_question_type": {t: mean_sd_ci([c["by_question_type"][t]["accuracy"] for c in per_seed
@@ -640,10 +862,13 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
         mine = [_correct(plan, cells[(name, s)]["evaluation"]) for s in study.seeds]
         theirs = [_correct(plan, cells[(reference, s)]["evaluation"]) for s in study.seeds]
         questions = sorted(set.intersection(*(set(c) for c in mine + theirs)))
-        row["paired_bootstrap"] = paired_bootstrap([[c[q] for q in questions] for c in mine],
-                                                   [[c[q] for q in questions] for c in theirs],
-                                                   study.bootstrap_resamples, study.bootstrap_seed,
-                                                   groups=[q.split("/", 1)[0] for q in questions])
+        row["comparison"] = compare([[c[q] for q in questions] for c in mine],
+                                    [[c[q] for q in questions] for c in theirs],
+                                    study.bootstrap_resamples, study.bootstrap_seed,
+                                    groups=[q.split("/", 1)[0] for q in questions])
+    for group in dict.fromkeys(row["group"] for row in rows.values()):
+        adjust_family({n: r["comparison"] for n, r in rows.items() if r["group"] == group and "comparison" in r},
+                      study.correction)
     shared_units = {}
     for name in plan.units:
         users = sorted({row for (row, _), cell in plan.cells.items() if name in cell["units"]})
@@ -652,7 +877,7 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
     trained_s = sum(json.loads((Path(u.config.output_dir) / "unit.json").read_text())["seconds"]
                     for u in plan.units.values())
     return {"study": {k: v for k, v in asdict(study).items() if k != "rows"}, "seeds": study.seeds,
-            "shared": shared, "rows": rows,
+            "shared": shared, "rows": rows, "parity": parity_table(study, plan),
             "units": {"count": len(plan.units), "evaluations": len(plan.evaluations), "cells": len(plan.cells),
                       "shared_by_rows": shared_units},
             "timing_s": {"wall": wall_s, "training_sum": round(trained_s, 2)}}
@@ -684,7 +909,9 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def _p(value: float) -> str:
+def _p(value: float | None) -> str:
+    if value is None:
+        return "—"
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
@@ -692,8 +919,9 @@ def table_rows(result: dict) -> list[dict]:
     """One flat record per row: the columns of table.md and table.csv."""
     out = []
     for name, row in result["rows"].items():
-        summary, test = row["summary"], row.get("paired_bootstrap")
-        out.append({"group": row["group"], "row": row["label"], "key": name,
+        summary, test = row["summary"], row.get("comparison")
+        seed_t = (test or {}).get("seed_t") or {}
+        out.append({"group": row["group"], "row": row["label"], "key": name, "answer_format": row["answer_format"],
                     "accuracy_mean": summary["accuracy"]["mean"], "accuracy_sd": summary["accuracy"]["sd"],
                     "accuracy_ci95": summary["accuracy"]["ci95"],
                     "counterfactual_sensitivity": (summary.get("counterfactual_sensitivity") or {}).get("mean"),
@@ -701,33 +929,49 @@ def table_rows(result: dict) -> list[dict]:
                     "peak_mem_mb": row["efficiency"].get("peak_mem_mb"),
                     "reference": row["reference"], "delta": test["delta"] if test else None,
                     "delta_ci95": test["ci95"] if test else None, "p_value": test["p_value"] if test else None,
+                    "p_adjusted": test.get("p_adjusted") if test else None,
+                    "delta_seed_t_ci95": seed_t.get("ci95"), "p_seed_t": seed_t.get("p_value"),
+                    "delta_questions_only_ci95": test["questions_only"]["ci95"] if test else None,
                     "seeds": len(row["cells"])})
     return out
+
+
+def _signed(interval: list[float] | None) -> str:
+    return "—" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
 def markdown_table(result: dict) -> str:
     seeds = ", ".join(map(str, result["seeds"]))
     resamples = result["study"]["bootstrap_resamples"]
-    lines = [f"Accuracy: mean ± sd over seeds {seeds} [95 % t-interval of the mean]. Δ: accuracy minus the reference "
-             f"row's, paired over questions and seeds, with a 95 % bootstrap interval and two-sided p "
-             f"({resamples} resamples of the questions). A(M) − A(M'): accuracy with the memory minus with the "
-             "counterfactual memory. ms/sample: batch 1, the first seed's model alone in a fresh process, each "
-             "answer until its end of sequence (a reasoning row writes its analysis first)."]
+    correction = {"holm": "Holm's step-down (family-wise error)", "bh": "Benjamini-Hochberg (false discovery rate)"}[
+        result["study"].get("correction", "holm")]
+    lines = [f"Accuracy: mean ± sd over seeds {seeds} [95 % t-interval of the mean over seeds]. Format: the answer "
+             "format the row is scored in (as it was trained; the base in both). Δ: accuracy minus the reference "
+             f"row's, paired. Δ's interval and p: the hierarchical bootstrap ({resamples} resamples; each draws the "
+             "training seeds with replacement and each benchmark's questions with replacement), so both seed and "
+             f"question variance are in it. p adj.: {correction} over the comparisons of the same table. Seed t: "
+             "the per-seed differences' Student-t interval and p (S − 1 degrees of freedom); with 3 seeds it is "
+             "wide, and the bootstrap narrow by about sqrt(2/3): read both. A(M) − A(M'): accuracy with the memory "
+             "minus with the counterfactual memory. ms/sample: batch 1, the first seed's model alone in a fresh "
+             "process, each answer until its end of sequence (a reasoning row writes its analysis first)."]
     group = None
     for record in table_rows(result):
         if record["group"] != group:
             group = record["group"]
-            lines += ["", f"**{group}**", "", "| row | accuracy | 95 % interval | vs | Δ [95 % interval] | p | "
-                      "A(M) − A(M') | ms / sample |", "|---|---|---|---|---|---|---|---|"]
+            lines += ["", f"**{group}**", "", "| row | format | accuracy | 95 % interval | vs | Δ [95 % interval] | "
+                      "p | p adj. | seed t: Δ 95 % | p | A(M) − A(M') | ms / sample |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         row = result["rows"][record["key"]]
-        delta = (f"{record['delta']:+.3f} [{record['delta_ci95'][0]:+.3f}, {record['delta_ci95'][1]:+.3f}]"
-                 if record["delta"] is not None else "—")
+        delta = (f"{record['delta']:+.3f} {_signed(record['delta_ci95'])}" if record["delta"] is not None else "—")
         versus = result["rows"][record["reference"]]["label"] if record["reference"] else "—"
-        lines.append(f"| {record['row']} | {_stat(row['summary']['accuracy'])} | "
+        lines.append(f"| {record['row']} | {record['answer_format']} | {_stat(row['summary']['accuracy'])} | "
                      f"{_interval(row['summary']['accuracy'])} | {versus} | {delta} | "
-                     f"{_p(record['p_value']) if record['p_value'] is not None else '—'} | "
+                     f"{_p(record['p_value'])} | {_p(record['p_adjusted'])} | "
+                     f"{_signed(record['delta_seed_t_ci95'])} | {_p(record['p_seed_t'])} | "
                      f"{_stat(row['summary'].get('counterfactual_sensitivity'))} | "
                      f"{_ms(record['ms_per_sample'])} |")
+    if result.get("parity"):
+        lines += ["", parity_markdown(result["parity"])]
     return "\n".join(lines) + "\n"
 
 
