@@ -160,8 +160,8 @@ def test_study_killed_mid_training_resumes_to_the_same_study_json_without_retrai
     assert cell["efficiency"]["harness"]["synthmed"]["ms_per_sample"] > 0  # every cell: the eval's own timing
     timed = straight["rows"]["medsynapse_v"]["efficiency"]  # per row, batch 1, fresh process, after every job
     assert timed["n_timed"] == 1 and timed["ms_per_sample"] > 0 and timed["fixed_length"] is False
-    assert straight["rows"]["without_stage2"]["paired_bootstrap"]["n_seeds"] == 2
-    assert "paired_bootstrap" not in straight["rows"]["medsynapse_v"]  # the reference itself
+    assert straight["rows"]["without_stage2"]["comparison"]["n_seeds"] == 2
+    assert "comparison" not in straight["rows"]["medsynapse_v"]  # the reference itself
     for name in ("study.json", "table.md", "table.csv", "accuracy.png", "efficiency.png"):
         assert (tmp_path / "straight" / name).is_file(), name
     table = (tmp_path / "straight" / "table.md").read_text()
@@ -234,7 +234,7 @@ def test_the_shipped_synthmed_study_plans_shared_units(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     study, raw, source = read_study(root / "configs" / "study-synthmed.yaml")
-    assert study.seeds == [0, 1, 2] and len(study.rows) == 21
+    assert study.seeds == [0, 1, 2] and len(study.rows) == 22
 
     class Shared:  # the cached folders' stand-ins (nothing is read from them when planning)
         vlm_base, encoder, train_file, data = "VLM", "ENCODER", "TRAIN", "CACHE/DATA"
