@@ -103,10 +103,12 @@ def test_the_curriculum_replaces_steps_stage_by_stage():
 
     sample = Sample(id="x", images=["i"], question="q", answer="yes", answer_type="yes_no",
                     rationale=["A CT image of the abdomen.", "There is one lesion."])
-    texts = [stage_samples([sample], s)[0].answer for s in range(4)]
+    texts = [stage_samples([sample], s, 3)[0].answer for s in range(5)]
     assert texts == ["A CT image of the abdomen. There is one lesion. <answer>yes</answer>",
-                     "There is one lesion. <answer>yes</answer>", "<answer>yes</answer>", "<answer>yes</answer>"]
-    assert [stage_of(step, 5, 3) for step in (0, 4, 5, 14, 15, 19, 25)] == [0, 0, 1, 2, 3, 3, 3]
+                     "There is one lesion. <answer>yes</answer>", "<answer>yes</answer>", "<answer>yes</answer>",
+                     "<answer>yes</answer>"]
+    assert [stage_of(step, 5, 3) for step in (0, 4, 5, 14, 15, 19, 20, 25)] == [0, 0, 1, 2, 3, 3, 4, 4]
+    assert [stage_of(step, 5, 3, final_stage=False) for step in (19, 20, 25)] == [3, 3, 3]
 
 
 def _baseline_run(tiny_env, tmp_path, method: str, steps: int = 3, batch: int = 2, **settings) -> str:
@@ -124,33 +126,61 @@ def _baseline_run(tiny_env, tmp_path, method: str, steps: int = 3, batch: int = 
 
 
 def _run_file(tiny_env, tmp_path, **coconut) -> str:
-    return _baseline_run(tiny_env, tmp_path, "coconut", steps=6, batch=4, max_latent_stage=2, thoughts_per_step=1,
+    # 8 steps: 2 per stage whether the budget is split over 3 stages (0-2) or 4 (0-2 + the final phase)
+    return _baseline_run(tiny_env, tmp_path, "coconut", steps=8, batch=4, max_latent_stage=2, thoughts_per_step=1,
                          **coconut)
 
 
-def test_coconut_trains_by_stage_resumes_exactly_and_answers_through_eval(tiny_env, tmp_path):
+def test_coconut_trains_by_stage_resumes_exactly_and_answers_through_eval(tiny_env, tmp_path, monkeypatch):
     from conftest import Interrupted
 
+    from medsynapse.recipes import coconut
     from medsynapse.recipes.coconut import train_coconut
     from medsynapse.runconfig import read_run_config, resolve_baseline
 
     config = resolve_baseline(read_run_config(_run_file(tiny_env, tmp_path)), "coconut")
-    assert (config.steps_per_stage, config.max_latent_stage, config.batch_size) == (2, 2, 4)  # 6 steps / 3 stages
+    assert (config.steps_per_stage, config.max_latent_stage, config.batch_size) == (2, 2, 4)
+    assert config.final_stage
+    # what each step trains on: the stages whose data are built, the thoughts of every latent pass, the texts learned
+    stages, thoughts, texts = [], [], []
+    stage_dataset, latent_thoughts = coconut.stage_dataset, coconut.latent_thoughts
+
+    def recorded_dataset(plain, stage, config):
+        dataset = stage_dataset(plain, stage, config)
+        stages.append(stage)
+        texts.append([s.answer for s in dataset.samples])
+        return dataset
+
+    def recorded_thoughts(model, batch, k, latent_id, features=None):
+        thoughts.append(k)
+        return latent_thoughts(model, batch, k, latent_id, features)
+    monkeypatch.setattr(coconut, "stage_dataset", recorded_dataset)
+    monkeypatch.setattr(coconut, "latent_thoughts", recorded_thoughts)
     assert main(["train", "baseline", "--method", "coconut", "--config", _run_file(tiny_env, tmp_path)]) == 0
+    # stages 0, 1, 2 then the final phase (3), 2 steps each; the final phase keeps stage 2's 2 thoughts and learns
+    # the tagged answer alone (SynthMed's chains have 2-3 steps: stage 2 still writes a third step where there is one)
+    assert stages == [0, 1, 2, 3] and thoughts == [1, 1, 2, 2, 2, 2]
+    assert all(t.startswith("<answer>") for t in texts[3]) and not all(t.startswith("<answer>") for t in texts[2])
+    monkeypatch.undo()
     folder = tmp_path / "run" / "coconut"
     manifest = json.loads((folder / "medsynapse.json").read_text())
     assert manifest["latent"] == {"method": "coconut", "thoughts": 2} and manifest["answer_format"] == "reasoning"
     weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     assert any(float(v.abs().max()) > 1e-4 for k, v in weights.items() if "lora_B" in k)
-    # killed after step 3 (inside stage 1) and resumed: the same weights as the uninterrupted run
+    # killed after step 3 (inside stage 1), resumed, killed after step 7 (inside the final phase), resumed: the same
+    # weights as the uninterrupted run
     other = _run_file(tiny_env, tmp_path / "b")
     killed = resolve_baseline(read_run_config(other, ["baselines.coconut.save_every=1"]), "coconut")
 
-    def kill(done):
-        if done == 3:
-            raise Interrupted("killed")
+    def kill_at(step):
+        def kill(done):
+            if done == step:
+                raise Interrupted("killed")
+        return kill
     with pytest.raises(Interrupted):
-        train_coconut(killed, on_step=kill)
+        train_coconut(killed, on_step=kill_at(3))
+    with pytest.raises(Interrupted):
+        train_coconut(dataclasses.replace(killed, resume=True), on_step=kill_at(7))
     train_coconut(dataclasses.replace(killed, resume=True))
     resumed = load_file(str(tmp_path / "b" / "run" / "coconut" / "adapter" / "adapter_model.safetensors"))
     assert weights.keys() == resumed.keys() and all(torch.allclose(weights[k], resumed[k], atol=1e-6)
@@ -276,7 +306,9 @@ def test_ivt_lr_chooses_the_patches_that_layers_attention_ranks_first(tiny_env, 
 
 
 def test_ivt_lr_trains_saves_and_answers_through_eval(tiny_env, tmp_path):
-    path = _baseline_run(tiny_env, tmp_path, "ivt-lr", max_latent_stage=2, thoughts_per_step=1, patches_per_step=2)
+    # 4 steps: 1 per stage over 3 stages or 4 (with the final phase)
+    path = _baseline_run(tiny_env, tmp_path, "ivt-lr", steps=4, max_latent_stage=2, thoughts_per_step=1,
+                         patches_per_step=2)
     assert main(["train", "baseline", "--method", "ivt-lr", "--config", path]) == 0
     folder = tmp_path / "run" / "ivt_lr"
     latent = json.loads((folder / "medsynapse.json").read_text())["latent"]

@@ -437,12 +437,44 @@ def run_demo(run: RunConfig) -> dict:
         print(f"seed {seed}: running ({len(per_seed)} of {len(config.seeds)} done)")
         per_seed[seed] = run_seed(config, run, shared, seed, folder)
     summary = summarize_seeds(per_seed)
+    summary["comparisons"] = seed_comparisons({seed: out / f"seed_{seed}" for seed in config.seeds})
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", summary_report(summary))
     plot_accuracy({"stages": {k: {"accuracy": v["accuracy"]["mean"],
                                   "counterfactual_accuracy": (v.get("counterfactual_accuracy") or {}).get("mean")}
                               for k, v in summary["stages"].items()}}, out / "accuracy.png")
     return summary
+
+
+# The demo's paired comparisons over seeds (row, reference): the same statistic as the study's table
+# (eval/stats.compare: hierarchical bootstrap over seeds and questions, seed-level t, Holm over the family).
+COMPARISONS = (("stage2", "sft"), ("stage2", "grpo_only"), ("stage2", "stage1"), ("stage2", "stage2_lambda0"),
+               ("stage2", "stage2_paper_eq5"), ("stage2", "stage2_ranked"), ("stage3_student", "stage2"),
+               ("stage3_student", "stage3_jsd_only"))
+
+
+def seed_comparisons(folders: dict[int, Path], resamples: int = 10_000) -> dict[str, dict]:
+    """Each comparison of COMPARISONS whose two rows have predictions under every seed, from the per-question
+    correctness in OUTPUT/seed_K/predictions_ROW.jsonl, paired by question id; Holm-adjusted over the family."""
+    from medsynapse.eval.stats import adjust_family, compare
+
+    def correctness(row: str) -> list[dict[str, int]] | None:
+        files = [folder / f"predictions_{row}.jsonl" for folder in folders.values()]
+        if not all(f.is_file() for f in files):
+            return None
+        return [{line["id"]: int(bool(line["correct"])) for line in map(json.loads, f.read_text().splitlines())}
+                for f in files]
+
+    out = {}
+    for row, reference in COMPARISONS:
+        mine, theirs = correctness(row), correctness(reference)
+        if mine is None or theirs is None:
+            continue
+        questions = sorted(set.intersection(*(set(c) for c in mine + theirs)))
+        out[f"{row} − {reference}"] = compare([[c[q] for q in questions] for c in mine],
+                                              [[c[q] for q in questions] for c in theirs], resamples)
+    adjust_family(out, "holm")
+    return out
 
 
 def write_run_config(run: RunConfig, path: Path) -> None:

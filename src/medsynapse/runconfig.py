@@ -235,13 +235,15 @@ def resolve_baseline(run: RunConfig, method: str):
 
     s1 = resolve(run, "stage1")
     if method in ("coconut", "ivt-lr"):  # Stage I's data and budget split evenly over the curriculum's stages
-        from medsynapse.recipes.coconut import CoconutConfig
+        from medsynapse.recipes.coconut import CoconutConfig, n_stages
 
         overrides = run.baselines.get(method, {})
-        stages = int(overrides.get("max_latent_stage", CoconutConfig.max_latent_stage)) + 1
+        stages = n_stages(int(overrides.get("max_latent_stage", CoconutConfig.max_latent_stage)),
+                          bool(overrides.get("final_stage", CoconutConfig.final_stage)))  # + the all-latent phase
         filled = dict(model=m.vlm, train_file=rationale_file(run), output_dir=str(out / BASELINES[method]),
                       lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr,
-                      batch_size=s1.batch_size, steps_per_stage=s1.max_steps // stages if s1.max_steps else 0,
+                      batch_size=s1.batch_size,
+                      steps_per_stage=max(1, s1.max_steps // stages) if s1.max_steps else 0,
                       epochs_per_stage=s1.epochs / stages, weight_decay=s1.weight_decay, grad_clip=s1.grad_clip,
                       loss_reduction=s1.loss_reduction, families=list(s1.families),
                       answer_types=list(s1.answer_types), save_every=s1.save_every, log_every=s1.log_every,

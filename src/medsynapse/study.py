@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from medsynapse.config import ConfigError, from_dict, read_yaml
-from medsynapse.eval.report import mean_sd_ci, write_json
+from medsynapse.eval.report import format_interval, format_p, mean_sd_ci, write_json
 from medsynapse.eval.stats import adjust_family, compare
 from medsynapse.locking import write_text_atomic
 from medsynapse.recipes.trainer import recorded_settings
@@ -909,12 +909,6 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def _p(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return "< 0.001" if value < 0.001 else f"{value:.3f}"
-
-
 def table_rows(result: dict) -> list[dict]:
     """One flat record per row: the columns of table.md and table.csv."""
     out = []
@@ -934,10 +928,6 @@ def table_rows(result: dict) -> list[dict]:
                     "delta_questions_only_ci95": test["questions_only"]["ci95"] if test else None,
                     "seeds": len(row["cells"])})
     return out
-
-
-def _signed(interval: list[float] | None) -> str:
-    return "—" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
 def markdown_table(result: dict) -> str:
@@ -962,12 +952,13 @@ def markdown_table(result: dict) -> str:
                       "p | p adj. | seed t: Δ 95 % | p | A(M) − A(M') | ms / sample |",
                       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         row = result["rows"][record["key"]]
-        delta = (f"{record['delta']:+.3f} {_signed(record['delta_ci95'])}" if record["delta"] is not None else "—")
+        delta = (f"{record['delta']:+.3f} {format_interval(record['delta_ci95'])}" if record["delta"] is not None
+                 else "—")
         versus = result["rows"][record["reference"]]["label"] if record["reference"] else "—"
         lines.append(f"| {record['row']} | {record['answer_format']} | {_stat(row['summary']['accuracy'])} | "
                      f"{_interval(row['summary']['accuracy'])} | {versus} | {delta} | "
-                     f"{_p(record['p_value'])} | {_p(record['p_adjusted'])} | "
-                     f"{_signed(record['delta_seed_t_ci95'])} | {_p(record['p_seed_t'])} | "
+                     f"{format_p(record['p_value'])} | {format_p(record['p_adjusted'])} | "
+                     f"{format_interval(record['delta_seed_t_ci95'])} | {format_p(record['p_seed_t'])} | "
                      f"{_stat(row['summary'].get('counterfactual_sensitivity'))} | "
                      f"{_ms(record['ms_per_sample'])} |")
     if result.get("parity"):

@@ -110,6 +110,16 @@ def _stat(stat: dict | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def format_interval(interval: list[float] | None) -> str:
+    """A signed interval, '[+0.012, +0.034]' (— when absent)."""
+    return "—" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
+
+
+def format_p(value: float | None) -> str:
+    """A p-value, '< 0.001' below it (— when absent)."""
+    return "—" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def summary_report(summary: dict) -> str:
     """Markdown over seeds: mean ± sd [95 % t-interval] per row, per question type, claims and diagnostics."""
     stages = summary["stages"]
@@ -124,6 +134,16 @@ def summary_report(summary: dict) -> str:
     for t in types:
         cells = [_stat(row.get("by_question_type", {}).get(t, {}).get("accuracy"), 2) for row in stages.values()]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if summary.get("comparisons"):
+        lines += ["", "## Paired comparisons", "",
+                  "Δ paired per question and seed. Interval and p: hierarchical bootstrap over training seeds and "
+                  "questions; p adj.: Holm over these comparisons; seed t: the per-seed differences' t-interval and p "
+                  "(S − 1 degrees of freedom).", "",
+                  "| comparison | Δ | 95 % interval | p | p adj. | seed t: 95 % | p |", "|---|---|---|---|---|---|---|"]
+        for name, c in summary["comparisons"].items():
+            t = c["seed_t"]
+            lines.append(f"| {name} | {c['delta']:+.3f} | {format_interval(c['ci95'])} | {format_p(c['p_value'])} | "
+                         f"{format_p(c['p_adjusted'])} | {format_interval(t['ci95'])} | {format_p(t['p_value'])} |")
     lines += ["", "## Claims", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {k} | {_stat(v)} |" for k, v in summary.get("claims", {}).items()]
     if summary.get("efficiency"):

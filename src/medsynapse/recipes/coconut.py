@@ -7,9 +7,31 @@ question come k latent slots; thought 1 is the last hidden state at the end of t
 hidden state at slot j; then the text. Curriculum over stages s = 0 .. max_latent_stage: at stage s the first s
 reasoning steps are replaced by k = s * thoughts_per_step thoughts and the model learns the remaining steps, then the
 answer in <answer></answer> (the `reasoning` format's tag), with the loss on those tokens only (question and thought
-positions carry none). A sample with fewer steps than s has all of them replaced (the reference code's
-`pad_latent_to_max`: every sample of a stage gets the same k). The optimiser and its schedule restart at every stage
-(`reset_optimizer: True` in the reference configs). Stage 0 is CoT-SFT.
+positions carry none). Every sample of a stage gets the same k, also one with fewer steps than s (all of its steps
+replaced), as the reference's `get_cot_latent_dataset` does for s <= max_latent_stage. Then, with `final_stage` (the
+default), the reference's last phase (facebookresearch/coconut dataset.py, `scheduled_stage > max_latent_stage`;
+run.py keeps training in it until `num_epochs`): stage max_latent_stage + 1, where EVERY reasoning step is dropped,
+also those past max_latent_stage that stage max_latent_stage still writes, the prompt holds max_latent_stage * c
+thoughts and only the tagged answer is learned; the thoughts a saved folder answers with (max_latent_stage * c) are
+this phase's. Its thought count is the reference's `pad_latent_to_max: True` (both its configs): the other choice,
+min(steps, max_latent_stage) * c per sample, is not offered, because a batch's slots end every row's prompt at the
+same columns (left padding; `slot_start` in model/latent.py) and a saved folder answers with one k. The stages share
+the budget evenly: max_latent_stage + 2 stages with the final phase (the reference gives it the epochs left after
+stage max_latent_stage: 13 of GSM8k's 25, 15 of ProsQA's 50), max_latent_stage + 1 without. The optimiser and its
+schedule restart at every stage (`reset_optimizer: True` in the reference configs, where it restarts every epoch
+with a constant lr). Stage 0 is CoT-SFT.
+
+No `<|start-latent|>` / `<|end-latent|>` markers around the thoughts (the reference adds both tokens, initialised
+from "<<", and trains their embedding rows by full fine-tuning; labels -100 on them). Here: (1) the slots are
+MedSynapse-V's memory positions, at the END of the prompt, which the shared loaders and splices rely on (PromptBuilder
+appends the n_memory slots after the assistant header; `slot_start`, `with_slots`, `generate_with_memory` and the
+eval / predict / serve paths find them there); an end marker after the slots would move the prompt's end and break
+that layout for every latent baseline and the saved folders. (2) New tokens change the frozen VLM's tokenizer and
+embedding matrix: with a LoRA on the attention projections their rows would never be trained (an untrained or "<<"
+copy vector at both positions), and every saved folder would have to carry a resized embedding. (3) The start marker
+is there already in effect: the slots always follow the chat template's fixed `<|im_start|>assistant` line; and the
+reference's own Qwen-VL port, IVT-LR (FYYDCC/IVT-LR qwen_vl/qwenvl_run.py, `no_special_marker=True`; infer.py
+appends the bare `<|latent|>` slots), trains and answers without them.
 
 Adaptations, said plainly: a LoRA on the language model (the model section's, as every baseline here) instead of
 full fine-tuning (8B); defaults c 2 and max_latent_stage 3 (the reference GSM8k config), lr 1e-5 and one epoch per
@@ -59,7 +81,10 @@ class CoconutConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     thoughts_per_step: int = 2  # c: thoughts that replace one reasoning step (reference GSM8k config: 2)
-    max_latent_stage: int = 3  # the last stage replaces this many steps (inference uses its thoughts)
+    max_latent_stage: int = 3  # the last partial stage replaces this many steps (its thoughts: inference's)
+    # the reference's final phase, stage max_latent_stage + 1: every step latent (max_latent_stage * c thoughts), only
+    # the answer learned; the budget is split over max_latent_stage + 2 stages (+ 1 without it)
+    final_stage: bool = True
     patches_per_step: int = 0  # IVT-LR: image tokens inserted per latent step (reference 32); 0 = Coconut
     selection_layer: int = -1  # IVT-LR: the decoder layer whose attention chooses them; -1 = the middle layer
     steps_per_stage: int = 0  # optimiser steps per stage; 0: epochs_per_stage decide
@@ -83,14 +108,38 @@ class CoconutConfig:
     distributed: str = "ddp"
 
 
-def stage_of(step: int, steps_per_stage: int, max_latent_stage: int) -> int:
-    """The curriculum stage of a global optimiser step (stages 0 .. max_latent_stage, steps_per_stage each)."""
-    return min(step // steps_per_stage, max_latent_stage)
+def n_stages(max_latent_stage: int, final_stage: bool = True) -> int:
+    """The curriculum's stage count: 0 .. max_latent_stage, then the all-latent final phase when it is on."""
+    return max_latent_stage + 1 + int(final_stage)
 
 
-def stage_samples(samples: list[Sample], stage: int) -> list[Sample]:
-    """At stage s the text to learn is the steps after the first s, then the tagged answer."""
-    return [dataclasses.replace(s, answer=reasoning_target(s.rationale[stage:], s.answer)) for s in samples]
+def stage_of(step: int, steps_per_stage: int, max_latent_stage: int, final_stage: bool = True) -> int:
+    """The curriculum stage of a global optimiser step (stages 0 .. max_latent_stage, then max_latent_stage + 1 when
+    the final phase is on; steps_per_stage each)."""
+    return min(step // steps_per_stage, n_stages(max_latent_stage, final_stage) - 1)
+
+
+def stage_thoughts(stage: int, max_latent_stage: int, thoughts_per_step: int) -> int:
+    """The thoughts at a stage: s * c up to max_latent_stage; the final phase keeps max_latent_stage * c (the
+    reference's pad_latent_to_max)."""
+    return min(stage, max_latent_stage) * thoughts_per_step
+
+
+def stage_samples(samples: list[Sample], stage: int, max_latent_stage: int) -> list[Sample]:
+    """At stage s <= max_latent_stage the text to learn is the steps after the first s, then the tagged answer; in
+    the final phase (s > max_latent_stage) the tagged answer alone (the reference skips every step there)."""
+    def kept(rationale: list[str]) -> list[str]:
+        return rationale[stage:] if stage <= max_latent_stage else []
+
+    return [dataclasses.replace(s, answer=reasoning_target(kept(s.rationale), s.answer)) for s in samples]
+
+
+def stage_dataset(plain: VQADataset, stage: int, config: CoconutConfig) -> VQADataset:
+    """A stage's training set: its texts (`stage_samples`) behind its slots (`stage_thoughts`; IVT-LR: each latent
+    step also holds patches_per_step slots), on the same decoded images as `plain`."""
+    k = stage_thoughts(stage, config.max_latent_stage, config.thoughts_per_step)
+    prompts = PromptBuilder(plain.prompts.processor, k * (1 + config.patches_per_step))
+    return plain.derived(stage_samples(plain.samples, stage, config.max_latent_stage), prompts)
 
 
 def _stage_optimizer(model: MedSynapseV, config: CoconutConfig, steps: int):
@@ -129,7 +178,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
                              with_answers=True, answer_format="reasoning")
     with_reasoning_targets(plain.samples, config.train_file)  # every sample needs its steps (names one that lacks)
     per_stage = config.steps_per_stage or max(1, round(config.epochs_per_stage * len(plain) / config.batch_size))
-    total_steps = per_stage * (config.max_latent_stage + 1)
+    total_steps = per_stage * n_stages(config.max_latent_stage, config.final_stage)
     datasets: dict[int, VQADataset] = {}
 
     per_latent = 1 + config.patches_per_step  # slots per latent step
@@ -145,8 +194,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
 
     def dataset_for(stage: int) -> VQADataset:
         if stage not in datasets:
-            prompts = PromptBuilder(model.processor, stage * config.thoughts_per_step * per_latent)
-            datasets[stage] = plain.derived(stage_samples(plain.samples, stage), prompts)
+            datasets[stage] = stage_dataset(plain, stage, config)
         return datasets[stage]
 
     start = 0
@@ -162,11 +210,11 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     bar = tqdm(range(start, total_steps), desc="coconut", disable=not accelerator.is_main_process, initial=start,
                total=total_steps)
     for step in bar:
-        stage = stage_of(step, per_stage, config.max_latent_stage)
+        stage = stage_of(step, per_stage, config.max_latent_stage, config.final_stage)
         if step % per_stage == 0 and step != start:
             optimizer, scheduler = _stage_optimizer(model, config, per_stage)  # reset_optimizer, per stage
         dataset = dataset_for(stage)
-        k = stage * config.thoughts_per_step
+        k = stage_thoughts(stage, config.max_latent_stage, config.thoughts_per_step)
         indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
                                      accelerator.process_index, accelerator.num_processes)
         items = [dataset.encoded(i) for i in indices]
@@ -195,7 +243,9 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
             on_step(done)
 
     model.vlm.eval()
-    steps = config.max_latent_stage * config.thoughts_per_step
+    # the last stage's thoughts (max_latent_stage * c, with or without the final phase): what the folder answers with
+    steps = stage_thoughts(stage_of(total_steps - 1, per_stage, config.max_latent_stage, config.final_stage),
+                           config.max_latent_stage, config.thoughts_per_step)
     model.latent = {"method": "coconut", "thoughts": steps}
     if config.patches_per_step:
         model.latent = {"method": "ivt-lr", "thoughts": steps * per_latent, "steps": steps,
