@@ -34,7 +34,7 @@ def test_paper_configs_hold_the_values_the_paper_states(name):
     assert s2.batch_size * s2.group_size == 32 and s2.max_new_tokens == 1024
     assert (s2.causal_form, s2.causal_reduction, s2.intervention) == ("paper", "sum", "zero")
     # reasoning-length rollouts: an analysis, then the final answer the reward reads (our reading of the paper)
-    assert s2.answer_format == s3.answer_format == run.eval.answer_format == "reasoning"
+    assert s2.answer_format == s3.answer_format == "reasoning" and run.eval.answer_format is None  # scored as trained
     # Stage III: JSD beta 0.5, lr 1e-4, 3 epochs, one on-policy trajectory per sample per step, JSD only
     assert (s3.beta, s3.lr, s3.epochs, s3.max_steps, s3.memory_alignment) == (0.5, 1e-4, 3.0, 0, 0.0)
     # the folders chain, and Stages II-III read the RL data

@@ -192,3 +192,14 @@ def test_the_tables_delta_and_p_equal_a_direct_computation_from_the_cells(tmp_pa
     assert [again["a"]["comparison"]["p_adjusted"], again["b"]["comparison"]["p_adjusted"]] == adjust_p_values(
         [rows["a"]["comparison"]["p_value"], rows["b"]["comparison"]["p_value"]], "bh")
     assert "comparison" not in rows["ref"]
+
+
+def test_the_pipeline_scores_the_base_in_both_formats_when_the_stages_reason():
+    from medsynapse.pipeline import _eval_rows
+
+    paper = read_run_config(ROOT / "configs" / "medsynapse-v-8b.yaml")
+    assert list(_eval_rows(paper)) == ["base", "base_reasoning", "stage2", "student"]  # as the study scores them
+    forced = read_run_config(ROOT / "configs" / "medsynapse-v-8b.yaml", ["eval.answer_format=direct"])
+    assert list(_eval_rows(forced)) == ["base", "stage2", "student"]  # one format asked for: every row in it
+    synthmed = read_run_config(ROOT / "configs" / "synthmed.yaml")
+    assert list(_eval_rows(synthmed)) == ["base", "stage2", "student"]  # direct stages: the base answers directly

@@ -499,6 +499,8 @@ def _signature(run: RunConfig, config: DemoConfig) -> dict:
                    for stage in ("stage1", "stage2", "stage3")}}
     for key in ("vlm", "encoder"):
         sections["model"].pop(key)
+    if not sections["model"]["encoder_feature_level"]:  # a newer key at its neutral default: earlier seeds still match
+        sections["model"].pop("encoder_feature_level")
     sections["data"].pop("stage1_file")
     settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "seed", "cache_dir", "threads")}
     return json.loads(json.dumps({"run": sections, "synthmed": settings}, default=str))

@@ -93,8 +93,14 @@ def write_union(files: list[str], output: str) -> dict:
 
 
 def _eval_rows(run: RunConfig) -> dict[str, str]:
+    """The rows the eval step scores. With `eval.answer_format` unset, every model in the format it was trained in,
+    and the base VLM (trained in neither) in both when the stages reply in the reasoning format (`base_reasoning`),
+    as the study scores it."""
     out = Path(run.output)
-    return {"base": run.model.vlm, "stage2": str(out / "stage2"), "student": str(out / "stage3_student")}
+    rows = {"base": run.model.vlm, "stage2": str(out / "stage2"), "student": str(out / "stage3_student")}
+    if run.eval.answer_format is None and resolve(run, "stage2").answer_format == "reasoning":
+        rows = {"base": run.model.vlm, "base_reasoning": run.model.vlm, **rows}
+    return rows
 
 
 def _read_manifest(path: Path) -> dict:
@@ -223,7 +229,8 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
     folders = {}
     for row, model in _eval_rows(run).items():
         folders[row] = Path(run.output) / "eval" / row
-        evaluate_benchmarks(model, run.eval.benchmarks, run.eval.data_root, folders[row], settings)
+        row_settings = dataclasses.replace(settings, answer_format="reasoning") if row == "base_reasoning" else settings
+        evaluate_benchmarks(model, run.eval.benchmarks, run.eval.data_root, folders[row], row_settings)
     if PartialState().is_main_process:
         print(write_summary(Path(run.output) / "eval", runs=folders))
     return None

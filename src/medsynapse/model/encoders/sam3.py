@@ -135,6 +135,24 @@ def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def resolve_level(vision_config: Any, level: str) -> int | None:
+    """None for the ViT output, else the index into `fpn_hidden_states` (`fpn_<scale>x`, from `scale_factors`)."""
+    names = {f"fpn_{float(s):g}x": i for i, s in enumerate(vision_config.scale_factors)}
+    if level == "vit":
+        return None
+    if level not in names:
+        raise ValueError(f"unknown SAM 3 feature_level {level!r}; choose one of {['vit', *names]}")
+    return names[level]
+
+
+def level_channels(vision_config: Any, level: str) -> int:
+    """Channels of the prior tokens at `level` (the sampler's `prior_dim`): the ViT hidden size (1024 in SAM 3) for
+    `vit`, `fpn_hidden_size` (256) for every FPN level. `medsynapse inspect` counts P_phi with the same function."""
+    if resolve_level(vision_config, level) is None:
+        return int(vision_config.backbone_config.hidden_size)
+    return int(vision_config.fpn_hidden_size)
+
+
 def query_scores(out: Any) -> torch.Tensor:
     """Per-query confidence (B, Q): sigmoid(pred_logits), times sigmoid(presence_logits) when the model returns it."""
     scores = torch.sigmoid(out.pred_logits.float())
@@ -154,9 +172,8 @@ class Sam3PriorEncoder(PriorEncoder):
         self.settings = settings or Sam3Settings()
         self.threshold = self.settings.threshold
         self.prompts = self.settings.prompts
-        self._level = self._resolve_level(self.settings.feature_level)
-        vision = model.config.vision_config
-        self.feature_dim = vision.backbone_config.hidden_size if self._level is None else vision.fpn_hidden_size
+        self._level = resolve_level(model.config.vision_config, self.settings.feature_level)
+        self.feature_dim = level_channels(model.config.vision_config, self.settings.feature_level)
         context = model.config.text_config.max_position_embeddings
         self._prompt_inputs = [tokenizer(p, padding="max_length", max_length=context, truncation=True,
                                          return_tensors="pt") for p in self.prompts]
@@ -179,16 +196,6 @@ class Sam3PriorEncoder(PriorEncoder):
         if preprocess.size[0] % patch[0] or preprocess.size[1] % patch[1]:
             raise ValueError(f"{folder}: input size {preprocess.size} is not a multiple of the patch size {patch}")
         return cls(model, tokenizer, preprocess, settings)
-
-    def _resolve_level(self, level: str) -> int | None:
-        """None for the ViT output, else the index into `fpn_hidden_states` (`fpn_<scale>x`)."""
-        scales = [float(s) for s in self.model.config.vision_config.scale_factors]
-        names = {f"fpn_{s:g}x": i for i, s in enumerate(scales)}
-        if level == "vit":
-            return None
-        if level not in names:
-            raise ValueError(f"unknown SAM 3 feature_level {level!r}; choose one of {['vit', *names]}")
-        return names[level]
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return self.preprocess_fn(images)
