@@ -499,8 +499,12 @@ def _signature(run: RunConfig, config: DemoConfig) -> dict:
                    for stage in ("stage1", "stage2", "stage3")}}
     for key in ("vlm", "encoder"):
         sections["model"].pop(key)
-    if not sections["model"]["encoder_feature_level"]:  # a newer key at its neutral default: earlier seeds still match
+    # newer keys at their neutral defaults are left out, so seeds finished before they existed still match
+    if not sections["model"]["encoder_feature_level"]:
         sections["model"].pop("encoder_feature_level")
+    for key in ("baseline_file", "rationale_file", "rationale_corpora"):
+        if not sections["data"][key]:
+            sections["data"].pop(key)
     sections["data"].pop("stage1_file")
     settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "seed", "cache_dir", "threads")}
     return json.loads(json.dumps({"run": sections, "synthmed": settings}, default=str))

@@ -208,7 +208,7 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
         if d.rationale_corpora:
             report["rationale"] = write_training_file(d.rationale_corpora, d.data_root, rationale_file(run),
                                                       d.subset_seed, d.skip_bad)
-        if not d.baseline_file and baseline_file(run) != stage1_file(run):  # Stage I's and Stage II's records
+        if not d.baseline_file and baseline_file(run) not in (stage1_file(run), stage2_file(run)):  # both files
             report["baselines"] = write_union([stage1_file(run), stage2_file(run)], baseline_file(run))
         return report or None
     if step == "cache":

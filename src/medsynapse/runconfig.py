@@ -94,7 +94,9 @@ def baseline_file(run: RunConfig) -> str:
     d, first, second = run.data, stage1_file(run), stage2_file(run)
     if d.baseline_file:
         return d.baseline_file
-    return str(Path(run.output) / "data" / "baselines.jsonl") if second != first else first
+    if not first or second == first:  # one file (or none) for every stage: nothing to join
+        return first or second
+    return str(Path(run.output) / "data" / "baselines.jsonl")
 
 
 def rationale_file(run: RunConfig) -> str:
