@@ -210,6 +210,114 @@ def test_centred_causal_by_value_and_the_sigma_floor():
     torch.testing.assert_close(unfloored, torch.tensor([-1 / 1.5, 0.0, 1 / 1.5, 0.0]))  # what the floor prevents
 
 
+@st.composite
+def separated_groups(draw):
+    """Centred-form groups whose distinct r_causal values differ by ≥ 1 nat within a range of ±60, so that distinct
+    values give distinct c even after float32 rounding (|Δc| ≥ 1 / (85·3.75) ≈ 3e-3, λ_causal·|Δc| ≥ 3e-4)."""
+    group = draw(st.integers(min_value=2, max_value=16))
+    n = group * draw(st.integers(min_value=1, max_value=3))
+    r_acc = torch.tensor(draw(st.lists(st.sampled_from([0.0, 1.0, 1.0, 0.0, float("nan")]), min_size=n, max_size=n)))
+    r_causal = torch.tensor(draw(st.lists(st.integers(-60, 60), min_size=n, max_size=n)), dtype=torch.float32)
+    lambda_acc = draw(st.sampled_from([1.0, 0.5, 3.0]))
+    lambda_causal = draw(st.sampled_from([0.0, 0.05, 0.3, 0.7]))
+    scale = draw(st.sampled_from([1.0, 0.3, 10.0]))
+    return group, r_acc, r_causal, lambda_acc, lambda_causal, scale
+
+
+@settings(max_examples=examples(400), deadline=None, database=None)
+@given(separated_groups())
+def test_centred_advantage_follows_r_causal_within_each_class(case):
+    """The point of the centred form: among rollouts of equal correctness, a higher r_causal (memory that mattered
+    more) gets a strictly higher advantage when λ_causal > 0, and exactly the same advantage when λ_causal = 0 or the
+    r_causal values are equal; across classes, correctness still comes first."""
+    group, r_acc, r_causal, lambda_acc, lambda_causal, scale = case
+    config = Stage2Config(causal_form="centred", group_size=group, lambda_acc=lambda_acc,
+                          lambda_causal=lambda_causal, causal_scale=scale)
+    check_config(config)
+    rewards, advantages = rewards_and_advantages(r_acc, r_causal, config)
+    assert torch.isfinite(advantages).all()
+    for a, r, adv in zip(r_acc.view(-1, group), r_causal.view(-1, group), advantages.view(-1, group)):
+        for cls in (a == 1, a == 0):
+            vs, rs = adv[cls], r[cls]
+            higher = rs[:, None] < rs[None, :]  # [i, j]: rollout j has the higher r_causal
+            if lambda_causal > 0:
+                assert bool((vs[:, None] < vs[None, :])[higher].all()), (rs.tolist(), vs.tolist())
+            else:
+                assert bool((vs[:, None] == vs[None, :]).all())  # plain GRPO: one advantage per class
+            assert bool((vs[:, None] == vs[None, :])[rs[:, None] == rs[None, :]].all())
+        correct, wrong = adv[a == 1], adv[a == 0]
+        if len(correct) and len(wrong):
+            assert correct.min() > wrong.max()
+
+
+def test_centred_advantage_sign_by_value():
+    """One group, G = 4, all correct except one: the correct rollout whose answer the counterfactual memory makes
+    least likely (highest r_causal) gets the highest advantage, and the shift from plain GRPO is exactly λ_causal·c."""
+    r_acc = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    r_causal = torch.tensor([2.0, 4.0, 6.0, 9.0])
+    config = Stage2Config(causal_form="centred", group_size=4, lambda_causal=0.5, causal_scale=1.0)
+    _, advantages = rewards_and_advantages(r_acc, r_causal, config)
+    plain = group_advantages(r_acc, 4)
+    # c = (-1, 0, 1) / 1.5 in the correct class (mean 4, σ 2, bound (G − 1)/√G = 1.5), 0 for the lone wrong one
+    expected = plain + 0.5 * torch.tensor([-1 / 1.5, 0.0, 1 / 1.5, 0.0])
+    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=0)
+    assert advantages[2] > advantages[1] > advantages[0] > advantages[3]
+
+
+def _centred_oracle(r_acc: list[float], r_causal: list[float], group: int, scale: float) -> list[float]:
+    """c from its definition, with Python's statistics module (mean, unbiased stdev), class by class."""
+    import math
+    import statistics
+
+    out = [0.0] * len(r_acc)
+    for start in range(0, len(r_acc), group):
+        rows = range(start, start + group)
+        for correct in (True, False):
+            members = [i for i in rows if not math.isnan(r_acc[i]) and (r_acc[i] > 0) == correct
+                       and math.isfinite(r_causal[i])]
+            values = [r_causal[i] for i in members]
+            if len(values) < 2 or min(values) == max(values):
+                continue
+            mean, sd = statistics.fmean(values), statistics.stdev(values)
+            for i in members:
+                out[i] = (r_causal[i] - mean) / max(sd, scale) * math.sqrt(group) / (group - 1)
+    return out
+
+
+@settings(max_examples=examples(300), deadline=None, database=None)
+@given(st.integers(min_value=2, max_value=12), st.integers(min_value=1, max_value=3), st.integers(0, 2**31 - 1),
+       st.sampled_from([1.0, 0.3, 1e-3, 20.0]))
+def test_centred_causal_equals_its_definition_zero_mean_and_bounded(group, groups, seed, scale):
+    """c by value against an independent oracle (float64, 1e-12), each class's c sums to 0 (1e-12), |c| ≤ 1."""
+    g = torch.Generator().manual_seed(seed)
+    n = group * groups
+    r_acc = torch.tensor([[0.0, 1.0, float("nan")][int(k)] for k in torch.randint(0, 3, (n,), generator=g)],
+                         dtype=torch.float64)
+    r_causal = torch.randn(n, generator=g, dtype=torch.float64) * float(torch.rand(1, generator=g) * 10)
+    r_causal[torch.rand(n, generator=g) < 0.2] = 1.5  # ties
+    c = centred_causal(r_acc, r_causal, group, scale)
+    assert c.dtype == torch.float64
+    expected = torch.tensor(_centred_oracle(r_acc.tolist(), r_causal.tolist(), group, scale), dtype=torch.float64)
+    torch.testing.assert_close(c, expected, atol=1e-12, rtol=1e-12)
+    assert float(c.abs().max()) <= 1 + 1e-12
+    for a, cc in zip(r_acc.view(-1, group), c.view(-1, group)):
+        for cls in (a == 1, a == 0):
+            assert abs(float(cc[cls].sum())) <= 1e-12
+
+
+@pytest.mark.parametrize("group", [2, 3, 4, 8, 16])
+def test_centred_causal_bound_is_attained_by_one_outlier(group):
+    """|c| ≤ 1 is tight: one outlier among G rollouts of one class gets c = 1 exactly (z = (G − 1)/√G), the others
+    −1/(G − 1), so the scale √G/(G − 1) is neither too small (|c| > 1) nor too large (the bound never reached)."""
+    r_causal = torch.zeros(group, dtype=torch.float64)
+    r_causal[-1] = 50.0  # σ = 50/√G ≥ 12.5 > scale: the floor is not in play
+    for acc in (1.0, 0.0):
+        c = centred_causal(torch.full((group,), acc, dtype=torch.float64), r_causal, group, scale=1.0)
+        expected = torch.full((group,), -1 / (group - 1), dtype=torch.float64)
+        expected[-1] = 1.0
+        torch.testing.assert_close(c, expected, atol=1e-14, rtol=0)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"causal_form": "centred", "lambda_causal": 0.71}, "2·lambda_causal <"),
     ({"causal_form": "centred", "lambda_causal": 0.4, "advantage_std_floor": 2.0}, "2·lambda_causal <"),

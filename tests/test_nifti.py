@@ -76,6 +76,58 @@ def test_the_same_anatomy_stored_in_another_voxel_order_gives_the_same_images(tm
     assert np.array_equal(pixels(other, axis="sagittal"), pixels(reference, axis="sagittal", slice=sagittal_index))
 
 
+ZOOMS = (1.0, 2.0, 3.0)  # mm along RAS+ x, y, z: every plane has non-square voxels, each plane a different aspect
+AX, AY, AZ = 7, 5, 6  # a volume whose three sides differ, so a transposed image has another shape
+
+
+def anisotropic_volume() -> np.ndarray:
+    """Distinct values in every voxel (a shifted or transposed image cannot match by chance)."""
+    return np.random.default_rng(0).permutation(AX * AY * AZ).reshape(AX, AY, AZ).astype(np.int16) + 1
+
+
+def store(data: np.ndarray, order: tuple[int, int, int], signs: tuple[int, int, int]):
+    """The RAS+ volume `data` (voxel sizes ZOOMS) stored with voxel axis k running along RAS+ axis order[k], in the
+    direction signs[k]: the voxels and the affine a scanner's converter would write for the same anatomy."""
+    stored = data.transpose(order)
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1
+    for k, (axis, sign) in enumerate(zip(order, signs)):
+        if sign < 0:
+            stored = np.flip(stored, axis=k)
+        affine[axis, k] = sign * ZOOMS[axis]
+        affine[axis, 3] = 0.0 if sign > 0 else ZOOMS[axis] * (data.shape[axis] - 1)  # voxel 0 at the far end
+    return np.ascontiguousarray(stored), affine
+
+
+@pytest.mark.parametrize(("order", "signs"), [
+    ((2, 0, 1), (1, -1, 1)),  # stored (z, x, y), x right to left
+    ((1, 2, 0), (-1, 1, -1)),  # stored (y, z, x), y front to back, x right to left
+    ((0, 1, 2), (-1, -1, 1)),  # LPS, as many DICOM converters write it
+    ((2, 1, 0), (-1, 1, 1)),  # stored (z, y, x), slices head first
+])
+def test_anisotropic_voxels_in_any_voxel_order_give_the_ras_images_at_their_physical_aspect(tmp_path, order, signs):
+    """Voxel sizes 1 × 2 × 3 mm stored in a permuted, flipped order: each view equals, in shape and in every pixel,
+    the view of the same anatomy stored RAS+, and that view has the physical aspect (a 2 mm row twice as tall as a
+    1 mm column). With isotropic voxels a view that takes the voxel sizes from the wrong axes looks right."""
+    reference = save(tmp_path / "ras.nii.gz", anisotropic_volume(), np.diag([*ZOOMS, 1.0]))
+    assert nib.load(reference).header.get_zooms() == ZOOMS
+    data, affine = store(anisotropic_volume(), order, signs)
+    other = save(tmp_path / "other.nii.gz", data, affine)
+    assert tuple(nib.load(other).header.get_zooms()) == tuple(ZOOMS[a] for a in order)  # sizes in file order
+    sizes = (AX, AY, AZ)
+    # (view, RAS+ axis it slices, a slice, its shape: rows × columns in mm / the finer of the two)
+    for axis, ras, index, shape in (("axial", 2, 2, (AY * 2, AX)),  # rows y (2 mm), columns x (1 mm)
+                                    ("coronal", 1, 3, (AZ * 3, AX)),  # rows z (3 mm), columns x (1 mm)
+                                    ("sagittal", 0, 4, (AZ * 3 // 2, AY))):  # rows z (3 mm), columns y (2 mm)
+        expected = pixels(reference, axis=axis, slice=index)
+        assert expected.shape == shape, (axis, expected.shape)
+        k = order.index(ras)  # the stored voxel axis along the view's direction, numbered as stored
+        stored_index = index if signs[k] > 0 else sizes[ras] - 1 - index
+        got = pixels(other, axis=axis, slice=stored_index)
+        assert got.shape == expected.shape, (axis, got.shape, expected.shape)
+        assert np.array_equal(got, expected), axis
+
+
 def test_projection_window_middle_slice_and_physical_aspect(tmp_path):
     path = save(tmp_path / "ras.nii", ras_volume())
     mip = pixels(path, mip=(1, 4))  # both marks, each where its own slice shows it

@@ -221,3 +221,61 @@ def test_memory_alignment_pulls_the_student_memory_toward_the_teachers(tiny_env,
     assert distances["aligned"] < 0.8 * distances["plain"], distances
     with pytest.raises(ValueError, match="memory_alignment"):
         train_stage3(_config(tiny_env, stage2_dir, tmp_path / "bad", memory_alignment=-1.0))
+
+
+def test_memory_alignment_weight_scales_the_term_in_the_loss_and_gradient(tiny_env, stage2_dir, tmp_path,
+                                                                           monkeypatch):
+    """The weight is the weight: on the same first step (same A_psi, batch and rollouts), the loss that reaches
+    backward is JSD + w·L_align, so loss(2) − loss(0) = 2·(loss(1) − loss(0)) and the same for A_psi's gradients.
+    (Weight 5 against 0 alone cannot tell w from 1: Adam's first steps barely see the gradient's scale.)"""
+    from medsynapse.recipes import trainer
+
+    make_accelerator = trainer.make_accelerator
+    seen: dict[str, dict] = {}
+
+    def recording(output_dir, report_to):
+        accelerator = make_accelerator(output_dir, report_to)
+        record = seen.setdefault(str(output_dir), {})
+        prepare, backward, log = accelerator.prepare, accelerator.backward, accelerator.log
+
+        def prepare_and_keep(*objects):
+            prepared = prepare(*objects)
+            record["student"] = prepared[0]
+            return prepared
+
+        def backward_and_keep(loss, **kwargs):
+            record["loss"] = loss.detach().clone()
+            backward(loss, **kwargs)
+            record["grads"] = [p.grad.detach().clone() for p in record["student"].parameters()
+                               if p.grad is not None]
+
+        def log_and_keep(values, step=None, **kwargs):
+            record.setdefault("logs", values)  # the first step's
+            log(values, step=step, **kwargs)
+
+        accelerator.prepare, accelerator.backward, accelerator.log = prepare_and_keep, backward_and_keep, log_and_keep
+        return accelerator
+
+    monkeypatch.setattr(trainer, "make_accelerator", recording)
+    runs = {}
+    for weight in (0.0, 1.0, 2.0):
+        out = tmp_path / f"w{weight:g}"
+        train_stage3(_config(tiny_env, stage2_dir, out, max_steps=1, save_every=1, memory_alignment=weight,
+                             report_to="none", batch_size=2, max_new_tokens=2))
+        runs[weight] = seen[str(out)]
+    jsd, alignment = runs[0.0]["logs"]["jsd"], runs[0.0]["logs"]["memory_alignment"]
+    assert alignment > 0.1  # a random A_psi is far from the teacher's memory: the term is not negligible
+    for weight, run in runs.items():  # the same step: same JSD and alignment whatever the weight
+        assert (run["logs"]["jsd"], run["logs"]["memory_alignment"]) == (jsd, alignment)
+        expected = torch.tensor(jsd, dtype=torch.float32) + weight * torch.tensor(alignment, dtype=torch.float32)
+        torch.testing.assert_close(run["loss"], expected, atol=0, rtol=2 ** -22)
+    loss = {w: runs[w]["loss"].double() for w in runs}
+    # measured gap 5.6e-8 on 3.68 (float32 rounding of JSD + w·L_align)
+    torch.testing.assert_close(loss[2.0] - loss[0.0], 2 * (loss[1.0] - loss[0.0]), atol=0, rtol=2 ** -20)
+    grads = {w: torch.cat([g.flatten() for g in runs[w]["grads"]]).double() for w in runs}
+    assert grads[0.0].numel() == grads[1.0].numel() > 0
+    scale = float(grads[2.0].abs().max())
+    difference = (grads[2.0] - grads[0.0]) - 2 * (grads[1.0] - grads[0.0])
+    # measured: 1.3e-5 against a largest gradient of 182 (7e-8 of it, float32 rounding); allowed 8·2⁻²³ of it
+    assert float(difference.abs().max()) <= 8 * 2 ** -23 * scale, (float(difference.abs().max()), scale)
+    assert float((grads[1.0] - grads[0.0]).abs().max()) > 1e-3 * scale  # the term moves the gradient
