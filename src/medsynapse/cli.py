@@ -76,10 +76,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from medsynapse.recipes.stage3_imt import train_stage3 as train
     if args.stage != "sft" and args.config and _is_run_file(args.config):  # a run file: its stageN section, resolved
         from medsynapse.runconfig import read_run_config, resolve
+        from medsynapse.values import check_run
 
-        config = resolve(read_run_config(args.config, args.set), args.stage)
+        run = read_run_config(args.config, args.set)
+        check_run(run)  # every stage's and baseline's values, before anything is loaded
+        config = resolve(run, args.stage)
     else:  # a stage-only file
         config = load_config(config_class, args.config, args.set)
+        _check_flat(args.stage, config, args.config)
     if args.resume:
         config.resume = True
     out = train(config)
@@ -99,7 +103,11 @@ def _train_baseline(args: argparse.Namespace) -> int:
     if args.method not in BASELINES:
         raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)}")
     if _is_run_file(args.config):
-        config = resolve_baseline(read_run_config(args.config, args.set), args.method)
+        from medsynapse.values import check_run
+
+        run = read_run_config(args.config, args.set)
+        check_run(run)  # every stage's and baseline's values, before anything is loaded
+        config = resolve_baseline(run, args.method)
     elif args.method in ("coconut", "ivt-lr"):
         from medsynapse.recipes.coconut import CoconutConfig
 
@@ -115,11 +123,23 @@ def _train_baseline(args: argparse.Namespace) -> int:
     else:
         target = "rationale" if args.method == "cot-sft" else "answer"
         config = load_config(SFTConfig, args.config, [*(args.set or []), f"target={target}"])
+    if not _is_run_file(args.config):
+        _check_flat(args.method, config, args.config)
     if args.resume:
         config.resume = True
     out = baseline_recipe(args.method)(config)
     print(f"baseline {args.method} saved to {out}")
     return 0
+
+
+def _check_flat(kind: str, config, path: str) -> None:
+    """A stage-only (flat recipe) file's values and memory bound (values.py), naming `FILE.key`."""
+    from medsynapse.values import check_config, check_memory, folder_memory_slots, vlm_shape
+
+    check_config(config, path)
+    folder = getattr(config, "vlm", "") or getattr(config, "model", "")
+    n_memory = getattr(config, "n_memory", 0) or folder_memory_slots(folder)
+    check_memory(kind, config, path, vlm_shape(folder), n_memory=n_memory)
 
 
 def _is_run_file(path: str) -> bool:
