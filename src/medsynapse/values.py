@@ -107,6 +107,10 @@ def _fail(where: str, message: str) -> None:
     raise ConfigError(f"{where}: {message}")
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
 def check_value(name: str, value: Any, where: str, rule: tuple | None = None) -> None:
     """One value against its rule (RULES) or choices (CHOICES); ConfigError naming `where`."""
     rule = rule or RULES.get(name)
@@ -123,9 +127,9 @@ def check_value(name: str, value: Any, where: str, rule: tuple | None = None) ->
         below = low is not None and (value <= low if low_open else value < low)
         above = high is not None and (value >= high if high_open else value > high)
         if below or above:
-            left = "unbounded" if low is None else f"{'(' if low_open else '['}{low:g}"
-            right = "" if high is None else f"{high:g}{')' if high_open else ']'}"
-            span = f"in {left}, {right}" if high is not None else f"{'>' if low_open else '>='} {low:g}"
+            left = "unbounded" if low is None else f"{'(' if low_open else '['}{_number(low)}"
+            right = "" if high is None else f"{_number(high)}{')' if high_open else ']'}"
+            span = f"in {left}, {right}" if high is not None else f"{'>' if low_open else '>='} {_number(low)}"
             _fail(where, f"must be {span}, got {value!r}")
     elif name in CHOICES and value not in CHOICES[name]:
         _fail(where, f"{value!r}; expected one of {list(CHOICES[name])}")
