@@ -4,6 +4,7 @@ inspect | ...`."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -595,8 +596,28 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"medsynapse {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as err:  # a full disk, a read-only or forbidden folder: one line naming it, exit code 1
+        message = _disk_message(err)
+        if message is None or args.debug:
+            raise
+        print(f"medsynapse {args.command}: error: {message}", file=sys.stderr)
+        return 1
     finally:
         _end_process_group()
+
+
+def _disk_message(err: BaseException) -> str | None:
+    """The one line for an error that is the disk's or a folder's (locking.OutputNotWritable, or an OSError such as
+    ENOSPC / EROFS / EACCES raised where no writer wrapped it: it names the path it carries); None otherwise."""
+    from medsynapse.locking import DISK_ERRORS, OutputNotWritable
+
+    if isinstance(err, OutputNotWritable):
+        return " ".join(str(err).split())
+    if not isinstance(err, OSError) or err.errno not in DISK_ERRORS:
+        return None
+    where = err.filename if err.filename is not None else "an output folder"
+    hint = "; free some space and rerun (training: with --resume)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{where}: {DISK_ERRORS[err.errno]} ({os.strerror(err.errno)}){hint}"
 
 
 def _end_process_group() -> None:
