@@ -48,7 +48,7 @@ CASES = {
     "negative steps": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set",
                                        "max_steps=-1"], "max_steps"),
     "zero batch": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set", "batch_size=0"],
-                   "batch_size must be a number > 0"),
+                   "stage1.yaml.batch_size: must be in [1, 1048576], got 0"),
     "not a model folder": (lambda env, t: ["eval", "--model", str(t / "no_model"), "--benchmarks", "vqa-rad",
                                            "--data-root", str(t), "--output", str(t / "out")], "no_model"),
     "unknown benchmark": (lambda env, t: ["eval", "--model", str(env.vlm), "--benchmarks", "vqa-rud",

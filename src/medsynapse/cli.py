@@ -4,6 +4,7 @@ inspect | ...`."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -76,10 +77,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from medsynapse.recipes.stage3_imt import train_stage3 as train
     if args.stage != "sft" and args.config and _is_run_file(args.config):  # a run file: its stageN section, resolved
         from medsynapse.runconfig import read_run_config, resolve
+        from medsynapse.values import check_run
 
-        config = resolve(read_run_config(args.config, args.set), args.stage)
+        run = read_run_config(args.config, args.set)
+        check_run(run)  # every stage's and baseline's values, before anything is loaded
+        config = resolve(run, args.stage)
     else:  # a stage-only file
         config = load_config(config_class, args.config, args.set)
+        _check_flat(args.stage, config, args.config)
     if args.resume:
         config.resume = True
     out = train(config)
@@ -99,7 +104,11 @@ def _train_baseline(args: argparse.Namespace) -> int:
     if args.method not in BASELINES:
         raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)}")
     if _is_run_file(args.config):
-        config = resolve_baseline(read_run_config(args.config, args.set), args.method)
+        from medsynapse.values import check_run
+
+        run = read_run_config(args.config, args.set)
+        check_run(run)  # every stage's and baseline's values, before anything is loaded
+        config = resolve_baseline(run, args.method)
     elif args.method in ("coconut", "ivt-lr"):
         from medsynapse.recipes.coconut import CoconutConfig
 
@@ -115,11 +124,23 @@ def _train_baseline(args: argparse.Namespace) -> int:
     else:
         target = "rationale" if args.method == "cot-sft" else "answer"
         config = load_config(SFTConfig, args.config, [*(args.set or []), f"target={target}"])
+    if not _is_run_file(args.config):
+        _check_flat(args.method, config, args.config)
     if args.resume:
         config.resume = True
     out = baseline_recipe(args.method)(config)
     print(f"baseline {args.method} saved to {out}")
     return 0
+
+
+def _check_flat(kind: str, config, path: str) -> None:
+    """A stage-only (flat recipe) file's values and memory bound (values.py), naming `FILE.key`."""
+    from medsynapse.values import check_config, check_memory, folder_memory_slots, vlm_shape
+
+    check_config(config, path)
+    folder = getattr(config, "vlm", "") or getattr(config, "model", "")
+    n_memory = getattr(config, "n_memory", 0) or folder_memory_slots(folder)
+    check_memory(kind, config, path, vlm_shape(folder), n_memory=n_memory)
 
 
 def _is_run_file(path: str) -> bool:
@@ -575,8 +596,28 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"medsynapse {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as err:  # a full disk, a read-only or forbidden folder: one line naming it, exit code 1
+        message = _disk_message(err)
+        if message is None or args.debug:
+            raise
+        print(f"medsynapse {args.command}: error: {message}", file=sys.stderr)
+        return 1
     finally:
         _end_process_group()
+
+
+def _disk_message(err: BaseException) -> str | None:
+    """The one line for an error that is the disk's or a folder's (locking.OutputNotWritable, or an OSError such as
+    ENOSPC / EROFS / EACCES raised where no writer wrapped it: it names the path it carries); None otherwise."""
+    from medsynapse.locking import DISK_ERRORS, OutputNotWritable
+
+    if isinstance(err, OutputNotWritable):
+        return " ".join(str(err).split())
+    if not isinstance(err, OSError) or err.errno not in DISK_ERRORS:
+        return None
+    where = err.filename if err.filename is not None else "an output folder"
+    hint = "; free some space and rerun (training: with --resume)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{where}: {DISK_ERRORS[err.errno]} ({os.strerror(err.errno)}){hint}"
 
 
 def _end_process_group() -> None:

@@ -214,6 +214,28 @@ def demo_settings(run: RunConfig) -> DemoConfig:
     return from_dict(DemoConfig, dict(run.synthmed), f"{run.source}.synthmed")
 
 
+def check_settings(run: RunConfig, config: DemoConfig) -> None:
+    """Every value the demo will train with, before anything is built: the run file's stages and baselines
+    (values.check_run, with the memory bound), its SynthMed numbers and the ablations' stage variants."""
+    from medsynapse.values import check_config, check_run, check_value
+
+    check_run(run)
+    where = f"{run.source}.synthmed"
+    for name in ("image_size", "vlm_resolution", "train_images", "test_images", "base_steps", "base_vision_steps",
+                 "encoder_steps", "efficiency_samples", "eval_batch_size"):
+        low = 0 if name in ("vlm_resolution", "efficiency_samples") else 1
+        check_value(name, getattr(config, name), f"{where}.{name}", ("int", low, None, False, False))
+    check_value("base_grounding_weight", config.base_grounding_weight, f"{where}.base_grounding_weight")
+    for stage, ablations in (("stage2", config.stage2_ablations), ("stage3", config.stage3_ablations)):
+        resolved = asdict(resolve(run, stage))
+        for name, overrides in ablations.items():
+            label = f"{where}.{stage}_ablations.{name}"
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"{label}: expected a mapping of {stage} settings")
+            variant = from_dict(type(resolve(run, stage)), {**resolved, **overrides}, label)
+            check_config(variant, label)
+
+
 def fill_shared(run: RunConfig, shared: Shared) -> RunConfig:
     """The run file with the SynthMed folders filled in: the cached base VLM, prior encoder and training file."""
     model = dataclasses.replace(run.model, vlm=str(shared.vlm_base), encoder=str(shared.encoder))
@@ -416,8 +438,7 @@ def run_demo(run: RunConfig) -> dict:
     Resumable over seeds: a seed whose results.json was written with the same settings is not run again.
     """
     config = demo_settings(run)
-    for stage in ("stage1", "stage2", "stage3"):
-        resolve(run, stage)  # a bad stage setting fails before the shared steps run
+    check_settings(run, config)  # a bad setting fails before the shared steps run
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(run.output)

@@ -10,7 +10,9 @@ training folder is also guarded across time by the checkpoints' recorded setting
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,14 +27,82 @@ class FolderInUseError(RuntimeError):
     """Another medsynapse process is writing into this output folder."""
 
 
+class OutputNotWritable(RuntimeError):
+    """An output folder cannot be written: its disk is full, or it is read-only or not ours to write. The message
+    names the folder (the CLI prints it as one line)."""
+
+
+# errno -> what the one line says
+DISK_ERRORS = {errno.ENOSPC: "no space left on its device", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "it is on a read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.EFBIG: "a file grew past the file system's limit"}
+# the same failures as libraries that are not OSErrors report them (torch.save, safetensors): text -> errno
+_DISK_TEXT = ((re.compile(r"no space left|os error 28|storagefull", re.I), errno.ENOSPC),
+              (re.compile(r"quota", re.I), errno.EDQUOT),
+              (re.compile(r"read-only file system|os error 30|readonlyfilesystem", re.I), errno.EROFS),
+              (re.compile(r"permission denied|os error 13", re.I), errno.EACCES))
+
+
+def disk_errno(err: BaseException, folder: str | Path) -> int | None:
+    """The errno of a write failure that is the disk's or the folder's (full, read-only, not writable), else None.
+    An OSError carries it; torch.save and safetensors raise other errors, read by their text, and a bare "write
+    failed" is put down to the folder when its file system has no free block left or refuses writes."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in DISK_ERRORS else None
+    if not isinstance(err, RuntimeError) and type(err).__name__ != "SafetensorError":
+        return None
+    text = str(err)
+    for pattern, code in _DISK_TEXT:
+        if pattern.search(text):
+            return code
+    if re.search(r"write|serializ", text, re.I):
+        folder = Path(folder)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            if os.statvfs(folder).f_bavail == 0:
+                return errno.ENOSPC
+        except OSError:
+            return None
+        if not os.access(folder, os.W_OK):
+            return errno.EROFS
+    return None
+
+
+def not_writable(folder: str | Path, code: int, what: str = "") -> OutputNotWritable:
+    """The one-line error for a folder that cannot be written (disk full, read-only, no permission)."""
+    hint = ("free some space (or give the command another output folder) and rerun it" if code in
+            (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "give the command an output folder it can write to")
+    return OutputNotWritable(f"{folder}: cannot write{f' {what}' if what else ''}: {DISK_ERRORS[code]} "
+                             f"({os.strerror(code)}); {hint}. Nothing half-written is kept: a training run "
+                             "continues from its last complete checkpoint with --resume, an eval from its last "
+                             "answered question")
+
+
+@contextmanager
+def writes_into(folder: str | Path, what: str = "") -> Iterator[None]:
+    """Turn a write failure that is the disk's or the folder's (disk_errno) into OutputNotWritable naming `folder`;
+    any other error passes unchanged."""
+    try:
+        yield
+    except OutputNotWritable:
+        raise
+    except Exception as err:
+        code = disk_errno(err, folder)
+        if code is None:
+            raise
+        raise not_writable(folder, code, what) from err
+
+
 @contextmanager
 def exclusive_output(folder: str | Path, command: str) -> Iterator[Path]:
     """Hold the folder's lock for the duration of the block; FolderInUseError at once if another process holds it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder / LOCK_NAME), is_singleton=False)
     try:
-        lock.acquire(timeout=0)
+        with writes_into(folder, f"its lock {LOCK_NAME}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            lock.acquire(timeout=0)
     except Timeout:
         raise FolderInUseError(
             f"{folder}: another medsynapse process is writing into this folder (it holds {folder / LOCK_NAME}); "
@@ -67,17 +137,18 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     A crash leaves either the old file or the new one, never half of one; two writers never share a temporary name.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writes_into(path.parent, path.name):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

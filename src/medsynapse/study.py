@@ -63,6 +63,7 @@ from medsynapse.runconfig import (
     stage_recipe,
     with_seed,
 )
+from medsynapse.values import check_run
 
 MODELS = ("base", *STAGES, "baseline")
 
@@ -137,7 +138,19 @@ def read_study(path: str | Path, rows: list[str] | None = None, seeds: list[int]
     run_path = Path(study.run) if Path(study.run).is_file() else path.parent / study.run
     if not study.run or not run_path.is_file():
         raise ConfigError(f"{path}.run: run file {study.run!r} not found (relative to the cwd or to the study file)")
-    return study, read_yaml(run_path) or {}, str(run_path)
+    raw = read_yaml(run_path) or {}
+    check_rows(study, raw, str(run_path), str(path))
+    return study, raw, str(run_path)
+
+
+def check_rows(study: StudyConfig, raw: dict, source: str, where: str, memory: bool = False) -> None:
+    """Every row's run (the run file with the row's `set` on top) checked as `pipeline` and `train` check theirs
+    (values.check_run), before anything is planned, built or trained; `memory`: with each step's memory bound."""
+    for name, row in study.rows.items():
+        try:
+            check_run(row_run(raw, source, row, study.seeds[0], None), memory=memory)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.rows.{name}: {err}") from None
 
 
 def check_study(study: StudyConfig, where: str) -> None:
@@ -625,6 +638,7 @@ def run_study(study: StudyConfig, raw: dict, source: str) -> dict:
     """The plan of the module docstring; returns study.json's content."""
     began = time.perf_counter()
     output = Path(study.output)
+    check_rows(study, raw, source, "study", memory=True)  # the memory bound of every row, before anything is built
     output.mkdir(parents=True, exist_ok=True)
     shared, eval_source, shared_report = prepare(study, raw, source)
     plan = plan_study(study, raw, source, shared, eval_source, output)

@@ -219,6 +219,90 @@ def check_window(window: tuple[float, float], where: str) -> tuple[float, float]
     return center, width
 
 
+# JPEG Baseline (Process 1) and JPEG Extended (Processes 2 and 4: 8 and 12 bits): sequential DCT
+SEQUENTIAL_JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+
+
+class UndecodableDicom(DataError):
+    """Compressed pixel data that no installed decoder reads (the message says which tried and why)."""
+
+
+def dicom_pixels(ds, path: str):
+    """`ds.pixel_array`; a sequential JPEG that the decoders refuse only for its scan header's progressive-mode
+    fields is read as IJG libjpeg (GDCM's and DCMTK's decoder) reads it (`sequential_scan_fixed`); pixel data that
+    no decoder reads is one UndecodableDicom naming the file, its transfer syntax and each decoder's reason."""
+    try:
+        return ds.pixel_array
+    except Exception as err:  # pydicom raises RuntimeError / ValueError / NotImplementedError per plugin
+        first = err
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and str(syntax) in SEQUENTIAL_JPEG and _repair_sequential_scans(ds):
+        try:
+            return ds.pixel_array
+        except Exception:  # the first error says more
+            pass
+    if syntax is None or not syntax.is_compressed:
+        raise first
+    reasons = "; ".join(line.strip(" -") for line in str(first).splitlines()[1:] if line.strip()) or str(first)
+    raise UndecodableDicom(f"{path}: its {syntax.name} pixel data cannot be decoded by the installed decoders "
+                           f"({reasons}); the file's compressed stream is damaged or uses an unsupported variant")
+
+
+def _repair_sequential_scans(ds) -> bool:
+    """Rewrite each frame of a sequential-JPEG dataset with `sequential_scan_fixed`; whether any frame changed."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(getattr(ds, "NumberOfFrames", 1) or 1)))
+    fixed = [sequential_scan_fixed(frame) for frame in frames]
+    if fixed == frames:
+        return False
+    ds.PixelData = encapsulate(fixed)
+    return True
+
+
+def sequential_scan_fixed(data: bytes) -> bytes:
+    """A baseline / extended sequential JPEG (SOF0 / SOF1) whose start-of-scan headers carry spectral selection or
+    successive approximation other than Ss 0, Se 63, Ah 0, Al 0 (fields only progressive JPEG uses) with those
+    values; anything else (progressive, lossless, not JPEG, nothing to fix) unchanged.
+
+    IJG libjpeg, the decoder of GDCM and DCMTK, reads such scans as full sequential scans after a warning ("Invalid
+    SOS parameters for sequential JPEG"); libjpeg (pylibjpeg's) refuses them. pydicom's JPEG-lossy.dcm (NEMA's
+    NM1_JPLY, 12-bit) has Se 0; with Se 63 it is byte for byte its fixed copy JPGExtended.dcm.
+    """
+    if data[:2] != b"\xff\xd8":
+        return data
+    out, i, sequential = bytearray(data), 2, False
+    while i + 4 <= len(out):
+        if out[i] != 0xFF:
+            return data  # not at a marker: not a stream this reads
+        marker = out[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(out[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1):
+            sequential = True
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # progressive, lossless, arithmetic
+            return data
+        if marker == 0xDA:  # start of scan: Ns, Ns x (id, tables), Ss, Se, Ah/Al; then entropy-coded data
+            if not sequential:
+                return data
+            fields = i + 5 + 2 * out[i + 4]
+            out[fields:fields + 3] = bytes([0, 63, 0])
+            i += 2 + length
+            while i + 1 < len(out) and not (out[i] == 0xFF and out[i + 1] not in (0x00, 0xFF)
+                                            and not 0xD0 <= out[i + 1] <= 0xD7):
+                i += 1  # to the next marker (0xFF00 is a stuffed byte, 0xFFD0-7 restart markers)
+            continue
+        i += 2 + length
+    return bytes(out) if out != data else data
+
+
 def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Image:
     """A DICOM slice as 8-bit RGB: modality LUT (rescale slope/intercept to e.g. Hounsfield units), then windowing.
 
@@ -233,7 +317,7 @@ def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Im
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
+    pixels = dicom_pixels(ds, path)
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[pixels.shape[0] // 2]  # a multi-frame series: the middle frame
     if str(getattr(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR":
@@ -304,6 +388,8 @@ def load_image(path: str, sample: Sample | None = None, field: str = "images",
             return load_dicom(path, window)
         except FileNotFoundError:
             raise DataError(f"{path}: image not found ({where})") from None
+        except UndecodableDicom as err:
+            raise UndecodableDicom(f"{err} ({where})") from None
         except Exception as err:  # pydicom raises many types for bad files
             raise DataError(f"{path}: corrupt or unreadable DICOM ({where}): {err}") from None
     return open_picture(path, path, where)

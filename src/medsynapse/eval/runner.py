@@ -23,7 +23,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
 from medsynapse.eval.efficiency import PeakRSS, rss_mb
 from medsynapse.eval.report import write_json
-from medsynapse.locking import hold_for_launch, write_text_atomic
+from medsynapse.locking import LOCK_NAME, hold_for_launch, write_text_atomic, writes_into
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
 from medsynapse.objectives.answers import check_answer_format, extract, is_correct
@@ -79,8 +79,8 @@ def read_predictions(path: Path, repair: bool = True) -> list[dict]:
 
 
 def append_lines(path: Path, lines: list[dict]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    with writes_into(path.parent, path.name), path.open("a", encoding="utf-8") as handle:  # a torn line is cut at
+        handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))  # the next start
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -309,20 +309,60 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
     check_inputs(model_path, benchmarks, settings.source_options)  # before the output folder is created
     if settings.answer_format is not None:
         check_answer_format(settings.answer_format)
+    # An earlier run's folder (its lock file is there): its lock first, so a busy folder is refused at once. A new
+    # folder: the data and the model are read first, so that a refusal (a missing dataset, a bad record, a damaged
+    # model) leaves nothing behind, no lock file either (a Unix lock file must never be deleted: a waiter would lock
+    # the deleted inode while another process locks a new one).
+    early = _agreed(state, (output / LOCK_NAME).is_file())
     with ExitStack() as stack:
-        hold_for_launch(stack, output, "evaluation", state.is_main_process, state.num_processes)
-        return _evaluate_locked(state, model_path, benchmarks, data_root, output, settings, on_batch)
+        if early:
+            hold_for_launch(stack, output, "evaluation", state.is_main_process, state.num_processes)
+        benches, model = _load_or_leave_nothing(state, model_path, benchmarks, data_root, output, settings)
+        if not early:
+            hold_for_launch(stack, output, "evaluation", state.is_main_process, state.num_processes)
+        return _evaluate_locked(state, model_path, model, benches, output, settings, on_batch)
 
 
-def _evaluate_locked(state, model_path: str, benchmarks: list[str], data_root: str | Path, output: Path,
+def _agreed(state, value: bool) -> bool:
+    """The main process's `value` on every rank (each rank then takes the same path through the collectives)."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box)
+        return box[0]
+    return value
+
+
+def _load_or_leave_nothing(state, model_path: str, benchmarks: list[str], data_root: str | Path, output: Path,
+                           settings: EvalSettings) -> tuple[dict[str, Benchmark], MedSynapseV]:
+    """Every benchmark (embedded images go to OUTPUT/.images) and the model; when either is refused, the folders
+    this call created (the output folder, its image cache) are removed again, so the refusal writes nothing."""
+    import shutil
+
+    images = output / ".images"
+    created = [path for path in (output, images) if not path.exists()]
+    try:
+        benches = {name: load_source(name, data_root, images, skip_bad=settings.skip_bad,
+                                     **settings.source_options.get(name, {})) for name in benchmarks}
+        model = MedSynapseV.from_pretrained(model_path, merge_adapter=True)
+    except BaseException:
+        if state.is_main_process:
+            if images in created:
+                shutil.rmtree(images, ignore_errors=True)
+            if output in created:
+                with suppress(OSError):
+                    output.rmdir()  # only when empty: never another process's files
+        raise
+    return benches, model
+
+
+def _evaluate_locked(state, model_path: str, model: MedSynapseV, benches: dict[str, Benchmark], output: Path,
                      settings: EvalSettings, on_batch: Callable[[str, int], None] | None) -> dict[str, dict]:
     from accelerate.utils import gather_object
 
     from medsynapse.eval.summary import write_summary
 
-    benches = {name: load_source(name, data_root, output / ".images", skip_bad=settings.skip_bad,
-                                 **settings.source_options.get(name, {})) for name in benchmarks}
-    model = MedSynapseV.from_pretrained(model_path, merge_adapter=True)
     model.to(state.device)
     if settings.answer_format is None:  # the format the model was trained with
         settings = replace(settings, answer_format=model.answer_format)

@@ -175,7 +175,12 @@ class MedSynapseV(nn.Module):
         """The loadable folder, with its model card (README.md, model/card.py; `training`: the recipe's record).
         `adapter_state`: the LoRA tensors to write (keys as in the VLM's state dict) when the VLM's own are not whole
         on this process (sharded training gathers them first)."""
-        folder = Path(folder)
+        from medsynapse.locking import writes_into
+
+        with writes_into(folder, "the model"):  # a full disk or read-only folder: one line naming it
+            self._save(Path(folder), adapter_state, training)
+
+    def _save(self, folder: Path, adapter_state: dict[str, torch.Tensor] | None, training: dict | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"format": MANIFEST_FORMAT, "vlm": str(Path(self.vlm_path).expanduser().resolve()),
                     "encoder": str(Path(self.encoder_path).expanduser().resolve()) if self.encoder_path else None,

@@ -21,8 +21,8 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from medsynapse.locking import fsync_tree, hold_for_launch
+from medsynapse.locking import fsync_tree, hold_for_launch, writes_into
 
 CHECKPOINTS = "checkpoints"
 SHARDED = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder
@@ -350,20 +350,32 @@ def save_checkpoint(output_dir: str | Path, step: int, module: nn.Module, optimi
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {k: v.contiguous() for k, v in trainable_state(module).items()}
-    save_file(trainable, str(tmp / "weights.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    settings = {"settings": run_settings(config)} if config is not None else {}
-    (tmp / "state.json").write_text(json.dumps({"step": step, **settings, **(extra or {})}))
-    fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with writes_into(root, f"checkpoint step {step}"), _removed_on_failure(tmp):
+        tmp.mkdir(parents=True)
+        trainable = {k: v.contiguous() for k, v in trainable_state(module).items()}
+        save_file(trainable, str(tmp / "weights.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        settings = {"settings": run_settings(config)} if config is not None else {}
+        (tmp / "state.json").write_text(json.dumps({"step": step, **settings, **(extra or {})}))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """A half-written checkpoint folder is removed when its writing fails (a full disk gets its space back; resume
+    never reads it either way: it is not a `step_*` folder)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, module: nn.Module, optimizer, scheduler,
@@ -393,13 +405,15 @@ def save_sharded_checkpoint(accelerator: Accelerator, output_dir: str | Path, st
     dcp.save(_sharded_state(module, optimizer), checkpoint_id=str(tmp / SHARDED))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        settings = {"settings": run_settings(config)} if config is not None else {}
-        (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": True, **settings, **(extra or {})}))
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with writes_into(root, f"checkpoint step {step}"), _removed_on_failure(tmp):
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+            settings = {"settings": run_settings(config)} if config is not None else {}
+            (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": True, **settings,
+                                                        **(extra or {})}))
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
