@@ -285,6 +285,45 @@ def test_lossless_dicom_codecs_decode_to_the_uncompressed_image(compressed, refe
                           np.asarray(load_image(_pydicom_file(reference))))
 
 
+def test_12_bit_jpeg_with_a_progressive_scan_header_decodes_as_ijg_libjpeg_reads_it():
+    """JPEG-lossy.dcm (12-bit JPEG Extended, Se 0 in its start-of-scan header): pylibjpeg and Pillow refuse it as
+    stored; read as IJG libjpeg reads it, it is the image of its fixed copy JPGExtended.dcm, value for value."""
+    import pydicom
+
+    from medsynapse.data.images import dicom_pixels, sequential_scan_fixed
+
+    lossy, fixed = pydicom.dcmread(_pydicom_file("JPEG-lossy.dcm")), pydicom.dcmread(_pydicom_file("JPGExtended.dcm"))
+    assert lossy.BitsStored == 12 and str(lossy.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.51"
+    assert np.array_equal(dicom_pixels(lossy, "JPEG-lossy.dcm"), fixed.pixel_array)
+    assert np.array_equal(np.asarray(load_image(_pydicom_file("JPEG-lossy.dcm"))),
+                          np.asarray(load_image(_pydicom_file("JPGExtended.dcm"))))
+    frame = next(pydicom.encaps.generate_frames(fixed.PixelData, number_of_frames=1))
+    repaired = next(pydicom.encaps.generate_frames(lossy.PixelData, number_of_frames=1))
+    assert repaired == frame  # the repair is exactly NEMA's fix, byte for byte
+    assert frame[:2] == b"\xff\xd8" and sequential_scan_fixed(frame) == frame  # a valid stream is left as it is
+
+
+def test_an_undecodable_compressed_dicom_is_one_line_naming_file_syntax_and_decoders(tmp_path, capsys):
+    import pydicom
+
+    from medsynapse.cli import main
+    from medsynapse.data.schema import DataError
+
+    ds = pydicom.dcmread(_pydicom_file("JPGExtended.dcm"))
+    frame = bytearray(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+    frame[200:400] = bytes(200)  # the entropy-coded data damaged
+    ds.PixelData = pydicom.encaps.encapsulate([bytes(frame)])
+    path = tmp_path / "damaged.dcm"
+    ds.save_as(path)
+    with pytest.raises(DataError, match=r"damaged\.dcm: its JPEG Extended \(Process 2 and 4\) pixel data cannot be "
+                                        r"decoded by the installed decoders \(pylibjpeg: .*; pillow: .*\)"):
+        load_image(str(path))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path), "--image", str(path), "--question", "q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "damaged.dcm: its JPEG Extended" in err, err
+
+
 def test_a_dicom_without_extension_is_recognised(tmp_path):
     import shutil
 
