@@ -98,6 +98,69 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails_and_leaves_no_tem
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
+def test_a_busy_folder_is_refused_at_once_not_once_its_holder_lets_go(tmp_path, monkeypatch):
+    """The refusal comes at once, while the first writer still holds the folder. A second writer that waited for the
+    lock (a blocking or timed acquire) would get it when the holder lets go and then write after it into the same
+    files, which the lock is there to prevent. Here the holder lets go as soon as the attempt waits (its first
+    sleep; or after 20 s), so any waiting attempt ends up holding the folder instead of being refused."""
+    import threading
+    import time
+
+    out = tmp_path / "busy"
+    held, finish = threading.Event(), threading.Event()
+
+    def holder():
+        with exclusive_output(out, "evaluation"):
+            held.set()
+            finish.wait(timeout=20)
+
+    thread = threading.Thread(target=holder)
+    attempt, sleep, waits = threading.current_thread(), time.sleep, []
+
+    def let_go_if_the_attempt_waits(seconds):
+        if threading.current_thread() is attempt:
+            waits.append(seconds)
+            finish.set()
+            thread.join()
+        sleep(seconds)
+
+    thread.start()
+    try:
+        assert held.wait(timeout=60)
+        monkeypatch.setattr(time, "sleep", let_go_if_the_attempt_waits)
+        with pytest.raises(FolderInUseError, match=r"busy: another medsynapse process is writing into this folder "
+                                                   r"\(it holds .*\.medsynapse\.lock\); wait for it to finish or give "
+                                                   r"this evaluation another output folder"), \
+                exclusive_output(out, "evaluation"):
+            pass
+        monkeypatch.undo()
+        assert waits == [] and thread.is_alive()  # refused without waiting, while the holder still held it
+    finally:
+        finish.set()
+        thread.join()
+    with exclusive_output(out, "evaluation"):  # free once the holder is done
+        pass
+
+
+def test_atomic_write_renames_inside_the_folder_and_leaves_a_readable_file(tmp_path, monkeypatch):
+    """The temporary file is in the target's folder (a rename is atomic only within one file system; one in /tmp
+    would be a copy across devices, or fail) and the result is a normal 0644 file (mkstemp's 0600 would hide
+    predictions and reports from the other users of a shared machine)."""
+    target = tmp_path / "report.md"
+    renames = []
+    replace = os.replace
+
+    def recording(src, dst):
+        renames.append((os.path.dirname(src), os.fspath(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording)
+    write_text_atomic(target, "résumé\n")
+    assert renames == [(str(tmp_path), str(target))]
+    assert target.read_bytes() == "résumé\n".encode() and target.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
 # --- checkpoints belong to their run ---------------------------------------------------------------------------------
 def test_a_new_run_over_another_runs_checkpoints_is_refused_and_they_are_kept(tiny_env, tmp_path):
     out = tmp_path / "s1"

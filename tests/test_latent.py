@@ -167,8 +167,9 @@ def test_coconut_trains_by_stage_resumes_exactly_and_answers_through_eval(tiny_e
     assert manifest["latent"] == {"method": "coconut", "thoughts": 2} and manifest["answer_format"] == "reasoning"
     weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     assert any(float(v.abs().max()) > 1e-4 for k, v in weights.items() if "lora_B" in k)
-    # killed after step 3 (inside stage 1), resumed, killed after step 7 (inside the final phase), resumed: the same
-    # weights as the uninterrupted run
+    # killed after step 3 (inside stage 1: the optimiser's state must come back), resumed, killed after step 4 (at the
+    # boundary of stages 1 and 2: the run would start stage 2 with a fresh optimiser and schedule, not stage 1's),
+    # resumed, killed after step 7 (inside the final phase), resumed: the same weights as the uninterrupted run
     other = _run_file(tiny_env, tmp_path / "b")
     killed = resolve_baseline(read_run_config(other, ["baselines.coconut.save_every=1"]), "coconut")
 
@@ -179,6 +180,8 @@ def test_coconut_trains_by_stage_resumes_exactly_and_answers_through_eval(tiny_e
         return kill
     with pytest.raises(Interrupted):
         train_coconut(killed, on_step=kill_at(3))
+    with pytest.raises(Interrupted):
+        train_coconut(dataclasses.replace(killed, resume=True), on_step=kill_at(4))
     with pytest.raises(Interrupted):
         train_coconut(dataclasses.replace(killed, resume=True), on_step=kill_at(7))
     train_coconut(dataclasses.replace(killed, resume=True))
