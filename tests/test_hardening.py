@@ -373,9 +373,10 @@ def test_an_undecodable_compressed_dicom_is_one_line_naming_file_syntax_and_deco
     from medsynapse.data.schema import DataError
 
     ds = pydicom.dcmread(_pydicom_file("JPGExtended.dcm"))
-    frame = bytearray(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
-    frame[200:400] = bytes(200)  # the entropy-coded data damaged
-    ds.PixelData = pydicom.encaps.encapsulate([bytes(frame)])
+    frame = bytes(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+    start = frame.find(b"\xff\xc4")  # its Huffman tables (DHT segment) removed: no decoder can read the scan
+    end = start + 2 + int.from_bytes(frame[start + 2:start + 4], "big")
+    ds.PixelData = pydicom.encaps.encapsulate([frame[:start] + frame[end:]])
     path = tmp_path / "damaged.dcm"
     ds.save_as(path)
     with pytest.raises(DataError, match=r"damaged\.dcm: its JPEG Extended \(Process 2 and 4\) pixel data cannot be "
