@@ -85,12 +85,31 @@ def test_pipeline_refuses_any_bad_value_of_any_stage_before_anything_trains(case
     _one_line(capsys, ["pipeline", "--config", str(_run_file(tmp_path)), "--set", *overrides], culprit, tmp_path)
 
 
-@pytest.mark.parametrize("command", [["train", "stage1"], ["train", "stage3"], ["train", "baseline", "--method",
-                                                                               "sft"]])
-@pytest.mark.parametrize("case", ["nan lr in stage II", "huge n_memory", "batch x sequence over the memory"])
+TRAIN = [["train", "stage1"], ["train", "stage3"], ["train", "baseline", "--method", "sft"]]
+
+
+@pytest.mark.parametrize("command", TRAIN)
+@pytest.mark.parametrize("case", ["nan lr in stage II", "huge n_memory"])
 def test_train_checks_every_stage_of_the_run_file_not_only_its_own(command, case, tmp_path, capsys, memory_24gib):
     overrides, culprit = BAD[case]
     _one_line(capsys, [*command, "--config", str(_run_file(tmp_path)), "--set", *overrides], culprit, tmp_path)
+
+
+@pytest.mark.parametrize("command", TRAIN)
+def test_train_checks_the_memory_of_what_it_trains_only(command, tmp_path, capsys, memory_24gib):
+    """Stage I's batch of a million: `train stage1` and the SFT baseline (Stage I's batch) are refused; `train
+    stage3` is not (Stage I may train on another machine); it stops later, at its missing Stage II folder."""
+    argv = [*command, "--config", str(_run_file(tmp_path)), "--set", "stage1.batch_size=1000000"]
+    if command[1] == "stage3":
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "one training step needs" not in err and "stage2" in err, err
+    else:
+        _one_line(capsys, argv, "run.yaml.stage1.batch_size: one training step needs at least", tmp_path)
+    capsys.readouterr()  # a pipeline that only converts trains nothing: no memory bound
+    assert main(["pipeline", "--config", str(_run_file(tmp_path)), "--until", "convert", "--set",
+                 "stage1.batch_size=1000000"]) == 0
 
 
 def _study_file(tmp_path: Path, row_set: list[str]) -> Path:

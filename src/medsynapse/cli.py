@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from medsynapse.values import check_run
 
         run = read_run_config(args.config, args.set)
-        check_run(run)  # every stage's and baseline's values, before anything is loaded
+        check_run(run, memory_for={args.stage})  # every stage's and baseline's values, before anything is loaded
         config = resolve(run, args.stage)
     else:  # a stage-only file
         config = load_config(config_class, args.config, args.set)
@@ -107,7 +107,7 @@ def _train_baseline(args: argparse.Namespace) -> int:
         from medsynapse.values import check_run
 
         run = read_run_config(args.config, args.set)
-        check_run(run)  # every stage's and baseline's values, before anything is loaded
+        check_run(run, memory_for={args.method})  # every stage's and baseline's values, before anything is loaded
         config = resolve_baseline(run, args.method)
     elif args.method in ("coconut", "ivt-lr"):
         from medsynapse.recipes.coconut import CoconutConfig

@@ -120,8 +120,8 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
     if on_changed not in ("refuse", "redo"):
         raise ValueError(f"on_changed {on_changed!r}: expected 'refuse' or 'redo'")
     steps = list(STEPS[STEPS.index(start) if start else 0: STEPS.index(until) + 1 if until else len(STEPS)])
-    # every value of every stage and baseline checked before anything runs; the memory bound when a stage will train
-    check_run(run, memory=any(step in steps for step in ("stage1", "stage2", "stage3")))
+    # every value of every stage and baseline checked before anything runs; the memory bound of the stages it trains
+    check_run(run, memory_for={step for step in steps if step in ("stage1", "stage2", "stage3")})
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one per rank under torchrun
     main = state.is_main_process
     output = Path(run.output)

@@ -147,8 +147,10 @@ def check_rows(study: StudyConfig, raw: dict, source: str, where: str, memory: b
     """Every row's run (the run file with the row's `set` on top) checked as `pipeline` and `train` check theirs
     (values.check_run), before anything is planned, built or trained; `memory`: with each step's memory bound."""
     for name, row in study.rows.items():
+        trains = {row.method} if row.model == "baseline" else set(STAGES[:STAGES.index(row.model) + 1]) \
+            if row.model in STAGES else set()
         try:
-            check_run(row_run(raw, source, row, study.seeds[0], None), memory=memory)
+            check_run(row_run(raw, source, row, study.seeds[0], None), memory=memory, memory_for=trains)
         except ConfigError as err:
             raise ConfigError(f"{where}.rows.{name}: {err}") from None
 

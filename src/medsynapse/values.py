@@ -375,9 +375,10 @@ def check_eval(run) -> None:
         check_value("answer_format", e.answer_format, f"{where}.answer_format")
 
 
-def check_run(run, memory: bool = True) -> None:
-    """Every value of every stage and baseline of a run file (module docstring); with `memory`, each training step's
-    memory lower bound against this machine's."""
+def check_run(run, memory: bool = True, memory_for: set[str] | None = None) -> None:
+    """Every value of every stage and baseline of a run file (module docstring); with `memory`, the memory lower
+    bound of each training step against this machine's: of every stage and baseline, or of those in `memory_for`
+    (what this command trains; the others may train on another machine)."""
     from medsynapse.runconfig import BASELINES, STAGES, resolve, resolve_baseline
 
     m, source = run.model, run.source
@@ -392,11 +393,11 @@ def check_run(run, memory: bool = True) -> None:
         check_config(config, f"{source}.{stage}", origins)
         if stage == "stage1":
             n_memory = config.n_memory  # the slots Stages II-III's prompts carry
-        if memory:
+        if memory and (memory_for is None or stage in memory_for):
             check_memory(stage, config, f"{source}.{stage}", shape, n_memory=n_memory, origins=origins)
     for method in BASELINES:
         config = resolve_baseline(run, method)
         where, origins = f"{source}.baselines.{method}", baseline_origins(run, method)
         check_config(config, where, origins)
-        if memory:
+        if memory and (memory_for is None or method in memory_for):
             check_memory(method, config, where, shape, origins=origins)
