@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -372,14 +373,22 @@ def planned_records(run: RunConfig) -> dict[str, int]:
 
 def _file_facts(file: str, planned: dict[str, int]) -> dict:
     """A training file's SHA-256 and records when it exists (else the planned count, sha256 None)."""
-    from medsynapse.pipeline import _sha256
-
     path = Path(file)
     if path.is_file():
-        with open(path, "rb") as handle:
-            records = sum(1 for line in handle if line.strip())
-        return {"file": file, "sha256": _sha256(file), "records": records}
+        stat = path.stat()
+        return {"file": file, **_hashed(file, stat.st_size, stat.st_mtime_ns)}
     return {"file": file, "sha256": None, "records": planned.get(file)}
+
+
+@functools.lru_cache(maxsize=64)
+def _hashed(file: str, size: int, mtime_ns: int) -> dict:
+    """SHA-256 and records of one version of a file (keyed by size and mtime): every row's units read the same
+    few files, so each is read once per plan, not once per unit."""
+    from medsynapse.pipeline import _sha256
+
+    with open(file, "rb") as handle:
+        records = sum(1 for line in handle if line.strip())
+    return {"sha256": _sha256(file), "records": records}
 
 
 def parity_table(study: StudyConfig, plan: Plan, runs: dict[str, RunConfig] | None = None) -> dict:
