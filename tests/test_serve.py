@@ -82,6 +82,16 @@ def _alone(model: MedSynapseV, path: Path, question: str, max_new_tokens: int = 
     return model.answer([image], [format_prompt(question, model.answer_format)], max_new_tokens=max_new_tokens)[0]
 
 
+def _spawn(command: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """Start a server whose output goes to a file: a pipe nobody reads fills (64 KB) and blocks the server."""
+    return subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1", **env}, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no output)"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,8 +110,8 @@ def test_served_answers_equal_one_at_a_time_and_bad_input_gets_its_4xx(folders, 
     command = [sys.executable, "-c", "from medsynapse.cli import main; raise SystemExit(main())", "serve",
                "--model", str(teacher), "--port", str(port), "--max-batch", "8", "--max-wait-ms", "200",
                "--max-pixels", str(100 * 100), "--max-body-mb", "1", "--allow-dir", str(requests[0][0].parent)]
-    server = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    log = tmp_path / "server.log"
+    server = _spawn(command, log)
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=120) as client:
@@ -112,7 +122,7 @@ def test_served_answers_equal_one_at_a_time_and_bad_input_gets_its_4xx(folders, 
                 except httpx.TransportError:
                     time.sleep(0.1)
             else:
-                pytest.fail(server.stdout.read().decode()[-2000:] if server.poll() is not None else "no server")
+                pytest.fail(f"the server did not start:\n{_tail(log)}")
             models = client.get("/v1/models").json()["data"]
             assert models[0]["id"] == teacher.name and models[0]["memory"] == "encoder"
 
@@ -244,8 +254,8 @@ def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, r
     port = _free_port()
     command = [sys.executable, "-c", "from medsynapse.cli import main; raise SystemExit(main())", "app",
                "--model", str(teacher), "--compare", str(student), "--port", str(port), "--max-new-tokens", "6"]
-    app = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "app.log"
+    app = _spawn(command, log, GRADIO_ANALYTICS_ENABLED="False")
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(900):
@@ -255,18 +265,22 @@ def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, r
             except httpx.TransportError:
                 time.sleep(0.1)
         else:
-            pytest.fail(app.stdout.read().decode()[-2000:] if app.poll() is not None else "the app did not start")
+            pytest.fail(f"the app did not start:\n{_tail(log)}")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.locator("#scan input[type=file]").set_input_files(str(dicom))
-            try:
-                page.get_by_text(dicom.name).first.wait_for(timeout=120_000)  # uploaded
-            except Exception:
-                page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
-                (tmp_path / "page.html").write_text(page.content())
-                raise
+            page.goto(url, wait_until="networkidle")
+            page.locator("#ask").wait_for(timeout=120_000)  # the app has rendered
+            for attempt in range(4):  # a file set while the page still re-renders is lost: set it again
+                page.locator("#scan input[type=file]").set_input_files(str(dicom))
+                try:
+                    page.get_by_text(dicom.name).first.wait_for(timeout=30_000)  # uploaded
+                    break
+                except Exception:
+                    if attempt == 3:
+                        page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+                        (tmp_path / "page.html").write_text(page.content())
+                        pytest.fail(f"the upload never showed {dicom.name}; the app said:\n{_tail(log)}")
             question = page.locator("#question input")
             question.fill("Is there a lesion in this image? Answer yes or no.")
             question.press("Enter")
