@@ -5,6 +5,11 @@ markdown table: killed (a test failed, or the mutant timed out: mutmut's convent
 survived, no tests (no selected test reaches the
 function), not checked (not run yet, e.g. a sampled run), and the score killed / checked, counting "no tests" as
 survivors. Writes the same numbers to mutants/mutation_report.json.
+
+With `--sample` it reads `mutants-sample/results.jsonl` (`make mutation-sample`, scripts/mutation_sample.py) instead:
+the score per package with its 95 % Wilson interval (the sample is a systematic draw from each package's mutants, so
+the interval is the binomial one), the population each sample was drawn from, and every survivor's diff
+(`mutants-sample/report.md`, `report.json`).
 """
 
 from __future__ import annotations
@@ -56,7 +61,47 @@ def _row(name: str, counts: Counter, report: dict) -> str:
             f"{counts['no tests']} | {100 * score:.1f} % |")
 
 
+def sample_report(folder: Path) -> tuple[str, dict]:
+    """Per package: sampled, killed (a failing test or a timeout, shown apart), survived, no tests, error, the score
+    killed / (sampled - errors) with its Wilson 95 % interval; then the survivors' diffs."""
+    from scipy.stats import binomtest
+
+    records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
+    population = json.loads((folder / "population.json").read_text())
+    rows, report = [], {}
+    packages = sorted({r["package"] for r in records}) + ["all"]
+    for package in packages:
+        chosen = [r for r in records if package in ("all", r["package"])]
+        counts = Counter(r["status"] for r in chosen)
+        killed = counts["killed"] + counts["timeout"]
+        checked = len(chosen) - counts["error"]
+        interval = binomtest(killed, checked).proportion_ci(method="wilson") if checked else None
+        total = sum(population.values()) if package == "all" else population.get(package, 0)
+        report[package] = {"population": total, "sampled": len(chosen), "killed": killed,
+                           "timeout": counts["timeout"], "survived": counts["survived"], "no_tests": counts["no tests"],
+                           "error": counts["error"], "score": killed / checked if checked else None,
+                           "interval": [interval.low, interval.high] if interval else None}
+        score = f"{100 * killed / checked:.0f} % [{100 * interval.low:.0f}, {100 * interval.high:.0f}]" \
+            if checked else "-"
+        name = f"**{package}**" if package == "all" else package
+        rows.append(f"| {name} | {total:,} | {len(chosen)} | {killed} | {counts['timeout']} | {counts['survived']} | "
+                    f"{counts['no tests']} | {counts['error']} | {score} |")
+    header = ("| package | mutants | sampled | killed | of which timeout | survived | no tests | error | "
+              "score [95 % CI] |\n|---|---|---|---|---|---|---|---|---|\n")
+    survivors = [r for r in records if r["status"] in ("survived", "no tests")]
+    details = "\n".join(f"### {r['key']} ({r['status']}, {r['tests']} tests by {r['selected_by']})\n```diff\n"
+                        f"{r['diff']}```" for r in survivors)
+    return header + "\n".join(rows) + "\n\n## Survivors\n\n" + details + "\n", report
+
+
 def main() -> int:
+    if "--sample" in sys.argv[1:]:
+        folder = Path("mutants-sample")
+        markdown, report = sample_report(folder)
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        (folder / "report.md").write_text(markdown)
+        print(markdown.split("\n## Survivors")[0])
+        return 0
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     markdown, report = table(read_results(mutmut))
     Path("mutants").mkdir(exist_ok=True)
