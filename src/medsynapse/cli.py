@@ -184,7 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
                              max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout,
-                             allow_dirs=args.allow_dir or [])
+                             allow_dirs=args.allow_dir or [], max_batch_tokens=args.max_batch_tokens,
+                             max_decoded_bytes=args.max_decoded_mb * 2**20 if args.max_decoded_mb else None)
     serve(args.model, args.host, args.port, settings)
     return 0
 
@@ -511,7 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-new-tokens", type=int, default=64, help="default and largest max_tokens")
     server.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image (width x height)")
     server.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
-    server.add_argument("--timeout", type=float, default=120.0, help="seconds a request waits for its answer (504)")
+    server.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds from a request's arrival to its answer, decoding included (504)")
+    server.add_argument("--max-batch-tokens", type=int, default=16384,
+                        help="a batch's padded size, rows x (longest prompt + max_tokens); prompts are batched by "
+                             "length")
+    server.add_argument("--max-decoded-mb", type=int, default=None,
+                        help="largest inflated gzip'd NIfTI / Deflated DICOM and decoded DICOM pixel data (413); "
+                             "default 32 bytes per --max-pixels pixel")
     server.add_argument("--allow-dir", action="append", metavar="DIR",
                         help="local image paths are read under this folder (repeatable; default none)")
     server.set_defaults(func=cmd_serve)

@@ -3,17 +3,22 @@
 Endpoints: `POST /v1/chat/completions` (messages whose content holds text and `image_url` parts: `data:` URIs of
 PNG / JPEG / DICOM, or local paths under an `--allow-dir`; `max_tokens`, `temperature`), `GET /v1/models`,
 `GET /health`. Plan of a request:
-1. FastAPI checks the schema (422 naming the field); the body is refused past `max_body_bytes` (413) before it is
-   read whole;
-2. in a worker thread: the images are decoded by the same loader as training and evaluation (data/images.py: DICOM
-   windowed), checked against `max_pixels` (413), and the prompt is encoded as `predict` does (the model's answer
-   format); a bad image is a 400 naming the message and part;
-3. the encoded request joins a bounded queue (503 when full) and waits for its answer at most `timeout_s` (504);
+1. the body is refused past `max_body_bytes` (413) before it is read whole (a chunked body is read up to the limit);
+   FastAPI checks the schema (400 naming the field, never echoing the input);
+2. in a worker thread, within `timeout_s` (504): a compressed upload (a gzip'd NIfTI, a Deflated DICOM) is inflated
+   at most to `max_decoded_bytes` (413), the images are decoded by the same loader as training and evaluation
+   (data/images.py: DICOM windowed), checked against `max_pixels` (413), and the prompt is encoded as `predict` does
+   (the model's answer format); a bad image is a 400 naming the message and part; a prompt longer than the model's
+   context less `max_tokens` is a 413;
+3. the encoded request joins a bounded queue (503 when full) and waits for its answer until `timeout_s` is spent
+   (504);
 4. one batcher thread takes the first waiting request and every other that arrives within `max_wait_ms`, up to
-   `max_batch`, groups them by generation settings, and runs each group through `MedSynapseV.generate_encoded`, the
-   path `answer` and the benchmark harness use (left-padded batch, greedy unless a temperature is asked for), so a
-   batched answer is the answer the request would get alone.
-The model package knows nothing of HTTP: this module only parses, queues and formats. Binds 127.0.0.1 by default.
+   `max_batch`, groups them by generation settings and packs each group by prompt length into batches whose padded
+   size stays within `max_batch_tokens` (a long prompt is not padded against short ones), and runs each batch through
+   `MedSynapseV.generate_encoded`, the path `answer` and the benchmark harness use (left-padded batch, greedy unless a
+   temperature is asked for), so a batched answer is the answer the request would get alone.
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. The model package knows nothing of
+HTTP: this module only parses, queues and formats. Binds 127.0.0.1 by default.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ MIME_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg",
                  "application/x-nifti-gz": ".nii.gz"}  # gzip: a compressed NIfTI volume
 
 
+DECODED_BYTES_PER_PIXEL = 32  # the default inflate / decode bound: 32 bytes per `max_pixels` pixel (512 MiB)
+
+
 @dataclass
 class ServeSettings:
     max_batch: int = 16
@@ -50,14 +58,36 @@ class ServeSettings:
     max_pixels: int = 4096 * 4096
     max_body_bytes: int = 32 * 2**20
     max_images: int = 4
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # from the request's arrival: decoding, waiting and answering
     allow_dirs: list[str] = field(default_factory=list)  # local image paths are read only under these folders
+    max_batch_tokens: int = 16384  # a batch's padded size, rows x (longest prompt + max_new_tokens)
+    max_decoded_bytes: int | None = None  # inflated / decoded image data; None: DECODED_BYTES_PER_PIXEL x max_pixels
+
+    @property
+    def decoded_limit(self) -> int:
+        return self.max_decoded_bytes or DECODED_BYTES_PER_PIXEL * self.max_pixels
+
+
+ERROR_TYPES = {500: "server_error", 503: "server_busy", 504: "timeout"}  # any other status: invalid_request_error
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str):
+    """A refusal: its HTTP status, a message naming what was wrong, and OpenAI's `code` and `param` (or None)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.code, self.param = status, code, param
+
+    @classmethod
+    def at(cls, where: str, status: int, text: str, code: str | None = None) -> BadRequest:
+        """A refusal about the request field `where` (`messages[0].content[1].image_url`), which its message names."""
+        return cls(status, f"{where}: {text}", code, where)
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
 
 
 # --- the OpenAI request schema -----------------------------------------------------------------------------------
@@ -93,6 +123,7 @@ class Parsed:
     question: str
     system: str
     images: list  # PIL images
+    wheres: list[str] = field(default_factory=list)  # each image's part (`messages[0].content[1]`)
 
 
 def parse_request(request: ChatRequest, settings: ServeSettings) -> Parsed:
@@ -100,30 +131,33 @@ def parse_request(request: ChatRequest, settings: ServeSettings) -> Parsed:
     system = " ".join(_text(m.content) for m in request.messages if m.role == "system").strip()
     users = [i for i, m in enumerate(request.messages) if m.role == "user"]
     if not users:
-        raise BadRequest(400, "messages: no message with role 'user'")
+        raise BadRequest.at("messages", 400, "no message with role 'user'")
     index = users[-1]
     content = request.messages[index].content
     parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else content
     count = sum(part.type == "image_url" for part in parts)
     if count > settings.max_images:  # before any image is decoded
-        raise BadRequest(413, f"messages[{index}]: {count} images, at most {settings.max_images}")
-    texts, images = [], []
+        raise BadRequest.at(f"messages[{index}]", 413, f"{count} images, at most {settings.max_images}",
+                            "too_many_images")
+    texts, images, wheres = [], [], []
     for number, part in enumerate(parts):
         where = f"messages[{index}].content[{number}]"
         if part.type == "text":
             if part.text is None:
-                raise BadRequest(400, f"{where}: a text part needs 'text'")
+                raise BadRequest.at(where, 400, "a text part needs 'text'")
             texts.append(part.text)
         else:
             if part.image_url is None:
-                raise BadRequest(400, f"{where}: an image_url part needs 'image_url': {{'url': ...}}")
+                raise BadRequest.at(where, 400, "an image_url part needs 'image_url': {'url': ...}")
             images.append(load_request_image(part.image_url.url, where, settings))
+            wheres.append(where)
     question = " ".join(t.strip() for t in texts).strip()
     if not question:
-        raise BadRequest(400, f"messages[{index}]: no question text")
+        raise BadRequest.at(f"messages[{index}]", 400, "no question text")
     if not images:
-        raise BadRequest(400, f"messages[{index}]: no image (an image_url part with a data: URI or an allowed path)")
-    return Parsed(question, system, images)
+        raise BadRequest.at(f"messages[{index}]", 400,
+                            "no image (an image_url part with a data: URI or an allowed path)")
+    return Parsed(question, system, images, wheres)
 
 
 def _text(content: str | list[ContentPart]) -> str:
@@ -136,20 +170,22 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
     from medsynapse.data.images import is_nifti, load_image, split_view
     from medsynapse.data.schema import DataError
 
+    where = f"{where}.image_url"
     if url.startswith("data:"):
         url, _, fragment = url.partition("#")  # base64 has no '#': what follows is a volume's view
         header, sep, payload = url.partition(",")
         mime = header[5:].split(";")[0].lower()
         if not sep or ";base64" not in header:
-            raise BadRequest(400, f"{where}.image_url: expected data:<type>;base64,<data>")
+            raise BadRequest.at(where, 400, "expected data:<type>;base64,<data>")
         if mime not in MIME_SUFFIXES:
-            raise BadRequest(415, f"{where}.image_url: type {mime!r} is not served; one of {sorted(MIME_SUFFIXES)}")
+            raise BadRequest.at(where, 415, f"type {mime!r} is not served; one of {sorted(MIME_SUFFIXES)}",
+                                "unsupported_media_type")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise BadRequest(400, f"{where}.image_url: not valid base64") from None
+            raise BadRequest.at(where, 400, "not valid base64") from None
         if fragment and not MIME_SUFFIXES[mime].startswith(".nii"):
-            raise BadRequest(400, f"{where}.image_url: a view after '#' applies to NIfTI volumes, not {mime!r}")
+            raise BadRequest.at(where, 400, f"a view after '#' applies to NIfTI volumes, not {mime!r}")
         if mime.startswith("image/") and MIME_SUFFIXES[mime] in (".png", ".jpg"):  # decoded in memory
             picture = _picture_from_bytes(data, where, settings)
             if picture is not None:
@@ -158,6 +194,7 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
+            _check_inflated(path, where, settings)
             _check_size(path, where, settings)
             image = _open(load_image, f"{path}#{fragment}" if fragment else path, where, DataError)
         finally:
@@ -166,8 +203,10 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
         file, fragment = split_view(url.removeprefix("file://"))
         path = Path(file).expanduser().resolve()
         if not any(path.is_relative_to(Path(d).expanduser().resolve()) for d in settings.allow_dirs):
-            raise BadRequest(403, f"{where}.image_url: local paths are read only under --allow-dir "
-                                  f"({settings.allow_dirs or 'none given'}); send a data: URI")
+            raise BadRequest.at(where, 403, f"local paths are read only under --allow-dir "
+                                            f"({settings.allow_dirs or 'none given'}); send a data: URI",
+                                "path_not_allowed")
+        _check_inflated(str(path), where, settings)
         _check_size(str(path), where, settings)
         shown = f"{path}#{fragment}" if fragment and is_nifti(str(path)) else str(path)
         image = _open(load_image, shown, where, DataError)
@@ -194,12 +233,25 @@ def _picture_from_bytes(data: bytes, where: str, settings: ServeSettings):
     try:
         return open_picture(io.BytesIO(data), "the image", where)
     except DataError as err:
-        raise BadRequest(400, f"{where}.image_url: {err}") from None
+        raise BadRequest.at(where, 400, str(err), "invalid_image") from None
+
+
+def _check_inflated(path: str, where: str, settings: ServeSettings) -> None:
+    """A gzip'd NIfTI or a Deflated DICOM inflated (counted, not kept) at most to `decoded_limit` bytes, refused
+    beyond before any loader inflates it whole."""
+    from medsynapse.data.images import TooLarge, check_inflated_size
+
+    try:
+        check_inflated_size(path, settings.decoded_limit)
+    except TooLarge:
+        raise BadRequest.at(where, 413, f"the compressed data inflates to more than {settings.decoded_limit} bytes "
+                                        "(--max-decoded-mb)", "decoded_too_large") from None
 
 
 def _check_size(path: str, where: str, settings: ServeSettings) -> None:
     """Width x height from the file's header (PNG/JPEG via PIL's lazy open, DICOM's Rows/Columns), refused past
-    `max_pixels` before any pixel is decoded (a small compressed file can decode to gigabytes)."""
+    `max_pixels` before any pixel is decoded (a small compressed file can decode to gigabytes); a DICOM's pixel data,
+    every frame, refused past `decoded_limit` bytes."""
 
     from medsynapse.data.images import is_nifti
 
@@ -213,33 +265,49 @@ def _check_size(path: str, where: str, settings: ServeSettings) -> None:
         except Exception:  # not a volume: the loader names what is wrong
             return
     else:
-        size = _picture_size(path)
+        size = _picture_size(path, where, settings)
     if size is not None:
         _refuse_past_max_pixels(size, where, settings)
 
 
 def _refuse_past_max_pixels(size: tuple[int, int], where: str, settings: ServeSettings) -> None:
     if size[0] * size[1] > settings.max_pixels:
-        raise BadRequest(413, f"{where}.image_url: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
-                              f"--max-pixels {settings.max_pixels}")
+        raise BadRequest.at(where, 413, f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
+                                        f"--max-pixels {settings.max_pixels}", "image_too_large")
 
 
-def _picture_size(path: str) -> tuple[int, int] | None:
+def _picture_size(path: str, where: str, settings: ServeSettings) -> tuple[int, int] | None:
     from PIL import Image, UnidentifiedImageError
 
-    size = None
     try:
         with Image.open(path) as image:
-            size = image.size
+            return image.size
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        try:
-            import pydicom
+        pass
+    return _dicom_size(path, where, settings)
 
-            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            size = (int(header.Columns), int(header.Rows))
-        except Exception:  # not an image: the loader names what is wrong
-            return None
+
+def _dicom_size(path: str, where: str, settings: ServeSettings) -> tuple[int, int] | None:
+    """A DICOM's (columns, rows) from its header; its pixel data, every frame, refused past `decoded_limit` bytes."""
+    try:
+        import pydicom
+
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        size, decoded = (int(header.Columns), int(header.Rows)), _dicom_decoded_bytes(header)
+    except Exception:  # not an image: the loader names what is wrong
+        return None
+    if decoded > settings.decoded_limit:
+        raise BadRequest.at(where, 413, f"the DICOM's pixel data decodes to {decoded} bytes (every frame), more "
+                                        f"than {settings.decoded_limit} (--max-decoded-mb)", "decoded_too_large")
     return size
+
+
+def _dicom_decoded_bytes(header) -> int:
+    """Frames x rows x columns x samples x bytes per sample: what `pixel_array` allocates for the whole file."""
+    frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(header, "SamplesPerPixel", 1) or 1)
+    sample_bytes = -(-int(getattr(header, "BitsAllocated", 8) or 8) // 8)
+    return frames * int(header.Rows) * int(header.Columns) * samples * sample_bytes
 
 
 def _open(load_image, path: str, where: str, data_error: type):
@@ -249,7 +317,7 @@ def _open(load_image, path: str, where: str, data_error: type):
         from medsynapse.data.images import split_view
 
         message = str(err).replace(path, "the image").replace(split_view(path)[0], "the image")
-        raise BadRequest(400, f"{where}.image_url: {message}") from None
+        raise BadRequest.at(where, 400, message, "invalid_image") from None
 
 
 # --- batching ----------------------------------------------------------------------------------------------------
@@ -261,8 +329,23 @@ class Job:
     images: list  # every image of the request (the memory is built from all of them)
     max_new_tokens: int
     temperature: float
+    prompt_tokens: int = 0  # len(item.input_ids): text, image and memory-slot tokens
     future: Future = field(default_factory=Future)
     cancelled: bool = False
+
+
+def pack(jobs: list[Job], max_batch_tokens: int) -> list[list[Job]]:
+    """Jobs of one generation setting in batches by prompt length, each batch's padded size, rows x (its longest
+    prompt + max_new_tokens), at most `max_batch_tokens`: a long prompt is batched with prompts of its own length, and
+    one whose padded size alone passes the bound is answered alone, never padding short prompts to its length."""
+    batches: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: j.prompt_tokens):  # each job is the longest of its batch so far
+        width = job.prompt_tokens + job.max_new_tokens
+        if batches and (len(batches[-1]) + 1) * width <= max_batch_tokens:
+            batches[-1].append(job)
+        else:
+            batches.append([job])
+    return batches
 
 
 class Batcher:
@@ -281,7 +364,8 @@ class Batcher:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            raise BadRequest(503, f"queue full ({self.settings.max_queue} requests waiting); retry later") from None
+            raise BadRequest(503, f"queue full ({self.settings.max_queue} requests waiting); retry later",
+                             "queue_full") from None
         return job.future
 
     def stop(self) -> None:
@@ -309,18 +393,22 @@ class Batcher:
             for job in self._take():
                 groups.setdefault((job.max_new_tokens, job.temperature), []).append(job)
             for (max_new_tokens, temperature), group in groups.items():
-                self.batches += 1
-                self.largest = max(self.largest, len(group))
-                try:
-                    results = self._answer(group, max_new_tokens, temperature)
-                except Exception as err:  # the server keeps serving; each request of the group gets a 500
-                    results = [err] * len(group)
-                for job, result in zip(group, results):
-                    with contextlib.suppress(InvalidStateError):  # its request already gave up
-                        if isinstance(result, Exception):
-                            job.future.set_exception(result)
-                        else:
-                            job.future.set_result(result)
+                for batch in pack(group, self.settings.max_batch_tokens):
+                    self._run_batch(batch, max_new_tokens, temperature)
+
+    def _run_batch(self, batch: list[Job], max_new_tokens: int, temperature: float) -> None:
+        self.batches += 1
+        self.largest = max(self.largest, len(batch))
+        try:
+            results = self._answer(batch, max_new_tokens, temperature)
+        except Exception as err:  # the server keeps serving; each request of the batch gets a 500
+            results = [err] * len(batch)
+        for job, result in zip(batch, results):
+            with contextlib.suppress(InvalidStateError):  # its request already gave up
+                if isinstance(result, Exception):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
 
     @property
     def alive(self) -> bool:
@@ -344,8 +432,9 @@ class Batcher:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused with 413 as soon as it is known to be (from
-    Content-Length, or while a chunked body streams in), never read whole."""
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 as soon as it is known to be, never read
+    whole: from Content-Length before any byte is read, or, for a chunked body (no length given), while it streams
+    in; a chunked body within the limit is then handed on as read."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -354,38 +443,75 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None:  # the server reads no more than the declared length
+            if declared.isdigit() and int(declared) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        first = await self._read_up_to_limit(receive)
+        if first is None:
             return await self._refuse(send)
-        seen = 0
+        return await self.app(scope, _replay(first, receive), send)
 
-        async def limited():
-            nonlocal seen
+    async def _read_up_to_limit(self, receive) -> dict | None:
+        """The whole chunked body as one message, or None once it passes the limit (what is left stays unread)."""
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client left: the app sees it
+                return message
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise BadRequest(413, "body too large")
-            return message
-
-        try:
-            return await self.app(scope, limited, send)
-        except BadRequest:
-            return await self._refuse(send)
+                return None
+            if not message.get("more_body"):
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
     async def _refuse(self, send):
         import json
 
-        body = json.dumps({"error": {"message": f"request body larger than {self.limit} bytes", "type":
-                                     "invalid_request_error", "code": 413}}).encode()
+        body = json.dumps(error_body(413, f"request body larger than {self.limit} bytes (--max-body-mb)",
+                                     "body_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _replay(first: dict, receive):
+    """An ASGI `receive` that gives `first` once, then what `receive` gives (a disconnect)."""
+    pending = [first]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+def validation_error(errors: list[dict]) -> tuple[str, str | None, str | None]:
+    """(message, param, code) for FastAPI's validation errors: each error's field path and pydantic's message, never
+    the input it was given (pydantic's `input`)."""
+    described, params = [], []
+    for error in errors:
+        location = [part for part in error.get("loc", ()) if part != "body"]
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            described.append(f"the body is not valid JSON ({reason} at character {location[0] if location else 0})")
+            params.append(None)
+            continue
+        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+        described.append(f"{path or 'the body'}: {error.get('msg', 'invalid')}")
+        params.append(path or None)
+    first = errors[0] if errors else {}
+    return "; ".join(described) or "invalid request", params[0] if params else None, first.get("type")
 
 
 def create_app(model_dir: str, settings: ServeSettings | None = None, model=None):
     """The FastAPI app serving `model_dir` (or an already loaded `model`); the batcher starts with it."""
+    import anyio
     from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     from medsynapse.model.medsynapse import MedSynapseV
     from medsynapse.objectives.answers import format_prompt
@@ -399,6 +525,7 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
         settings = replace(settings, max_images=model.max_images)  # limit is a 413, not a batch's 500
     name = Path(model_dir).name
     kind = "encoder" if model.sampler is not None else "autonomous" if model.autonomous is not None else "none"
+    context = context_length(model)
     batcher = Batcher(model, settings)
 
     @contextlib.asynccontextmanager
@@ -411,9 +538,22 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, err: BadRequest):
-        error = "server_busy" if err.status == 503 else "timeout" if err.status == 504 else "invalid_request_error"
-        return JSONResponse({"error": {"message": str(err), "type": error, "code": err.status}},
-                            status_code=err.status)
+        return JSONResponse(error_body(err.status, str(err), err.code, err.param), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):  # OpenAI answers a bad schema with 400
+        message, param, code = validation_error(list(err.errors()))
+        return JSONResponse(error_body(400, message, code, param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):  # unknown routes, wrong methods
+        message, code = route_error(err)
+        return JSONResponse(error_body(err.status_code, message, code), status_code=err.status_code,
+                            headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception):  # the server's fault: its name, not its details
+        return JSONResponse(error_body(500, f"the server failed to answer ({type(err).__name__})"), status_code=500)
 
     @app.get("/health")
     def health():
@@ -428,26 +568,35 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
 
     @app.post("/v1/chat/completions")
     async def chat(request: ChatRequest) -> dict:
+        deadline = time.monotonic() + settings.timeout_s
         if request.model not in (None, name):
-            raise BadRequest(404, f"model {request.model!r} is not served here; GET /v1/models lists {name!r}")
+            raise BadRequest.at("model", 404, f"{request.model!r} is not served here; GET /v1/models lists {name!r}",
+                                "model_not_found")
         max_new_tokens = request.max_tokens or settings.max_new_tokens
         if max_new_tokens > settings.max_new_tokens:
-            raise BadRequest(400, f"max_tokens {max_new_tokens} is over this server's limit {settings.max_new_tokens}")
+            raise BadRequest.at("max_tokens", 400, f"{max_new_tokens} is over this server's limit "
+                                                   f"{settings.max_new_tokens} (--max-new-tokens)")
 
         def prepare() -> Job:
             parsed = parse_request(request, settings)
             question = format_prompt(parsed.question, model.answer_format)  # as `predict` asks it
-            item = model.prompts.encode(parsed.images, question, system=parsed.system)
-            return Job(item, list(parsed.images), max_new_tokens, request.temperature)
+            item = encode_prompt(model, parsed, question)
+            check_prompt_length(len(item.input_ids), max_new_tokens, context)
+            return Job(item, list(parsed.images), max_new_tokens, request.temperature, len(item.input_ids))
 
-        job = await run_in_threadpool(prepare)
+        try:  # a decode past the deadline is left to finish in its thread; the request is answered now
+            job = await asyncio.wait_for(anyio.to_thread.run_sync(prepare, abandon_on_cancel=True),
+                                         timeout=settings.timeout_s)
+        except TimeoutError:
+            raise BadRequest(504, f"no answer within {settings.timeout_s} s (still decoding the images)",
+                             "timeout") from None
         future = batcher.submit(job)
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.timeout_s)
+            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(deadline - time.monotonic(), 0))
         except TimeoutError:
             job.cancelled = True
-            raise BadRequest(504, f"no answer within {settings.timeout_s} s") from None
-        prompt_tokens = len(job.item.input_ids)
+            raise BadRequest(504, f"no answer within {settings.timeout_s} s", "timeout") from None
+        prompt_tokens = job.prompt_tokens
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
                                             "finish_reason": result["finish_reason"]}],
@@ -455,6 +604,53 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
                           "total_tokens": prompt_tokens + result["completion_tokens"]}}
 
     return BodyLimit(app, settings.max_body_bytes)
+
+
+def context_length(model) -> int | None:
+    """The VLM's context in tokens (its text model's `max_position_embeddings`), None when its config has none."""
+    from medsynapse.model.vlm import core_vlm
+
+    config = core_vlm(model.vlm).config
+    for part in (getattr(config, "text_config", None), config):
+        if getattr(part, "max_position_embeddings", None):
+            return int(part.max_position_embeddings)
+    return None
+
+
+def encode_prompt(model, parsed: Parsed, question: str):
+    """The request's prompt as the model's processor encodes it; an image the processor refuses (e.g. an aspect
+    ratio of 200:1 or more) is a 400 naming its part, found by offering the processor each image alone."""
+    try:
+        return model.prompts.encode(parsed.images, question, system=parsed.system)
+    except ValueError:
+        for image, where in zip(parsed.images, parsed.wheres):
+            try:
+                model.processor.image_processor(images=[image])
+            except ValueError as reason:
+                raise BadRequest.at(f"{where}.image_url", 400, f"the model's image processor refuses this "
+                                    f"{image.width}x{image.height} image: {reason}", "invalid_image") from None
+        raise
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """A prompt that leaves fewer than `max_new_tokens` of the model's context is a 413 naming both numbers."""
+    if context is not None and prompt_tokens > context - max_new_tokens:
+        raise BadRequest.at("messages", 413, f"the prompt is {prompt_tokens} tokens (text, image and memory "
+                                             f"tokens), more than {context - max_new_tokens}: the model's context of "
+                                             f"{context} tokens less max_tokens {max_new_tokens}",
+                            "context_length_exceeded")
+
+
+def route_error(err) -> tuple[str, str | None]:
+    """(message, code) for Starlette's own refusals: no such route (404), a method the route does not take (405)."""
+    routes = "POST /v1/chat/completions, GET /v1/models, GET /health"
+    if err.status_code == 404:
+        return f"Invalid URL: no such route; this server serves {routes}", "unknown_url"
+    if err.status_code == 405:
+        allowed = (err.headers or {}).get("Allow", "")
+        return f"method not allowed on this route (it takes {allowed}); this server serves {routes}", \
+            "method_not_allowed"
+    return str(err.detail), None
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None) -> None:

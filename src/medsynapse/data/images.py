@@ -349,6 +349,73 @@ def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Im
     return Image.fromarray((scaled * 255).round().astype(np.uint8)).convert("RGB")
 
 
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the dataset is one deflate stream
+_INFLATE_STEP = 2**20
+
+
+class TooLarge(DataError):
+    """A compressed file that inflates past the caller's bound (a decompression bomb), refused before it is decoded
+    whole."""
+
+
+def check_inflated_size(path: str, limit: int) -> int | None:
+    """The inflated size of a gzip file (a `.nii.gz` volume, every gzip member) or of a Deflated DICOM's dataset,
+    counted 1 MiB at a time without keeping it; TooLarge as soon as the count passes `limit` bytes (so a small upload
+    that inflates to gigabytes costs `limit` bytes of inflating, not gigabytes of memory). None when the file is
+    neither (nothing inflates) or is damaged (the loader then names what is wrong)."""
+    import gzip
+    import zlib
+
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(2) == b"\x1f\x8b":
+                handle.seek(0)
+                with gzip.GzipFile(fileobj=handle) as stream:
+                    return _count_inflated(iter(lambda: stream.read(_INFLATE_STEP), b""), limit, path)
+            handle.seek(0)
+            if not (path.lower().endswith(DICOM_SUFFIXES) or has_dicom_preamble(path)) or not _deflated_dicom(handle):
+                return None
+            return _count_inflated(_raw_inflate(handle), limit, path)
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _deflated_dicom(handle) -> bool:
+    """Whether the DICOM file's meta group names the Deflated transfer syntax; `handle` is left at the dataset (the
+    deflate stream's start), as pydicom leaves it before inflating."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    try:
+        read_preamble(handle, force=True)
+        meta = _read_file_meta_info(handle)
+    except Exception:  # pydicom raises many types for what is not DICOM
+        return False
+    return str(meta.get("TransferSyntaxUID", "")) == DEFLATED_DICOM
+
+
+def _raw_inflate(handle):
+    """The inflated pieces (at most 1 MiB each) of the raw deflate stream from `handle`'s position on."""
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    while chunk := handle.read(_INFLATE_STEP):
+        while chunk:
+            yield inflater.decompress(chunk, _INFLATE_STEP)
+            chunk = inflater.unconsumed_tail
+        if inflater.eof:
+            return
+
+
+def _count_inflated(pieces, limit: int, path: str) -> int:
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        if total > limit:
+            raise TooLarge(f"{path}: inflates to more than {limit} bytes (a compressed file is inflated at most to "
+                           "that size)")
+    return total
+
+
 def has_dicom_preamble(path: str) -> bool:
     """A DICOM file whatever its name (hospital exports often have no extension): "DICM" after the 128-byte
     preamble."""
