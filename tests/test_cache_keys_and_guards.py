@@ -1,0 +1,67 @@
+"""Behaviours the every-package mutation sample (`make mutation-sample`) found untested: the demo's cache keys follow
+exactly what shapes each shared folder, a stage-only file's memory bound reads the VLM its `model` folder names, and
+the app keeps Gradio's analytics off."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from medsynapse.cli import main
+from medsynapse.demo import DemoConfig, shared_folders
+from medsynapse.values import MEMORY_ENV
+
+# each setting -> the shared folders whose content it shapes (the others must keep their key, so nothing is rebuilt)
+SHAPES = {
+    "data_seed": {"data", "vlm_init", "vlm_base", "encoder"},
+    "image_size": {"data", "vlm_init", "vlm_base", "encoder"},
+    "train_images": {"data", "vlm_init", "vlm_base", "encoder"},
+    "test_images": {"data", "vlm_init", "vlm_base", "encoder"},
+    "vlm_resolution": {"vlm_init", "vlm_base"},
+    "base_steps": {"vlm_base"},
+    "base_vision_steps": {"vlm_base"},
+    "base_grounding_weight": {"vlm_base"},
+    "encoder_steps": {"encoder"},
+    "seed": set(),  # the training seed: every seed shares the cache
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SHAPES))
+def test_each_cached_folder_changes_key_exactly_when_what_shapes_it_changes(setting, tmp_path):
+    config = DemoConfig(cache_dir=str(tmp_path / "cache"))
+    changed = replace(config, **{setting: type(getattr(config, setting))(getattr(config, setting) * 2 + 1)})
+    before, after = shared_folders(config), shared_folders(changed)
+    assert {name for name in before if before[name] != after[name]} == SHAPES[setting]
+
+
+def test_a_stage_only_file_is_bounded_by_the_vlm_its_model_folder_holds(tmp_path, capsys, monkeypatch):
+    """A flat Stage II file names its VLM by `model` (not `vlm`): an 8B-sized config there is refused on 24 GiB."""
+    monkeypatch.setenv(MEMORY_ENV, "24")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    big = tmp_path / "big_vlm"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 4096, "num_hidden_layers": 36,
+                                                                 "vocab_size": 151936}}))
+    flat = tmp_path / "stage2.yaml"
+    flat.write_text(f"model: {big}\ntrain_file: {tmp_path / 'train.jsonl'}\noutput_dir: {tmp_path / 'out'}\n"
+                    "use_memory: false\nlambda_causal: 0\nbatch_size: 64\ngroup_size: 16\nmax_new_tokens: 512\n")
+    capsys.readouterr()
+    assert main(["train", "stage2", "--config", str(flat)]) == 2
+    err = capsys.readouterr().err
+    assert "stage2.yaml." in err and "one training step needs at least" in err and "big_vlm" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_app_turns_gradio_analytics_off_unless_the_user_chose(monkeypatch):
+    from medsynapse import app
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    app.build({})
+    import os
+
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")  # the user's own choice stands
+    app.build({})
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "True"
