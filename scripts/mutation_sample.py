@@ -158,7 +158,10 @@ def tests_for(mutant: Mutant, test_map: dict, budget_s: float) -> tuple[list[str
     durations = test_map["durations"]
     tests = test_map["lines"].get(mutant.path, {}).get(str(mutant.line), [])
     how = "line coverage"
-    if not tests:  # not executed in-process: the test files that import the module
+    if not tests:  # a line run at import (a constant, a table) or only in a subprocess: every test of the module
+        tests = sorted({node for nodes in test_map["lines"].get(mutant.path, {}).values() for node in nodes})
+        how = "module coverage"
+    if not tests:  # no line of the module runs in-process: the test files that name it
         dotted = mutant.path.removeprefix("src/").removesuffix(".py").replace("/", ".")
         files = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_*.py")
                        if dotted in p.read_text())
@@ -202,6 +205,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=150.0, help="measured test seconds per mutant at most")
     parser.add_argument("--remap", action="store_true", help="run the coverage map again")
+    parser.add_argument("--retest", nargs="*", default=[], metavar="STATUS",
+                        help="test again the recorded mutants of these statuses (e.g. timeout 'no tests')")
     args = parser.parse_args()
     python = sys.executable
 
@@ -224,8 +229,11 @@ def main() -> int:
     (OUT / "population.json").write_text(json.dumps(totals, indent=2))
 
     results_file = OUT / "results.jsonl"
-    done = {json.loads(line)["key"] for line in results_file.read_text().splitlines()} if results_file.exists() \
-        else set()
+    records = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    if args.retest:  # drop those records: they are tested again below
+        records = [r for r in records if r["status"] not in args.retest]
+        results_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = {r["key"] for r in records}
     todo = [m for m in sample if m.key not in done]
     print(f"{sum(totals.values())} mutants in {len(modules)} modules; sample {len(sample)}, "
           f"{len(sample) - len(todo)} already tested", flush=True)
