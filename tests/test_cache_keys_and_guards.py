@@ -65,3 +65,14 @@ def test_the_app_turns_gradio_analytics_off_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")  # the user's own choice stands
     app.build({})
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "True"
+
+
+@pytest.mark.parametrize(("successes", "n"), [(0, 5), (3, 10), (70, 100), (149, 150), (150, 150)])
+def test_the_probes_wilson_interval_equals_scipys(successes, n):
+    from scipy.stats import binomtest
+
+    from medsynapse.eval.diagnostics import wilson_interval
+
+    expected = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(successes, n)
+    assert low == pytest.approx(expected.low, abs=1e-6) and high == pytest.approx(expected.high, abs=1e-6)
