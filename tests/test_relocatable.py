@@ -218,6 +218,36 @@ def test_a_base_found_nowhere_is_one_line_naming_it_its_hash_and_where_it_looked
         MedSynapseV.from_pretrained(folder)
 
 
+class Recorded(ValueError):
+    """Raised by the stand-in loader once it has recorded the base folders it was given."""
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "diagnose", "serve", "app"])
+def test_every_command_that_loads_a_model_folder_passes_vlm_and_encoder_on(tiny_env, tmp_path, monkeypatch, capsys,
+                                                                           command):
+    if command == "app":
+        pytest.importorskip("gradio")
+    given = []
+
+    def loader(cls, folder, dtype="auto", merge_adapter=False, bases=None):
+        given.append(bases)
+        raise Recorded("recorded")
+
+    monkeypatch.setattr(MedSynapseV, "from_pretrained", classmethod(loader))
+    model = str(tmp_path / "model")
+    Path(model).mkdir()
+    (Path(model) / "medsynapse.json").write_text("{}")
+    data = str(tiny_env.test_file)
+    args = {"predict": _predict(Path(model), tmp_path)[1:],
+            "eval": ["--model", model, "--benchmarks", "synthmed", "--data-root", str(tiny_env.train_file.parent),
+                     "--output", str(tmp_path / "out")],
+            "diagnose": ["--model", model, "--data", data, "--output", str(tmp_path / "out")],
+            "serve": ["--model", model], "app": ["--model", model]}[command]
+    assert main([command, *args, "--vlm", "/elsewhere/vlm", "--encoder", "/elsewhere/encoder"]) == 2
+    assert "error: recorded" in capsys.readouterr().err
+    assert given == [BaseFolders("/elsewhere/vlm", "/elsewhere/encoder")]
+
+
 def _other_vlm(made, to: Path) -> Path:
     """Another checkpoint of the same architecture: same files and sizes, one weight changed."""
     shutil.copytree(made.vlm, to)
@@ -370,5 +400,10 @@ def test_the_content_hash_follows_content_not_place_and_reads_windows_of_large_f
     for offset in (0, (size - window) // 4 + 10, (size - window) // 2 + 10, 3 * (size - window) // 4 + 10, size - 1):
         assert changed(offset) != digest, offset  # every window is read
     assert changed(window + 10) == digest  # between windows: an identity check, not an integrity check
+    with (copy / "weights.bin").open("r+b") as handle:
+        handle.truncate(size - window)  # zeros everywhere: the windows read the same bytes, the size tells
+    assert content_sha256(copy) != digest
+    (copy / "weights.bin").write_bytes(bytes(size))
+    assert content_sha256(copy) == digest
     (copy / "config.json").write_text('{"model_type": "y"}')
     assert content_sha256(copy) != digest

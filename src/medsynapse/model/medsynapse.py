@@ -9,6 +9,7 @@ a save writes holds an absolute path, and every file gets the mode the umask giv
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -93,8 +94,10 @@ def portable_adapter(folder: Path, base_name: str) -> None:
         config["base_model_name_or_path"] = base_name
         write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
         card = folder / "README.md"
-        if card.is_file():
-            write_text_atomic(card, card.read_text().replace(str(recorded), base_name))
+        if card.is_file():  # its metadata: `base_model: PATH` and the tag `base_model:adapter:PATH`
+            named = re.sub(rf"^(\s*-?\s*base_model(?::adapter)?:\s*){re.escape(str(recorded))}\s*$",
+                           lambda m: m.group(1) + base_name, card.read_text(), flags=re.MULTILINE)
+            write_text_atomic(card, named)
     for path in folder.iterdir():
         if path.is_file():
             make_readable(path)
