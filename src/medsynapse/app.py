@@ -14,9 +14,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from medsynapse.model.bases import BaseFolders
 
 WINDOWS = {"as stored": None, "lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "abdomen": (40.0, 400.0),
            "bone": (400.0, 1800.0), "brain": (40.0, 80.0), "custom": "custom"}
@@ -167,7 +171,8 @@ def build(models: dict[str, object], max_new_tokens: int = 16):
 
 
 def launch(model_dir: str, compare: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-           max_new_tokens: int = 16) -> None:
+           max_new_tokens: int = 16, bases: BaseFolders | None = None) -> None:
+    """The app on `model_dir` (and `compare` beside it); `bases`: their base VLM / encoder given explicitly."""
     import gradio as gr
 
     from medsynapse.model.medsynapse import MedSynapseV
@@ -179,7 +184,7 @@ def launch(model_dir: str, compare: str | None = None, host: str = "127.0.0.1", 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = {name: MedSynapseV.from_pretrained(folder, merge_adapter=True).eval().to(device)
+    models = {name: MedSynapseV.from_pretrained(folder, merge_adapter=True, bases=bases).eval().to(device)
               for name, folder in zip(names, folders)}
     demo = build(models, max_new_tokens)
     print(f"app on http://{host}:{port}", flush=True)

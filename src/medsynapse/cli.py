@@ -174,6 +174,23 @@ def _need_app_extras(command: str, modules: tuple[str, ...]) -> None:
         raise NotImplementedError(f"`medsynapse {command}` needs {', '.join(missing)}: pip install -e '.[app]'")
 
 
+def base_folders(args: argparse.Namespace):
+    """`--vlm DIR` / `--encoder DIR`: the model folder's bases given explicitly (model/bases.py)."""
+    from medsynapse.model.bases import BaseFolders
+
+    return BaseFolders(vlm=args.vlm, encoder=args.encoder)
+
+
+def add_base_options(parser: argparse.ArgumentParser) -> None:
+    """--vlm / --encoder on a command that loads a saved model folder."""
+    parser.add_argument("--vlm", default=None, metavar="DIR",
+                        help="the model folder's base VLM, when it is not found by itself (searched: "
+                             "$MEDSYNAPSE_CACHE/NAME, NAME next to the model folder, the path recorded relative to "
+                             "it); must hold the content recorded in medsynapse.json")
+    parser.add_argument("--encoder", default=None, metavar="DIR",
+                        help="the model folder's prior encoder, likewise (a student folder has none)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_app_extras("serve", ("fastapi", "uvicorn"))
     from medsynapse.serve import ServeSettings, serve
@@ -186,7 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout,
                              allow_dirs=args.allow_dir or [], max_batch_tokens=args.max_batch_tokens,
                              max_decoded_bytes=args.max_decoded_mb * 2**20 if args.max_decoded_mb else None)
-    serve(args.model, args.host, args.port, settings)
+    serve(args.model, args.host, args.port, settings, bases=base_folders(args))
     return 0
 
 
@@ -194,7 +211,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     _need_app_extras("app", ("gradio",))
     from medsynapse.app import launch
 
-    launch(args.model, args.compare, args.host, args.port, args.max_new_tokens)
+    launch(args.model, args.compare, args.host, args.port, args.max_new_tokens, bases=base_folders(args))
     return 0
 
 
@@ -246,7 +263,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # before the model is loaded
     from medsynapse.objectives.answers import format_prompt
 
-    model = MedSynapseV.from_pretrained(args.model, merge_adapter=True)
+    model = MedSynapseV.from_pretrained(args.model, merge_adapter=True, bases=base_folders(args))
     question = format_prompt(args.question, model.answer_format)  # as the model was trained to be asked
     print(model.answer([image], [question], max_new_tokens=args.max_new_tokens)[0])
     return 0
@@ -297,7 +314,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             answer_format=args.answer_format)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     settings.source_options = add_source_paths(parse_source_options(args.option or [], names), args.path or [], names)
-    results = evaluate_benchmarks(args.model, names, args.data_root, args.output, settings)
+    results = evaluate_benchmarks(args.model, names, args.data_root, args.output, settings, bases=base_folders(args))
     print((Path(args.output) / "summary.md").read_text())
     skipped = sum(m["n_skipped"] for m in results.values())
     if skipped:
@@ -371,7 +388,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     result = diagnose(args.model, args.data, args.train_data, args.output, batch_size=args.batch_size,
                       families=families, intervention=args.intervention, seed=args.seed,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, bases=base_folders(args))
     print((Path(args.output) / "diagnostics.md").read_text())
     if result["n_skipped"]:
         print(f"{result['n_skipped']} item(s) skipped (listed in diagnostics.json)")
@@ -432,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "default axial")
     predict.add_argument("--mip", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
                          help="NIfTI: maximum-intensity projection over slices FIRST..LAST instead of one slice")
+    add_base_options(predict)
     predict.set_defaults(func=cmd_predict)
     cache = sub.add_parser("cache-features", parents=[common],
                              help="precompute frozen prior-encoder features into safetensors shards")
@@ -465,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="default: the format the model was trained with (recorded in its folder). "
                                "reasoning: the prompt asks for an analysis, then the final answer in "
                                "<answer></answer>, and only that tag is scored (give --max-new-tokens room)")
+    add_base_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     summary = sub.add_parser("eval-summary", parents=[common],
@@ -522,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "default 32 bytes per --max-pixels pixel")
     server.add_argument("--allow-dir", action="append", metavar="DIR",
                         help="local image paths are read under this folder (repeatable; default none)")
+    add_base_options(server)
     server.set_defaults(func=cmd_serve)
 
     app = sub.add_parser("app", parents=[common], help="a browser app: upload a scan, ask, see what the memory used")
@@ -530,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--max-new-tokens", type=int, default=16)
+    add_base_options(app)
     app.set_defaults(func=cmd_app)
 
     study = sub.add_parser("study", parents=[common],
@@ -577,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "folders trained by this version)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the shuffle derangement, the noise and the probes")
     diag.add_argument("--max-new-tokens", type=int, default=8)
+    add_base_options(diag)
     diag.set_defaults(func=cmd_diagnose)
     return parser
 

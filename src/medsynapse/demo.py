@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,7 +92,10 @@ class DemoConfig:
 
 
 def _cache_root(config: DemoConfig) -> Path:
-    return Path(config.cache_dir or os.environ.get("MEDSYNAPSE_CACHE") or Path.home() / ".cache" / "medsynapse")
+    """--cache-dir, else the cache saved model folders search for their bases (model/bases.py)."""
+    from medsynapse.model.bases import cache_root
+
+    return Path(config.cache_dir) if config.cache_dir else cache_root()
 
 
 def _key(*parts: object) -> str:

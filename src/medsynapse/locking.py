@@ -131,10 +131,47 @@ def hold_for_launch(stack: ExitStack, folder: str | Path, command: str, is_main_
         raise FolderInUseError(refusal[0])
 
 
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status (read without changing it); elsewhere it is set and
+    restored at once (os.umask is the only portable reader)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a plainly created file: 0666 less the umask (0644 under umask 022, 0640 under 027)."""
+    return 0o666 & ~current_umask()
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a file written through a private temporary (mkstemp, safetensors: 0600) the mode a plainly created file
+    gets, so other users of a shared machine read a released model as the umask allows."""
+    os.chmod(path, file_mode())
+
+
+def make_tree_readable(folder: str | Path) -> None:
+    """`make_readable` for every file under `folder`, and the usual 0777-less-umask mode for the folder and its
+    subfolders (a mkdtemp folder is 0700)."""
+    folder = Path(folder)
+    directory_mode = 0o777 & ~current_umask()
+    for path in [folder, *sorted(folder.rglob("*"))]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, directory_mode if path.is_dir() else file_mode())
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write to a unique temporary file in the same folder, fsync, then rename over `path`.
 
     A crash leaves either the old file or the new one, never half of one; two writers never share a temporary name.
+    The file gets the mode a plainly created one would (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
     with writes_into(path.parent, path.name):
@@ -144,7 +181,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
+            make_readable(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -36,10 +36,13 @@ import uuid
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from medsynapse.model.bases import BaseFolders
 
 MIME_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "application/dicom": ".dcm",
                  "image/dicom": ".dcm", "application/x-nifti": ".nii", "application/gzip": ".nii.gz",
@@ -505,8 +508,9 @@ def validation_error(errors: list[dict]) -> tuple[str, str | None, str | None]:
     return "; ".join(described) or "invalid request", params[0] if params else None, first.get("type")
 
 
-def create_app(model_dir: str, settings: ServeSettings | None = None, model=None):
-    """The FastAPI app serving `model_dir` (or an already loaded `model`); the batcher starts with it."""
+def create_app(model_dir: str, settings: ServeSettings | None = None, model=None, bases: BaseFolders | None = None):
+    """The FastAPI app serving `model_dir` (or an already loaded `model`); the batcher starts with it. `bases`: the
+    folder's base VLM / encoder given explicitly (model/bases.py)."""
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -517,7 +521,7 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     from medsynapse.objectives.answers import format_prompt
 
     settings = settings or ServeSettings()
-    model = model or MedSynapseV.from_pretrained(model_dir, merge_adapter=True)
+    model = model or MedSynapseV.from_pretrained(model_dir, merge_adapter=True, bases=bases)
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
@@ -653,10 +657,11 @@ def route_error(err) -> tuple[str, str | None]:
     return str(err.detail), None
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None) -> None:
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
+          bases: BaseFolders | None = None) -> None:
     import uvicorn
 
-    app = create_app(model_dir, settings)
+    app = create_app(model_dir, settings, bases=bases)
     print(f"serving {model_dir} on http://{host}:{port}/v1 (batch <= {(settings or ServeSettings()).max_batch})",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -191,12 +191,13 @@ class VLMShape:
 
 def _qwen_text_config(folder: Path) -> dict | None:
     """The text config of a Qwen3-VL folder, or of the VLM a MedSynapse folder names; None when neither is there."""
+    from medsynapse.model.bases import resolve_base
     from medsynapse.model.medsynapse import MANIFEST
 
     if (folder / MANIFEST).is_file():
         try:
-            folder = Path(json.loads((folder / MANIFEST).read_text())["vlm"])
-        except (ValueError, KeyError, TypeError):
+            folder = Path(resolve_base(json.loads((folder / MANIFEST).read_text())["vlm"], folder, "vlm"))
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, or its base not found: sizes unknown
             return None
     try:
         config = json.loads((folder / "config.json").read_text())

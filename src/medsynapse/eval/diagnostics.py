@@ -49,6 +49,7 @@ from medsynapse.data.synthmed import QUADRANTS
 from medsynapse.eval.report import write_json
 from medsynapse.eval.vqa import evaluate
 from medsynapse.locking import write_text_atomic
+from medsynapse.model.bases import BaseFolders
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm, vision_features
 
@@ -575,7 +576,8 @@ def markdown_report(result: dict) -> str:
 def diagnose(model_dir: str | Path, data_file: str | Path, train_file: str | Path | None = None,
              output: str | Path | None = None, batch_size: int = 16, families: Sequence[str] | None = None,
              intervention: str = "zero", seed: int = 0, max_new_tokens: int = 8,
-             conditions: Sequence[str] = CONDITIONS, model: MedSynapseV | None = None) -> dict:
+             conditions: Sequence[str] = CONDITIONS, model: MedSynapseV | None = None,
+             bases: BaseFolders | None = None) -> dict:
     """The memory-reliance report of a saved model on a sample file; probes too when `train_file` is given.
 
     Reliance runs on the questions of `families` (None: all), captions excluded (free text is not scored); probes
@@ -593,7 +595,7 @@ def diagnose(model_dir: str | Path, data_file: str | Path, train_file: str | Pat
     if train_file is not None:  # labels first: a file they cannot come from fails before any generation
         tables = image_table(read_samples(train_file), train_file), image_table(samples, data_file)
     if model is None:
-        model = MedSynapseV.from_pretrained(model_dir, merge_adapter=True)
+        model = MedSynapseV.from_pretrained(model_dir, merge_adapter=True, bases=bases)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     skipped: list[dict] = []
     print(f"reliance: {len(scored)} questions, conditions {', '.join(conditions)}", flush=True)

@@ -37,6 +37,7 @@ from medsynapse.data.sources import Benchmark, load_source
 from medsynapse.eval.efficiency import PeakRSS, rss_mb
 from medsynapse.eval.report import write_json
 from medsynapse.locking import LOCK_NAME, hold_for_launch, write_text_atomic, writes_into
+from medsynapse.model.bases import BaseFolders
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
 from medsynapse.objectives.answers import check_answer_format, extract, is_correct
@@ -298,8 +299,11 @@ def check_inputs(model_path: str, benchmarks: list[str], source_options: dict[st
 
 def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str | Path, output: str | Path,
                         settings: EvalSettings | None = None,
-                        on_batch: Callable[[str, int], None] | None = None) -> dict[str, dict]:
-    """Run every benchmark (resuming), write metrics and the summary; returns metrics per benchmark."""
+                        on_batch: Callable[[str, int], None] | None = None,
+                        bases: BaseFolders | None = None) -> dict[str, dict]:
+    """Run every benchmark (resuming), write metrics and the summary; returns metrics per benchmark. `bases`: the
+    model folder's base VLM / encoder folders given explicitly (model/bases.py; not part of the settings: where a
+    base sits changes no answer)."""
     from accelerate import PartialState
 
     # one process, or torchrun / accelerate launch; cpu=True is what makes accelerate see a gloo run on CPU
@@ -317,7 +321,7 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
     with ExitStack() as stack:
         if early:
             hold_for_launch(stack, output, "evaluation", state.is_main_process, state.num_processes)
-        benches, model = _load_or_leave_nothing(state, model_path, benchmarks, data_root, output, settings)
+        benches, model = _load_or_leave_nothing(state, model_path, benchmarks, data_root, output, settings, bases)
         if not early:
             hold_for_launch(stack, output, "evaluation", state.is_main_process, state.num_processes)
         return _evaluate_locked(state, model_path, model, benches, output, settings, on_batch)
@@ -335,7 +339,8 @@ def _agreed(state, value: bool) -> bool:
 
 
 def _load_or_leave_nothing(state, model_path: str, benchmarks: list[str], data_root: str | Path, output: Path,
-                           settings: EvalSettings) -> tuple[dict[str, Benchmark], MedSynapseV]:
+                           settings: EvalSettings,
+                           bases: BaseFolders | None = None) -> tuple[dict[str, Benchmark], MedSynapseV]:
     """Every benchmark (embedded images go to OUTPUT/.images) and the model; when either is refused, the folders
     this call created (the output folder, its image cache) are removed again, so the refusal writes nothing."""
     import shutil
@@ -345,7 +350,7 @@ def _load_or_leave_nothing(state, model_path: str, benchmarks: list[str], data_r
     try:
         benches = {name: load_source(name, data_root, images, skip_bad=settings.skip_bad,
                                      **settings.source_options.get(name, {})) for name in benchmarks}
-        model = MedSynapseV.from_pretrained(model_path, merge_adapter=True)
+        model = MedSynapseV.from_pretrained(model_path, merge_adapter=True, bases=bases)
     except BaseException:
         if state.is_main_process:
             if images in created:
@@ -401,7 +406,7 @@ def record_in_card(model_path: str, results: dict[str, dict], output: Path) -> N
     a plain VLM folder is left alone)."""
     from medsynapse.model.card import set_evaluation
 
-    lines = [f"`medsynapse eval` into `{output}`:", "", "| benchmark | questions | accuracy | unparseable |",
+    lines = [f"`medsynapse eval` into `{Path(output).name}`:", "", "| benchmark | questions | accuracy | unparseable |",
              "|---|---|---|---|"]
     for name, metrics in results.items():
         accuracy = "—" if metrics.get("accuracy") is None else f"{metrics['accuracy']:.3f}"

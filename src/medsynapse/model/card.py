@@ -1,15 +1,18 @@
 """The model card every saved MedSynapse folder carries (README.md): what the folder is, what it was built from, how
 it was trained, how it scored, and what it is not. Written by `MedSynapseV.save_pretrained` from the folder's
 manifest and the training record a recipe passes; `medsynapse eval` adds its table (`set_evaluation`). The folder
-stays loadable as before: nothing reads README.md back.
+stays loadable as before: nothing reads README.md back. The card names no absolute path (a folder is copied between
+machines): the bases appear by name and content hash, and any absolute path in the training record by its last
+component.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from medsynapse.locking import write_text_atomic
 
 CARD = "README.md"
 EVALUATION_START, EVALUATION_END = "<!-- evaluation -->", "<!-- /evaluation -->"
@@ -34,15 +37,36 @@ def kind_of(manifest: dict) -> str:
     return "plain VLM"
 
 
+def base_line(entry: str | dict | None) -> str:
+    """A manifest's base as the card shows it: `name` (sha256 `...`); a format-1 path by its folder name."""
+    if entry is None:
+        return "none"
+    if isinstance(entry, dict):
+        return f"`{entry.get('name')}` (content sha256 `{entry.get('sha256')}`)"
+    return f"`{Path(entry).name}`"
+
+
+def portable(value):
+    """`value` with every absolute path string replaced by its last component (lists and dicts walked)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
+
+
 def render(manifest: dict, training: dict | None, evaluation: str | None) -> str:
     lines = ["---", "library_name: medsynapse", "tags: [medical-vqa, vision-language, research-only]", "---", "",
              f"# {kind_of(manifest)}", "",
-             f"- base VLM: `{manifest.get('vlm')}`",
-             f"- prior encoder: `{manifest.get('encoder')}`" if manifest.get("encoder") else "- prior encoder: none",
+             f"- base VLM: {base_line(manifest.get('vlm'))}",
+             f"- prior encoder: {base_line(manifest.get('encoder'))}",
              f"- answer format: {manifest.get('answer_format', 'direct')}",
              "- load: `MedSynapseV.from_pretrained(FOLDER)`; `medsynapse predict | eval | serve | app --model FOLDER`",
              "", "## Training", ""]
     if training:
+        training = portable(training)
         lines += [f"- recipe: `{training.get('recipe')}`", f"- config hash: `{training.get('config_hash')}`",
                   f"- trained from: `{training.get('source')}`", "", "<details><summary>settings</summary>", "",
                   "```json", json.dumps(training.get("settings", {}), indent=2, sort_keys=True), "```", "",
@@ -86,7 +110,4 @@ def _evaluation_in(path: Path) -> str | None:
 
 
 def _write(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".card.")
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)  # fsynced, renamed into place, the umask's mode (not mkstemp's 0600)

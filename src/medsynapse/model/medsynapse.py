@@ -1,21 +1,27 @@
 """MedSynapseV: the VLM, the prior encoder and the memory sampler composed; memory per branch; save / load.
 
 A saved folder holds `medsynapse.json` (what to load and how) and the trained memory weights in safetensors. The VLM
-and the encoder are referenced by path (an 8B VLM is not copied into every stage folder).
+and the encoder are not copied into every stage folder (an 8B VLM): the manifest names each by folder name and content
+hash, and loading finds them through a search path (model/bases.py), so a folder copied elsewhere still loads. No file
+a save writes holds an absolute path, and every file gets the mode the umask gives a new file (0644 under umask 022).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from medsynapse.locking import make_readable, write_bytes_atomic, write_text_atomic
+from medsynapse.model.bases import BaseFolders, base_ref, resolve_base
 from medsynapse.model.card import write_card
 from medsynapse.model.counterfactual import counterfactual_tokens
 from medsynapse.model.encoders import PriorEncoder, PriorOutput, load_encoder
@@ -41,7 +47,8 @@ from medsynapse.model.vlm import (
 
 BRANCHES = ("privileged", "counterfactual", "autonomous")
 MANIFEST = "medsynapse.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: the VLM and encoder by name + content hash (model/bases.py); 1: by absolute path
+READABLE_FORMATS = (1, 2)
 ADAPTER_DIR = "adapter"
 REFERENCE_BANK = "reference_bank.safetensors"
 
@@ -74,6 +81,31 @@ def load_reference_bank(path: Path) -> torch.Tensor:
     except Exception as err:  # safetensors raises several types for damaged files; a foreign file lacks "tokens"
         detail = " ".join(str(err).split())[:300]
         raise ValueError(f"{path}: damaged or not a reference bank: {detail}") from None
+
+
+def portable_adapter(folder: Path, base_name: str) -> None:
+    """peft records its base as the path the VLM was loaded from (adapter_config.json's `base_model_name_or_path`,
+    and its README.md): replace it by the base's name, so no saved file names an absolute path (loading passes the
+    VLM to peft itself and never reads it), and give every file the umask's mode (safetensors writes 0600)."""
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    recorded = config.get("base_model_name_or_path")
+    if recorded and recorded != base_name:
+        config["base_model_name_or_path"] = base_name
+        write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
+        card = folder / "README.md"
+        if card.is_file():  # its metadata: `base_model: PATH` and the tag `base_model:adapter:PATH`
+            named = re.sub(rf"^(\s*-?\s*base_model(?::adapter)?:\s*){re.escape(str(recorded))}\s*$",
+                           lambda m: m.group(1) + base_name, card.read_text(), flags=re.MULTILINE)
+            write_text_atomic(card, named)
+    for path in folder.iterdir():
+        if path.is_file():
+            make_readable(path)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written atomically (fsynced, renamed into place) with the umask's mode."""
+    write_bytes_atomic(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def check_local_adapter(folder: Path) -> None:
@@ -182,8 +214,10 @@ class MedSynapseV(nn.Module):
 
     def _save(self, folder: Path, adapter_state: dict[str, torch.Tensor] | None, training: dict | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": MANIFEST_FORMAT, "vlm": str(Path(self.vlm_path).expanduser().resolve()),
-                    "encoder": str(Path(self.encoder_path).expanduser().resolve()) if self.encoder_path else None,
+        vlm = base_ref(self.vlm_path, folder, "vlm")  # before anything is written: a vanished base is refused here
+        encoder = base_ref(self.encoder_path, folder, "encoder") if self.encoder_path else None
+        manifest = {"format": MANIFEST_FORMAT, "vlm": vlm.to_dict(),
+                    "encoder": encoder.to_dict() if encoder is not None else None,
                     "sampler": self.sampler.config.to_dict() if self.sampler is not None else None,
                     "adapter": ADAPTER_DIR if self.has_adapter or self.adapter_path else None,
                     "autonomous": self.autonomous.config.to_dict() if self.autonomous is not None else None,
@@ -193,32 +227,29 @@ class MedSynapseV(nn.Module):
         if self.has_adapter:
             # adapter_config.json + adapter_model.safetensors
             self.vlm.save_pretrained(folder / ADAPTER_DIR, **({"state_dict": adapter_state} if adapter_state else {}))
+            portable_adapter(folder / ADAPTER_DIR, vlm.name)
         elif self.adapter_path and Path(self.adapter_path).resolve() != (folder / ADAPTER_DIR).resolve():
             shutil.copytree(self.adapter_path, folder / ADAPTER_DIR, dirs_exist_ok=True)  # merged in memory
+            portable_adapter(folder / ADAPTER_DIR, vlm.name)
         for name, module in (("autonomous", self.autonomous), ("latent_attention", self.latent_module)):
             if module is not None:
-                state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-                save_file(state, str(folder / f"{name}.safetensors.tmp"))
-                (folder / f"{name}.safetensors.tmp").replace(folder / f"{name}.safetensors")
+                write_tensors(folder / f"{name}.safetensors", module.state_dict())
         if self.sampler is not None:
-            state = {k: v.detach().contiguous() for k, v in self.sampler.state_dict().items()}
-            save_file(state, str(folder / "sampler.safetensors.tmp"))
-            (folder / "sampler.safetensors.tmp").replace(folder / "sampler.safetensors")
+            write_tensors(folder / "sampler.safetensors", self.sampler.state_dict())
         if manifest["reference_bank"]:
-            bank_tmp = folder / (REFERENCE_BANK + ".tmp")
-            save_file({"tokens": self.reference_bank.detach().cpu().contiguous()}, str(bank_tmp))
-            bank_tmp.replace(folder / REFERENCE_BANK)
+            write_tensors(folder / REFERENCE_BANK, {"tokens": self.reference_bank})
         write_card(folder, manifest, training)
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.replace(folder / MANIFEST)
+        write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: str = "auto", merge_adapter: bool = False) -> MedSynapseV:
+    def from_pretrained(cls, folder: str | Path, dtype: str = "auto", merge_adapter: bool = False,
+                        bases: BaseFolders | None = None) -> MedSynapseV:
         """A MedSynapse folder, or a plain local Qwen3-VL folder (loaded as the base model, no memory).
 
         Only what the manifest names is built: a Stage III student folder loads VLM + LoRA + A_psi, and neither the
         prior encoder nor P_phi. `merge_adapter` folds the LoRA into the weights (inference: no adapter overhead).
+        The base VLM and encoder are found as model/bases.py describes; `bases` gives their folders explicitly (the
+        CLI's --vlm / --encoder), checked against the recorded content hash.
         """
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
@@ -229,11 +260,15 @@ class MedSynapseV(nn.Module):
         except json.JSONDecodeError as err:
             raise ModelNotFoundError(f"{folder / MANIFEST}: not valid JSON ({err}); the model folder is "
                                      "damaged") from None
-        if manifest.get("format") != MANIFEST_FORMAT:
+        if manifest.get("format") not in READABLE_FORMATS:
             raise ValueError(f"{folder / MANIFEST}: format {manifest.get('format')!r} is not one this version reads "
-                             f"({MANIFEST_FORMAT}); the folder was written by another MedSynapse version or edited")
-        vlm, processor = load_vlm(manifest["vlm"], dtype=dtype)
-        encoder = load_encoder(manifest["encoder"]) if manifest.get("encoder") else None
+                             f"({', '.join(map(str, READABLE_FORMATS))}); the folder was written by another MedSynapse "
+                             "version or edited")
+        bases = bases or BaseFolders()
+        vlm_path = resolve_base(manifest["vlm"], folder, "vlm", bases.vlm)
+        encoder_path = resolve_base(manifest.get("encoder"), folder, "encoder", bases.encoder)
+        vlm, processor = load_vlm(vlm_path, dtype=dtype)
+        encoder = load_encoder(encoder_path) if encoder_path else None
         sampler = None
         if manifest.get("sampler"):
             sampler = DiagnosticMemorySampler(SamplerConfig(**manifest["sampler"]))
@@ -249,6 +284,8 @@ class MedSynapseV(nn.Module):
             adapter_path = str(folder / manifest["adapter"])
             check_local_adapter(Path(adapter_path))
             vlm = PeftModel.from_pretrained(vlm, adapter_path, is_trainable=False)
+            for config in vlm.peft_config.values():  # the file names the base by name (portable_adapter); in memory
+                config.base_model_name_or_path = vlm_path  # the local folder, as peft checks it when saving again
             if merge_adapter:
                 vlm = vlm.merge_and_unload()
         latent, latent_module = manifest.get("latent"), None
@@ -257,7 +294,7 @@ class MedSynapseV(nn.Module):
 
             latent_module = MultimodalLatentAttention(LatentAttentionConfig(**latent["attention"]))
             load_weights(latent_module, folder / "latent_attention.safetensors")
-        model = cls(vlm, processor, encoder, sampler, manifest["vlm"], manifest.get("encoder"), autonomous,
+        model = cls(vlm, processor, encoder, sampler, vlm_path, encoder_path, autonomous,
                     adapter_path if merge_adapter else None, latent=latent, latent_module=latent_module)
         if manifest.get("reference_bank"):
             model.reference_bank = load_reference_bank(folder / manifest["reference_bank"])

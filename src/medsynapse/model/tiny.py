@@ -19,6 +19,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from medsynapse.locking import make_tree_readable
 from medsynapse.model.vlm import LATENT_TOKEN, ImageOnlyQwen3VLProcessor
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -103,4 +104,5 @@ def build_tiny_vlm(out_dir: str | Path, corpus: Iterable[str], spec: TinyVLMSpec
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    make_tree_readable(out_dir)  # safetensors writes 0600: others may read the base a released model needs
     return out_dir

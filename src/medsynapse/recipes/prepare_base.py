@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from medsynapse.data.dataset import VQADataset
 from medsynapse.data.images import load_mask
 from medsynapse.data.schema import Sample, read_samples
+from medsynapse.locking import make_tree_readable
 from medsynapse.model.vlm import PromptBuilder, core_vlm, forward_with_memory, load_vlm, vision_features
 from medsynapse.recipes import trainer
 
@@ -146,4 +147,5 @@ def prepare_base(config: BasePrepConfig) -> Path:
     out = Path(config.output_dir)
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)
+    make_tree_readable(out)  # safetensors writes 0600: the umask's modes instead
     return out

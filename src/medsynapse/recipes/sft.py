@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import training_dataset
+from medsynapse.model.bases import resolve_base
 from medsynapse.model.medsynapse import MANIFEST, MedSynapseV
 from medsynapse.model.vlm import PromptBatch, vision_features
 from medsynapse.recipes import sharding, trainer
@@ -78,10 +79,11 @@ def base_vlm_path(folder: str | Path) -> str:
     if not manifest.is_file():
         return str(folder)
     data = json.loads(manifest.read_text())
+    vlm = resolve_base(data["vlm"], folder, "vlm")  # found by name and content hash (model/bases.py)
     if data.get("adapter"):
-        warnings.warn(f"{folder}: its LoRA adapter is not used; SFT trains a fresh one on the base VLM {data['vlm']}",
+        warnings.warn(f"{folder}: its LoRA adapter is not used; SFT trains a fresh one on the base VLM {vlm}",
                       stacklevel=2)
-    return data["vlm"]
+    return vlm
 
 
 def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reduction: str = "token") -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import check_image_limit, training_dataset
+from medsynapse.locking import write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
 from medsynapse.model.sampling import row_keys, sampling_kwargs
@@ -214,4 +216,8 @@ def save_student(model: MedSynapseV, autonomous: AutonomousMemoryModule, teacher
                           autonomous=autonomous)
     student.answer_format = answer_format
     student.save_pretrained(output, adapter_state=adapter_state, training=training)
-    (output / "teacher.json").write_text(json.dumps({"teacher": str(teacher_dir.resolve())}))
+    # which teacher it was distilled from: by name and path relative to the student (no absolute path: the folder is
+    # copied between machines); informational, nothing loads it
+    teacher = {"teacher": teacher_dir.resolve().name,
+               "relative_path": os.path.relpath(teacher_dir.resolve(), output.resolve())}
+    write_text_atomic(output / "teacher.json", json.dumps(teacher))

@@ -61,6 +61,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from medsynapse.locking import make_tree_readable
+
 _VB = r"^backbone\.vision_backbone\.trunk\.blocks\.(\d+)\."
 _VL = r"vision_encoder.backbone.layers.\1."
 _TB = r"^backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\."
@@ -291,6 +293,7 @@ def merge_medsam3_lora(base: str | Path, lora: str | Path, out: str | Path, alph
         record = {**asdict(report), "base": base.name, "lora": lora.name,
                   "lora_sha256": hashlib.sha256(lora.read_bytes()).hexdigest()}
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        make_tree_readable(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> the umask's modes
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medsynapse.locking import make_readable
 from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, has_finding, top_region
 
 
@@ -83,6 +84,7 @@ class TinySegEncoder(PriorEncoder):
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps({"encoder": "tiny_seg", **asdict(self.config)}, indent=2))
+        make_readable(folder / "model.safetensors")  # safetensors writes 0600; the umask's mode instead
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> TinySegEncoder:
