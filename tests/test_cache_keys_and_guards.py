@@ -76,3 +76,36 @@ def test_the_probes_wilson_interval_equals_scipys(successes, n):
     expected = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
     low, high = wilson_interval(successes, n)
     assert low == pytest.approx(expected.low, abs=1e-6) and high == pytest.approx(expected.high, abs=1e-6)
+
+
+def test_checkpoints_beyond_keep_are_removed_oldest_first(tmp_path):
+    import torch
+
+    from medsynapse.recipes.trainer import save_checkpoint
+
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, module, optimizer, scheduler, keep=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) if (tmp_path / "checkpoints").is_dir() \
+        else sorted(p.name for p in tmp_path.rglob("step_*"))
+    assert kept == ["step_0000003", "step_0000004"]
+
+
+def test_unknown_loader_options_are_refused_before_anything_is_read(tmp_path):
+    from medsynapse.eval.runner import check_inputs
+
+    with pytest.raises(ValueError, match=r"pathvqa: unknown option\(s\) \['no_such_option'\]"):
+        check_inputs(str(tmp_path / "no_model"), ["pathvqa"], {"pathvqa": {"no_such_option": 1}})
+
+
+@pytest.mark.parametrize("word", ["or", "and", "nor", "but", "is", "was", "are", "seems", "appears", "vs", "versus",
+                                  "then", "because", "as", "would", "should", "could", "might", "may", "will", "can",
+                                  "fits", "matches", "best"])
+def test_a_capital_a_before_a_verb_or_conjunction_is_option_a_not_the_article(word):
+    from medsynapse.objectives.answers import extract_option
+
+    options = {"A": "pneumothorax", "B": "effusion", "C": "mass"}
+    assert extract_option(f"A {word} the finding here.", options).answer == "A"
+    assert extract_option(f"A {word}", options).answer == "A"
