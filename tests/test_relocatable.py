@@ -94,7 +94,7 @@ def made(tiny_env, tmp_path_factory):
     samples = read_samples(tiny_env.test_file)[:3]
     images = [load_image(s.images[0], s) for s in samples]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEDSYNAPSE_CACHE", str(root / "empty_cache"))  # found through the recorded relative hint
+        patch.setenv("MEDSYNAPSE_CACHE", str(root / "bases"))  # where they were saved from
         before = {name: _outputs(MedSynapseV.from_pretrained(root / "models" / name), samples, images)
                   for name in ("teacher", "student")}
     return SimpleNamespace(root=root, vlm=vlm, encoder=encoder, teacher=teacher, samples=samples, images=images,
@@ -351,7 +351,8 @@ def test_an_old_folder_naming_its_bases_by_absolute_path_still_loads(made, tmp_p
     assert resolve_base(manifest["vlm"], folder, "vlm", str(moved)) == str(moved)
 
 
-@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)],
+                         ids=["umask022", "umask027"])
 def test_everything_a_save_writes_has_the_mode_of_the_umask(made, tmp_path, umask, file_mode, dir_mode):
     previous = os.umask(umask)
     try:
