@@ -109,3 +109,22 @@ def test_a_capital_a_before_a_verb_or_conjunction_is_option_a_not_the_article(wo
     options = {"A": "pneumothorax", "B": "effusion", "C": "mass"}
     assert extract_option(f"A {word} the finding here.", options).answer == "A"
     assert extract_option(f"A {word}", options).answer == "A"
+
+
+def test_the_diagnostics_tables_show_each_probe_that_ran_and_only_those():
+    from medsynapse.eval.report import diagnostics_tables
+
+    text = diagnostics_tables({
+        "leak_probe": {"memory": 0.9, "counterfactual": 0.3, "chance": 0.25},
+        "leak_probe_zero": {"memory": None, "counterfactual": 0.26, "chance": 0.25},
+        "readability": {"vlm_tokens": 0.83},
+        "reliance": {"teacher": {"as_is": 0.97, "zeroed": 0.6}}})
+    lines = text.splitlines()
+    assert "| memory (demo intervention) | 0.900 | 0.250 |" in lines
+    assert "| counterfactual (demo intervention) | 0.300 | 0.250 |" in lines
+    assert "| counterfactual (paper's zero intervention) | 0.260 | 0.250 |" in lines
+    assert not any(line.startswith("| memory (paper's zero") for line in lines)  # that probe did not run
+    assert "| vlm_tokens | 0.830 |" in lines
+    for header, rule in zip(lines, lines[1:], strict=False):  # every table's rule has its header's columns
+        if rule.startswith("|---"):
+            assert rule.count("|") == header.count("|"), (header, rule)
