@@ -128,3 +128,40 @@ def test_the_diagnostics_tables_show_each_probe_that_ran_and_only_those():
     for header, rule in zip(lines, lines[1:], strict=False):  # every table's rule has its header's columns
         if rule.startswith("|---"):
             assert rule.count("|") == header.count("|"), (header, rule)
+
+
+@pytest.mark.parametrize(("split", "published"), [("train", "train"), ("validation", "val"), ("test", "test")])
+def test_pathvqa_pickles_are_read_for_every_split_under_their_published_folder_names(split, published, tmp_path):
+    import pickle
+    import shutil
+
+    from medsynapse.data.sources import load_source
+    from medsynapse.data.sources.fixtures import pathvqa
+
+    pathvqa(tmp_path)
+    shutil.rmtree(tmp_path / "path_vqa")  # only the original pickles are left
+    test_qas, test_images = tmp_path / "pvqa" / "qas" / "test", tmp_path / "pvqa" / "images" / "test"
+    records = pickle.loads((test_qas / "test_qa.pkl").read_bytes())
+    expected = [s.question for s in load_source("pathvqa", tmp_path, tmp_path / "cache0", split="test").samples]
+    if published != "test":
+        qas, images = tmp_path / "pvqa" / "qas" / published, tmp_path / "pvqa" / "images" / published
+        qas.mkdir(parents=True)
+        images.mkdir(parents=True)
+        renamed = [{**r, "image": r["image"].replace("test_", f"{published}_")} for r in records]
+        (qas / f"{published}_qa.pkl").write_bytes(pickle.dumps(renamed))
+        for r, new in zip(records, renamed, strict=True):
+            shutil.copy(test_images / f"{r['image']}.jpg", images / f"{new['image']}.jpg")
+        shutil.rmtree(test_qas)
+    samples = load_source("pathvqa", tmp_path, tmp_path / "cache", split=split).samples
+    assert [s.question for s in samples] == expected and expected
+
+
+def test_pubmedvision_is_found_under_its_published_folder_name(tmp_path):
+    from medsynapse.data.sources import load_source
+    from medsynapse.data.sources.fixtures import pubmedvision
+
+    pubmedvision(tmp_path)
+    ours = load_source("pubmedvision", tmp_path, tmp_path / "cache").samples
+    (tmp_path / "pubmedvision").rename(tmp_path / "PubMedVision")
+    published = load_source("pubmedvision", tmp_path, tmp_path / "cache2").samples
+    assert [s.question for s in published] == [s.question for s in ours] and ours
