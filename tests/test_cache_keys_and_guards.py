@@ -165,3 +165,19 @@ def test_pubmedvision_is_found_under_its_published_folder_name(tmp_path):
     (tmp_path / "pubmedvision").rename(tmp_path / "PubMedVision")
     published = load_source("pubmedvision", tmp_path, tmp_path / "cache2").samples
     assert [s.question for s in published] == [s.question for s in ours] and ours
+
+
+def test_only_the_writer_of_a_predictions_file_cuts_its_torn_last_line(tmp_path):
+    """Rank 1 of 2 reads the merged file (rank 0's, maybe being written) and its own part: only its own is repaired."""
+    from types import SimpleNamespace
+
+    from medsynapse.eval.runner import PREDICTIONS, BenchmarkRun, EvalSettings
+
+    benchmark = SimpleNamespace(samples=[], name="b", source="s", closed_definition="c", max_new_tokens=8)
+    run = BenchmarkRun(None, benchmark, tmp_path, EvalSettings(), "model", rank=1, world=2)
+    merged, own = tmp_path / PREDICTIONS, tmp_path / "predictions.part1.jsonl"
+    merged.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"')  # rank 0 mid-write
+    own.write_text('{"id": "d"}\n{"id": "e"')  # this rank was killed mid-write
+    assert [line["id"] for line in run.all_lines()] == ["a", "b", "d"]
+    assert merged.read_text() == '{"id": "a"}\n{"id": "b"}\n{"id": "c"'  # not this rank's to cut
+    assert own.read_text() == '{"id": "d"}\n'
