@@ -181,3 +181,31 @@ def test_only_the_writer_of_a_predictions_file_cuts_its_torn_last_line(tmp_path)
     assert [line["id"] for line in run.all_lines()] == ["a", "b", "d"]
     assert merged.read_text() == '{"id": "a"}\n{"id": "b"}\n{"id": "c"'  # not this rank's to cut
     assert own.read_text() == '{"id": "d"}\n'
+
+
+def test_the_summary_plot_draws_each_runs_accuracy_per_benchmark_and_no_bar_for_a_missing_one(tmp_path, monkeypatch):
+    import math
+
+    import matplotlib.axes
+
+    from medsynapse.eval import summary
+
+    drawn = []
+    original = matplotlib.axes.Axes.bar
+
+    def recording_bar(self, *args, **kwargs):
+        bars = original(self, *args, **kwargs)
+        drawn.append((kwargs.get("label"), [patch.get_height() for patch in bars]))
+        return bars
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    runs = {"teacher": {"vqa_rad": {"accuracy": 0.5}, "slake": {"accuracy": 0.25}},
+            "student": {"vqa_rad": {"accuracy": 0.75}, "slake": {"accuracy": None}}}
+    summary.plot(runs, tmp_path / "plot.png")
+    columns = summary._columns(runs)
+    expected = {label: [100 * m[c]["accuracy"] if m[c]["accuracy"] is not None else math.nan for c in columns]
+                for label, m in runs.items()}
+    assert [label for label, _ in drawn] == ["teacher", "student"]
+    for label, heights in drawn:
+        assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(heights, expected[label], strict=True))
+    assert (tmp_path / "plot.png").stat().st_size > 1000
