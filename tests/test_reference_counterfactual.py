@@ -76,15 +76,18 @@ def test_counterfactual_memory_with_reference_is_the_memory_of_the_nearest_refer
     assert (counterfactual[prior.finding] - factual[prior.finding]).abs().amax() > 1e-4
 
 
-def test_a_missing_or_damaged_bank_is_one_error_naming_the_file(stage1_dir, tmp_path):
+def test_a_missing_or_damaged_bank_is_one_error_naming_the_file(tiny_env, split_encoder, stage1_dir, tmp_path):
+    from medsynapse.model.bases import BaseFolders
+
     folder = tmp_path / "model"
-    shutil.copytree(stage1_dir, folder)
+    shutil.copytree(stage1_dir, folder)  # a copied folder finds its bases through the search path: given here
+    bases = BaseFolders(vlm=str(tiny_env.vlm), encoder=str(split_encoder))
     (folder / REFERENCE_BANK).write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=REFERENCE_BANK):
-        MedSynapseV.from_pretrained(folder)
+        MedSynapseV.from_pretrained(folder, bases=bases)
     (folder / REFERENCE_BANK).unlink()
     with pytest.raises(ModelNotFoundError, match=REFERENCE_BANK):
-        MedSynapseV.from_pretrained(folder)
+        MedSynapseV.from_pretrained(folder, bases=bases)
 
 
 def test_a_model_without_a_bank_refuses_the_reference_counterfactual(model, tiny_env):
