@@ -5,6 +5,7 @@ the app keeps Gradio's analytics off."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -59,8 +60,6 @@ def test_the_app_turns_gradio_analytics_off_unless_the_user_chose(monkeypatch):
 
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
     app.build({})
-    import os
-
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")  # the user's own choice stands
     app.build({})
@@ -81,15 +80,14 @@ def test_the_probes_wilson_interval_equals_scipys(successes, n):
 def test_checkpoints_beyond_keep_are_removed_oldest_first(tmp_path):
     import torch
 
-    from medsynapse.recipes.trainer import save_checkpoint
+    from medsynapse.recipes.trainer import CHECKPOINTS, save_checkpoint
 
     module = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, module, optimizer, scheduler, keep=2)
-    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) if (tmp_path / "checkpoints").is_dir() \
-        else sorted(p.name for p in tmp_path.rglob("step_*"))
+    kept = sorted(p.name for p in (tmp_path / CHECKPOINTS).glob("step_*"))
     assert kept == ["step_0000003", "step_0000004"]
 
 
