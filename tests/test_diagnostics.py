@@ -268,3 +268,53 @@ def test_diagnose_bad_input_is_one_clear_line(tiny_env, tmp_path, capsys):
     assert main(["diagnose", "--model", str(tmp_path / "nope"), "--data", str(tiny_env.test_file),
                  "--train-data", str(general)]) == 2
     assert "general_only.jsonl" in capsys.readouterr().err
+
+
+# --- what the leak probe reports, on features with a known answer (no model forward) -----------------------------
+def _features_by_label(table, readable: bool) -> torch.Tensor:
+    """One row per image: a one-hot of the largest lesion's quadrant (a fifth slot for none) when `readable`, else a
+    constant row (nothing to read)."""
+    rows = torch.zeros(len(table.paths), len(QUADRANTS) + 1)
+    if readable:
+        for i, quadrant in enumerate(table.location):
+            rows[i, len(QUADRANTS) if quadrant is None else quadrant] = 1.0
+    return rows
+
+
+def test_leak_probe_reports_each_probe_it_ran_and_none_for_the_one_it_did_not(tiny_env, monkeypatch):
+    from medsynapse.eval import diagnostics
+
+    train = image_table(read_samples(tiny_env.train_file), tiny_env.train_file)
+    test = image_table(read_samples(tiny_env.test_file), tiny_env.test_file)
+    assert train.source == str(tiny_env.train_file) and test.source == str(tiny_env.test_file)
+
+    def features(model, table, kinds, intervention="zero", batch_size=16, desc=""):
+        return {k: _features_by_label(table, readable=k == "memory") for k in kinds}
+
+    monkeypatch.setattr(diagnostics, "extract_features", features)
+    monkeypatch.setattr(diagnostics, "has_prior_branch", lambda model: True)
+    both = leak_probe(object(), train, test, intervention="reference")
+    rows = [i for i, q in enumerate(test.location) if q is not None]
+    train_rows = [i for i, q in enumerate(train.location) if q is not None]
+    direct = {kind: linear_probe(_features_by_label(train, kind == "memory")[train_rows],
+                                 [train.location[i] for i in train_rows],
+                                 _features_by_label(test, kind == "memory")[rows], [test.location[i] for i in rows])
+              for kind in ("memory", "counterfactual")}
+    for kind in ("memory", "counterfactual"):
+        assert both[kind] == direct[kind]["accuracy"] and both[f"{kind}_ci95"] == direct[kind]["ci95"]
+        assert both[f"{kind}_above_chance"] == direct[kind]["above_chance"]
+    assert both["memory"] > both["counterfactual"] and both["chance"] == direct["counterfactual"]["chance"]
+    only_counterfactual = leak_probe(object(), train, test, intervention="reference", with_memory=False)
+    assert only_counterfactual["counterfactual"] == both["counterfactual"]
+    assert [only_counterfactual[f"memory{suffix}"] for suffix in ("", "_ci95", "_at_chance", "_above_chance")] == [
+        None] * 4
+    few = diagnostics.probe_label(torch.zeros(1, 2), replace_rows(train, 1), torch.zeros(1, 2), test, "presence")
+    assert f"1 labelled train image(s) in {tiny_env.train_file}" in few["skipped"]
+
+
+def replace_rows(table, n: int):
+    """The table's first `n` images only."""
+    from dataclasses import replace
+
+    return replace(table, paths=table.paths[:n], samples=table.samples[:n], presence=table.presence[:n],
+                   location=table.location[:n])

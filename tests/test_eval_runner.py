@@ -68,6 +68,8 @@ def test_eval_cli_writes_a_complete_summary_for_all_seven_benchmarks(demo_model,
         assert metrics["correct"] == sum(line["correct"] for line in lines)
         assert metrics["unparseable"] == sum(line["extracted"] is None for line in lines)
         assert metrics["closed_definition"] and metrics["efficiency"]["ms_per_sample"] > 0
+        efficiency = metrics["efficiency"]  # how it was measured, read by the study's and summary's tables
+        assert (efficiency["processes"], efficiency["batch_size"], efficiency["device"]) == (1, 2, "cpu")
         assert {"id", "prompt", "raw", "extracted", "gold", "correct"} <= set(lines[0])
     # the plain base VLM folder is accepted too, and eval-summary puts both rows in one table
     base_out = tmp_path / "base"
@@ -242,3 +244,24 @@ def test_scripted_answers_give_the_known_accuracy_breakdowns_and_average(demo_mo
     average = 100 * sum(expected_accuracy.values()) / len(expected_accuracy)  # 54.76...
     assert cells["Avg"] == f"{average:.1f}" == "54.8"
     assert cells["VQA-RAD"] == "100.0" and cells["PathVQA"] == "0.0"
+
+
+def test_efficiency_is_measured_in_a_fresh_process_and_reads_cuda_memory_in_mib(demo_model, tiny_env, monkeypatch):
+    from medsynapse.data.schema import read_samples
+    from medsynapse.eval import efficiency
+
+    samples = read_samples(tiny_env.test_file)[:2]
+    fresh = efficiency.measure_isolated(str(demo_model), str(tiny_env.test_file), [s.id for s in samples],
+                                        n_timed=1, warmup=1, max_new_tokens=2)
+    assert fresh["ms_per_sample"] > 0 and fresh["n_timed"] == 1 and fresh["max_new_tokens"] == 2
+    assert fresh["memory_measure"] == "cpu_peak_rss_delta" and fresh["peak_mem_mb"] > 0
+
+    class Answers:  # stands for a model on a GPU: what `measure` asks of it
+        def answer(self, images, prompts, **kwargs):
+            return ["yes"]
+
+    for name, value in {"is_available": lambda: True, "reset_peak_memory_stats": lambda: None,
+                        "synchronize": lambda: None, "max_memory_allocated": lambda: 3 * 2**20 + 2**19}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    on_gpu = efficiency.measure(Answers, samples, n_timed=1, warmup=1)
+    assert on_gpu["peak_mem_mb"] == 3.5 and on_gpu["memory_measure"] == "cuda_max_allocated"

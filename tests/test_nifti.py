@@ -222,3 +222,27 @@ def test_the_server_and_the_app_read_volumes_with_their_view(tmp_path):
                           np.asarray(load_image(volume, view=VolumeView(slice=1, window=(50.0, 100.0)))))
     assert np.array_equal(np.asarray(load_scan(volume, "as stored", 0, 1, "axial", -1)),
                           np.asarray(load_image(volume)))  # -1: the middle slice
+
+
+def header_only(path, shape: tuple[int, ...]) -> str:
+    """A NIfTI file whose header promises `shape` (uint8, RAS+ axes) and holds no voxels: only the header is read
+    before the plane check."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header.set_sform(np.eye(4), 1)
+    header.set_qform(np.eye(4), 1)
+    header["vox_offset"] = 352
+    with open(path, "wb") as handle:
+        header.write_to(handle)
+        handle.write(b"\0" * 4)
+    return str(path)
+
+
+def test_a_plane_one_voxel_past_8192_squared_is_refused_before_any_voxel_is_read(tmp_path):
+    past = header_only(tmp_path / "past.nii", (8192, 8193, 1))
+    with pytest.raises(DataError, match=r"past.nii: a axial plane of 67117056 voxels, more than 67108864"):
+        load_image(past)
+    at_limit = header_only(tmp_path / "at.nii", (8192, 8192, 1))  # allowed: it goes on to read (and finds no data)
+    with pytest.raises(DataError, match=r"at.nii: cannot read the volume's voxels"):
+        load_image(at_limit)

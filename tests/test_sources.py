@@ -37,6 +37,8 @@ def test_vqa_rad_osf_split_rule_closed_filter_and_cast(root):
     assert samples["vqa-rad-2"].answer == "yes" and samples["vqa-rad-2"].answer_type == "yes_no"
     assert samples["vqa-rad-4"].answer == "2" and samples["vqa-rad-4"].answer_type == "open"  # int cast to str
     assert samples["vqa-rad-2"].prompt.endswith("Please output 'yes' or 'no'(no extra output).")
+    assert {i: (s.question_type, s.groups["organ"]) for i, s in samples.items()} == {
+        "vqa-rad-2": ("PRES", "CHEST"), "vqa-rad-4": ("COUNT", "HEAD")}  # the per-organ breakdown's groups
     assert "answer_type == CLOSED" in bench.closed_definition
 
 
@@ -319,3 +321,12 @@ def test_cli_path_reads_a_benchmark_from_any_folder(root, tmp_path):
     with pytest.raises(SystemExit, match="--path 'vqa-rad=/x': expected BENCHMARK=DIR"):
         main(["eval", "--model", "unused", "--benchmarks", "slake", "--path", "vqa-rad=/x", "--output",
               str(tmp_path / "eval")])
+
+
+def test_a_benchmark_that_filters_nothing_reports_an_empty_exclusion_count_of_its_own():
+    from medsynapse.data.sources.common import Benchmark
+
+    first, second = (Benchmark(name, "file.jsonl", "every row", [], 0) for name in ("a", "b"))
+    assert first.excluded == {} and first.skipped == []  # a dict for the convert report's JSON, never null
+    first.excluded["open"] = 1
+    assert second.excluded == {}
