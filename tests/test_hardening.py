@@ -155,7 +155,11 @@ def test_atomic_write_renames_inside_the_folder_and_leaves_a_readable_file(tmp_p
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", recording)
-    write_text_atomic(target, "résumé\n")
+    previous = os.umask(0o022)  # the mode a new file gets under the usual umask (any umask: test_relocatable)
+    try:
+        write_text_atomic(target, "résumé\n")
+    finally:
+        os.umask(previous)
     assert renames == [(str(tmp_path), str(target))]
     assert target.read_bytes() == "résumé\n".encode() and target.stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
