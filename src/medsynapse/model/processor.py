@@ -49,8 +49,9 @@ def load_processor(path: str | Path) -> ImageOnlyQwen3VLProcessor:
     folder = resolve_local_model(path)
     try:
         processor = AutoProcessor.from_pretrained(folder)
-    except (OSError, ValueError, AttributeError):
-        # Folders saved by the stock Qwen3VLProcessor name a class we cannot build without torchvision.
+    except (OSError, ValueError, AttributeError, ImportError):
+        # Folders saved by the stock Qwen3VLProcessor name a class we cannot build without torchvision (with a
+        # video_preprocessor_config.json, transformers raises ImportError for the video processor).
         processor = ImageOnlyQwen3VLProcessor.from_pretrained(folder)
     if not isinstance(processor, Qwen3VLProcessor):
         # AutoProcessor silently returns a bare tokenizer for unknown processor classes (qwen3vl-recipes.md §7).

@@ -1,0 +1,184 @@
+"""Generation through vLLM with MedSynapse-V's memory injected after the question (needs `.venv-vllm`).
+
+Plan:
+  - the memory is computed on the transformers side, by the loaded `MedSynapseV` itself (`memory_for`: P_phi over
+    the prior encoder's tokens for a teacher, A_psi over the VLM's visual tokens for the encoder-free student), so
+    it is the very tensor the transformers path would splice in;
+  - the VLM runs in vLLM, loaded from an exported folder (engines/export.py: LoRA merged, stock processor, spare
+    vocabulary row) with the plugin's class (engines/vllm_model.py);
+  - each question is one chat: the user turn holds the images and the question, and the assistant turn holds a
+    single `prompt_embeds` content part with the memory (N, hidden). With `continue_final_message` the prompt ends
+    `<|im_start|>assistant\\n` + N memory rows, exactly where `PromptBuilder` puts its N `<|latent|>` slots; memory
+    rows get text positions there, as in transformers. A model without memory gets the plain generation prompt;
+  - sampling mirrors `generate_with_memory`: greedy by default, the model's suppressed structural tokens never
+    emitted (`allowed_token_ids`), its generation config's end tokens stop, nothing else from that config applies
+    (`generation_config="vllm"`). Log-probabilities are vLLM's raw ones: log-softmax of the unprocessed logits, as
+    `completion_logprobs` computes them;
+  - prefix caching is off: memory spans are marked by one placeholder token id whatever their values, so a cached
+    prefix could hand one request another's memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from medsynapse.engines.export import export_for_vllm
+from medsynapse.engines.vllm_plugin import ARCHITECTURE
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.vlm import core_vlm, vision_features
+
+
+@dataclass
+class Completion:
+    """One generated continuation: its token ids (up to and including the end token when it stopped), the text
+    (special tokens skipped, stripped) and, when asked, each token's log-probability."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+
+
+def embeds_part(memory: torch.Tensor) -> dict:
+    """A chat content part carrying `memory` (N, H) as vLLM's prompt-embeds route reads it (base64 torch.save)."""
+    buffer = io.BytesIO()
+    torch.save(memory.detach().cpu().contiguous(), buffer)
+    return {"type": "prompt_embeds", "data": base64.b64encode(buffer.getvalue()).decode()}
+
+
+def chat_messages(images: Sequence[Image.Image], question: str, memory: torch.Tensor | None,
+                  system: str = "") -> list[dict]:
+    """The chat `PromptBuilder.prompt_text` renders: [system], user (images, then the question), and for a model with
+    memory an assistant turn holding only the memory, to be continued."""
+    content = [{"type": "image_pil", "image_pil": image} for image in images] + [{"type": "text", "text": question}]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": content})
+    if memory is not None:
+        messages.append({"role": "assistant", "content": [embeds_part(memory)]})
+    return messages
+
+
+def end_token_ids(model: MedSynapseV) -> list[int]:
+    """The tokens that end a generation in transformers: the generation config's eos ids, else `<|im_end|>`."""
+    eos = core_vlm(model.vlm).generation_config.eos_token_id
+    if eos is None:
+        return [model.prompts.eos_id]
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def allowed_token_ids(model: MedSynapseV) -> list[int]:
+    """Every row of the VLM's vocabulary but the structural tokens transformers suppresses (`suppressed_ids`)."""
+    rows = core_vlm(model.vlm).get_input_embeddings().num_embeddings
+    banned = set(model.prompts.suppressed_ids)
+    return [i for i in range(rows) if i not in banned]
+
+
+def token_logprobs(step_logprobs, token_ids: list[int]) -> list[float]:
+    """The log-probability of each chosen token from vLLM's per-step {token id: Logprob} dicts."""
+    return [float(step[token].logprob) for step, token in zip(step_logprobs, token_ids)]
+
+
+def engine_environment(in_process: bool, kv_cache_gib: int) -> None:
+    """vLLM's environment switches, set before the engine starts: KV-cache size on CPU, and whether the engine core
+    runs in this process (quick to start, but vLLM then sets torch to one thread) or its own (the default)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+
+
+class VLLMEngine:
+    """A loaded MedSynapseV (memory, prompts, tokenizer) with its VLM served by vLLM."""
+
+    def __init__(self, model: MedSynapseV, export_dir: str | Path, *, max_images: int = 1, max_model_len: int = 2048,
+                 kv_cache_gib: int = 1, in_process: bool = False, seed: int = 0, **llm_kwargs):
+        from vllm import LLM
+
+        self.model = model.eval()
+        self.folder = export_for_vllm(model, export_dir)
+        engine_environment(in_process, kv_cache_gib)
+        dtype = llm_kwargs.pop("dtype", next(core_vlm(model.vlm).parameters()).dtype)  # vLLM's CPU "auto": bf16
+        self.llm = LLM(model=str(self.folder), dtype=dtype, max_model_len=max_model_len,
+                       enforce_eager=True, enable_prompt_embeds=True, enable_prefix_caching=False,
+                       limit_mm_per_prompt={"image": max_images, "video": 0},
+                       hf_overrides={"architectures": [ARCHITECTURE]}, generation_config="vllm", seed=seed,
+                       **llm_kwargs)
+        self.dtype = self.llm.llm_engine.model_config.dtype
+        self.allowed_ids = allowed_token_ids(model)
+        self.stop_ids = end_token_ids(model)
+
+    def with_model(self, model: MedSynapseV) -> VLLMEngine:
+        """An engine over this one's vLLM instance for another MedSynapseV whose VLM has the same weights (a teacher,
+        the student built on its VLM, the plain VLM): vLLM only sees the VLM, the memory comes from `model`. The
+        weights are the caller's promise, not checked."""
+        engine = copy.copy(self)
+        engine.model = model.eval()
+        engine.allowed_ids, engine.stop_ids = allowed_token_ids(model), end_token_ids(model)
+        return engine
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, export_dir: str | Path, **kwargs) -> VLLMEngine:
+        """One of our model folders (or a plain Qwen3-VL folder), its LoRA merged."""
+        return cls(MedSynapseV.from_pretrained(folder, merge_adapter=True), export_dir, **kwargs)
+
+    @torch.no_grad()
+    def memories(self, images: Sequence[Sequence[Image.Image]], questions: Sequence[str], branch: str | None = None,
+                 intervention: str = "zero") -> list[torch.Tensor | None]:
+        """Each question's memory (N, H) as `MedSynapseV.generate_encoded` computes it (one batch), None per
+        question for a model without memory."""
+        model = self.model
+        if model.n_memory == 0:
+            return [None] * len(questions)
+        items = [model.prompts.encode(list(imgs), q) for imgs, q in zip(images, questions)]
+        device = next(core_vlm(model.vlm).parameters()).device
+        batch = model.prompts.collate(items, with_answers=False).to(device)
+        needs_vision = model.autonomous is not None or model.latent is not None
+        features = vision_features(model.vlm, batch) if needs_vision else None
+        memory = model.memory_for(batch, [img for imgs in images for img in imgs], features, branch, intervention)
+        return [None if memory is None else memory[i].to(self.dtype) for i in range(len(questions))]
+
+    def sampling(self, max_new_tokens: int, n: int = 1, temperature: float = 0.0, seed: int | None = None,
+                 logprobs: bool = False):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
+                              logprobs=0 if logprobs else None, allowed_token_ids=self.allowed_ids,
+                              stop_token_ids=self.stop_ids, skip_special_tokens=True)
+
+    def generate(self, images: Sequence[Sequence[Image.Image]], questions: Sequence[str], max_new_tokens: int = 16,
+                 branch: str | None = None, *, n: int = 1, temperature: float = 0.0, seed: int | None = None,
+                 logprobs: bool = False, intervention: str = "zero",
+                 memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 memories: Sequence[torch.Tensor | None] | None = None, system: str = "") -> list[list[Completion]]:
+        """`n` continuations per question (greedy when `temperature` is 0). `images[i]`: question i's images.
+        `memories` overrides the model's own (one (N, H) tensor or None per question); `memory_transform` maps each
+        memory as `MedSynapseV.answer_encoded`'s does."""
+        if memories is None:
+            memories = self.memories(images, questions, branch, intervention)
+        if memory_transform is not None:
+            memories = [None if m is None else memory_transform(m[None])[0].to(self.dtype) for m in memories]
+        conversations = [chat_messages(imgs, q, m, system) for imgs, q, m in zip(images, questions, memories)]
+        with_memory = any(m is not None for m in memories)
+        if with_memory and not all(m is not None for m in memories):
+            raise ValueError("give a memory for every question or for none")
+        outputs = self.llm.chat(conversations, self.sampling(max_new_tokens, n, temperature, seed, logprobs),
+                                use_tqdm=False, add_generation_prompt=not with_memory,
+                                continue_final_message=with_memory, chat_template_content_format="openai")
+        return [[self.completion(out, logprobs) for out in request.outputs] for request in outputs]
+
+    @staticmethod
+    def completion(output, logprobs: bool) -> Completion:
+        ids = list(output.token_ids)
+        return Completion(ids, output.text.strip(), token_logprobs(output.logprobs, ids) if logprobs else None)
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 16,
+               branch: str | None = None) -> list[str]:
+        """Greedy answers, one image per question: `MedSynapseV.answer` through vLLM."""
+        outputs = self.generate([[image] for image in images], questions, max_new_tokens, branch)
+        return [out[0].text for out in outputs]

@@ -1,0 +1,77 @@
+"""The vLLM export (engines/export.py) in the main environment: no vLLM needed, so these run in `make test`.
+
+A folder vLLM can load is our VLM with the LoRA merged, a stock-named processor with a video processor config, and
+a spare vocabulary row whose padding is recorded for the plugin's logit mask. Checked by value here; that vLLM
+loads it and generates what transformers generates is tests/test_vllm.py's (`.venv-vllm`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medsynapse.engines.export import VOCAB_ROWS_KEY, export_for_vllm, spare_rows_needed
+from medsynapse.model.medsynapse import MedSynapseV
+from medsynapse.model.vlm import core_vlm
+
+
+@pytest.mark.parametrize(("rows", "tokenizer_len", "expected"), [
+    (462, 462, 512),  # the tiny model: no room for vLLM's placeholder id 462 → next multiple of 64 past it
+    (512, 512, 576),  # a full multiple still needs a row
+    (463, 462, 463),  # room already
+    (151936, 151670, 151936),  # Qwen3-VL-8B: left as it is
+])
+def test_spare_rows_by_value(rows, tokenizer_len, expected):
+    assert spare_rows_needed(rows, tokenizer_len) == expected
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tiny_env, tmp_path_factory):
+    """A teacher with a LoRA whose B matrices are non-zero (a fresh LoRA is the identity), saved as training does."""
+    torch.manual_seed(0)
+    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
+    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, param in model.vlm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    folder = tmp_path_factory.mktemp("lora_teacher")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_export_merges_the_lora_and_pads_one_spare_row(lora_folder, tmp_path):
+    merged = MedSynapseV.from_pretrained(lora_folder, merge_adapter=True)
+    base = MedSynapseV.from_pretrained(lora_folder)  # the adapter as trained, not merged
+    out = export_for_vllm(lora_folder, tmp_path / "vllm")
+    exported = MedSynapseV.from_pretrained(out)  # a plain Qwen3-VL folder for our loader too
+    tokenizer_len = len(merged.processor.tokenizer)
+    config = json.loads((out / "config.json").read_text())
+    rows = core_vlm(merged.vlm).get_input_embeddings().num_embeddings
+    assert config[VOCAB_ROWS_KEY] == rows == tokenizer_len
+    assert config["text_config"]["vocab_size"] == spare_rows_needed(rows, tokenizer_len) > tokenizer_len
+    state, want = core_vlm(exported.vlm).state_dict(), core_vlm(merged.vlm).state_dict()
+    for key, value in want.items():
+        got = state[key]
+        if got.shape != value.shape:  # the embedding and lm_head: real rows kept, padding zero
+            assert torch.equal(got[:rows], value) and not got[rows:].any(), key
+        else:
+            assert torch.equal(got, value), key
+    q_key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    unmerged = core_vlm(base.vlm).state_dict()[q_key.replace("q_proj.weight", "q_proj.base_layer.weight")]
+    assert not torch.allclose(state[q_key], unmerged)  # the LoRA's update is in the exported weights
+
+
+def test_export_names_the_stock_processor_and_leaves_the_model_unchanged(tiny_env, tmp_path):
+    model = MedSynapseV.from_pretrained(tiny_env.vlm)
+    before = {k: v.clone() for k, v in core_vlm(model.vlm).state_dict().items()}
+    out = export_for_vllm(model, tmp_path / "vllm")
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        assert json.loads((out / name).read_text())["processor_class"] == "Qwen3VLProcessor"
+    video = json.loads((out / "video_preprocessor_config.json").read_text())
+    assert video["video_processor_type"] == "Qwen3VLVideoProcessor"
+    assert (video["patch_size"], video["merge_size"]) == (16, 2)
+    after = core_vlm(model.vlm).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # padding went to the file, not the model
