@@ -40,7 +40,7 @@ from medsynapse.model.vlm import core_vlm, vision_features
 @dataclass
 class Completion:
     """One generated continuation: its token ids (up to and including the end token when it stopped), the text
-    (special tokens skipped, stripped) and, when asked, each token's log-probability."""
+    (decoded by our tokenizer, special tokens skipped, stripped) and, when asked, each token's log-probability."""
 
     token_ids: list[int]
     text: str
@@ -149,7 +149,7 @@ class VLLMEngine:
 
         return SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
                               logprobs=0 if logprobs else None, allowed_token_ids=self.allowed_ids,
-                              stop_token_ids=self.stop_ids, skip_special_tokens=True)
+                              stop_token_ids=self.stop_ids, detokenize=False)
 
     def generate(self, images: Sequence[Sequence[Image.Image]], questions: Sequence[str], max_new_tokens: int = 16,
                  branch: str | None = None, *, n: int = 1, temperature: float = 0.0, seed: int | None = None,
@@ -172,10 +172,12 @@ class VLLMEngine:
                                 continue_final_message=with_memory, chat_template_content_format="openai")
         return [[self.completion(out, logprobs) for out in request.outputs] for request in outputs]
 
-    @staticmethod
-    def completion(output, logprobs: bool) -> Completion:
+    def completion(self, output, logprobs: bool) -> Completion:
+        """A vLLM completion, its text decoded as `MedSynapseV.answer_encoded` decodes (vLLM's incremental
+        detokenizer holds back a trailing incomplete UTF-8 byte that `batch_decode` shows as U+FFFD)."""
         ids = list(output.token_ids)
-        return Completion(ids, output.text.strip(), token_logprobs(output.logprobs, ids) if logprobs else None)
+        text = self.model.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Completion(ids, text, token_logprobs(output.logprobs, ids) if logprobs else None)
 
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 16,
                branch: str | None = None) -> list[str]:
