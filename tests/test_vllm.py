@@ -20,7 +20,7 @@ from medsynapse.data.schema import read_samples  # noqa: E402
 from medsynapse.engines.vllm_engine import VLLMEngine  # noqa: E402
 from medsynapse.model.medsynapse import MedSynapseV  # noqa: E402
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule  # noqa: E402
-from medsynapse.model.vlm import completion_logprobs, completion_mask, vision_features  # noqa: E402
+from medsynapse.model.vlm import completion_logprobs, completion_mask, core_vlm, vision_features  # noqa: E402
 
 MAX_NEW = 10
 LOGPROB_ATOL = 1e-4  # float32 on both sides; bf16 (vLLM's CPU default) is off by ~1e-3
@@ -145,3 +145,22 @@ def test_sampled_rollouts_score_as_transformers_scores_them(models, engine, ques
         for g, rollout in enumerate(rollouts):
             torch.testing.assert_close(torch.tensor(rollout.logprobs), logp[g, :len(rollout.token_ids)],
                                        atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_generation_config_end_tokens_stop_both_paths(models, engine, questions):
+    """transformers stops at every eos id of the generation config (Qwen3-VL-8B lists two); vLLM must stop there
+    too, not only at the tokenizer's eos. Here the third greedy token is made an end token."""
+    images, texts = questions
+    model = models["plain"]
+    plain = engine.with_model(model)
+    free = plain.generate(images[:1], texts[:1], MAX_NEW)[0][0].token_ids
+    config = core_vlm(model.vlm).generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = [model.prompts.eos_id, free[2]]
+    try:
+        hf = model.generate_encoded([model.prompts.encode(images[0], texts[0])], images[0], MAX_NEW)[0].tolist()
+        stopped = engine.with_model(model).generate(images[:1], texts[:1], MAX_NEW)[0][0].token_ids
+    finally:
+        config.eos_token_id = saved
+    cut = free.index(free[2]) + 1
+    assert stopped == free[:cut] == hf[:cut] and len(stopped) < len(free)

@@ -14,8 +14,10 @@ Plan:
     emitted (`allowed_token_ids`), its generation config's end tokens stop, nothing else from that config applies
     (`generation_config="vllm"`). Log-probabilities are vLLM's raw ones: log-softmax of the unprocessed logits, as
     `completion_logprobs` computes them;
-  - prefix caching is off: memory spans are marked by one placeholder token id whatever their values, so a cached
-    prefix could hand one request another's memory.
+  - prefix caching is off: memory spans are all one placeholder token id whatever their values. vLLM 0.32 does hash
+    prompt-embeds values into its block hashes (v1/core/kv_cache_utils.py), but our prompts are shorter than a cache
+    block, so no test here could show it keeps two memories apart; the G continuations of a prompt share its
+    prefill anyway (`n=G`).
 """
 
 from __future__ import annotations
