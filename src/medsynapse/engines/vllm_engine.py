@@ -11,7 +11,7 @@ Plan:
     `<|im_start|>assistant\\n` + N memory rows, exactly where `PromptBuilder` puts its N `<|latent|>` slots; memory
     rows get text positions there, as in transformers. A model without memory gets the plain generation prompt;
   - sampling mirrors `generate_with_memory`: greedy by default, the model's suppressed structural tokens never
-    emitted (`allowed_token_ids`), its generation config's end tokens stop, nothing else from that config applies
+    emitted (`bad_words`), its generation config's end tokens stop, nothing else from that config applies
     (`generation_config="vllm"`). Log-probabilities are vLLM's raw ones: log-softmax of the unprocessed logits, as
     `completion_logprobs` computes them;
   - prefix caching is off: memory spans are all one placeholder token id whatever their values. vLLM 0.32 does hash
@@ -36,7 +36,7 @@ from PIL import Image
 from medsynapse.engines.export import export_for_vllm
 from medsynapse.engines.vllm_plugin import ARCHITECTURE
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.model.vlm import core_vlm, vision_features
+from medsynapse.model.vlm import PromptBatch, core_vlm, vision_features
 
 
 @dataclass
@@ -76,11 +76,18 @@ def end_token_ids(model: MedSynapseV) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def allowed_token_ids(model: MedSynapseV) -> list[int]:
-    """Every row of the VLM's vocabulary but the structural tokens transformers suppresses (`suppressed_ids`)."""
-    rows = core_vlm(model.vlm).get_input_embeddings().num_embeddings
-    banned = set(model.prompts.suppressed_ids)
-    return [i for i in range(rows) if i not in banned]
+def banned_words(model: MedSynapseV) -> list[str]:
+    """The structural tokens transformers suppresses (`suppressed_ids`), as vLLM's `bad_words`: each is one token, so
+    vLLM gives it -inf at every step (exact, and per request a few entries, where `allowed_token_ids` would copy and
+    mask a whole vocabulary list: 151,936 ids at 8B)."""
+    return model.processor.tokenizer.convert_ids_to_tokens(model.prompts.suppressed_ids)
+
+
+def counts_batch(counts: list[int]) -> PromptBatch:
+    """A prompt batch holding only each question's image count: all `memory_for` reads for P_phi's memory (the prior
+    encoder sees the images themselves), so a teacher's prompts are not processed twice (vLLM processes its own)."""
+    empty = torch.zeros(len(counts), 0, dtype=torch.long)
+    return PromptBatch(empty, empty, empty, torch.zeros(0), torch.zeros(0, 3, dtype=torch.long), None, counts)
 
 
 def token_logprobs(step_logprobs, token_ids: list[int]) -> list[float]:
@@ -112,8 +119,7 @@ class VLLMEngine:
                        hf_overrides={"architectures": [ARCHITECTURE]}, generation_config="vllm", seed=seed,
                        **llm_kwargs)
         self.dtype = self.llm.llm_engine.model_config.dtype
-        self.allowed_ids = allowed_token_ids(model)
-        self.stop_ids = end_token_ids(model)
+        self.banned, self.stop_ids = banned_words(model), end_token_ids(model)
 
     def with_model(self, model: MedSynapseV) -> VLLMEngine:
         """An engine over this one's vLLM instance for another MedSynapseV whose VLM has the same weights (a teacher,
@@ -121,7 +127,7 @@ class VLLMEngine:
         weights are the caller's promise, not checked."""
         engine = copy.copy(self)
         engine.model = model.eval()
-        engine.allowed_ids, engine.stop_ids = allowed_token_ids(model), end_token_ids(model)
+        engine.banned, engine.stop_ids = banned_words(model), end_token_ids(model)
         return engine
 
     @classmethod
@@ -137,11 +143,14 @@ class VLLMEngine:
         model = self.model
         if model.n_memory == 0:
             return [None] * len(questions)
-        items = [model.prompts.encode(list(imgs), q) for imgs, q in zip(images, questions)]
-        device = next(core_vlm(model.vlm).parameters()).device
-        batch = model.prompts.collate(items, with_answers=False).to(device)
-        needs_vision = model.autonomous is not None or model.latent is not None
-        features = vision_features(model.vlm, batch) if needs_vision else None
+        features = None
+        if model.autonomous is None and model.latent is None:  # P_phi: the prior encoder's tokens, no prompt
+            batch = counts_batch([len(imgs) for imgs in images])
+        else:  # A_psi reads the VLM's visual tokens; a latent-reasoning baseline runs the VLM on the prompt
+            items = [model.prompts.encode(list(imgs), q) for imgs, q in zip(images, questions)]
+            device = next(core_vlm(model.vlm).parameters()).device
+            batch = model.prompts.collate(items, with_answers=False).to(device)
+            features = vision_features(model.vlm, batch)
         memory = model.memory_for(batch, [img for imgs in images for img in imgs], features, branch, intervention)
         return [None if memory is None else memory[i].to(self.dtype) for i in range(len(questions))]
 
@@ -150,7 +159,7 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         return SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
-                              logprobs=0 if logprobs else None, allowed_token_ids=self.allowed_ids,
+                              logprobs=0 if logprobs else None, bad_words=self.banned,
                               stop_token_ids=self.stop_ids, detokenize=False)
 
     def generate(self, images: Sequence[Sequence[Image.Image]], questions: Sequence[str], max_new_tokens: int = 16,
