@@ -139,14 +139,18 @@ class VLLMEngine:
     def memories(self, images: Sequence[Sequence[Image.Image]], questions: Sequence[str], branch: str | None = None,
                  intervention: str = "zero") -> list[torch.Tensor | None]:
         """Each question's memory (N, H) as `MedSynapseV.generate_encoded` computes it (one batch), None per
-        question for a model without memory."""
+        question for a model without memory; a latent-reasoning baseline is refused."""
         model = self.model
+        if model.latent is not None:
+            raise ValueError(f"a latent-reasoning baseline ({model.latent['method']}) computes its thoughts with the "
+                             "VLM's own forward hooks (model/latent.py), which need transformers 5.24 (its tests fail "
+                             "under the vLLM environment's 5.19): not served through vLLM")
         if model.n_memory == 0:
             return [None] * len(questions)
         features = None
-        if model.autonomous is None and model.latent is None:  # P_phi: the prior encoder's tokens, no prompt
+        if model.autonomous is None:  # P_phi: the prior encoder's tokens, no prompt
             batch = counts_batch([len(imgs) for imgs in images])
-        else:  # A_psi reads the VLM's visual tokens; a latent-reasoning baseline runs the VLM on the prompt
+        else:  # A_psi reads the VLM's merged visual tokens
             items = [model.prompts.encode(list(imgs), q) for imgs, q in zip(images, questions)]
             device = next(core_vlm(model.vlm).parameters()).device
             batch = model.prompts.collate(items, with_answers=False).to(device)
