@@ -164,3 +164,11 @@ def test_generation_config_end_tokens_stop_both_paths(models, engine, questions)
         config.eos_token_id = saved
     cut = free.index(free[2]) + 1
     assert stopped == free[:cut] == hf[:cut] and len(stopped) < len(free)
+
+
+def test_latent_reasoning_baselines_are_refused(models, engine, questions):
+    images, texts = questions
+    teacher = models["teacher"]
+    coconut = MedSynapseV(teacher.vlm, teacher.processor, latent={"method": "coconut", "thoughts": 2})
+    with pytest.raises(ValueError, match="latent-reasoning baseline"):
+        engine.with_model(coconut).generate(images[:1], texts[:1], MAX_NEW)
