@@ -14,7 +14,7 @@ sizes: 16 memory slots, sampler width 128, a LoRA merged); `--model DIR` benchma
 The engine runs in its own process (vLLM's default, so the `__main__` guard below); this process keeps torch's
 threads for transformers. On a shared machine the numbers move with its load: compare within one run.
 
-Usage: .venv-vllm/bin/python benchmarks/vllm_vs_hf.py [--model DIR] [--questions 32] [--out vllm_vs_hf.json]
+Usage: .venv-vllm/bin/python benchmarks/vllm_vs_hf.py [--model DIR] [--questions 64] [--out vllm_vs_hf.json]
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ import torch
 
 
 def build_tiny_teacher(root: Path) -> tuple[Path, Path]:
-    """A tiny Qwen3-VL + prior encoder + P_phi at the demo's memory sizes, a non-zero LoRA merged; (folder, data)."""
+    """A tiny Qwen3-VL at the demo's sizes (64-px scans at 128 px: 16 visual tokens) + prior encoder + P_phi (16
+    slots, width 128), a non-zero LoRA merged; returns (folder, data)."""
     from medsynapse.data.synthmed import corpus_lines, generate_split
     from medsynapse.model.encoders import TinySegEncoder
     from medsynapse.model.medsynapse import MedSynapseV
-    from medsynapse.model.tiny import build_tiny_vlm
+    from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
 
-    vlm = build_tiny_vlm(root / "vlm", corpus_lines())
+    vlm = build_tiny_vlm(root / "vlm", corpus_lines(), TinyVLMSpec(image_size=64, vlm_resolution=128))
     torch.manual_seed(0)
     TinySegEncoder().eval().save_pretrained(root / "encoder")
     data = generate_split(root / "data", "test", 16, seed=0)
@@ -122,9 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="one of our model folders (default: a tiny teacher built here)")
     parser.add_argument("--data", help="a SynthMed split for the questions (default: the one built here)")
-    parser.add_argument("--questions", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=32, help="transformers' eval batch")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="the eval protocol's budget")
+    parser.add_argument("--batch", type=int, default=64, help="transformers' eval batch (the demo's)")
     parser.add_argument("--rollout-prompts", type=int, default=16, help="0: skip the rollout workload")
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--rollout-tokens", type=int, default=6)

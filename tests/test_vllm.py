@@ -17,7 +17,10 @@ pytest.importorskip("vllm", reason="vllm is not importable in this environment: 
 
 from medsynapse.data.images import load_image  # noqa: E402
 from medsynapse.data.schema import read_samples  # noqa: E402
+from medsynapse.data.sources import PAPER_BENCHMARKS  # noqa: E402
+from medsynapse.data.sources.fixtures import write_fixtures  # noqa: E402
 from medsynapse.engines.vllm_engine import VLLMEngine  # noqa: E402
+from medsynapse.eval.runner import PREDICTIONS, EvalSettings, evaluate_benchmarks, read_predictions  # noqa: E402
 from medsynapse.model.medsynapse import MedSynapseV  # noqa: E402
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule  # noqa: E402
 from medsynapse.model.vlm import completion_logprobs, completion_mask, core_vlm, vision_features  # noqa: E402
@@ -172,3 +175,20 @@ def test_latent_reasoning_baselines_are_refused(models, engine, questions):
     coconut = MedSynapseV(teacher.vlm, teacher.processor, latent={"method": "coconut", "thoughts": 2})
     with pytest.raises(ValueError, match="latent-reasoning baseline"):
         engine.with_model(coconut).generate(images[:1], texts[:1], MAX_NEW)
+
+
+def test_eval_engine_vllm_gives_the_transformers_predictions_and_scores(teacher_folder, engine, tmp_path):
+    """`medsynapse eval --engine vllm` on the seven fixture benchmarks: every raw answer, and so every score, equal
+    to the transformers run's (questions over the teacher's 2 images are skipped alike by both)."""
+    data_root = write_fixtures(tmp_path / "data")
+    runs = {}
+    for name in ("hf", "vllm"):
+        settings = EvalSettings(batch_size=4, max_new_tokens=6, skip_bad=True, engine=name)
+        metrics = evaluate_benchmarks(str(teacher_folder), PAPER_BENCHMARKS, data_root, tmp_path / name, settings)
+        predictions = {b: read_predictions(tmp_path / name / b / PREDICTIONS) for b in PAPER_BENCHMARKS}
+        runs[name] = ({b: {k: v for k, v in m.items() if k != "efficiency"} for b, m in metrics.items()},
+                      {b: sorted((line["id"], line.get("raw"), line.get("correct")) for line in lines)
+                       for b, lines in predictions.items()})
+    assert sum(len(lines) for lines in runs["hf"][1].values()) > 10
+    assert runs["vllm"][1] == runs["hf"][1]
+    assert runs["vllm"][0] == runs["hf"][0]

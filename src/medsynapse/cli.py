@@ -311,7 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = EvalSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, branch=args.branch,
                             skip_bad=args.skip_bad, limit=args.limit, max_pixels=args.max_pixels,
-                            answer_format=args.answer_format)
+                            answer_format=args.answer_format, engine=args.engine)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     settings.source_options = add_source_paths(parse_source_options(args.option or [], names), args.path or [], names)
     results = evaluate_benchmarks(args.model, names, args.data_root, args.output, settings, bases=base_folders(args))
@@ -479,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--skip-bad", action="store_true", help="skip bad records/images (counted and listed)")
     evaluate.add_argument("--limit", type=int, default=None, help="first N scored questions per benchmark")
     evaluate.add_argument("--max-pixels", type=int, default=None, help="cap the VLM's per-image pixel budget")
+    evaluate.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                          help="generate with transformers (default) or vLLM (the .venv-vllm environment, one "
+                               "process; the same answers: README, 'vLLM engine')")
     evaluate.add_argument("--answer-format", choices=["direct", "reasoning"], default=None,
                           help="default: the format the model was trained with (recorded in its folder). "
                                "reasoning: the prompt asks for an analysis, then the final answer in "

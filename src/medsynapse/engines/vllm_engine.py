@@ -95,18 +95,20 @@ def token_logprobs(step_logprobs, token_ids: list[int]) -> list[float]:
     return [float(step[token].logprob) for step, token in zip(step_logprobs, token_ids)]
 
 
-def engine_environment(in_process: bool, kv_cache_gib: int) -> None:
-    """vLLM's environment switches, set before the engine starts: KV-cache size on CPU, and whether the engine core
-    runs in this process (quick to start, but vLLM then sets torch to one thread) or its own (the default)."""
+def engine_environment(in_process: bool | None, kv_cache_gib: int) -> None:
+    """vLLM's environment switches, set before the engine starts: KV-cache size on CPU (unless set), and whether the
+    engine core runs in this process (quick to start, but vLLM then sets torch to one thread) or its own (vLLM's
+    default; None leaves VLLM_ENABLE_V1_MULTIPROCESSING as the environment has it)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if in_process is not None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
 
 
 class VLLMEngine:
     """A loaded MedSynapseV (memory, prompts, tokenizer) with its VLM served by vLLM."""
 
     def __init__(self, model: MedSynapseV, export_dir: str | Path, *, max_images: int = 1, max_model_len: int = 2048,
-                 kv_cache_gib: int = 1, in_process: bool = False, seed: int = 0, **llm_kwargs):
+                 kv_cache_gib: int = 1, in_process: bool | None = None, seed: int = 0, **llm_kwargs):
         from vllm import LLM
 
         self.model = model.eval()
@@ -170,15 +172,18 @@ class VLLMEngine:
                  branch: str | None = None, *, n: int = 1, temperature: float = 0.0, seed: int | None = None,
                  logprobs: bool = False, intervention: str = "zero",
                  memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 memories: Sequence[torch.Tensor | None] | None = None, system: str = "") -> list[list[Completion]]:
+                 memories: Sequence[torch.Tensor | None] | None = None,
+                 systems: Sequence[str] | None = None) -> list[list[Completion]]:
         """`n` continuations per question (greedy when `temperature` is 0). `images[i]`: question i's images.
         `memories` overrides the model's own (one (N, H) tensor or None per question); `memory_transform` maps each
-        memory as `MedSynapseV.answer_encoded`'s does."""
+        memory as `MedSynapseV.answer_encoded`'s does; `systems`: a system message per question ("" for none)."""
         if memories is None:
             memories = self.memories(images, questions, branch, intervention)
         if memory_transform is not None:
             memories = [None if m is None else memory_transform(m[None])[0].to(self.dtype) for m in memories]
-        conversations = [chat_messages(imgs, q, m, system) for imgs, q, m in zip(images, questions, memories)]
+        systems = systems or [""] * len(questions)
+        conversations = [chat_messages(imgs, q, m, system)
+                         for imgs, q, m, system in zip(images, questions, memories, systems)]
         with_memory = any(m is not None for m in memories)
         if with_memory and not all(m is not None for m in memories):
             raise ValueError("give a memory for every question or for none")

@@ -58,6 +58,9 @@ class EvalSettings:
     # direct | reasoning (analysis first, the final answer in <answer></answer>); None: the format the model was
     # trained with (its folder records it; "direct" for a plain VLM)
     answer_format: str | None = None
+    # hf: transformers' generate | vllm: generation through vLLM with the same memory (engines/vllm_engine.py; needs
+    # the .venv-vllm environment, one process)
+    engine: str = "hf"
 
 
 def read_predictions(path: Path, repair: bool = True) -> list[dict]:
@@ -98,8 +101,10 @@ class BenchmarkRun:
     """Generation for one benchmark into its output folder, resuming what is there; rank `rank` of `world`."""
 
     def __init__(self, model: MedSynapseV, benchmark: Benchmark, out_dir: Path, settings: EvalSettings,
-                 model_path: str, rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None):
+                 model_path: str, rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
+                 engine=None):
         self.model, self.benchmark, self.settings = model, benchmark, settings
+        self.engine = engine  # a VLLMEngine for `engine: vllm`, else None (transformers)
         self.out_dir = out_dir
         self.path = out_dir / PREDICTIONS
         self.rank, self.world, self.barrier = rank, world, barrier
@@ -113,6 +118,8 @@ class BenchmarkRun:
                          "closed_definition": benchmark.closed_definition, "max_new_tokens": self.max_new_tokens,
                          "branch": settings.branch, "max_pixels": settings.max_pixels, "limit": settings.limit,
                          "batch_size": settings.batch_size, "answer_format": settings.answer_format}
+        if settings.engine != "hf":  # recorded only when not the default, so earlier runs still resume
+            self.run_info["engine"] = settings.engine
 
     def check_run_info(self) -> None:
         path = self.out_dir / "run.json"
@@ -195,9 +202,7 @@ class BenchmarkRun:
         if not ready:
             return lines, 0.0
         start = time.perf_counter()
-        items = [self.model.prompts.encode(imgs, s.model_prompt, system=s.system) for imgs, s in zip(images, ready)]
-        texts = self.model.answer_encoded(items, [img for imgs in images for img in imgs], self.max_new_tokens,
-                                          self.settings.branch)
+        texts = self.generate_texts(ready, images)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -206,6 +211,16 @@ class BenchmarkRun:
         for sample, text in zip(ready, texts):
             lines.append({**self.score(sample, text, ms), **shown.get(sample.id, {})})
         return lines, seconds
+
+    def generate_texts(self, samples: list[Sample], images: list[list]) -> list[str]:
+        """Greedy answers to a chunk: `MedSynapseV.answer_encoded`, or the same through vLLM (equal tokens)."""
+        if self.engine is not None:
+            outputs = self.engine.generate(images, [s.model_prompt for s in samples], self.max_new_tokens,
+                                           self.settings.branch, systems=[s.system for s in samples])
+            return [out[0].text for out in outputs]
+        items = [self.model.prompts.encode(imgs, s.model_prompt, system=s.system) for imgs, s in zip(images, samples)]
+        return self.model.answer_encoded(items, [img for imgs in images for img in imgs], self.max_new_tokens,
+                                         self.settings.branch)
 
     def memory_inputs(self, samples: list[Sample], images: list[list]) -> dict[str, dict]:
         """For the chunk's first question with several images, when the memory comes from the prior encoder: what
@@ -362,6 +377,25 @@ def _load_or_leave_nothing(state, model_path: str, benchmarks: list[str], data_r
     return benches, model
 
 
+ENGINES = ("hf", "vllm")
+
+
+def start_engine(settings: EvalSettings, model: MedSynapseV, benches: dict[str, Benchmark], output: Path,
+                 processes: int):
+    """None for transformers; for `vllm` a VLLMEngine over the model (exported to OUTPUT/.vllm, after --max-pixels
+    so vLLM's processor has the same budget), room for the most images any question has."""
+    if settings.engine not in ENGINES:
+        raise ValueError(f"engine {settings.engine!r} is not one of {', '.join(ENGINES)}")
+    if settings.engine == "hf":
+        return None
+    if processes > 1:
+        raise ValueError("engine vllm runs in one process (vLLM batches itself); launch without torchrun")
+    from medsynapse.engines.vllm_engine import VLLMEngine
+
+    most = max((len(s.images) for bench in benches.values() for s in bench.samples), default=1)
+    return VLLMEngine(model, output / ".vllm", max_images=max(1, most), max_model_len=4096)
+
+
 def _evaluate_locked(state, model_path: str, model: MedSynapseV, benches: dict[str, Benchmark], output: Path,
                      settings: EvalSettings, on_batch: Callable[[str, int], None] | None) -> dict[str, dict]:
     from accelerate.utils import gather_object
@@ -373,11 +407,12 @@ def _evaluate_locked(state, model_path: str, model: MedSynapseV, benches: dict[s
         settings = replace(settings, answer_format=model.answer_format)
     if settings.max_pixels:
         set_max_pixels(model, settings.max_pixels)
+    engine = start_engine(settings, model, benches, output, state.num_processes)
     results = {}
     for name, bench in benches.items():
         out_dir = output / name
         job = BenchmarkRun(model, bench, out_dir, settings, str(model_path), state.process_index,
-                           state.num_processes, state.wait_for_everyone)
+                           state.num_processes, state.wait_for_everyone, engine)
         efficiency = job.run(None if on_batch is None else lambda i, name=name: on_batch(name, i))
         if state.num_processes > 1:
             efficiency = combine_efficiency(gather_object([efficiency]))
