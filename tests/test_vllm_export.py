@@ -7,6 +7,7 @@ loads it and generates what transformers generates is tests/test_vllm.py's (`.ve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -75,3 +76,16 @@ def test_export_names_the_stock_processor_and_leaves_the_model_unchanged(tiny_en
     assert (video["patch_size"], video["merge_size"]) == (16, 2)
     after = core_vlm(model.vlm).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # padding went to the file, not the model
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is importable here (.venv-vllm)")
+def test_eval_engine_vllm_is_refused_without_vllm_before_writing(tiny_env, tmp_path):
+    from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
+
+    with pytest.raises(ValueError, match="not importable in this environment"):
+        evaluate_benchmarks(str(tiny_env.vlm), ["vqa-rad"], tmp_path / "data", tmp_path / "out",
+                            EvalSettings(engine="vllm"))
+    with pytest.raises(ValueError, match="is not one of"):
+        evaluate_benchmarks(str(tiny_env.vlm), ["vqa-rad"], tmp_path / "data", tmp_path / "out",
+                            EvalSettings(engine="tgi"))
+    assert not (tmp_path / "out").exists()

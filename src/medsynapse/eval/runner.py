@@ -326,6 +326,7 @@ def evaluate_benchmarks(model_path: str, benchmarks: list[str], data_root: str |
     settings = settings or EvalSettings()
     output = Path(output)
     check_inputs(model_path, benchmarks, settings.source_options)  # before the output folder is created
+    check_engine(settings.engine)
     if settings.answer_format is not None:
         check_answer_format(settings.answer_format)
     # An earlier run's folder (its lock file is there): its lock first, so a busy folder is refused at once. A new
@@ -380,12 +381,22 @@ def _load_or_leave_nothing(state, model_path: str, benchmarks: list[str], data_r
 ENGINES = ("hf", "vllm")
 
 
+def check_engine(engine: str) -> None:
+    """A known engine, and for `vllm` an importable vLLM (the .venv-vllm environment): refused before anything is
+    written."""
+    import importlib.util
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("engine vllm needs vLLM, which is not importable in this environment: run with the "
+                         ".venv-vllm environment (make vllm-env; README, 'vLLM engine')")
+
+
 def start_engine(settings: EvalSettings, model: MedSynapseV, benches: dict[str, Benchmark], output: Path,
                  processes: int):
     """None for transformers; for `vllm` a VLLMEngine over the model (exported to OUTPUT/.vllm, after --max-pixels
     so vLLM's processor has the same budget), room for the most images any question has."""
-    if settings.engine not in ENGINES:
-        raise ValueError(f"engine {settings.engine!r} is not one of {', '.join(ENGINES)}")
     if settings.engine == "hf":
         return None
     if processes > 1:
