@@ -88,8 +88,6 @@ def read_upload(path: str, preset: str, level: float, width: float, axis: str = 
                 slice_index: float | None = None, limits: AppLimits | None = None) -> Image.Image:
     """An uploaded scan within the limits: its size on disk, then (in a worker thread, within `timeout_s`) the
     server's checks and the decoding (`load_scan`). Every refusal is UploadRefused naming only the file's name."""
-    from medsynapse.data.schema import DataError
-
     limits = limits or AppLimits()
     name, size = Path(path).name, os.path.getsize(path)
     if size > limits.max_file_bytes:
@@ -104,7 +102,9 @@ def read_upload(path: str, preset: str, level: float, width: float, axis: str = 
         return pool.submit(read).result(timeout=limits.timeout_s)
     except FutureTimeout:
         raise UploadRefused(f"{name}: not read within {limits.timeout_s} s (--timeout)") from None
-    except DataError as err:  # names what was wrong with the file, by the path Gradio stored it under
+    except UploadRefused:
+        raise
+    except ValueError as err:  # DataError: what was wrong with the file, named by the path Gradio stored it under
         raise UploadRefused(scrubbed(str(err), path)) from None
     finally:
         pool.shutdown(wait=False)  # a decode past the timeout finishes in its thread, unread
@@ -203,8 +203,8 @@ def ask(models: dict[str, object], limits: AppLimits, max_new_tokens: int, path:
         return ["Upload a scan first.", *blank]
     try:
         image = read_upload(path, preset_name, level_value, width_value, axis_name, slice_value, limits)
-    except ValueError as err:  # UploadRefused, or a window the loader refuses
-        return [f"**Cannot read the scan:** {scrubbed(str(err), path)}", *blank]
+    except UploadRefused as err:
+        return [f"**Cannot read the scan:** {err}", *blank]
     values = [""]
     for model in models.values():
         result = explain(model, image, text or QUESTIONS[0], max_new_tokens)
