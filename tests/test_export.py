@@ -288,8 +288,8 @@ def test_what_is_not_a_student_and_a_used_output_are_one_line(made, tmp_path, ca
              teacher: (tmp_path / "b", "teacher (Stage II"),
              made.copy: (tmp_path / "c", "already an exported folder"),
              made.student: (used, "exists and is not empty")}
-    for model, (output, words) in cases.items():
-        assert main(["export", "--model", str(model), "--output", str(output)]) == 2
+    for model, (output, words) in cases.items():  # the student's base given: only the output is wrong
+        assert main(["export", "--model", str(model), "--output", str(output), "--vlm", str(made.vlm)]) == 2
         line = _one_line(capsys)
         assert line.startswith("medsynapse export: error:") and words in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "teacher", "used"]  # nothing written
