@@ -53,13 +53,13 @@ def model(folder) -> MedSynapseV:
 def base(folder, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("openai-log") / "server.log"
     with served(folder, log, "--max-batch", "8", "--max-wait-ms", "250", "--max-new-tokens", str(MAX_NEW),
-                "--max-body-mb", "1") as url:
+                "--max-body-mb", "1", "--timeout", "600") as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(base) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)  # a loaded CI box
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,29 @@ def test_usage_and_logprobs_equal_what_the_model_gives_directly(client, folder, 
     for entry in streamed:
         tops = [top.logprob for top in entry.top_logprobs]
         assert tops == sorted(tops, reverse=True) and math.isfinite(entry.logprob) and entry.logprob <= tops[0]
+
+
+def test_an_answer_that_ends_counts_its_end_token(model, asks, monkeypatch):
+    """The tiny random model never ends within MAX_NEW tokens: with a token of its greedy answer taken as its
+    end-of-answer token, `completion_tokens` counts through it, streamed or not, as a direct count does."""
+    from fastapi.testclient import TestClient
+
+    path, question = asks[0]
+    image = load_image(str(path))
+    item = model.prompts.encode([image], format_prompt(question, model.answer_format))
+    with torch.no_grad():
+        row = model.generate_encoded([item], [image], MAX_NEW)[0].tolist()
+    end = next(token for at, token in enumerate(row) if at >= 2 and row.index(token) == at)  # first seen there
+    monkeypatch.setattr(model.prompts, "eos_id", end)
+    body = {"messages": _messages(path, question), "max_tokens": MAX_NEW, "temperature": 0}
+    with TestClient(create_app("tiny", ServeSettings(), model=model)) as server:
+        whole = server.post("/v1/chat/completions", json=body).json()
+        streamed = server.post("/v1/chat/completions", json={**body, "stream": True,
+                                                              "stream_options": {"include_usage": True}})
+    events = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    assert whole["usage"]["completion_tokens"] == row.index(end) + 1 == events[-1]["usage"]["completion_tokens"]
 
 
 def _model_logprobs(model: MedSynapseV, item, image, generated: list[int]) -> list[float]:
