@@ -22,7 +22,10 @@ import httpx
 import pytest
 import torch
 import yaml
-from test_serve import CHAT, _body, _data_uri, _free_port, _spawn, _tail
+from serving import free_port as _free_port
+from serving import spawn as _spawn
+from serving import tail as _tail
+from test_serve import CHAT, _body, _data_uri
 
 from medsynapse.cli import main
 from medsynapse.data.images import load_image
