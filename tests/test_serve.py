@@ -9,11 +9,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
-import os
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -25,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import write_dicom
 from PIL import Image
+from serving import CLI, free_port, served, spawn, tail
 
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import read_samples
@@ -93,22 +90,6 @@ def _body(path_or_uri: str, question: str, max_tokens: int = 6) -> dict:
 def _alone(model: MedSynapseV, path: Path, question: str, max_new_tokens: int = 6) -> str:
     image = load_image(str(path))
     return model.answer([image], [format_prompt(question, model.answer_format)], max_new_tokens=max_new_tokens)[0]
-
-
-def _spawn(command: list[str], log: Path, **env: str) -> subprocess.Popen:
-    """Start a server whose output goes to a file: a pipe nobody reads fills (64 KB) and blocks the server."""
-    return subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1", **env}, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no output)"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _png(width: int, height: int) -> str:
@@ -184,123 +165,106 @@ def _error(reply: httpx.Response) -> dict:
 
 def test_served_answers_equal_one_at_a_time_and_bad_input_gets_its_4xx(folders, teacher_model, requests, tmp_path):
     teacher, _ = folders
-    port = _free_port()
-    command = [sys.executable, "-c", "from medsynapse.cli import main; raise SystemExit(main())", "serve",
-               "--model", str(teacher), "--port", str(port), "--max-batch", "8", "--max-wait-ms", "200",
-               "--max-pixels", str(100 * 100), "--max-body-mb", "1", "--allow-dir", str(requests[0][0].parent)]
-    log = tmp_path / "server.log"
-    server = _spawn(command, log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=120) as client:
-            for _ in range(600):
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            else:
-                pytest.fail(f"the server did not start:\n{_tail(log)}")
-            models = client.get("/v1/models").json()["data"]
-            assert models[0]["id"] == teacher.name and models[0]["memory"] == "encoder"
+    flags = ["--max-batch", "8", "--max-wait-ms", "200", "--max-pixels", str(100 * 100), "--max-body-mb", "1",
+             "--allow-dir", str(requests[0][0].parent)]
+    with served(teacher, tmp_path / "server.log", *flags) as base, httpx.Client(base_url=base, timeout=120) as client:
+        models = client.get("/v1/models").json()["data"]
+        assert models[0]["id"] == teacher.name and models[0]["memory"] == "encoder"
 
-            with ThreadPoolExecutor(32) as pool:
-                replies = list(pool.map(lambda r: client.post(CHAT, json=_body(_data_uri(r[0]), r[1])), requests))
-            model = teacher_model
-            expected = [_alone(model, path, question) for path, question in requests]
-            assert [r.status_code for r in replies] == [200] * 32, replies[0].text
-            got = [r.json()["choices"][0]["message"]["content"] for r in replies]
-            assert got == expected  # each request its own answer, as if alone
-            assert len(set(expected)) > 1  # the answers differ by request, so a mix-up would show
-            usage = replies[0].json()["usage"]
-            assert usage["completion_tokens"] >= 1 and usage["total_tokens"] > usage["prompt_tokens"]
-            health = client.get("/health").json()
-            assert health["batches"] < 32 and health["largest_batch"] > 1  # requests were batched
+        with ThreadPoolExecutor(32) as pool:
+            replies = list(pool.map(lambda r: client.post(CHAT, json=_body(_data_uri(r[0]), r[1])), requests))
+        model = teacher_model
+        expected = [_alone(model, path, question) for path, question in requests]
+        assert [r.status_code for r in replies] == [200] * 32, replies[0].text
+        got = [r.json()["choices"][0]["message"]["content"] for r in replies]
+        assert got == expected  # each request its own answer, as if alone
+        assert len(set(expected)) > 1  # the answers differ by request, so a mix-up would show
+        usage = replies[0].json()["usage"]
+        assert usage["completion_tokens"] >= 1 and usage["total_tokens"] > usage["prompt_tokens"]
+        health = client.get("/health").json()
+        assert health["batches"] < 32 and health["largest_batch"] > 1  # requests were batched
 
-            good = _body(_data_uri(requests[0][0]), requests[0][1])
-            dicom = requests[2][0]
-            image = "messages[0].content[0].image_url"
-            context = core_vlm(model.vlm).config.text_config.max_position_embeddings
-            long_question = " ".join(["is there a lesion"] * 1200)
-            long_tokens = len(model.prompts.encode([load_image(str(requests[0][0]))], format_prompt(
-                long_question, model.answer_format)).input_ids)
-            inflate_limit = 32 * 100 * 100  # 32 bytes per --max-pixels pixel
-            bombs = {"gzip bomb": _uri("application/gzip", _gzip_nifti(512)[1]),
-                     "deflate bomb": _uri("application/dicom", _deflated_dicom(dicom, 512)[1])}
-            assert all(len(uri) < 2**20 for uri in bombs.values())  # within --max-body-mb: the inflating is refused
-            chat = "POST", CHAT
-            bad = {  # name: (method, path, httpx arguments), status, code, param, words in the message
-                "not an image": ((*chat, {"json": _body(_uri("image/png", b"hello"), "q")}), 400, "invalid_image",
-                                 image, "corrupt or unreadable image"),
-                "corrupt DICOM": ((*chat, {"json": _body(_uri("application/dicom", dicom.read_bytes()[:300]), "q")}),
-                                  400, "invalid_image", image, "DICOM"),
-                "too many pixels": ((*chat, {"json": _body(_png(200, 200), "q")}), 413, "image_too_large", image,
-                                    "more than --max-pixels"),
-                "wrong schema": ((*chat, {"json": {"messages": [{"role": "user"}]}}), 400, "missing",
-                                 "messages[0].content", "messages[0].content: Field required"),
-                "no image": ((*chat, {"json": {"messages": [{"role": "user", "content": "is there a lesion?"}]}}), 400,
-                             None, "messages[0]", "no image"),
-                "not base64": ((*chat, {"json": _body("data:image/png;base64,@@@", "q")}), 400, None, image,
-                               "base64"),
-                "unsupported type": ((*chat, {"json": _body("data:image/gif;base64,R0lG", "q")}), 415,
-                                     "unsupported_media_type", image, "image/gif"),
-                "path not allowed": ((*chat, {"json": _body("/etc/hostname", "q")}), 403, "path_not_allowed", image,
-                                     "--allow-dir"),
-                "unknown model": ((*chat, {"json": {**good, "model": "gpt-4"}}), 404, "model_not_found", "model",
-                                  "not served"),
-                "too many tokens": ((*chat, {"json": {**good, "max_tokens": 10_000}}), 400, None, "max_tokens",
-                                    "over this server's limit 64"),
-                "body too large": ((*chat, {"json": _body("data:image/png;base64," + "A" * (2 * 2**20), "q")}), 413,
-                                   "body_too_large", None, "request body larger than 1048576 bytes (--max-body-mb)"),
-                "prompt past the context": (
-                    (*chat, {"json": _body(_data_uri(requests[0][0]), long_question)}), 413, "context_length_exceeded",
-                    "messages", f"messages: the prompt is {long_tokens} tokens (text, image and memory tokens), more "
-                                f"than {context - 6}: the model's context of {context} tokens less max_tokens 6"),
-                "aspect ratio": ((*chat, {"json": _body(_png(3000, 2), "q")}), 400, "invalid_image", image,
-                                 f"{image}: the model's image processor refuses this 3000x2 image: absolute aspect "
-                                 "ratio must be smaller than 200"),
-                "input not echoed": ((*chat, {"json": {"messages": [{"role": "doctor", "content": "SECRET-7310"}]}}),
-                                     400, "literal_error", "messages[0].role", "messages[0].role: Input should be"),
-                "malformed JSON": ((*chat, {"content": b'{"messages": [', "headers": {
-                    "content-type": "application/json"}}), 400, "json_invalid", None, "the body is not valid JSON"),
-                "unknown route": (("GET", "/v1/nothing", {}), 404, "unknown_url", None, "Invalid URL: no such route"),
-                "wrong method": (("GET", CHAT, {}), 405, "method_not_allowed", None, "it takes POST"),
-                "chunked body too large": ((*chat, {"content": _chunked(b"x" * (2 * 2**20)), "headers": {
-                    "content-type": "application/json"}}), 413, "body_too_large", None,
-                    "request body larger than 1048576 bytes (--max-body-mb)"),
-                **{name: ((*chat, {"json": _body(uri, "q")}), 413, "decoded_too_large", image,
-                          f"{image}: the compressed data inflates to more than {inflate_limit} bytes "
-                          "(--max-decoded-mb)") for name, uri in bombs.items()},
-                "many frames": ((*chat, {"json": _body(_uri("application/dicom", _many_frames(dicom, 10**5)), "q")}),
-                                413, "decoded_too_large", image, f"decodes to {10**5 * 64 * 64 * 2} bytes (every "
-                                                                 f"frame), more than {inflate_limit}"),
-            }
-            for name, ((method, path, arguments), status, code, param, words) in bad.items():
-                started = time.monotonic()
-                reply = client.request(method, path, **arguments)
-                assert reply.status_code == status, (name, reply.text)
-                error = _error(reply)
-                assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param), name
-                assert words in error["message"], (name, error["message"])
-                assert "SECRET-7310" not in reply.text and "doctor" not in reply.text
-                assert time.monotonic() - started < 10, name  # refused before anything is inflated or decoded whole
-                after = client.post(CHAT, json=good)
-                assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected[0]
-            assert client.request("GET", CHAT).headers["allow"] == "POST"
-            allowed = client.post(CHAT, json=_body(str(requests[1][0]), requests[1][1]))
-            assert allowed.json()["choices"][0]["message"]["content"] == expected[1]  # a path under --allow-dir
-            import json
+        good = _body(_data_uri(requests[0][0]), requests[0][1])
+        dicom = requests[2][0]
+        image = "messages[0].content[0].image_url"
+        context = core_vlm(model.vlm).config.text_config.max_position_embeddings
+        long_question = " ".join(["is there a lesion"] * 1200)
+        long_tokens = len(model.prompts.encode([load_image(str(requests[0][0]))], format_prompt(
+            long_question, model.answer_format)).input_ids)
+        inflate_limit = 32 * 100 * 100  # 32 bytes per --max-pixels pixel
+        bombs = {"gzip bomb": _uri("application/gzip", _gzip_nifti(512)[1]),
+                 "deflate bomb": _uri("application/dicom", _deflated_dicom(dicom, 512)[1])}
+        assert all(len(uri) < 2**20 for uri in bombs.values())  # within --max-body-mb: the inflating is refused
+        chat = "POST", CHAT
+        bad = {  # name: (method, path, httpx arguments), status, code, param, words in the message
+            "not an image": ((*chat, {"json": _body(_uri("image/png", b"hello"), "q")}), 400, "invalid_image",
+                             image, "corrupt or unreadable image"),
+            "corrupt DICOM": ((*chat, {"json": _body(_uri("application/dicom", dicom.read_bytes()[:300]), "q")}),
+                              400, "invalid_image", image, "DICOM"),
+            "too many pixels": ((*chat, {"json": _body(_png(200, 200), "q")}), 413, "image_too_large", image,
+                                "more than --max-pixels"),
+            "wrong schema": ((*chat, {"json": {"messages": [{"role": "user"}]}}), 400, "missing",
+                             "messages[0].content", "messages[0].content: Field required"),
+            "no image": ((*chat, {"json": {"messages": [{"role": "user", "content": "is there a lesion?"}]}}), 400,
+                         None, "messages[0]", "no image"),
+            "not base64": ((*chat, {"json": _body("data:image/png;base64,@@@", "q")}), 400, None, image,
+                           "base64"),
+            "unsupported type": ((*chat, {"json": _body("data:image/gif;base64,R0lG", "q")}), 415,
+                                 "unsupported_media_type", image, "image/gif"),
+            "path not allowed": ((*chat, {"json": _body("/etc/hostname", "q")}), 403, "path_not_allowed", image,
+                                 "--allow-dir"),
+            "unknown model": ((*chat, {"json": {**good, "model": "gpt-4"}}), 404, "model_not_found", "model",
+                              "not served"),
+            "too many tokens": ((*chat, {"json": {**good, "max_tokens": 10_000}}), 400, None, "max_tokens",
+                                "over this server's limit 64"),
+            "body too large": ((*chat, {"json": _body("data:image/png;base64," + "A" * (2 * 2**20), "q")}), 413,
+                               "body_too_large", None, "request body larger than 1048576 bytes (--max-body-mb)"),
+            "prompt past the context": (
+                (*chat, {"json": _body(_data_uri(requests[0][0]), long_question)}), 413, "context_length_exceeded",
+                "messages", f"messages: the prompt is {long_tokens} tokens (text, image and memory tokens), more "
+                            f"than {context - 6}: the model's context of {context} tokens less max_tokens 6"),
+            "aspect ratio": ((*chat, {"json": _body(_png(3000, 2), "q")}), 400, "invalid_image", image,
+                             f"{image}: the model's image processor refuses this 3000x2 image: absolute aspect "
+                             "ratio must be smaller than 200"),
+            "input not echoed": ((*chat, {"json": {"messages": [{"role": "doctor", "content": "SECRET-7310"}]}}),
+                                 400, "literal_error", "messages[0].role", "messages[0].role: Input should be"),
+            "malformed JSON": ((*chat, {"content": b'{"messages": [', "headers": {
+                "content-type": "application/json"}}), 400, "json_invalid", None, "the body is not valid JSON"),
+            "unknown route": (("GET", "/v1/nothing", {}), 404, "unknown_url", None, "Invalid URL: no such route"),
+            "wrong method": (("GET", CHAT, {}), 405, "method_not_allowed", None, "it takes POST"),
+            "chunked body too large": ((*chat, {"content": _chunked(b"x" * (2 * 2**20)), "headers": {
+                "content-type": "application/json"}}), 413, "body_too_large", None,
+                "request body larger than 1048576 bytes (--max-body-mb)"),
+            **{name: ((*chat, {"json": _body(uri, "q")}), 413, "decoded_too_large", image,
+                      f"{image}: the compressed data inflates to more than {inflate_limit} bytes "
+                      "(--max-decoded-mb)") for name, uri in bombs.items()},
+            "many frames": ((*chat, {"json": _body(_uri("application/dicom", _many_frames(dicom, 10**5)), "q")}),
+                            413, "decoded_too_large", image, f"decodes to {10**5 * 64 * 64 * 2} bytes (every "
+                                                             f"frame), more than {inflate_limit}"),
+        }
+        for name, ((method, path, arguments), status, code, param, words) in bad.items():
+            started = time.monotonic()
+            reply = client.request(method, path, **arguments)
+            assert reply.status_code == status, (name, reply.text)
+            error = _error(reply)
+            assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param), name
+            assert words in error["message"], (name, error["message"])
+            assert "SECRET-7310" not in reply.text and "doctor" not in reply.text
+            assert time.monotonic() - started < 10, name  # refused before anything is inflated or decoded whole
+            after = client.post(CHAT, json=good)
+            assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected[0]
+        assert client.request("GET", CHAT).headers["allow"] == "POST"
+        allowed = client.post(CHAT, json=_body(str(requests[1][0]), requests[1][1]))
+        assert allowed.json()["choices"][0]["message"]["content"] == expected[1]  # a path under --allow-dir
+        import json
 
-            streamed = client.post(CHAT, content=_chunked(json.dumps(good).encode(), 1000),
-                                   headers={"content-type": "application/json"})
-            assert streamed.json()["choices"][0]["message"]["content"] == expected[0]  # a chunked body within limits
-            size, deflated = _deflated_dicom(dicom)
-            assert size < inflate_limit
-            small = client.post(CHAT, json=_body(_uri("application/dicom", deflated), requests[2][1]))
-            assert small.json()["choices"][0]["message"]["content"] == expected[2]  # a Deflated DICOM within limits
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        streamed = client.post(CHAT, content=_chunked(json.dumps(good).encode(), 1000),
+                               headers={"content-type": "application/json"})
+        assert streamed.json()["choices"][0]["message"]["content"] == expected[0]  # a chunked body within limits
+        size, deflated = _deflated_dicom(dicom)
+        assert size < inflate_limit
+        small = client.post(CHAT, json=_body(_uri("application/dicom", deflated), requests[2][1]))
+        assert small.json()["choices"][0]["message"]["content"] == expected[2]  # a Deflated DICOM within limits
 
 
 def test_the_encoder_free_student_is_served_the_same_way(folders, requests):
@@ -463,11 +427,11 @@ def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, r
         pytest.skip("no chromium on this machine (make test installs it with apt-get)")
     teacher, student = folders
     dicom = next(path for path, _ in requests if path.suffix == ".dcm")
-    port = _free_port()
-    command = [sys.executable, "-c", "from medsynapse.cli import main; raise SystemExit(main())", "app",
+    port = free_port()
+    command = [*CLI, "app",
                "--model", str(teacher), "--compare", str(student), "--port", str(port), "--max-new-tokens", "6"]
     log = tmp_path / "app.log"
-    app = _spawn(command, log, GRADIO_ANALYTICS_ENABLED="False")
+    app = spawn(command, log, GRADIO_ANALYTICS_ENABLED="False")
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(900):
@@ -477,7 +441,7 @@ def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, r
             except httpx.TransportError:
                 time.sleep(0.1)
         else:
-            pytest.fail(f"the app did not start:\n{_tail(log)}")
+            pytest.fail(f"the app did not start:\n{tail(log)}")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -492,7 +456,7 @@ def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, r
                     if attempt == 3:
                         page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
                         (tmp_path / "page.html").write_text(page.content())
-                        pytest.fail(f"the upload never showed {dicom.name}; the app said:\n{_tail(log)}")
+                        pytest.fail(f"the upload never showed {dicom.name}; the app said:\n{tail(log)}")
             question = page.locator("#question input")
             question.fill("Is there a lesion in this image? Answer yes or no.")
             question.press("Enter")

@@ -203,3 +203,15 @@ def test_the_pipeline_scores_the_base_in_both_formats_when_the_stages_reason():
     assert list(_eval_rows(forced)) == ["base", "stage2", "student"]  # one format asked for: every row in it
     synthmed = read_run_config(ROOT / "configs" / "synthmed.yaml")
     assert list(_eval_rows(synthmed)) == ["base", "stage2", "student"]  # direct stages: the base answers directly
+
+
+def test_the_question_type_table_shows_each_rows_mean_and_sd_per_type():
+    from medsynapse.eval.report import mean_sd_ci
+    from medsynapse.study import question_type_markdown
+
+    result = {"rows": {"a": {"label": "A", "by_question_type": {"presence": mean_sd_ci([1.0, 0.9]),
+                                                                "count": mean_sd_ci([0.5, 0.7])}},
+                       "b": {"label": "B", "by_question_type": {"count": mean_sd_ci([0.25])}}}}
+    lines = question_type_markdown(result).splitlines()
+    assert lines[2:] == ["| row | count | presence |", "|---|---|---|", "| A | 0.60 ± 0.14 | 0.95 ± 0.07 |",
+                         "| B | 0.25 | — |"]

@@ -7,12 +7,22 @@ sampler layer as a heat-map grid, and the answer without the region next to the 
 log-probability shift (MedSynapseV.counterfactual_check); for an encoder-free student, where A_psi's pooling looked.
 With `--compare`, two models side by side (e.g. teacher and student). Every number and map comes from the model
 package (`memory_maps`, `counterfactual_check`, `answer`); this module only loads the image and draws.
+
+An upload is held to the server's limits (`AppLimits`, defaults those of `medsynapse serve`), checked by the server's
+own functions: its size on disk first (Gradio also refuses a larger upload), then, within `timeout_s` in a worker
+thread, a compressed upload inflated (counted, not kept) at most to the decoded limit, width x height from the header
+against `max_pixels` before any pixel is decoded, then the decoding itself. A refusal names only the file's own name,
+never the folder Gradio keeps uploads in.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +41,73 @@ QUESTIONS = ["Is there a lesion in this image? Answer yes or no.",
              "with the option letter.",
              "What is the size of the largest lesion? Options: A. small B. large Answer with the option letter.",
              "What is the density of the lesions? Options: A. hyperdense B. hypodense Answer with the option letter."]
+
+
+@dataclass(frozen=True)
+class AppLimits:
+    """What an upload may be; the defaults are `medsynapse serve`'s (ServeSettings): 4096 x 4096 pixels, 32 bytes
+    per such pixel of inflated or decoded data, 32 MiB on disk (the server's body limit), 120 s to read it."""
+
+    max_pixels: int = 4096 * 4096
+    max_decoded_bytes: int | None = None  # None: 32 bytes per `max_pixels` pixel, as the server
+    max_file_bytes: int = 32 * 2**20
+    timeout_s: float = 120.0
+
+    def serve_settings(self):
+        """The same limits as the server's settings, for its checks."""
+        from medsynapse.serve import ServeSettings
+
+        return ServeSettings(max_pixels=self.max_pixels, max_decoded_bytes=self.max_decoded_bytes,
+                             max_body_bytes=self.max_file_bytes, timeout_s=self.timeout_s)
+
+
+class UploadRefused(ValueError):
+    """An upload the app does not read; the message names the file by its own name only."""
+
+
+def scrubbed(message: str, path: str) -> str:
+    """`message` with the upload's full path (and its folder) replaced by the file's own name."""
+    name = Path(path).name
+    return message.replace(str(path), name).replace(str(Path(path).parent) + os.sep, "")
+
+
+def check_upload(path: str, limits: AppLimits) -> None:
+    """The server's checks before decoding: a compressed upload's inflated size, the header's width x height (and a
+    DICOM's decoded size); UploadRefused naming the file."""
+    from medsynapse.serve import BadRequest, _check_inflated, _check_size
+
+    settings, name = limits.serve_settings(), Path(path).name
+    try:
+        _check_inflated(path, name, settings)
+        _check_size(path, name, settings)
+    except BadRequest as err:
+        raise UploadRefused(scrubbed(str(err), path)) from None
+
+
+def read_upload(path: str, preset: str, level: float, width: float, axis: str = "axial",
+                slice_index: float | None = None, limits: AppLimits | None = None) -> Image.Image:
+    """An uploaded scan within the limits: its size on disk, then (in a worker thread, within `timeout_s`) the
+    server's checks and the decoding (`load_scan`). Every refusal is UploadRefused naming only the file's name."""
+    limits = limits or AppLimits()
+    name, size = Path(path).name, os.path.getsize(path)
+    if size > limits.max_file_bytes:
+        raise UploadRefused(f"{name}: {size} bytes, more than {limits.max_file_bytes} (--max-file-mb)")
+
+    def read() -> Image.Image:
+        check_upload(path, limits)
+        return load_scan(path, preset, level, width, axis, slice_index)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
+    try:
+        return pool.submit(read).result(timeout=limits.timeout_s)
+    except FutureTimeout:
+        raise UploadRefused(f"{name}: not read within {limits.timeout_s} s (--timeout)") from None
+    except UploadRefused:
+        raise
+    except ValueError as err:  # DataError: what was wrong with the file, named by the path Gradio stored it under
+        raise UploadRefused(scrubbed(str(err), path)) from None
+    finally:
+        pool.shutdown(wait=False)  # a decode past the timeout finishes in its thread, unread
 
 
 def load_scan(path: str, preset: str, level: float, width: float, axis: str = "axial",
@@ -117,8 +194,26 @@ def summary(result: dict) -> str:
     return "\n\n".join(lines)
 
 
-def build(models: dict[str, object], max_new_tokens: int = 16):
-    """The Gradio Blocks for one or two loaded models (name -> MedSynapseV)."""
+def ask(models: dict[str, object], limits: AppLimits, max_new_tokens: int, path: str | None, preset_name: str,
+        level_value: float, width_value: float, axis_name: str, slice_value: float | None, text: str | None) -> list:
+    """The page's handler: the error line, then per model its summary, overlay and probe grid. An upload refused
+    (limits, a damaged file) is the error line alone, naming the file by its own name."""
+    blank = [None] * (3 * len(models))
+    if not path:
+        return ["Upload a scan first.", *blank]
+    try:
+        image = read_upload(path, preset_name, level_value, width_value, axis_name, slice_value, limits)
+    except UploadRefused as err:
+        return [f"**Cannot read the scan:** {err}", *blank]
+    values = [""]
+    for model in models.values():
+        result = explain(model, image, text or QUESTIONS[0], max_new_tokens)
+        values += [summary(result), result["overlay"] or overlay(image, np.zeros((1, 1))), result["grid"]]
+    return values
+
+
+def build(models: dict[str, object], max_new_tokens: int = 16, limits: AppLimits | None = None):
+    """The Gradio Blocks for one or two loaded models (name -> MedSynapseV), uploads held to `limits`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -139,7 +234,7 @@ def build(models: dict[str, object], max_new_tokens: int = 16):
                                             elem_id="slice")
                 question = gr.Dropdown(QUESTIONS, value=QUESTIONS[0], allow_custom_value=True, label="question",
                                        elem_id="question")
-                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
                 error = gr.Markdown(elem_id="error")
             outputs = []
             for name in models:
@@ -151,28 +246,17 @@ def build(models: dict[str, object], max_new_tokens: int = 16):
                     grid = gr.Image(label="probe maps", type="pil", elem_id=f"grid-{len(outputs)}")
                     outputs.append((answer, shown, grid))
 
-        def run(path, preset_name, level_value, width_value, axis_name, slice_value, text):
-            blank = [gr.update()] * (3 * len(models))
-            if not path:
-                return ["Upload a scan first.", *blank]
-            try:
-                image = load_scan(path, preset_name, level_value, width_value, axis_name, slice_value)
-            except ValueError as err:  # DataError: names what was wrong with the file
-                return [f"**Cannot read the scan:** {err}", *blank]
-            values = [""]
-            for model in models.values():
-                result = explain(model, image, text or QUESTIONS[0], max_new_tokens)
-                values += [summary(result), result["overlay"] or overlay(image, np.zeros((1, 1))), result["grid"]]
-            return values
-
-        ask.click(run, [upload, preset, level, width, axis, slice_index, question],
+        run = partial(ask, models, limits or AppLimits(), max_new_tokens)
+        ask_button.click(run, [upload, preset, level, width, axis, slice_index, question],
                   [error, *[component for triple in outputs for component in triple]])
     return demo
 
 
 def launch(model_dir: str, compare: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-           max_new_tokens: int = 16, bases: BaseFolders | None = None) -> None:
-    """The app on `model_dir` (and `compare` beside it); `bases`: their base VLM / encoder given explicitly."""
+           max_new_tokens: int = 16, bases: BaseFolders | None = None, limits: AppLimits | None = None) -> None:
+    """The app on `model_dir` (and `compare` beside it); `bases`: their base VLM / encoder given explicitly;
+    `limits`: what an upload may be (default the server's)."""
+    limits = limits or AppLimits()
     import gradio as gr
 
     from medsynapse.model.medsynapse import MedSynapseV
@@ -186,7 +270,7 @@ def launch(model_dir: str, compare: str | None = None, host: str = "127.0.0.1", 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = {name: MedSynapseV.from_pretrained(folder, merge_adapter=True, bases=bases).eval().to(device)
               for name, folder in zip(names, folders)}
-    demo = build(models, max_new_tokens)
+    demo = build(models, max_new_tokens, limits)
     print(f"app on http://{host}:{port}", flush=True)
-    demo.launch(server_name=host, server_port=port, share=False, show_error=True,
+    demo.launch(server_name=host, server_port=port, share=False, show_error=True, max_file_size=limits.max_file_bytes,
                 theme=gr.themes.Base(font=["sans-serif"], font_mono=["monospace"]))  # no web fonts fetched

@@ -1,5 +1,5 @@
-"""Command line: `medsynapse demo | train | predict | eval | eval-summary | fixtures | convert | pipeline | study |
-inspect | ...`."""
+"""Command line: `medsynapse demo | train | predict | export | eval | eval-summary | fixtures | convert | pipeline |
+study | inspect | ...`."""
 
 from __future__ import annotations
 
@@ -209,9 +209,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_app(args: argparse.Namespace) -> int:
     _need_app_extras("app", ("gradio",))
-    from medsynapse.app import launch
+    from medsynapse.app import AppLimits, launch
 
-    launch(args.model, args.compare, args.host, args.port, args.max_new_tokens, bases=base_folders(args))
+    limits = AppLimits(max_pixels=args.max_pixels, max_file_bytes=args.max_file_mb * 2**20, timeout_s=args.timeout,
+                       max_decoded_bytes=args.max_decoded_mb * 2**20 if args.max_decoded_mb else None)
+    launch(args.model, args.compare, args.host, args.port, args.max_new_tokens, bases=base_folders(args),
+           limits=limits)
     return 0
 
 
@@ -266,6 +269,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = MedSynapseV.from_pretrained(args.model, merge_adapter=True, bases=base_folders(args))
     question = format_prompt(args.question, model.answer_format)  # as the model was trained to be asked
     print(model.answer([image], [question], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medsynapse.model.export import export_student
+
+    out = export_student(args.model, args.output, bases=base_folders(args), license_id=args.license,
+                         datasets=args.dataset or None)
+    print(f"exported to {out}: loads with `medsynapse predict | serve | eval | app --model {out}`, or with "
+          "transformers' AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True) (see its README.md)")
     return 0
 
 
@@ -451,6 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="NIfTI: maximum-intensity projection over slices FIRST..LAST instead of one slice")
     add_base_options(predict)
     predict.set_defaults(func=cmd_predict)
+    export = sub.add_parser("export", parents=[common],
+                            help="an encoder-free student as one self-contained folder (LoRA merged, A_psi, "
+                                 "processor, card), loadable by medsynapse and by transformers (trust_remote_code)")
+    export.add_argument("--model", required=True, help="an encoder-free student (Stage III) folder")
+    export.add_argument("--output", required=True, help="a new folder (or an empty one); written atomically")
+    export.add_argument("--license", default="apache-2.0", help="the card's license (default apache-2.0, Qwen3-VL's)")
+    export.add_argument("--dataset", action="append", metavar="HUB_ID",
+                        help="a training dataset for the card's `datasets` (repeatable; default: the data files the "
+                             "student's training record names)")
+    add_base_options(export)
+    export.set_defaults(func=cmd_export)
     cache = sub.add_parser("cache-features", parents=[common],
                              help="precompute frozen prior-encoder features into safetensors shards")
     cache.add_argument("--encoder", required=True, help="prior-encoder folder")
@@ -553,6 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--max-new-tokens", type=int, default=16)
+    app.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                     help="largest image (width x height), from the header before decoding (as serve)")
+    app.add_argument("--max-decoded-mb", type=int, default=None,
+                     help="largest inflated gzip'd NIfTI / Deflated DICOM and decoded DICOM pixel data; default 32 "
+                          "bytes per --max-pixels pixel (as serve)")
+    app.add_argument("--max-file-mb", type=int, default=32, help="largest upload on disk (as serve's --max-body-mb)")
+    app.add_argument("--timeout", type=float, default=120.0, help="seconds to check and decode an upload")
     add_base_options(app)
     app.set_defaults(func=cmd_app)
 

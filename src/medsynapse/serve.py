@@ -1,10 +1,14 @@
 """`medsynapse serve --model DIR`: an OpenAI-compatible chat-completions server with dynamic batching.
 
 Endpoints: `POST /v1/chat/completions` (messages whose content holds text and `image_url` parts: `data:` URIs of
-PNG / JPEG / DICOM, or local paths under an `--allow-dir`; `max_tokens`, `temperature`), `GET /v1/models`,
-`GET /health`. Plan of a request:
+PNG / JPEG / DICOM, or local paths under an `--allow-dir`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
+The chat parameters served: `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `n`, `seed`, `stop`,
+`logprobs` / `top_logprobs`, `stream` / `stream_options.include_usage`; OpenAI's others (tools, response_format,
+penalties, logit_bias, ...) are refused unless sent at the value that asks for nothing (`refuse_unsupported`).
+Plan of a request:
 1. the body is refused past `max_body_bytes` (413) before it is read whole (a chunked body is read up to the limit);
-   FastAPI checks the schema (400 naming the field, never echoing the input);
+   FastAPI checks the schema (400 naming the field, never echoing the input); every parameter is checked (400 naming
+   it) before any image is decoded;
 2. in a worker thread, within `timeout_s` (504): a compressed upload (a gzip'd NIfTI, a Deflated DICOM) is inflated
    at most to `max_decoded_bytes` (413), the images are decoded by the same loader as training and evaluation
    (data/images.py: DICOM windowed), checked against `max_pixels` (413), and the prompt is encoded as `predict` does
@@ -14,11 +18,17 @@ PNG / JPEG / DICOM, or local paths under an `--allow-dir`; `max_tokens`, `temper
    (504);
 4. one batcher thread takes the first waiting request and every other that arrives within `max_wait_ms`, up to
    `max_batch`, groups them by generation settings and packs each group by prompt length into batches whose padded
-   size stays within `max_batch_tokens` (a long prompt is not padded against short ones), and runs each batch through
-   `MedSynapseV.generate_encoded`, the path `answer` and the benchmark harness use (left-padded batch, greedy unless a
-   temperature is asked for), so a batched answer is the answer the request would get alone.
-Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. The model package knows nothing of
-HTTP: this module only parses, queues and formats. Binds 127.0.0.1 by default.
+   size, rows x (longest prompt + max_tokens), stays within `max_batch_tokens` (a long prompt is not padded against
+   short ones), and runs each batch through `MedSynapseV.generate_encoded`, the path `answer` and the benchmark
+   harness use (left-padded batch, greedy unless a temperature is asked for), so a batched answer is the answer the
+   request would get alone. A sampled request is one row per choice, keyed by its seed and the choice's index
+   (serve_choices.py), so its samples do not depend on the batch either; a greedy request is one row whatever `n`;
+5. each row's tokens reach its `Choice` as they are generated (serve_choices.RowFeed): the text deltas a stream
+   sends, the cut at a stop string, the logprobs; a streamed request waits for its first token before its 200 (an
+   error until then is a JSON error), then sends `chat.completion.chunk` events and `data: [DONE]`.
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (mid-stream: one such event, no
+[DONE]). The model package knows nothing of HTTP: this module only parses, queues and formats. Binds 127.0.0.1 by
+default.
 """
 
 from __future__ import annotations
@@ -27,19 +37,24 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import os
 import queue
+import secrets
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from medsynapse.serve_choices import Choice, Delta, Row, RowFeed, StepLogprobs, Vocabulary, choice_key
 
 if TYPE_CHECKING:
     from medsynapse.model.bases import BaseFolders
@@ -97,25 +112,120 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 
 class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     url: str
+    detail: Literal["auto"] | None = None  # "low" / "high" would ask for another resolution: not served
 
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: ImageURL | None = None
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[ContentPart]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+
+
 class ChatRequest(BaseModel):
+    """The chat-completion parameters this server serves. Any other field is kept aside (`model_extra`) and refused
+    by `refuse_unsupported`, unless it is one of OpenAI's sent at the value that asks for nothing."""
+
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: 0, greedy (OpenAI's default is 1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = None  # identifiers of the caller: accepted, they change no answer
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+NEUTRAL: dict[str, tuple] = {  # OpenAI's parameters this server does not serve, and the values that ask for nothing
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,), "functions": (None, []),
+    "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None,),
+    "web_search_options": (None,), "store": (None, False), "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+}
+
+
+def refuse_unsupported(request: ChatRequest) -> None:
+    """A 400 naming the first field this server would otherwise ignore: one of OpenAI's it does not serve
+    (`unsupported_parameter`), or one OpenAI does not know (`unknown_parameter`)."""
+    for name, value in (request.model_extra or {}).items():
+        if name not in NEUTRAL:
+            raise BadRequest.at(name, 400, "unrecognized request argument; this server serves "
+                                           f"{', '.join(ChatRequest.model_fields)}", "unknown_parameter")
+        if not any(_same(value, neutral) for neutral in NEUTRAL[name]):
+            accepted = " or ".join(json.dumps(v) for v in NEUTRAL[name][1:])
+            raise BadRequest.at(name, 400, "not supported by this server; omit it" +
+                                (f" or send {accepted}" if accepted else ""), "unsupported_parameter")
+
+
+def _same(value, neutral) -> bool:
+    """Equal, and both or neither a bool (JSON's false is not 0)."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+@dataclass(frozen=True)
+class Options:
+    """A request's choices beyond their length and temperature: how many, their sampling and what they report."""
+
+    n: int = 1
+    top_p: float = 1.0
+    seed: int = 0  # the sampled rows' key; a random one when the request gives none
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k likeliest alternatives
+
+
+def max_new_tokens_of(request: ChatRequest, settings: ServeSettings) -> int:
+    """`max_completion_tokens` or its older name `max_tokens` (400 when both differ), at most the server's limit."""
+    given = {k: v for k in ("max_completion_tokens", "max_tokens") if (v := getattr(request, k)) is not None}
+    if len(set(given.values())) > 1:
+        raise BadRequest.at("max_completion_tokens", 400, f"{given['max_completion_tokens']} differs from max_tokens "
+                                                          f"{given['max_tokens']}; send one of them")
+    param, value = next(iter(given.items()), ("max_tokens", settings.max_new_tokens))
+    if value > settings.max_new_tokens:
+        raise BadRequest.at(param, 400, f"{value} is over this server's limit {settings.max_new_tokens} "
+                                        "(--max-new-tokens)")
+    return value
+
+
+def options_of(request: ChatRequest, settings: ServeSettings) -> Options:
+    """The request's `Options`; each inconsistent or out-of-bounds parameter a 400 naming it."""
+    n = request.n or 1
+    if n > settings.max_batch:
+        raise BadRequest.at("n", 400, f"{n} choices, more than this server's limit {settings.max_batch} (--max-batch)")
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > 4:
+        raise BadRequest.at("stop", 400, f"{len(stop)} stop strings, at most 4")
+    if "" in stop:
+        raise BadRequest.at("stop", 400, "an empty stop string")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise BadRequest.at("top_logprobs", 400, "needs logprobs: true")
+    if request.stream_options is not None and not request.stream:
+        raise BadRequest.at("stream_options", 400, "only allowed with stream: true")
+    seed = request.seed if request.seed is not None else secrets.randbits(63)
+    return Options(n, request.top_p or 1.0, seed, stop, (request.top_logprobs or 0) if request.logprobs else None)
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------
@@ -131,7 +241,7 @@ class Parsed:
 
 def parse_request(request: ChatRequest, settings: ServeSettings) -> Parsed:
     """The last user message's text and images, the system message; every problem a BadRequest naming it."""
-    system = " ".join(_text(m.content) for m in request.messages if m.role == "system").strip()
+    system = " ".join(_text(m.content) for m in request.messages if m.role in ("system", "developer")).strip()
     users = [i for i, m in enumerate(request.messages) if m.role == "user"]
     if not users:
         raise BadRequest.at("messages", 400, "no message with role 'user'")
@@ -333,8 +443,20 @@ class Job:
     max_new_tokens: int
     temperature: float
     prompt_tokens: int = 0  # len(item.input_ids): text, image and memory-slot tokens
-    future: Future = field(default_factory=Future)
+    future: Future = field(default_factory=Future)  # its choices, a `Choice` each, once the batch is done
     cancelled: bool = False
+    options: Options = field(default_factory=Options)
+    listen: Callable[[int, Delta], None] | None = None  # (choice index, delta) as the tokens arrive (a stream)
+
+    @property
+    def rows(self) -> int:
+        """The rows it takes in a batch: one per choice when sampled, one for all when greedy (they are equal)."""
+        return self.options.n if self.temperature > 0 else 1
+
+    @property
+    def setting(self) -> tuple[int, float, float]:
+        """What its batch shares: max_new_tokens, temperature and (sampled) top_p."""
+        return self.max_new_tokens, self.temperature, self.options.top_p if self.temperature > 0 else 1.0
 
 
 def pack(jobs: list[Job], max_batch_tokens: int) -> list[list[Job]]:
@@ -344,7 +466,7 @@ def pack(jobs: list[Job], max_batch_tokens: int) -> list[list[Job]]:
     batches: list[list[Job]] = []
     for job in sorted(jobs, key=lambda j: j.prompt_tokens):  # each job is the longest of its batch so far
         width = job.prompt_tokens + job.max_new_tokens
-        if batches and (len(batches[-1]) + 1) * width <= max_batch_tokens:
+        if batches and (sum(j.rows for j in batches[-1]) + job.rows) * width <= max_batch_tokens:
             batches[-1].append(job)
         else:
             batches.append([job])
@@ -392,10 +514,10 @@ class Batcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            groups: dict[tuple[int, float], list[Job]] = {}
+            groups: dict[tuple[int, float, float], list[Job]] = {}
             for job in self._take():
-                groups.setdefault((job.max_new_tokens, job.temperature), []).append(job)
-            for (max_new_tokens, temperature), group in groups.items():
+                groups.setdefault(job.setting, []).append(job)
+            for (max_new_tokens, temperature, _), group in groups.items():
                 for batch in pack(group, self.settings.max_batch_tokens):
                     self._run_batch(batch, max_new_tokens, temperature)
 
@@ -417,18 +539,59 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _answer(self, group: list[Job], max_new_tokens: int, temperature: float) -> list[dict]:
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
-        images = [img for j in group for img in j.images]
-        tokens = self.model.generate_encoded([j.item for j in group], images, max_new_tokens, **sampling)
-        tokenizer, eos = self.model.processor.tokenizer, self.model.prompts.eos_id
-        out = []
-        for row in tokens.tolist():
-            ended = eos in row
-            used = row[: row.index(eos) + 1] if ended else row
-            out.append({"text": tokenizer.decode(used, skip_special_tokens=True).strip(),
-                        "completion_tokens": len(used), "finish_reason": "stop" if ended else "length"})
-        return out
+    def _answer(self, group: list[Job], max_new_tokens: int, temperature: float) -> list[list[Choice]]:
+        """Each job's choices from one `generate_encoded` call: a row per sampled choice (keyed sampling), one row
+        for a greedy job's choices; each row's tokens handed to its `Choice` as they come (`RowFeed`)."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        vocabulary = Vocabulary(self.model)
+        rows, choices = job_rows(group, vocabulary)
+        recorder = StepLogprobs() if any(job.options.top_logprobs is not None for job in group) else None
+        feed = RowFeed(rows, vocabulary, recorder)
+        processors = [p for p in (recorder, keyed_sampler(group, temperature)) if p is not None]
+        extra = {"logits_processor": LogitsProcessorList(processors)} if processors else {}
+        items = [job.item for job in group for _ in range(job.rows)]
+        images = [image for job in group for _ in range(job.rows) for image in job.images]
+        self.model.generate_encoded(items, images, max_new_tokens, stopping_criteria=StoppingCriteriaList([feed]),
+                                    **extra)
+        feed.finish()
+        return choices
+
+
+def job_rows(group: list[Job], vocabulary: Vocabulary) -> tuple[list[Row], list[list[Choice]]]:
+    """The batch's rows in order, and each job's choices (a greedy job's n choices are its one row's)."""
+    rows, choices = [], []
+    for job in group:
+        made = [Choice(vocabulary, job.options.stop, job.options.top_logprobs) for _ in range(job.rows)]
+        for number, choice in enumerate(made):
+            rows.append(Row(choice, _listener(job, number), lambda job=job: job.cancelled))
+        choices.append(made if job.rows == job.options.n else made * job.options.n)
+    return rows, choices
+
+
+def _listener(job: Job, row: int) -> Callable[[Delta], None] | None:
+    """Tells the job's stream of its row's deltas: as its choice `row`, or as every choice of a greedy job."""
+    if job.listen is None:
+        return None
+    numbers = [row] if job.rows == job.options.n else list(range(job.options.n))
+    listen = job.listen
+
+    def tell(delta: Delta) -> None:
+        for number in numbers:
+            listen(number, delta)
+
+    return tell
+
+
+def keyed_sampler(group: list[Job], temperature: float):
+    """Sampling keyed per row by (seed, choice index) at the batch's temperature and top_p; None when greedy."""
+    from medsynapse.model.sampling import KeyedSampler
+
+    if temperature <= 0:
+        return None
+    keys = torch.tensor([choice_key(job.options.seed, number) for job in group for number in range(job.rows)],
+                        dtype=torch.long)
+    return KeyedSampler(keys, temperature, group[0].options.top_p)
 
 
 # --- the app -----------------------------------------------------------------------------------------------------
@@ -492,20 +655,43 @@ def _replay(first: dict, receive):
 
 def validation_error(errors: list[dict]) -> tuple[str, str | None, str | None]:
     """(message, param, code) for FastAPI's validation errors: each error's field path and pydantic's message, never
-    the input it was given (pydantic's `input`)."""
-    described, params = [], []
-    for error in errors:
-        location = [part for part in error.get("loc", ()) if part != "body"]
+    the input it was given (pydantic's `input`). A field of several types (`content`: a string or a list of parts) is
+    named by its path alone, and the type the value failed deepest in speaks for it (`...image_url.detail`, not
+    `content.str`)."""
+    described, params, codes = [], [], []
+    for error in _deepest(errors):
+        location = _field_path(error)
         if error.get("type") == "json_invalid":
             reason = (error.get("ctx") or {}).get("error", "")
             described.append(f"the body is not valid JSON ({reason} at character {location[0] if location else 0})")
             params.append(None)
+            codes.append(error.get("type"))
             continue
         path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
-        described.append(f"{path or 'the body'}: {error.get('msg', 'invalid')}")
-        params.append(path or None)
-    first = errors[0] if errors else {}
-    return "; ".join(described) or "invalid request", params[0] if params else None, first.get("type")
+        line = f"{path or 'the body'}: {error.get('msg', 'invalid')}"
+        if line not in described:
+            described.append(line)
+            params.append(path or None)
+            codes.append(error.get("type"))
+    return "; ".join(described) or "invalid request", params[0] if params else None, codes[0] if codes else None
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # how pydantic names a union's member in `loc`
+
+
+def _field_path(error: dict) -> tuple:
+    """An error's location without `body` and without the union members pydantic names in it (`str`,
+    `list[ContentPart]`)."""
+    return tuple(part for part in error.get("loc", ()) if part != "body" and not (
+        isinstance(part, str) and (part in UNION_TAGS or "[" in part)))
+
+
+def _deepest(errors: list[dict]) -> list[dict]:
+    """The errors whose field path no other error's extends: a union member that failed at the field itself gives
+    way to one that failed inside it."""
+    paths = [_field_path(error) for error in errors]
+    return [error for error, path in zip(errors, paths)
+            if not any(len(other) > len(path) and other[:len(path)] == path for other in paths)]
 
 
 def create_app(model_dir: str, settings: ServeSettings | None = None, model=None, bases: BaseFolders | None = None):
@@ -515,6 +701,7 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from fastapi.sse import EventSourceResponse
     from starlette.exceptions import HTTPException
 
     from medsynapse.model.medsynapse import MedSynapseV
@@ -565,28 +752,37 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
                 "queued": batcher.jobs.qsize(), "batches": batcher.batches, "largest_batch": batcher.largest}
         return body if batcher.alive else JSONResponse(body, status_code=503)
 
+    card = {"id": name, "object": "model", "created": created_time(model_dir), "owned_by": "medsynapse",
+            "memory": kind, "answer_format": model.answer_format}
+
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "medsynapse",
-                                            "memory": kind, "answer_format": model.answer_format}]}
+        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: ChatRequest) -> dict:
+    @app.get("/v1/models/{model_id:path}")
+    def model_card(model_id: str) -> dict:
+        if model_id != name:
+            raise BadRequest.at("model", 404, f"{model_id!r} is not served here; GET /v1/models lists {name!r}",
+                                "model_not_found")
+        return card
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: ChatRequest):
         deadline = time.monotonic() + settings.timeout_s
         if request.model not in (None, name):
             raise BadRequest.at("model", 404, f"{request.model!r} is not served here; GET /v1/models lists {name!r}",
                                 "model_not_found")
-        max_new_tokens = request.max_tokens or settings.max_new_tokens
-        if max_new_tokens > settings.max_new_tokens:
-            raise BadRequest.at("max_tokens", 400, f"{max_new_tokens} is over this server's limit "
-                                                   f"{settings.max_new_tokens} (--max-new-tokens)")
+        refuse_unsupported(request)
+        max_new_tokens = max_new_tokens_of(request, settings)
+        options = options_of(request, settings)
 
         def prepare() -> Job:
             parsed = parse_request(request, settings)
             question = format_prompt(parsed.question, model.answer_format)  # as `predict` asks it
             item = encode_prompt(model, parsed, question)
             check_prompt_length(len(item.input_ids), max_new_tokens, context)
-            return Job(item, list(parsed.images), max_new_tokens, request.temperature, len(item.input_ids))
+            return Job(item, list(parsed.images), max_new_tokens, request.temperature or 0.0, len(item.input_ids),
+                       options=options)
 
         try:  # a decode past the deadline is left to finish in its thread; the request is answered now
             job = await asyncio.wait_for(anyio.to_thread.run_sync(prepare, abandon_on_cancel=True),
@@ -594,20 +790,149 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
         except TimeoutError:
             raise BadRequest(504, f"no answer within {settings.timeout_s} s (still decoding the images)",
                              "timeout") from None
-        future = batcher.submit(job)
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(deadline - time.monotonic(), 0))
-        except TimeoutError:
-            job.cancelled = True
-            raise BadRequest(504, f"no answer within {settings.timeout_s} s", "timeout") from None
-        prompt_tokens = job.prompt_tokens
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": name, "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                                            "finish_reason": result["finish_reason"]}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": result["completion_tokens"],
-                          "total_tokens": prompt_tokens + result["completion_tokens"]}}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        if not request.stream:
+            choices = await answer(batcher.submit(job), job, deadline, settings.timeout_s)
+            return completion_body(head, choices, job.prompt_tokens, options.top_logprobs is not None)
+        events = Events(asyncio.get_running_loop())
+        job.listen = lambda number, delta: events.put((number, delta))
+        job.future.add_done_callback(lambda _: events.put(DONE))
+        batcher.submit(job)
+        first = await first_event(events, job, deadline, settings.timeout_s)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return EventSourceResponse(stream_chunks(Stream(head, job, events, deadline, settings.timeout_s,
+                                                        include_usage), first),
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return BodyLimit(app, settings.max_body_bytes)
+
+
+# --- answers: whole, or streamed as server-sent events ----------------------------------------------------------
+
+
+def created_time(model_dir: str) -> int:
+    """When the served folder was written (a model's `created`); now, for a model given without a folder."""
+    with contextlib.suppress(OSError):
+        return int(Path(model_dir).stat().st_mtime)
+    return int(time.time())
+
+
+async def answer(future: Future, job: Job, deadline: float, timeout_s: float) -> list[Choice]:
+    """The job's choices, or a 504 once the deadline passes (the job is then dropped from its batch)."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(deadline - time.monotonic(), 0))
+    except TimeoutError:
+        job.cancelled = True
+        raise BadRequest(504, f"no answer within {timeout_s} s", "timeout") from None
+
+
+def usage_of(prompt_tokens: int, choices: list[Choice]) -> dict:
+    """OpenAI's usage: the prompt once, the completion tokens of every choice."""
+    completion = sum(choice.completion_tokens for choice in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def completion_body(head: dict, choices: list[Choice], prompt_tokens: int, logprobs: bool) -> dict:
+    """A whole `chat.completion`."""
+    return {"id": head["id"], "object": "chat.completion", "created": head["created"], "model": head["model"],
+            "choices": [{"index": number, "message": {"role": "assistant", "content": choice.text},
+                         "logprobs": {"content": choice.logprobs} if logprobs else None,
+                         "finish_reason": choice.finish_reason} for number, choice in enumerate(choices)],
+            "usage": usage_of(prompt_tokens, choices)}
+
+
+DONE = object()  # the last of a stream's events: the job's future is done
+
+
+class Events:
+    """A streamed job's (choice index, delta) pairs, handed from the batcher thread to the request's event loop in
+    order, DONE after the last."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (the server stopped): nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def get(self, deadline: float):
+        """The next event; TimeoutError once the deadline passes."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        return await asyncio.wait_for(self.queue.get(), timeout=max(deadline - time.monotonic(), 0))
+
+
+async def first_event(events: Events, job: Job, deadline: float, timeout_s: float):
+    """A stream's first event, awaited before its 200 is sent: a late or failed batch is still a JSON error."""
+    try:
+        first = await events.get(deadline)
+    except TimeoutError:
+        job.cancelled = True
+        raise BadRequest(504, f"no answer within {timeout_s} s", "timeout") from None
+    if first is DONE:
+        job.future.result()  # the batch failed: its exception is the 500
+    return first
+
+
+@dataclass
+class Stream:
+    """What a streamed answer's events are made of."""
+
+    head: dict
+    job: Job
+    events: Events
+    deadline: float
+    timeout_s: float
+    include_usage: bool
+
+    def chunk(self, choices: list[dict], **extra) -> bytes:
+        body = {"id": self.head["id"], "object": "chat.completion.chunk", "created": self.head["created"],
+                "model": self.head["model"], "choices": choices}
+        return sse({**body, **({"usage": None} if self.include_usage else {}), **extra})
+
+    def delta_chunks(self, number: int, delta: Delta) -> list[bytes]:
+        """A delta's content chunk (with its logprobs), and its finish chunk when it ends the choice."""
+        out = []
+        if delta.text or delta.logprobs:
+            logprobs = {"content": delta.logprobs} if self.job.options.top_logprobs is not None else None
+            out.append(self.chunk([{"index": number, "delta": {"content": delta.text}, "logprobs": logprobs,
+                                    "finish_reason": None}]))
+        if delta.finish_reason is not None:
+            out.append(self.chunk([{"index": number, "delta": {}, "logprobs": None,
+                                    "finish_reason": delta.finish_reason}]))
+        return out
+
+
+def sse(body: dict | str) -> bytes:
+    from fastapi.sse import format_sse_event
+
+    return format_sse_event(data_str=body if isinstance(body, str) else json.dumps(body))
+
+
+async def stream_chunks(stream: Stream, first) -> AsyncIterator[bytes]:
+    """A streamed answer: each choice's role chunk, its content chunks as its tokens settle, its finish chunk, the
+    usage chunk when asked for, `[DONE]`. A failure or the deadline mid-stream is one error event and no `[DONE]`;
+    a client that leaves drops its rows from the batch."""
+    try:
+        for number in range(stream.job.options.n):
+            yield stream.chunk([{"index": number, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}])
+        event = first
+        while event is not DONE:
+            for chunk in stream.delta_chunks(*event):
+                yield chunk
+            event = await stream.events.get(stream.deadline)
+        choices = stream.job.future.result()
+        if stream.include_usage:
+            yield stream.chunk([], usage=usage_of(stream.job.prompt_tokens, choices))
+        yield sse("[DONE]")
+    except TimeoutError:
+        yield sse(error_body(504, f"no answer within {stream.timeout_s} s", "timeout"))
+    except Exception as err:  # the server's fault: its name, not its details
+        yield sse(error_body(500, f"the server failed to answer ({type(err).__name__})"))
+    finally:
+        stream.job.cancelled = True  # a client gone mid-answer: its rows stop at the next token
 
 
 def context_length(model) -> int | None:
@@ -647,7 +972,7 @@ def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int | 
 
 def route_error(err) -> tuple[str, str | None]:
     """(message, code) for Starlette's own refusals: no such route (404), a method the route does not take (405)."""
-    routes = "POST /v1/chat/completions, GET /v1/models, GET /health"
+    routes = "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}, GET /health"
     if err.status_code == 404:
         return f"Invalid URL: no such route; this server serves {routes}", "unknown_url"
     if err.status_code == 405:

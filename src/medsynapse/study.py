@@ -986,9 +986,23 @@ def markdown_table(result: dict) -> str:
                      f"{format_interval(record['delta_seed_t_ci95'])} | {format_p(record['p_seed_t'])} | "
                      f"{_stat(row['summary'].get('counterfactual_sensitivity'))} | "
                      f"{_ms(record['ms_per_sample'])} |")
+    lines += ["", question_type_markdown(result)]
     if result.get("parity"):
         lines += ["", parity_markdown(result["parity"])]
     return "\n".join(lines) + "\n"
+
+
+def question_type_markdown(result: dict) -> str:
+    """Accuracy per question type, a row per study row (mean ± sd over its seeds; — where a row has no question
+    of that type): where each row's gain or loss lies."""
+    rows = result["rows"]
+    types = sorted({t for row in rows.values() for t in row.get("by_question_type") or {}})
+    lines = ["**Accuracy per question type** (mean ± sd over seeds)", "",
+             "| row | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    for row in rows.values():
+        cells = [_stat((row.get("by_question_type") or {}).get(t), digits=2) for t in types]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def csv_table(result: dict) -> str:

@@ -111,3 +111,86 @@ def _evaluation_in(path: Path) -> str | None:
 
 def _write(path: Path, text: str) -> None:
     write_text_atomic(path, text)  # fsynced, renamed into place, the umask's mode (not mkstemp's 0600)
+
+
+# --- the card of an exported folder (model/export.py): Hub front matter, then the student's own sections -----------
+EVALUATION_HEADER = "| benchmark | questions | accuracy | unparseable |"  # the table `medsynapse eval` writes
+TRAINING_SECTION, EVALUATION_SECTION, LIMITS_SECTION = "## Training", "## Evaluation", "## Intended use and limitations"
+HUB_TAGS = ["medsynapse", "medical-vqa", "vision-language", "qwen3_vl", "custom_code", "research-only"]
+
+
+def evaluation_results(text: str) -> list[dict]:
+    """The benchmarks' scores in a card's evaluation section, as `medsynapse eval` wrote them: [{benchmark,
+    questions, accuracy}] (a benchmark without an accuracy is left out); [] when it was never evaluated."""
+    inside = text.partition(EVALUATION_START)[2].partition(EVALUATION_END)[0]
+    if EVALUATION_HEADER not in inside:
+        return []
+    results = []
+    for line in inside.partition(EVALUATION_HEADER)[2].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or set(cells[0]) <= {"-"}:
+            continue
+        try:
+            results.append({"benchmark": cells[0], "questions": int(cells[1]), "accuracy": float(cells[2])})
+        except ValueError:  # "—": not scorable
+            continue
+    return results
+
+
+def training_files(text: str) -> list[str]:
+    """The data files a card's training record names (its settings' `*_file` values), in order, each once."""
+    block = text.partition(TRAINING_SECTION)[2].partition("```json")[2].partition("```")[0]
+    try:
+        settings = json.loads(block) if block.strip() else {}
+    except json.JSONDecodeError:
+        return []
+    names = [str(value) for key, value in sorted(settings.items()) if key.endswith("_file") and value]
+    return list(dict.fromkeys(names))
+
+
+def model_index_result(result: dict) -> dict:
+    """One benchmark's score as a `model-index` result."""
+    return {"task": {"type": "visual-question-answering", "name": "Visual Question Answering"},
+            "dataset": {"name": result["benchmark"], "type": result["benchmark"]},
+            "metrics": [{"type": "accuracy", "value": result["accuracy"],
+                         "name": f"accuracy ({result['questions']} questions)"}]}
+
+
+def hub_front_matter(name: str, base_model: str, license_id: str, datasets: list[str],
+                     results: list[dict]) -> str:
+    """The YAML front matter the Hugging Face Hub reads: base model, license, pipeline, tags, datasets and, when
+    evaluated, `metrics` and a `model-index` with each benchmark's accuracy."""
+    import yaml
+
+    meta = {"base_model": base_model, "base_model_relation": "finetune", "license": license_id,
+            "library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": HUB_TAGS,
+            "datasets": datasets}
+    if results:
+        meta["metrics"] = ["accuracy"]
+        meta["model-index"] = [{"name": name, "results": [model_index_result(r) for r in results]}]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n"
+
+
+def section(text: str, heading: str) -> str:
+    """A card's `## ...` section, heading included, up to the next one ('' when absent)."""
+    if heading not in text:
+        return ""
+    body = text.partition(heading)[2]
+    end = body.find("\n## ")
+    return heading + (body if end < 0 else body[:end]).rstrip() + "\n"
+
+
+def render_export(front_matter: str, manifest: dict, source_card: str, usage: str) -> str:
+    """An exported folder's card: front matter, what it is and how to load it, then the student's own training and
+    evaluation sections as its card had them, and the limitations."""
+    lines = [front_matter, f"# {kind_of(manifest)}, exported", "",
+             "Self-contained: the base VLM with the Stage II LoRA merged into its weights, A_psi (the encoder-free "
+             "memory), the processor and this card. No prior encoder, no MedSynapse cache and no other folder are "
+             "needed.", "",
+             f"- base VLM: {base_line(manifest.get('base_vlm'))} (merged into this folder's weights)",
+             f"- answer format: {manifest.get('answer_format', 'direct')}", "", "## Use", "", usage.strip(), ""]
+    for heading in (TRAINING_SECTION, EVALUATION_SECTION):
+        lines.append(section(source_card, heading) or f"{heading}\n\nNot recorded.\n")
+    lines += [LIMITS_SECTION, "", "Research on medical vision-language models: reproducing and testing MedSynapse-V "
+              "(arXiv 2604.26283). " + LIMITATIONS, ""]
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ A saved folder holds `medsynapse.json` (what to load and how) and the trained me
 and the encoder are not copied into every stage folder (an 8B VLM): the manifest names each by folder name and content
 hash, and loading finds them through a search path (model/bases.py), so a folder copied elsewhere still loads. No file
 a save writes holds an absolute path, and every file gets the mode the umask gives a new file (0644 under umask 022).
+An exported folder (`medsynapse export`: manifest format 3, model/bundled.py) holds the merged VLM and A_psi itself.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from medsynapse.locking import make_readable, write_bytes_atomic, write_text_atomic
 from medsynapse.model.bases import BaseFolders, base_ref, resolve_base
+from medsynapse.model.bundled import is_bundled, load_bundled_vlm, memory_state
 from medsynapse.model.card import write_card
 from medsynapse.model.counterfactual import counterfactual_tokens
 from medsynapse.model.encoders import PriorEncoder, PriorOutput, load_encoder
@@ -48,7 +50,7 @@ from medsynapse.model.vlm import (
 BRANCHES = ("privileged", "counterfactual", "autonomous")
 MANIFEST = "medsynapse.json"
 MANIFEST_FORMAT = 2  # 2: the VLM and encoder by name + content hash (model/bases.py); 1: by absolute path
-READABLE_FORMATS = (1, 2)
+READABLE_FORMATS = (1, 2, 3)  # 3: an exported folder, the VLM (LoRA merged) and A_psi inside it (model/bundled.py)
 ADAPTER_DIR = "adapter"
 REFERENCE_BANK = "reference_bank.safetensors"
 
@@ -66,10 +68,20 @@ def load_weights(module: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: missing (the model folder is incomplete)")
     try:
-        module.load_state_dict(load_file(str(path)))
-    except Exception as err:  # safetensors and torch raise several types for damaged or mismatched files
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for damaged files
         detail = " ".join(str(err).split())[:300]
         raise ValueError(f"{path}: damaged or written with other settings (e.g. n_memory): {detail}") from None
+    load_state(module, state, path)
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """`state` into `module`; a mismatch (other settings, a missing tensor) is one error naming `where`."""
+    try:
+        module.load_state_dict(state)
+    except Exception as err:  # torch raises several types for mismatched tensors
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{where}: damaged or written with other settings (e.g. n_memory): {detail}") from None
 
 
 def load_reference_bank(path: Path) -> torch.Tensor:
@@ -265,6 +277,8 @@ class MedSynapseV(nn.Module):
                              f"({', '.join(map(str, READABLE_FORMATS))}); the folder was written by another MedSynapse "
                              "version or edited")
         bases = bases or BaseFolders()
+        if is_bundled(manifest):
+            return cls._from_bundled(folder, manifest, dtype, bases)
         vlm_path = resolve_base(manifest["vlm"], folder, "vlm", bases.vlm)
         encoder_path = resolve_base(manifest.get("encoder"), folder, "encoder", bases.encoder)
         vlm, processor = load_vlm(vlm_path, dtype=dtype)
@@ -299,6 +313,23 @@ class MedSynapseV(nn.Module):
         if manifest.get("reference_bank"):
             model.reference_bank = load_reference_bank(folder / manifest["reference_bank"])
         model.answer_format = manifest.get("answer_format", "direct")  # folders written before it was recorded
+        return model.eval()
+
+    @classmethod
+    def _from_bundled(cls, folder: Path, manifest: dict, dtype: str, bases: BaseFolders) -> MedSynapseV:
+        """An exported folder (model/bundled.py): the merged VLM and A_psi from the folder itself; no base is
+        searched for, so none may be given."""
+        if bases.vlm or bases.encoder:
+            raise ValueError(f"{folder}: an exported folder holds its own VLM and needs no encoder; --vlm / --encoder "
+                             "do not apply")
+        if not manifest.get("autonomous"):
+            raise ValueError(f"{folder / MANIFEST}: an exported folder without A_psi ('autonomous'); the folder is "
+                             "damaged or edited")
+        vlm, processor = load_bundled_vlm(folder, dtype)
+        autonomous = AutonomousMemoryModule(AutonomousConfig(**manifest["autonomous"]))
+        load_state(autonomous, memory_state(folder), folder)
+        model = cls(vlm, processor, vlm_path=str(folder), autonomous=autonomous)
+        model.answer_format = manifest.get("answer_format", "direct")
         return model.eval()
 
     # --- memory -------------------------------------------------------------------------------------------------

@@ -45,14 +45,21 @@ def resolve_local_model(path: str | Path) -> Path:
     return folder
 
 
-def load_processor(path: str | Path) -> ImageOnlyQwen3VLProcessor:
+def load_processor(path: str | Path, config: Qwen3VLConfig | None = None) -> ImageOnlyQwen3VLProcessor:
+    """The folder's processor, image-only, with the memory token, left-padding. `config`: the model's config, given
+    when the folder's config.json is not the stock Qwen3-VL's (an exported folder names its own model type and
+    processor class, which the Auto classes would ask permission to run): the image-only class is then built
+    directly from the folder's files, never through AutoProcessor."""
     folder = resolve_local_model(path)
-    try:
-        processor = AutoProcessor.from_pretrained(folder)
-    except (OSError, ValueError, AttributeError, ImportError):
-        # Folders saved by the stock Qwen3VLProcessor name a class we cannot build without torchvision (with a
-        # video_preprocessor_config.json, transformers raises ImportError for the video processor).
-        processor = ImageOnlyQwen3VLProcessor.from_pretrained(folder)
+    if config is not None:
+        processor = ImageOnlyQwen3VLProcessor.from_pretrained(folder, config=config)
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(folder)
+        except (OSError, ValueError, AttributeError, ImportError):
+            # Folders saved by the stock Qwen3VLProcessor name a class we cannot build without torchvision (with a
+            # video_preprocessor_config.json, transformers raises ImportError for the video processor).
+            processor = ImageOnlyQwen3VLProcessor.from_pretrained(folder)
     if not isinstance(processor, Qwen3VLProcessor):
         # AutoProcessor silently returns a bare tokenizer for unknown processor classes (qwen3vl-recipes.md §7).
         processor = ImageOnlyQwen3VLProcessor.from_pretrained(folder)
