@@ -57,79 +57,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`train STAGE` or `train baseline --method M` (`train sft` is `train baseline --method sft`): the recipe the
+    registry names, configured from a run file (its section resolved over the model and data sections, every value
+    checked first) or from a flat recipe file (with the method's own settings forced)."""
     from medsynapse.config import load_config
+    from medsynapse.recipes.registry import BASELINES, RECIPES
+    from medsynapse.runconfig import read_run_config, resolve, resolve_baseline
 
-    if args.stage == "baseline":
-        return _train_baseline(args)
-    if args.method:
-        raise SystemExit("--method goes with `train baseline`")
-    if args.stage == "stage1":
-        from medsynapse.recipes.stage1_warmup import Stage1Config as config_class
-        from medsynapse.recipes.stage1_warmup import train_stage1 as train
-    elif args.stage == "stage2":
-        from medsynapse.recipes.stage2_ccr import Stage2Config as config_class
-        from medsynapse.recipes.stage2_ccr import train_stage2 as train
-    elif args.stage == "sft":
-        from medsynapse.recipes.sft import SFTConfig as config_class
-        from medsynapse.recipes.sft import train_sft as train
-    else:
-        from medsynapse.recipes.stage3_imt import Stage3Config as config_class
-        from medsynapse.recipes.stage3_imt import train_stage3 as train
-    if args.stage != "sft" and args.config and _is_run_file(args.config):  # a run file: its stageN section, resolved
-        from medsynapse.runconfig import read_run_config, resolve
-        from medsynapse.values import check_run
-
-        run = read_run_config(args.config, args.set)
-        check_run(run, memory_for={args.stage})  # every stage's and baseline's values, before anything is loaded
-        config = resolve(run, args.stage)
-    else:  # a stage-only file
-        config = load_config(config_class, args.config, args.set)
-        _check_flat(args.stage, config, args.config)
-    if args.resume:
-        config.resume = True
-    out = train(config)
-    print(f"{args.stage} saved to {out}")
-    return 0
-
-
-def _train_baseline(args: argparse.Namespace) -> int:
-    """A baseline from a run file (`baselines.<method>` over what the stages give it) or a flat recipe file
-    (SFTConfig for sft / cot-sft, Stage2Config for grpo, CoconutConfig for coconut / ivt-lr, MCOUTConfig for mcout;
-    the method's own settings forced)."""
-    from medsynapse.config import load_config
-    from medsynapse.recipes.sft import SFTConfig
-    from medsynapse.recipes.stage2_ccr import Stage2Config
-    from medsynapse.runconfig import BASELINES, baseline_recipe, read_run_config, resolve_baseline
-
-    if args.method not in BASELINES:
+    if args.stage == "baseline" and args.method not in BASELINES:
         raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)}")
+    if args.stage != "baseline" and args.method:
+        raise SystemExit("--method goes with `train baseline`")
+    name = args.method if args.stage == "baseline" else args.stage
+    recipe = RECIPES[name]
     if _is_run_file(args.config):
         from medsynapse.values import check_run
 
         run = read_run_config(args.config, args.set)
-        check_run(run, memory_for={args.method})  # every stage's and baseline's values, before anything is loaded
-        config = resolve_baseline(run, args.method)
-    elif args.method in ("coconut", "ivt-lr"):
-        from medsynapse.recipes.coconut import CoconutConfig
-
-        config = load_config(CoconutConfig, args.config, args.set)
-        if args.method == "ivt-lr" and not config.patches_per_step:
-            config.patches_per_step = 32  # the reference's K
-    elif args.method == "mcout":
-        from medsynapse.recipes.mcout import MCOUTConfig
-
-        config = load_config(MCOUTConfig, args.config, args.set)
-    elif args.method == "grpo":
-        config = load_config(Stage2Config, args.config, [*(args.set or []), "use_memory=false", "lambda_causal=0"])
-    else:
-        target = "rationale" if args.method == "cot-sft" else "answer"
-        config = load_config(SFTConfig, args.config, [*(args.set or []), f"target={target}"])
-    if not _is_run_file(args.config):
-        _check_flat(args.method, config, args.config)
+        check_run(run, memory_for={name})  # every stage's and baseline's values, before anything is loaded
+        config = resolve(run, name) if recipe.kind == "stage" else resolve_baseline(run, name)
+    else:  # a flat recipe file
+        config = load_config(recipe.config_class(), args.config, [*(args.set or []), *recipe.forced])
+        for key, value in recipe.unless_set:
+            if not getattr(config, key):
+                setattr(config, key, value)
+        _check_flat(name, config, args.config)
     if args.resume:
         config.resume = True
-    out = baseline_recipe(args.method)(config)
-    print(f"baseline {args.method} saved to {out}")
+    out = recipe.train()(config)
+    print(f"baseline {name} saved to {out}" if recipe.kind == "baseline" else f"{name} saved to {out}")
     return 0
 
 
@@ -434,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", parents=[common],
                              help="train one stage, or a no-memory baseline (baseline --method sft|cot-sft|grpo)")
-    train.add_argument("stage", choices=["stage1", "stage2", "stage3", "sft", "baseline"])
+    from medsynapse.recipes.registry import STAGES
+
+    train.add_argument("stage", choices=[*STAGES, "sft", "baseline"], help="a stage, `sft` (= baseline --method sft) "
+                       "or `baseline`")
     train.add_argument("--method", default=None, help="with `baseline`: sft, cot-sft (LoRA on the reasoning steps + "
                        "answer), grpo (GRPO-only, no memory), coconut (continuous thoughts, by curriculum) mcout "
                        "(MCOUT-Multi: thoughts through a latent attention over the image and text) or ivt-lr "
@@ -649,6 +608,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
+    resolve_config_arguments(args)
     try:
         return args.func(args)
     except expected_errors() as err:
@@ -665,6 +625,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _end_process_group()
+
+
+def resolve_config_arguments(args: argparse.Namespace) -> None:
+    """Every command's config file (`--config`, `config show FILE`) found in the current folder or, failing that,
+    among the configs shipped in the package (`config.find_config`): an installed wheel runs `medsynapse demo`
+    without a checkout."""
+    from medsynapse.config import find_config
+
+    for name in ("config", "file"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, str(find_config(value)))
 
 
 def _disk_message(err: BaseException) -> str | None:

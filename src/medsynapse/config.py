@@ -101,6 +101,21 @@ def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
 
 
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; `configs/` in a checkout
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` when it is a file; else the bundled config of that name, so that `configs/synthmed.yaml`,
+    `synthmed.yaml` and `accelerate/ddp.yaml` work from an installed wheel outside a checkout. A file in the current
+    folder always wins over the bundled one; a name found nowhere is returned as given (its reader names it)."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    bundled = BUNDLED_CONFIGS.joinpath(*parts) if parts else BUNDLED_CONFIGS
+    return bundled if bundled.is_file() else given
+
+
 def read_yaml(path: Path) -> Any:
     """A YAML file, strict about duplicate keys; errors name the file and line."""
     try:

@@ -52,18 +52,9 @@ from medsynapse.config import ConfigError, from_dict, read_yaml
 from medsynapse.eval.report import format_interval, format_p, mean_sd_ci, write_json
 from medsynapse.eval.stats import adjust_family, compare
 from medsynapse.locking import write_text_atomic
+from medsynapse.recipes.registry import BASELINES, RECIPES, STAGES
 from medsynapse.recipes.trainer import recorded_settings
-from medsynapse.runconfig import (
-    BASELINES,
-    STAGES,
-    RunConfig,
-    baseline_recipe,
-    resolve,
-    resolve_baseline,
-    run_config_from,
-    stage_recipe,
-    with_seed,
-)
+from medsynapse.runconfig import RunConfig, resolve, resolve_baseline, run_config_from, with_seed
 from medsynapse.values import check_run
 
 MODELS = ("base", *STAGES, "baseline")
@@ -337,7 +328,8 @@ def unit_format(unit: Unit | None) -> str:
     if unit is None:
         return "direct"
     config = unit.config
-    if unit.kind in ("coconut", "ivt-lr") or getattr(config, "target", "answer") == "rationale":
+    trained_on = getattr(config, "target", None)  # SFT's target decides its format; the latent rows always reason
+    if trained_on == "rationale" or (trained_on is None and RECIPES[unit.kind].answer_format == "reasoning"):
         return "reasoning"
     return getattr(config, "answer_format", "direct") or "direct"
 
@@ -527,7 +519,7 @@ def train_unit(unit: Unit) -> dict:
     if marker.is_file():
         return json.loads(marker.read_text())
     began = time.perf_counter()
-    recipe = stage_recipe(unit.kind) if unit.kind in STAGES else baseline_recipe(unit.kind)
+    recipe = RECIPES[unit.kind].train()
     started = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     recipe(dataclasses.replace(unit.config, resume=started))  # a killed unit continues from its newest checkpoint
     info = {"unit": unit.name, "kind": unit.kind, "seed": unit.seed, "key": unit.key, "after": unit.after,

@@ -274,25 +274,26 @@ def step_memory(kind: str, config: Any, shape: VLMShape, n_memory: int = 0, worl
     prompt = NOMINAL_PROMPT_TOKENS + shape.image_tokens * getattr(config, "max_images", 1)
     lora = getattr(config, "lora_r", 0) * 2 * h * len(getattr(config, "lora_targets", [])) * layers
     copies, logit_positions = 1, 0  # hidden-state copies per row; positions per row whose logits are held at once
-    if kind == "stage1":
+    recipe = type(config).__name__  # the recipe's config class (registry.RECIPES): what a step holds
+    if recipe == "Stage1Config":
         rows, tokens = config.batch_size, prompt + config.n_memory + 16
         w = config.sampler_width
         trained = config.n_memory * w + config.sampler_layers * 12 * w * w + w * h + PRIOR_DIM_GUESS * w
         logit_positions = tokens
-    elif kind in ("stage2", "grpo"):
+    elif recipe == "Stage2Config":  # Stage II and GRPO-only
         rows = config.batch_size * config.group_size
         tokens = prompt + (n_memory if config.use_memory else 0) + config.max_new_tokens
         trained = lora
         logit_positions = config.max_new_tokens * (2 if config.use_memory else 1)  # M rows and M' rows
-    elif kind == "stage3":
+    elif recipe == "Stage3Config":
         rows, tokens, copies = config.batch_size, prompt + n_memory + config.max_new_tokens, 2  # teacher + student
         mlp = config.mlp_hidden or h
         trained = 2 * h * mlp + (config.attention_dim * (h + n_memory) if config.pooling == "attention" else 0)
         logit_positions = 0 if config.fused_jsd else 2 * config.max_new_tokens
-    elif kind in ("coconut", "ivt-lr"):
+    elif recipe == "CoconutConfig":  # Coconut, IVT-LR
         slots = config.max_latent_stage * config.thoughts_per_step * (1 + config.patches_per_step)
         rows, tokens, trained = config.batch_size, prompt + slots + 64, lora
-    elif kind == "mcout":
+    elif recipe == "MCOUTConfig":
         rows, tokens, trained = config.batch_size, prompt + config.thoughts + 64, lora + 4 * h * config.attention_dim
     else:  # sft, cot-sft: logits of the answer window only
         rows, tokens, trained = config.batch_size, prompt + 64, lora
@@ -356,7 +357,9 @@ def stage_origins(run, stage: str) -> dict[str, str]:
 
 def baseline_origins(run, method: str) -> dict[str, str]:
     section = run.baselines.get(method, {})
-    if method == "grpo":  # Stage II's resolved settings
+    from medsynapse.recipes.registry import RECIPES
+
+    if RECIPES[method].budget == "stage2":  # GRPO-only: Stage II's resolved settings
         out = {key: f"{run.source}.stage2.{key}" for key in run.stage2}
         out.update(stage_origins(run, "stage2"))
     else:

@@ -459,14 +459,7 @@ class MedSynapseV(nn.Module):
         if self.latent is not None:
             if branch is not None:
                 raise ValueError(f"a latent-reasoning model ({self.latent['method']}) has no {branch} branch")
-            from medsynapse.model.latent import ivt_latents, latent_thoughts, mcout_thoughts
-
-            if self.latent["method"] == "ivt-lr":
-                return ivt_latents(self.vlm, batch, self.latent["steps"], self.latent["patches"],
-                                   self.latent["layer"], self.latent_id, features)[0]
-            if self.latent["method"] == "mcout":
-                return mcout_thoughts(self.vlm, self.latent_module, batch, self.n_memory, self.latent_id, features)
-            return latent_thoughts(self.vlm, batch, self.n_memory, self.latent_id, features)
+            return LATENT_MEMORY.get(self.latent["method"], LATENT_MEMORY["coconut"])(self, batch, features)
         branch = branch or ("autonomous" if self.autonomous is not None else "privileged")
         if branch == "autonomous":
             return self.autonomous_memory(batch, features)
@@ -520,3 +513,20 @@ class MedSynapseV(nn.Module):
                 raise ValueError("memory_transform given, but this model has no memory (a plain VLM)")
             memory = memory_transform(memory)
         return self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
+
+
+def _latent():
+    from medsynapse.model import latent  # imported when a latent-reasoning model answers (it is rarely needed)
+
+    return latent
+
+
+# A latent-reasoning baseline's thoughts (model/latent.py), by the method its folder records; the model's one table
+# of method names (a folder naming no known method is read as Coconut's, as before).
+LATENT_MEMORY: dict[str, Callable[[MedSynapseV, PromptBatch, object], torch.Tensor]] = {
+    "coconut": lambda m, batch, features: _latent().latent_thoughts(m.vlm, batch, m.n_memory, m.latent_id, features),
+    "mcout": lambda m, batch, features: _latent().mcout_thoughts(m.vlm, m.latent_module, batch, m.n_memory,
+                                                                 m.latent_id, features),
+    "ivt-lr": lambda m, batch, features: _latent().ivt_latents(m.vlm, batch, m.latent["steps"], m.latent["patches"],
+                                                               m.latent["layer"], m.latent_id, features)[0],
+}
