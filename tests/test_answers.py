@@ -9,7 +9,7 @@ from conftest import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from medsynapse.objectives.answers import (
+from medsynapse.answers import (
     Extraction,
     extract,
     extract_option,
@@ -196,7 +196,7 @@ def test_rules_are_named_and_a_tag_must_hold_an_option():
 
 
 def test_reasoning_format_reads_only_the_last_final_answer_tag():
-    from medsynapse.objectives.answers import REASONING_INSTRUCTION, format_prompt
+    from medsynapse.answers import REASONING_INSTRUCTION, format_prompt
 
     long = ("The left lower lobe shows an opacity; a small effusion is possible, so the answer could be no. "
             "On balance the finding is real.\n<answer>yes</answer>")

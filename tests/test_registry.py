@@ -88,7 +88,7 @@ def test_a_flat_file_gets_the_methods_forced_settings(monkeypatch, tmp_path):
 
     monkeypatch.setattr(stage2_ccr, "train_stage2", lambda config, **_: received.append(config) or "OUT")
     monkeypatch.setattr(coconut, "train_coconut", lambda config, **_: received.append(config) or "OUT")
-    monkeypatch.setattr("medsynapse.cli._check_flat", lambda *a: None)
+    monkeypatch.setattr("medsynapse.cli.train._check_flat", lambda *a: None)
     flat = tmp_path / "flat.yaml"
     flat.write_text("model: M\ntrain_file: T.jsonl\noutput_dir: O\nlambda_causal: 0.7\nuse_memory: true\n")
     assert main(["train", "baseline", "--method", "grpo", "--config", str(flat)]) == 0

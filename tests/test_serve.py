@@ -23,11 +23,11 @@ from conftest import write_dicom
 from PIL import Image
 from serving import CLI, free_port, served, spawn, tail
 
+from medsynapse.answers import format_prompt
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import read_samples
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
-from medsynapse.objectives.answers import format_prompt
 from medsynapse.serve import BadRequest, Batcher, Job, ServeSettings, create_app, pack
 
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".dcm": "application/dicom"}

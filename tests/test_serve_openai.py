@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 from serving import served
 
+from medsynapse.answers import format_prompt
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import read_samples
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import completion_mask, completion_outputs, vision_features
-from medsynapse.objectives.answers import format_prompt
 from medsynapse.serve import ServeSettings, create_app
 from medsynapse.serve_choices import Choice, Vocabulary
 

@@ -165,7 +165,7 @@ def heatmap_grid(probes: np.ndarray, title: str, per_row: int = 8) -> Image.Imag
 
 def explain(model, image: Image.Image, question: str, max_new_tokens: int) -> dict:
     """Everything the page shows for one model: answer, latency, maps and the counterfactual."""
-    from medsynapse.objectives.answers import format_prompt
+    from medsynapse.answers import format_prompt
 
     prompt = format_prompt(question, model.answer_format)
     start = time.perf_counter()

@@ -108,7 +108,7 @@ class EvalSection:
                                                            "medxpertqa-mm", "gmai-mmbench"])
     data_root: str = ""
     batch_size: int = 8
-    answer_format: str | None = None  # direct | reasoning (objectives/answers.py); None: as each model was trained
+    answer_format: str | None = None  # direct | reasoning (answers.py); None: as each model was trained
     max_new_tokens: int | None = None  # None: each benchmark's protocol budget
     limit: int | None = None  # first N scored questions per benchmark (smoke runs)
 

@@ -704,8 +704,8 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     from fastapi.sse import EventSourceResponse
     from starlette.exceptions import HTTPException
 
+    from medsynapse.answers import format_prompt
     from medsynapse.model.medsynapse import MedSynapseV
-    from medsynapse.objectives.answers import format_prompt
 
     settings = settings or ServeSettings()
     model = model or MedSynapseV.from_pretrained(model_dir, merge_adapter=True, bases=bases)

@@ -235,7 +235,7 @@ def vlm_shape(folder: str, architecture: str = "", synthmed: dict | None = None)
         return VLMShape(spec.hidden, spec.layers, spec.vocab_size, max(1, resolution // 32) ** 2,
                         "the SynthMed tiny VLM")
     if architecture:
-        from medsynapse.recipes.inspect import PRESETS
+        from medsynapse.inspection import PRESETS
 
         if architecture in PRESETS:
             text = PRESETS[architecture]["text_config"]

@@ -10,11 +10,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medsynapse.data.errors import DataError
+from medsynapse.data.views import split_view, volume_entry
+
 ANSWER_TYPES = ("yes_no", "multiple_choice", "open", "mmmu_open", "caption")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the record and the field."""
 
 
 @dataclass
@@ -69,8 +68,6 @@ def sample_from_record(record: object, source: str, line: int) -> Sample:
     if record["answer_type"] not in ANSWER_TYPES:
         raise DataError(f"{where}: field 'answer_type' must be one of {ANSWER_TYPES}, got {record['answer_type']!r}")
     if any(isinstance(p, dict) for p in record["images"]):  # a NIfTI volume and its view -> "ct.nii.gz#slice=40"
-        from medsynapse.data.images import volume_entry
-
         record = {**record, "images": [volume_entry(p, f"{where}, field 'images'") if isinstance(p, dict) else p
                                        for p in record["images"]]}
     if not record["images"] or not all(isinstance(p, str) and p for p in record["images"]):
@@ -109,8 +106,6 @@ def read_samples(path: str | Path) -> list[Sample]:
 
 def _absolute(folder: Path, image: str) -> str:
     """An image path made absolute against the data file's folder; a volume's view fragment is kept."""
-    from medsynapse.data.images import split_view
-
     file, fragment = split_view(image)
     resolved = str((folder / file).resolve())
     return f"{resolved}#{fragment}" if fragment else resolved

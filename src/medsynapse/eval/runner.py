@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import check_answer_format, extract, is_correct
 from medsynapse.data.dataset import check_image_limit, with_answer_format
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample
@@ -40,7 +41,6 @@ from medsynapse.locking import LOCK_NAME, hold_for_launch, write_text_atomic, wr
 from medsynapse.model.bases import BaseFolders
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
-from medsynapse.objectives.answers import check_answer_format, extract, is_correct
 
 PREDICTIONS = "predictions.jsonl"
 REASONING_BUDGET = 1024  # new tokens for a `reasoning` reply when none is given (the paper's max generation length)

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import is_correct
 from medsynapse.data.dataset import VQADataset, with_answer_format
 from medsynapse.data.schema import Sample
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.objectives.answers import is_correct
 
 
 @torch.no_grad()

@@ -171,7 +171,7 @@ class MedSynapseV(nn.Module):
             encoder.eval().requires_grad_(False)
         # (K, M, d) prior tokens of images without a finding, for the `reference` counterfactual; set by Stages I-II
         self.reference_bank: torch.Tensor | None = None
-        # how the model was trained to reply (objectives/answers.py): eval and predict prompt and score it this way
+        # how the model was trained to reply (answers.py): eval and predict prompt and score it this way
         self.answer_format = "direct"
 
     # --- construction -------------------------------------------------------------------------------------------

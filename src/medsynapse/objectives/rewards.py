@@ -15,11 +15,12 @@ Two ways to combine them (`causal_form`):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
-from medsynapse.data.schema import Sample
-from medsynapse.objectives.answers import is_correct
+from medsynapse.answers import is_correct
 
 CAUSAL_REDUCTIONS = ("sum", "mean")
 CAUSAL_GATES = ("none", "correct")
@@ -29,7 +30,15 @@ CAUSAL_FORMS = ("paper", "ranked", "centred")
 RANKED_MARGIN = 1e-3
 
 
-def accuracy_rewards(texts: list[str], samples: list[Sample], answer_format: str = "direct") -> torch.Tensor:
+class GoldAnswer(Protocol):
+    """What the accuracy reward reads of a question (a data.schema.Sample has it): no data types in objectives."""
+
+    answer: str
+    answer_type: str
+    options: dict[str, str]
+
+
+def accuracy_rewards(texts: list[str], samples: Sequence[GoldAnswer], answer_format: str = "direct") -> torch.Tensor:
     """1.0 when the extracted answer equals the gold answer, else 0.0 (unparseable scores 0: no guessing; with the
     "reasoning" format a rollout without a final <answer> tag is unparseable)."""
     return torch.tensor([float(is_correct(t, s.answer, s.answer_type, s.options, answer_format)[0])

@@ -61,13 +61,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import reasoning_target
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import VQADataset, training_dataset, with_reasoning_targets
 from medsynapse.data.schema import Sample
 from medsynapse.model.latent import ivt_latents, latent_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features
-from medsynapse.objectives.answers import reasoning_target
 from medsynapse.recipes import sharding, trainer
 
 

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import check_answer_format
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.counterfactual import TOKEN_INTERVENTIONS
@@ -41,7 +42,6 @@ from medsynapse.model.vlm import (
     select_features,
     vision_features,
 )
-from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages, zero_std_fraction
 from medsynapse.objectives.rewards import (
     CAUSAL_FORMS,

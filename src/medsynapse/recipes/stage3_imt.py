@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import check_answer_format
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.locking import write_text_atomic
@@ -29,7 +30,6 @@ from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, em
 from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
 from medsynapse.objectives.alignment import memory_alignment_loss
-from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.priors import prior_table, select_priors

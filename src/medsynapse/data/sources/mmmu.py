@@ -3,7 +3,7 @@
 All questions are scored (the official MMMU accuracy). Options are the string repr of a Python list (parsed with
 `ast.literal_eval`, never `eval`); `<image n>` tags in the question and in the options (some options are images)
 become "[image n]" and every present image (1-7) is
-passed, in order. Open questions use MMMU's own open-answer rule (`mmmu_open` in objectives/answers.py). The one
+passed, in order. Open questions use MMMU's own open-answer rule (`mmmu_open` in answers.py). The one
 difference from the official scorer: no random letter when nothing parses (counted unparseable instead).
 """
 
