@@ -77,8 +77,9 @@ class Stage2Config:
     grad_clip: float = 1.0
     temperature: float = 0.7
     top_p: float = 0.95
-    rollout_sampling: str = "keyed"  # keyed: per-rollout noise from (seed, step, position), the same on any world
-    # size (model/sampling.py) | torch: transformers' sampler on the process RNG
+    # keyed: per-rollout noise from (seed, step, position), the same on any world size (model/sampling.py) | torch:
+    # transformers' sampler on the process RNG
+    rollout_sampling: str = "keyed"
     max_new_tokens: int = 16
     lambda_acc: float = 1.0
     lambda_causal: float = 0.5
