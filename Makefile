@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv browser clean mutation mutation-sample
+.PHONY: demo test lint docs venv browser clean mutation mutation-sample
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ demo: venv
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
+
+# The configuration reference, docs/configuration.md, generated from the config dataclasses (their field comments);
+# tests/test_config_reference.py fails when the committed file is stale.
+docs: venv
+	$(BIN)/python scripts/config_reference.py
 
 # The app's browser test drives Debian's chromium (Playwright's own browser download is not reachable here).
 browser:

@@ -3,7 +3,7 @@
 Memory enters as N placeholder tokens (``<|latent|>``) placed after the question, at the start of the assistant turn,
 before the answer. Their embedding rows are replaced by memory vectors; everything else is the model's own path:
 pixels (or cached vision features) are always passed, so DeepStack runs, and explicit 4-row position ids from
-``get_rope_index`` are always passed, so the image keeps its 2-D rotary layout. See DESIGN.md, decision 1.
+``get_rope_index`` are always passed, so the image keeps its 2-D rotary layout. See docs/design.md, decision 1.
 """
 
 from __future__ import annotations

@@ -77,8 +77,9 @@ class Stage2Config:
     grad_clip: float = 1.0
     temperature: float = 0.7
     top_p: float = 0.95
-    rollout_sampling: str = "keyed"  # keyed: per-rollout noise from (seed, step, position), the same on any world
-    # size (model/sampling.py) | torch: transformers' sampler on the process RNG
+    # keyed: per-rollout noise from (seed, step, position), the same on any world size (model/sampling.py) | torch:
+    # transformers' sampler on the process RNG
+    rollout_sampling: str = "keyed"
     max_new_tokens: int = 16
     lambda_acc: float = 1.0
     lambda_causal: float = 0.5
@@ -95,7 +96,7 @@ class Stage2Config:
     advantage_std_floor: float = 0.0  # A = (R − mean) / max(σ + eps, floor); 0 = TRL. With ranked use λ_acc/2 = 0.5:
     # the std of a G = 4 group with one right answer, so a group of equal correctness, whose reward spread comes from
     # r_causal alone, never gets larger advantages than a group split by correctness (r_causal 1e-3 nats apart:
-    # |A| ≤ 1e-3). On the demo (3 seeds) 0.5 and 0.1 did not differ (0.422 ± 0.092 vs 0.432 ± 0.133; README)
+    # |A| ≤ 1e-3). On the demo (3 seeds) 0.5 and 0.1 did not differ (0.422 ± 0.092 vs 0.432 ± 0.133; an earlier README)
     intervention: str = "zero"  # zero (paper) | drop | inpaint | reference (model/counterfactual.py)
     reference_bank_size: int = 256  # the `reference` bank, rebuilt from this run's training images and saved
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo
@@ -219,7 +220,8 @@ def rewards_and_advantages(r_acc: torch.Tensor, r_causal: torch.Tensor,
 def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
     """Fraction of groups where some wrong rollout's R ≥ some correct rollout's R (accuracy-only ranks them below).
 
-    Always 0 for the ranked form; the paper form's r_causal can invert them (the reward hacking of README, Stage II).
+    Always 0 for the ranked form; the paper form's r_causal can invert them (the reward hacking in docs/design.md,
+    Stage II).
     """
     acc, reward = r_acc.view(-1, group_size) > 0, rewards.view(-1, group_size)
     lowest_correct = reward.masked_fill(~acc, float("inf")).amin(dim=1)
