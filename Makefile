@@ -35,6 +35,10 @@ browser:
 test: lint browser
 	$(BIN)/python -m pytest
 
+# The unit tests only (no demo-sized runs, server processes, torchrun or browser: pytest markers), for a quick check.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow and not distributed and not browser"
+
 # Mutation testing (not in CI). `mutation`: mutmut over the core modules listed in pyproject's [tool.mutmut], every
 # mutant (~2,500; hours on 2 cores), then the score per module. `mutation-sample`: a systematic sample of every package
 # of src/medsynapse (PER_PACKAGE mutants each, mutmut's operators), each mutant tested by the tests that executed its

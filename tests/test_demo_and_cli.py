@@ -10,6 +10,7 @@ import pytest
 from medsynapse.cli import main
 
 
+@pytest.mark.slow
 def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--set",
@@ -119,6 +120,7 @@ def test_cli_train_stage1_and_predict(tiny_env, tmp_path, capsys):
     assert printed == expected and len(model.processor.tokenizer(expected)["input_ids"]) <= 3 + 1
 
 
+@pytest.mark.slow
 def test_demo_over_seeds_summarises_and_reuses_finished_seeds(tmp_path, capsys):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     args = ["demo", "--output", str(out), "--cache-dir", str(cache), "--seeds", "0,1", "--set", "train_images=12",

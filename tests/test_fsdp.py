@@ -25,6 +25,8 @@ from test_distributed import (
     needs_torchrun,
 )
 
+pytestmark = pytest.mark.distributed
+
 
 def _held(folder) -> list[dict]:
     return [json.loads((folder / f"sharding.rank{rank}.json").read_text()) for rank in range(2)]

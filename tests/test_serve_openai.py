@@ -30,6 +30,8 @@ from medsynapse.model.vlm import completion_mask, completion_outputs, vision_fea
 from medsynapse.serve import ServeSettings, create_app
 from medsynapse.serve_choices import Choice, Vocabulary
 
+pytestmark = pytest.mark.slow
+
 MAX_NEW = 16  # the server's --max-new-tokens
 
 
