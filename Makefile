@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint docs venv browser clean mutation mutation-sample
+.PHONY: demo test lint typecheck docs venv browser clean mutation mutation-sample
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
 
+# mypy over src/medsynapse, as configured in pyproject's [tool.mypy]
+typecheck: venv
+	$(BIN)/mypy
+
 # The configuration reference, docs/configuration.md, generated from the config dataclasses (their field comments);
 # tests/test_config_reference.py fails when the committed file is stale.
 docs: venv
@@ -32,7 +36,7 @@ browser:
 		{ (apt-get update -q && apt-get install -y -q chromium) >/dev/null || \
 		  sudo sh -c 'apt-get update -q && apt-get install -y -q chromium' >/dev/null; }
 
-test: lint browser
+test: lint typecheck browser
 	$(BIN)/python -m pytest
 
 # The unit tests only (no demo-sized runs, server processes, torchrun or browser: pytest markers), for a quick check.
@@ -58,4 +62,4 @@ mutation-sample: venv
 	$(BIN)/python scripts/mutation_report.py --sample
 
 clean:
-	rm -rf runs mutants .pytest_cache .ruff_cache
+	rm -rf runs mutants .pytest_cache .ruff_cache .mypy_cache

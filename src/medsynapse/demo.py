@@ -332,8 +332,9 @@ def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out:
     # Latency side by side in one process; memory of each model in a fresh process (clean peak). 0 samples: none.
     folders = {"base": shared.vlm_base, "stage3_teacher": stage2_dir, "stage3_student": stage3_dir}
     timed_ids = [s.id for s in test[:config.efficiency_samples + 3]]
+    # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
     latency = timed("efficiency_latency", lambda: compare_latency(
-        {name: (lambda f=f: MedSynapseV.from_pretrained(f, merge_adapter=True)) for name, f in folders.items()},
+        {name: (lambda f=f: MedSynapseV.from_pretrained(f, merge_adapter=True)) for name, f in folders.items()},  # type: ignore[misc]
         test, n_timed=config.efficiency_samples)) if config.efficiency_samples else {}
     efficiency = {}
     for name, folder in folders.items() if config.efficiency_samples else ():

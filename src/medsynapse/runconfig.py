@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from medsynapse.config import ConfigError, apply_overrides, from_dict, read_yaml
 from medsynapse.data.corpora import CorpusSpec, check_specs
@@ -246,7 +246,8 @@ def resolve_baseline(run: RunConfig, method: str):
 
 def with_seed(run: RunConfig, seed: int) -> RunConfig:
     """The run with every stage (and so every baseline resolved from them) at training seed `seed`."""
-    return dataclasses.replace(run, **{stage: {**getattr(run, stage), "seed": seed} for stage in STAGES})
+    return dataclasses.replace(run, **cast("dict[str, Any]", {stage: {**getattr(run, stage), "seed": seed}
+                                                              for stage in STAGES}))  # stage1..3: dict fields
 
 
 def stage_recipe(stage: str):

@@ -537,7 +537,7 @@ def evaluate_model(job: Evaluation) -> dict:
     out = Path(job.output)
     result_path = out / "result.json"
     if result_path.is_file():
-        result = json.loads(result_path.read_text())
+        result: dict = json.loads(result_path.read_text())
         if result.get("settings") == json.loads(json.dumps(job.settings())):
             return result
     began = time.perf_counter()
@@ -556,12 +556,12 @@ def evaluate_model(job: Evaluation) -> dict:
     per_bench = {b: {k: m.get(k) for k in ("accuracy", "n", "unparseable", "by_question_type", "n_skipped")}
                  for b, m in metrics.items()}
     accuracies = [m["accuracy"] for m in per_bench.values() if m["accuracy"] is not None]
-    result: dict = {"model": job.name, "answer_format": answer_format,
-                    "accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
-                    "by_question_type": _pooled_types(per_bench), "benchmarks": per_bench,
-                    "efficiency": {"harness": {b: {k: m.get("efficiency", {}).get(k)
-                                                   for k in ("ms_per_sample", "peak_mem_mb", "batch_size")}
-                                               for b, m in metrics.items()}}}
+    result = {"model": job.name, "answer_format": answer_format,
+              "accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+              "by_question_type": _pooled_types(per_bench), "benchmarks": per_bench,
+              "efficiency": {"harness": {b: {k: m.get("efficiency", {}).get(k)
+                                             for k in ("ms_per_sample", "peak_mem_mb", "batch_size")}
+                                         for b, m in metrics.items()}}}
     first = load_source(job.benchmarks[0], job.data_root, out / ".images")
     samples = first.samples[: job.reliance_limit] if job.reliance_limit else first.samples
     if _has_memory(job.model) and job.reliance_conditions:
@@ -682,6 +682,7 @@ def run_jobs(plan: Plan, workers: int) -> None:
         jobs[f"eval {name}"] = (evaluate_model, evaluation,
                                 f"train {evaluation.after}" if evaluation.after else None)
     done = {name for name, (fn, job, _) in jobs.items() if _finished(fn, job)}
+    seconds: dict[str, list[float]]  # per kind of job, the times of those done (_finish)
     total, seconds = len(jobs), {"train": [], "eval": []}
     print(f"study: {total} jobs ({len(plan.units)} trainings, {len(plan.evaluations)} evaluations, "
           f"{len(plan.cells)} cells); {len(done)} already finished", flush=True)
@@ -856,7 +857,7 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
     the paired comparison against its reference row (eval/stats.compare: hierarchical bootstrap over seeds and
     questions, seed-level t, question-only bootstrap), p-values adjusted over each table (group) by
     `study.correction`; the data parity table."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name, spec in study.rows.items():
         per_seed = [cells[(name, seed)] for seed in study.seeds]
         numbers = {"accuracy": [c["accuracy"] for c in per_seed]}

@@ -21,8 +21,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from medsynapse.config import ConfigError
 
@@ -196,7 +197,8 @@ def _qwen_text_config(folder: Path) -> dict | None:
 
     if (folder / MANIFEST).is_file():
         try:
-            folder = Path(resolve_base(json.loads((folder / MANIFEST).read_text())["vlm"], folder, "vlm"))
+            # (a manifest without a VLM: Path(None) raises the TypeError caught below)
+            folder = Path(cast(str, resolve_base(json.loads((folder / MANIFEST).read_text())["vlm"], folder, "vlm")))
         except (OSError, ValueError, KeyError, TypeError):  # unreadable, or its base not found: sizes unknown
             return None
     try:
@@ -314,10 +316,10 @@ def step_memory(kind: str, config: Any, shape: VLMShape, n_memory: int = 0, worl
 
 def _largest_change(config: Any, keys: tuple[str, ...]) -> str:
     """Of the size keys a config has, the one furthest above its default (the one to lower, most likely)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(config)}
     ratios = {k: getattr(config, k) / max(1, defaults[k]) for k in keys
               if k in defaults and isinstance(defaults[k], int) and isinstance(getattr(config, k), int)}
-    return max(ratios, key=ratios.get) if ratios else "batch_size"
+    return max(ratios, key=cast("Callable[[str], float]", ratios.get)) if ratios else "batch_size"  # (its own keys)
 
 
 def check_memory(kind: str, config: Any, where: str, shape: VLMShape | None, n_memory: int = 0,

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
     resolve_config_arguments(args)
+    message: str | None
     try:
         return args.func(args)
     except expected_errors() as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -37,7 +38,7 @@ def load_nifti(path: str, view: VolumeView | None = None) -> Image.Image:
     import numpy as np
 
     view = view or VolumeView()
-    image = nib.load(path)
+    image: Any = nib.load(path)  # a NIfTI image; nibabel types `load` as its FileBasedImage base (no shape or affine)
     shape = tuple(int(n) for n in image.shape)
     if len(shape) > 4 or (len(shape) == 4 and shape[3] > 1):
         raise DataError(f"{path}: a {len(shape)}-D NIfTI volume of shape {shape} (a time series or several volumes); "
@@ -74,6 +75,7 @@ def load_nifti(path: str, view: VolumeView | None = None) -> Image.Image:
     for number in chosen:  # one slice at a time: a projection never holds its whole range
         part = _read_slice(image, shape, voxel_axis, number, path)
         plane = part if plane is None else np.fmax(plane, part)  # the maximum-intensity projection
+    assert plane is not None  # `chosen` is never empty
     rest = [axis for axis in range(3) if axis != voxel_axis]  # the plane's voxel axes, in file order
     for position, axis in enumerate(rest):  # increasing index = increasing RAS+ coordinate
         if orientation[axis, 1] < 0:

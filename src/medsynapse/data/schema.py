@@ -42,8 +42,9 @@ class Sample:
 
 
 _REQUIRED = {"id": str, "images": list, "question": str, "answer": str, "answer_type": str}
-_OPTIONAL = {"options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None)),
-             "prompt": str, "groups": dict, "system": str, "rationale": list}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None)),
+    "prompt": str, "groups": dict, "system": str, "rationale": list}
 
 
 def sample_from_record(record: object, source: str, line: int) -> Sample:
@@ -59,8 +60,8 @@ def sample_from_record(record: object, source: str, line: int) -> Sample:
             raise DataError(f"{where}: missing field '{name}'")
         if not isinstance(record[name], kind):
             raise DataError(f"{where}: field '{name}' must be {kind.__name__}, got {type(record[name]).__name__}")
-    for name, kind in _OPTIONAL.items():
-        if name in record and not isinstance(record[name], kind):
+    for name, kinds in _OPTIONAL.items():
+        if name in record and not isinstance(record[name], kinds):
             raise DataError(f"{where}: field '{name}' has the wrong type {type(record[name]).__name__}")
     unknown = set(record) - set(_REQUIRED) - set(_OPTIONAL)
     if unknown:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -105,7 +106,8 @@ class BenchmarkRun:
         self.rank, self.world, self.barrier = rank, world, barrier
         self.own_path = self.path if world == 1 else out_dir / f"predictions.part{rank}.jsonl"
         self.samples = benchmark.samples[: settings.limit] if settings.limit else benchmark.samples
-        self.samples = with_answer_format(self.samples, settings.answer_format)
+        # settings.answer_format: a format here (run_benchmarks resolves None to the model's own first)
+        self.samples = with_answer_format(self.samples, cast(str, settings.answer_format))
         # the protocol's answer budget; a reply in the reasoning format also writes its analysis (the paper's 1024)
         self.max_new_tokens = settings.max_new_tokens or (REASONING_BUDGET if settings.answer_format == "reasoning"
                                                           else benchmark.max_new_tokens)
@@ -224,9 +226,10 @@ class BenchmarkRun:
     def score(self, sample: Sample, text: str, ms: float) -> dict:
         if self.benchmark.scorable:
             correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options,
-                                      self.settings.answer_format)
+                                      cast(str, self.settings.answer_format))
         else:
-            correct, got = None, extract(text, sample.answer_type, sample.options, self.settings.answer_format)
+            correct, got = None, extract(text, sample.answer_type, sample.options,
+                                         cast(str, self.settings.answer_format))
         return {"id": sample.id, "prompt": sample.model_prompt, **({"system": sample.system} if sample.system else {}),
                 "n_images": len(sample.images), "raw": text,
                 "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct,
@@ -276,7 +279,8 @@ def compute_metrics(benchmark: Benchmark, lines: list[dict], settings: EvalSetti
             "by_modality": _accuracy_table(scored, lambda x: x.get("modality", "")),
             "by_question_type": _accuracy_table(scored, lambda x: x.get("question_type", "")),
             "by_answer_type": _accuracy_table(scored, lambda x: x.get("answer_type", "")),
-            "by_group": {g: _accuracy_table(scored, lambda x, g=g: x.get("groups", {}).get(g, ""))
+            # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
+            "by_group": {g: _accuracy_table(scored, lambda x, g=g: x.get("groups", {}).get(g, ""))  # type: ignore[misc]
                          for g in group_keys}}
 
 
@@ -378,7 +382,8 @@ def _evaluate_locked(state, model_path: str, model: MedSynapseV, benches: dict[s
         out_dir = output / name
         job = BenchmarkRun(model, bench, out_dir, settings, str(model_path), state.process_index,
                            state.num_processes, state.wait_for_everyone)
-        efficiency = job.run(None if on_batch is None else lambda i, name=name: on_batch(name, i))
+        # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
+        efficiency = job.run(None if on_batch is None else lambda i, name=name: on_batch(name, i))  # type: ignore[misc]
         if state.num_processes > 1:
             efficiency = combine_efficiency(gather_object([efficiency]))
         if not state.is_main_process:

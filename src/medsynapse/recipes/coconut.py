@@ -57,6 +57,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -69,6 +70,9 @@ from medsynapse.model.latent import ivt_latents, latent_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features
 from medsynapse.recipes import sharding, trainer
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig
 
 
 @dataclass
@@ -182,7 +186,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     datasets: dict[int, VQADataset] = {}
 
     per_latent = 1 + config.patches_per_step  # slots per latent step
-    layers = core_vlm(model.vlm).config.text_config.num_hidden_layers
+    layers = cast("Qwen3VLTextConfig", core_vlm(model.vlm).config.text_config).num_hidden_layers
     layer = config.selection_layer if config.selection_layer >= 0 else layers // 2
     if layer >= layers:
         raise ValueError(f"selection_layer {layer} >= the VLM's {layers} decoder layers")

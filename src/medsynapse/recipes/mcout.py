@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from medsynapse.model.latent import LatentAttentionConfig, MultimodalLatentAtten
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features, with_slots
 from medsynapse.recipes import trainer
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig
 
 
 @dataclass
@@ -66,8 +70,8 @@ class MCOUTConfig:
     report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
 
 
-def mcout_loss(model: MedSynapseV, module: nn.Module, prompts: PromptBuilder, items: list, k: int, mu: float,
-               features, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mcout_loss(model: MedSynapseV, module: MultimodalLatentAttention, prompts: PromptBuilder, items: list, k: int,
+               mu: float, features, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, final) loss of one batch: CE(answer | all k thoughts) + mu * sum_t CE(answer | thoughts 1..t).
     `items` are the batch's samples encoded with k slots and their answers; the t-slot prompts are derived from them
     (`with_slots`). Thoughts 1..t do not depend on later slots, so they are computed once, with k slots."""
@@ -98,7 +102,7 @@ def train_mcout(config: MCOUTConfig, on_step: Callable[[int], None] | None = Non
     torch.manual_seed(config.seed)
     model = MedSynapseV.plain_with_lora(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         config.lora_targets, dtype=config.dtype)
-    hidden = core_vlm(model.vlm).config.text_config.hidden_size
+    hidden = cast("Qwen3VLTextConfig", core_vlm(model.vlm).config.text_config).hidden_size
     module = MultimodalLatentAttention(LatentAttentionConfig(hidden, config.attention_dim, config.attention_heads))
     trained = nn.ModuleDict({"vlm": model.vlm, "latent_attention": module}).to(accelerator.device)
 

@@ -29,7 +29,7 @@ class Recipe:
     forced: tuple[str, ...] = ()  # KEY=VALUE a flat recipe file always gets (the method's own settings)
     unless_set: tuple[tuple[str, Any], ...] = ()  # (key, value) a flat file gets when it leaves the key falsy
 
-    def config_class(self) -> type:
+    def config_class(self) -> type[Any]:
         return getattr(importlib.import_module(f"medsynapse.recipes.{self.module}"), self.config_name)
 
     def train(self):

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -83,7 +84,7 @@ def base_vlm_path(folder: str | Path) -> str:
     if data.get("adapter"):
         warnings.warn(f"{folder}: its LoRA adapter is not used; SFT trains a fresh one on the base VLM {vlm}",
                       stacklevel=2)
-    return vlm
+    return cast(str, vlm)  # a manifest always names its VLM
 
 
 def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reduction: str = "token") -> torch.Tensor:

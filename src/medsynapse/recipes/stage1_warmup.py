@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +20,10 @@ from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
+
+if TYPE_CHECKING:
+    from medsynapse.model.encoders import PriorEncoder
+    from medsynapse.model.memory import DiagnosticMemorySampler
 
 
 @dataclass
@@ -75,7 +80,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
         trainer.train_without_dropout(model.vlm)  # transformers only checkpoints in train mode
-    model.encoder.to(accelerator.device)
+    cast("PriorEncoder", model.encoder).to(accelerator.device)  # built from config.encoder (check_paths requires it)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=True)
@@ -84,7 +89,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     attach_reference_bank(model, priors, config.reference_bank_size, required=False)
 
     total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
-    sampler = model.sampler.train()
+    sampler = cast("DiagnosticMemorySampler", model.sampler).train()  # built with the encoder
     optimizer = trainer.adamw(sampler, config.lr, config.weight_decay)
     scheduler = trainer.cosine_schedule(optimizer, total_steps, config.warmup_ratio)
     wrapped, optimizer, scheduler = accelerator.prepare(sampler, optimizer, scheduler)
@@ -104,7 +109,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
         prior, counts = select_priors(priors, prior_row, indices)
         memory = wrapped(prior.tokens.to(accelerator.device), prior.grid, images_per_sample=counts)
         logits = model.forward(batch, memory, labels=None).logits
-        loss = answer_nll(logits, batch.labels, config.loss_reduction)
+        loss = answer_nll(logits, cast(torch.Tensor, batch.labels), config.loss_reduction)  # collated with answers
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
         optimizer.step()

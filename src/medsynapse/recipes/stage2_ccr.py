@@ -297,6 +297,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         memory = memory_cf = None
         with torch.no_grad():
             if config.use_memory:
+                assert priors is not None and prior_row is not None  # use_memory: prior_table made them
                 prior, counts = select_priors(priors, prior_row, indices)
                 prior = prior.to(accelerator.device)
                 memory = model.memory(prior, images_per_sample=counts)[rows]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +34,9 @@ from medsynapse.objectives.alignment import memory_alignment_loss
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.priors import prior_table, select_priors
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
 TRAJECTORIES = ("student", "teacher")
 
@@ -105,8 +109,9 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     vlm_core = core_vlm(model.vlm)
     # A_psi tells a question's images apart as the teacher's P_phi does
     model.autonomous = AutonomousMemoryModule(AutonomousConfig(
-        hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
-        embed_rms=embedding_rms(vlm_core.get_input_embeddings()), pooling=config.pooling,
+        hidden_size=cast("Qwen3VLTextConfig", vlm_core.config.text_config).hidden_size, n_memory=model.n_memory,
+        mlp_hidden=config.mlp_hidden,
+        embed_rms=embedding_rms(cast(torch.nn.Embedding, vlm_core.get_input_embeddings())), pooling=config.pooling,
         attention_dim=config.attention_dim, max_images=model.sampler.config.max_images))
     sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
     if sharded:  # on the CPU (no rank holds the whole VLM on its device); A_psi stays replicated
@@ -146,7 +151,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
             features = vision_features(model.vlm, batch)
             teacher_memory = model.sampler(prior.tokens.to(accelerator.device), prior.grid, images_per_sample=counts)
 
-        merge = vlm_core.config.vision_config.spatial_merge_size
+        merge = cast("Qwen3VLVisionConfig", vlm_core.config.vision_config).spatial_merge_size
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
         student_memory = student(features.pooler_output, grids, batch.images_per_sample)
 
@@ -172,7 +177,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
                                          hidden=config.fused_jsd)
         model.vlm.eval()
         if config.fused_jsd:
-            loss = generalized_jsd_from_hidden(student_out, teacher_out, lm_head, mask, config.beta,
+            loss = generalized_jsd_from_hidden(student_out, teacher_out, cast(torch.Tensor, lm_head), mask, config.beta,
                                                config.jsd_temperature, config.jsd_chunk_size, num_items)
         else:
             loss = generalized_jsd(student_out, teacher_out, mask, config.beta, config.jsd_temperature,

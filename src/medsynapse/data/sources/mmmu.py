@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources.common import (
@@ -81,8 +82,8 @@ def _sample(row: dict, subject: str, where: str, store: ImageStore) -> Sample:
     if not images:
         raise DataError(f"{where}: field 'image_1': no image in image_1..image_7")
     answer = str(require(row, "answer", where)).strip()
-    extra = {"question_type": str(row.get("question_type", "")), "groups": {"subject": subject,
-             "difficulty": str(row.get("topic_difficulty", ""))}}
+    extra: dict[str, Any] = {"question_type": str(row.get("question_type", "")), "groups": {"subject": subject,
+                             "difficulty": str(row.get("topic_difficulty", ""))}}
     if require(row, "question_type", where, str) == "multiple-choice":
         texts = [_IMAGE_TAG.sub(r"[image \1]", t) for t in parse_options(require(row, "options", where), where)]
         options = dict(zip(LETTERS, texts, strict=False))
