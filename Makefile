@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck docs venv browser clean mutation mutation-sample
+.PHONY: demo test test-fast lint typecheck docs venv browser clean mutation mutation-sample
 
 venv: $(VENV)/.installed
 

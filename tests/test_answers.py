@@ -169,6 +169,7 @@ _GOLDS = st.one_of(st.integers(-100, 5000).map(str), st.sampled_from(
 @example("x = 2", "2")
 @example("Thus: ,", "a")
 @example("The answer is 1,234.", "1234")
+@pytest.mark.slow
 def test_mmmu_open_rule_equals_the_official_scorer(response, gold):
     from reference.mmmu_eval_utils import eval_open, parse_open_response
 

@@ -70,6 +70,7 @@ def test_a_bad_rationale_is_refused_naming_the_field():
             sample_from_record({**record, "rationale": bad}, "f.jsonl", 3)
 
 
+@pytest.mark.slow
 def test_cot_sft_learns_steps_then_the_tagged_answer_and_replies_in_that_format(tiny_env, tmp_path, capsys):
     from medsynapse.answers import REASONING_INSTRUCTION, reasoning_target
     from medsynapse.data.dataset import training_dataset

@@ -55,6 +55,7 @@ def test_a_stage_only_file_is_bounded_by_the_vlm_its_model_folder_holds(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_app_turns_gradio_analytics_off_unless_the_user_chose(monkeypatch):
     from medsynapse import app
 
