@@ -7,7 +7,7 @@ Reads top to bottom: config -> model -> data -> optimiser -> (resume) -> loop ->
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -19,6 +19,7 @@ from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import TrainingConfig
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 if TYPE_CHECKING:
@@ -27,31 +28,18 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Stage1Config:
+class Stage1Config(TrainingConfig):
     vlm: str = ""
     encoder: str = ""
-    train_file: str = ""
     output_dir: str = "runs/stage1"
     n_memory: int = 16
     sampler_width: int = 256
     sampler_layers: int = 2
     sampler_heads: int = 4
     lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    batch_size: int = 32  # global batch, split over processes
     epochs: float = 3.0
     max_steps: int = 0  # > 0 overrides epochs
-    grad_clip: float = 1.0
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    families: list[str] = field(default_factory=list)  # empty = every family
-    answer_types: list[str] = field(default_factory=list)  # empty = every answer type (captions included)
     loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual

@@ -55,26 +55,21 @@ from medsynapse.objectives.rewards import (
     composite_reward,
 )
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import LoRAConfig, TrainingConfig
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 
 @dataclass
-class Stage2Config:
+class Stage2Config(TrainingConfig, LoRAConfig):
     model: str = ""  # a Stage I folder (sampler + VLM + encoder); a plain VLM folder with use_memory: false
     use_memory: bool = True  # false: plain GRPO on the VLM (no memory, λ_causal must be 0), e.g. to compare with TRL
-    train_file: str = ""
     output_dir: str = "runs/stage2"
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     group_size: int = 4
     batch_size: int = 8  # prompts per step (global); each has group_size rollouts
     max_steps: int = 200
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
     temperature: float = 0.7
     top_p: float = 0.95
     # keyed: per-rollout noise from (seed, step, position), the same on any world size (model/sampling.py) | torch:
@@ -105,15 +100,10 @@ class Stage2Config:
     num_iterations: int = 1
     beta: float = 0.0  # KL to the adapter-disabled model
     advantage_eps: float = 1e-4
-    families: list[str] = field(default_factory=list)
     answer_types: list[str] = field(default_factory=lambda: ["yes_no", "multiple_choice", "open"])
     record_last_fraction: float = 0.2  # r_causal of correct / wrong rollouts is summarised over this tail
     save_every: int = 50
     log_every: int = 1
-    seed: int = 0
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing

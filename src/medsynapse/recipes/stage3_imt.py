@@ -33,6 +33,7 @@ from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, 
 from medsynapse.objectives.alignment import memory_alignment_loss
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import TrainingConfig
 from medsynapse.recipes.priors import prior_table, select_priors
 
 if TYPE_CHECKING:
@@ -42,21 +43,15 @@ TRAJECTORIES = ("student", "teacher")
 
 
 @dataclass
-class Stage3Config:
+class Stage3Config(TrainingConfig):
     model: str = ""  # a Stage II folder (VLM + LoRA + sampler + encoder)
-    train_file: str = ""
     output_dir: str = "runs/stage3"
     mlp_hidden: int = 0  # 0 = the VLM hidden size (paper: 2-layer MLP at width 4096)
     pooling: str = "attention"  # A_psi's pooling of the visual tokens: attention (content-selective) | grid
     attention_dim: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    batch_size: int = 32
     max_steps: int = 300  # > 0: this many steps; 0: `epochs` passes over the data (one on-policy trajectory per sample
     # per step, as in the paper)
     epochs: float = 0.0
-    grad_clip: float = 1.0
     beta: float = 0.5
     # whose trajectories the JSD is taken on: student (on-policy, the paper: y ~ pi^-, with A_psi's memory) | teacher
     # (off-policy: sequences sampled with the privileged memory M_pri, the distillation ablation)
@@ -68,14 +63,7 @@ class Stage3Config:
     max_new_tokens: int = 16
     fused_jsd: bool = False  # True: JSD from hidden states + lm_head chunk by chunk (no full logits)
     jsd_chunk_size: int = 32
-    families: list[str] = field(default_factory=list)
     answer_types: list[str] = field(default_factory=lambda: ["yes_no", "multiple_choice", "open"])
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     memory_alignment: float = 0.0  # weight of ||M_auto − M_pri||² / ||M_pri||² added to the JSD
     # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
