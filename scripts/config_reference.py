@@ -24,6 +24,7 @@ import json
 import sys
 import textwrap
 import tokenize
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,9 +125,12 @@ def describe_fields(cls: type) -> list[dict]:
         if dataclasses.is_dataclass(klass) and "__dataclass_fields__" in vars(klass):
             written.update(_own_fields(klass))
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         info = written.get(f.name, {"type": str(f.type), "comment": ""})
-        rows.append({"key": f.name, "type": info["type"], "default": _default(f),
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+        kind = " | ".join(json.dumps(c) for c in choices) if choices else info["type"]  # a choice: its values
+        rows.append({"key": f.name, "type": kind, "default": _default(f),
                      "meaning": str(f.metadata.get("help", "")) or info["comment"]})
     return rows
 

@@ -134,3 +134,30 @@ def test_a_run_file_without_a_baselines_section_gets_the_methods_own_settings(tm
     assert (resolve_baseline(run, "sft").target, resolve_baseline(run, "cot-sft").target) == ("answer", "rationale")
     grpo = resolve_baseline(run, "grpo")
     assert (grpo.use_memory, grpo.lambda_causal, grpo.model) == (False, 0.0, "V")
+
+
+@pytest.mark.parametrize(("override", "key"), [("stage2.dtype=float8", "stage2.dtype"),
+                                               ("stage3.pooling=mean", "stage3.pooling"),
+                                               ("baselines.cot-sft.target=essay", "baselines.cot-sft.target")])
+def test_an_unknown_choice_is_refused_when_the_file_is_read_naming_file_key_and_values(override, key):
+    from medsynapse.config import ConfigError
+    from medsynapse.recipes.config_base import CHOICES
+    from medsynapse.runconfig import show
+
+    path = ROOT / "configs" / "medsynapse-v-8b.yaml"
+    with pytest.raises(ConfigError) as caught:
+        show(read_run_config(path, [override]))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}.{key}: ")
+    assert str(list(CHOICES[key.rsplit(".", 1)[1]])) in message
+
+
+def test_a_flat_file_with_an_unknown_choice_names_its_key(tmp_path):
+    from medsynapse.config import ConfigError, load_config
+    from medsynapse.recipes.sft import SFTConfig
+
+    flat = tmp_path / "sft.yaml"
+    flat.write_text("model: M\ndistributed: zero3\n")
+    with pytest.raises(ConfigError, match=r"sft\.yaml\.distributed: 'zero3'; expected one of \['ddp', 'fsdp'\]"):
+        load_config(SFTConfig, flat)
+    assert load_config(SFTConfig, flat, ["distributed=fsdp"]).distributed == "fsdp"

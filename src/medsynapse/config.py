@@ -29,6 +29,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if origin is typing.Literal:  # a choice: one line naming the key and the valid values
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r}; expected one of {list(args)}")
+        return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping")

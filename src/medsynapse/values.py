@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from medsynapse.config import ConfigError
+from medsynapse.recipes.config_base import CHOICES
 
 MAX_MEMORY_SLOTS = 1024  # N: P_phi's probes / memory vectors (the paper: 16)
 MAX_WIDTH = 65_536  # any width: P_phi's, A_psi's MLP and query width, a LoRA rank, prior_dim
@@ -90,18 +91,7 @@ RULES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
 }
 CLASS_RULES = {"Stage3Config": {"beta": (_FLOAT, 0, 1, False, False)}}  # the generalized JSD's β
 OPTIONAL = {"causal_clip", "epsilon_high", "max_new_tokens", "limit"}  # None (null) is a value of these
-CHOICES: dict[str, tuple[str, ...]] = {
-    "dtype": ("auto", "float32", "bfloat16", "float16", "float64"),
-    "distributed": ("ddp", "fsdp"),
-    "report_to": ("tensorboard", "wandb", "mlflow", "none"),
-    "loss_reduction": ("token", "sample", "sum"),
-    "answer_format": ("direct", "reasoning"),
-    "pooling": ("attention", "grid"),
-    "trajectories": ("student", "teacher"),
-    "target": ("answer", "rationale"),
-    "loss_type": ("grpo", "dr_grpo", "dapo"),
-    "rollout_sampling": ("keyed", "torch"),
-}
+# CHOICES: the Literal types of recipes/config_base.py (config.from_dict checks them when a file is read)
 
 
 def _fail(where: str, message: str) -> None:

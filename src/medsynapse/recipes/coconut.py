@@ -70,7 +70,7 @@ from medsynapse.model.latent import ivt_latents, latent_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.config_base import LoRAConfig, TrainingConfig
+from medsynapse.recipes.config_base import Distributed, LoRAConfig, LossReduction, TrainingConfig
 
 if TYPE_CHECKING:
     from transformers import Qwen3VLTextConfig
@@ -91,10 +91,10 @@ class CoconutConfig(TrainingConfig, LoRAConfig):
     epochs_per_stage: float = 1.0  # reference 3 (GPT-2); fewer for large pretrained models (coconut#11)
     lr: float = 1e-5  # reference 1e-4 (GPT-2); ~1e-5 for large pretrained models, as its maintainers advise
     warmup_ratio: float = 0.0
-    loss_reduction: str = "token"
+    loss_reduction: LossReduction = "token"
     # ddp: one process (several forwards before one backward: DDP refuses) | fsdp: the VLM and its LoRA sharded over
     # the ranks (recipes/sharding), which allows it
-    distributed: str = "ddp"
+    distributed: Distributed = "ddp"
 
 
 def n_stages(max_latent_stage: int, final_stage: bool = True) -> int:

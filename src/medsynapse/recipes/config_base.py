@@ -7,6 +7,25 @@ only its own fields; it redeclares a shared field only to give it another defaul
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+# The choices a config value may take: checked when a file is read (config.from_dict: one line naming the file, the
+# key and these values) and again by values.py for configs built in code.
+DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+ReportTo = Literal["tensorboard", "wandb", "mlflow", "none"]
+Distributed = Literal["ddp", "fsdp"]
+LossReduction = Literal["token", "sample", "sum"]
+AnswerFormat = Literal["direct", "reasoning"]
+Pooling = Literal["attention", "grid"]
+Trajectories = Literal["student", "teacher"]
+SFTTarget = Literal["answer", "rationale"]
+LossType = Literal["grpo", "dr_grpo", "dapo"]
+RolloutSampling = Literal["keyed", "torch"]
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": get_args(DType), "distributed": get_args(Distributed), "report_to": get_args(ReportTo),
+    "loss_reduction": get_args(LossReduction), "answer_format": get_args(AnswerFormat), "pooling": get_args(Pooling),
+    "trajectories": get_args(Trajectories), "target": get_args(SFTTarget), "loss_type": get_args(LossType),
+    "rollout_sampling": get_args(RolloutSampling)}
 
 
 @dataclass
@@ -24,8 +43,8 @@ class TrainingConfig:
     log_every: int = 10
     seed: int = 0
     resume: bool = False  # continue from the newest intact checkpoint in output_dir
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
+    dtype: DType = "float32"
+    report_to: ReportTo = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
 
 
 @dataclass

@@ -34,7 +34,7 @@ from medsynapse.model.latent import LatentAttentionConfig, MultimodalLatentAtten
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features, with_slots
 from medsynapse.recipes import trainer
-from medsynapse.recipes.config_base import LoRAConfig, TrainingConfig
+from medsynapse.recipes.config_base import LoRAConfig, LossReduction, TrainingConfig
 
 if TYPE_CHECKING:
     from transformers import Qwen3VLTextConfig
@@ -52,7 +52,7 @@ class MCOUTConfig(TrainingConfig, LoRAConfig):
     warmup_ratio: float = 0.0
     max_steps: int = 0
     epochs: float = 1.0
-    loss_reduction: str = "token"
+    loss_reduction: LossReduction = "token"
 
 
 def mcout_loss(model: MedSynapseV, module: MultimodalLatentAttention, prompts: PromptBuilder, items: list, k: int,

@@ -38,7 +38,7 @@ from medsynapse.model.bases import resolve_base
 from medsynapse.model.medsynapse import MANIFEST, MedSynapseV
 from medsynapse.model.vlm import PromptBatch, vision_features
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.config_base import LoRAConfig, TrainingConfig
+from medsynapse.recipes.config_base import Distributed, LoRAConfig, LossReduction, SFTTarget, TrainingConfig
 
 
 @dataclass
@@ -49,12 +49,13 @@ class SFTConfig(TrainingConfig, LoRAConfig):
     weight_decay: float = 0.0
     max_steps: int = 500  # 0: `epochs` decide
     epochs: float = 0.0  # passes over the training samples when max_steps is 0
-    loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
+    loss_reduction: LossReduction = "token"  # token | sample | sum (see objectives.ntp)
     # answer: learn the gold answer (SFT); rationale: learn the reasoning steps, then the answer in <answer></answer>,
     # to a prompt in the `reasoning` format (CoT-SFT: the explicit-CoT row; it decodes its steps at inference)
-    target: str = "answer"
+    target: SFTTarget = "answer"
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
-    distributed: str = "ddp"  # ddp | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding, as Stage II)
+    # ddp | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding, as Stage II)
+    distributed: Distributed = "ddp"
 
 
 def base_vlm_path(folder: str | Path) -> str:

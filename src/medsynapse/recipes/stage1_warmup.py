@@ -19,7 +19,7 @@ from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.config_base import TrainingConfig
+from medsynapse.recipes.config_base import Distributed, LossReduction, TrainingConfig
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 if TYPE_CHECKING:
@@ -39,11 +39,12 @@ class Stage1Config(TrainingConfig):
     lr: float = 2e-4
     epochs: float = 3.0
     max_steps: int = 0  # > 0 overrides epochs
-    loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
+    loss_reduction: LossReduction = "token"  # token | sample | sum (see objectives.ntp)
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
-    distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    distributed: Distributed = "ddp"
     max_images: int = 1  # images per question P_phi tells apart by an image-index embedding (model/memory.py)
 
 

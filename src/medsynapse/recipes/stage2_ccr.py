@@ -55,7 +55,14 @@ from medsynapse.objectives.rewards import (
     composite_reward,
 )
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.config_base import LoRAConfig, TrainingConfig
+from medsynapse.recipes.config_base import (
+    AnswerFormat,
+    Distributed,
+    LoRAConfig,
+    LossType,
+    RolloutSampling,
+    TrainingConfig,
+)
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 
@@ -74,7 +81,7 @@ class Stage2Config(TrainingConfig, LoRAConfig):
     top_p: float = 0.95
     # keyed: per-rollout noise from (seed, step, position), the same on any world size (model/sampling.py) | torch:
     # transformers' sampler on the process RNG
-    rollout_sampling: str = "keyed"
+    rollout_sampling: RolloutSampling = "keyed"
     max_new_tokens: int = 16
     lambda_acc: float = 1.0
     lambda_causal: float = 0.5
@@ -94,7 +101,7 @@ class Stage2Config(TrainingConfig, LoRAConfig):
     # |A| ≤ 1e-3). On the demo (3 seeds) 0.5 and 0.1 did not differ (0.422 ± 0.092 vs 0.432 ± 0.133; an earlier README)
     intervention: str = "zero"  # zero (paper) | drop | inpaint | reference (model/counterfactual.py)
     reference_bank_size: int = 256  # the `reference` bank, rebuilt from this run's training images and saved
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo
+    loss_type: LossType = "grpo"  # grpo | dr_grpo | dapo
     epsilon: float = 0.2
     epsilon_high: float | None = None
     num_iterations: int = 1
@@ -105,11 +112,11 @@ class Stage2Config(TrainingConfig, LoRAConfig):
     save_every: int = 50
     log_every: int = 1
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
-    answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
+    answer_format: AnswerFormat = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     # ddp: every rank holds the VLM | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding), sharded
     # checkpoints (torch.distributed.checkpoint), the same single-folder output
-    distributed: str = "ddp"
+    distributed: Distributed = "ddp"
 
 
 @dataclass

@@ -33,7 +33,14 @@ from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, 
 from medsynapse.objectives.alignment import memory_alignment_loss
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
-from medsynapse.recipes.config_base import TrainingConfig
+from medsynapse.recipes.config_base import (
+    AnswerFormat,
+    Distributed,
+    Pooling,
+    RolloutSampling,
+    TrainingConfig,
+    Trajectories,
+)
 from medsynapse.recipes.priors import prior_table, select_priors
 
 if TYPE_CHECKING:
@@ -47,7 +54,7 @@ class Stage3Config(TrainingConfig):
     model: str = ""  # a Stage II folder (VLM + LoRA + sampler + encoder)
     output_dir: str = "runs/stage3"
     mlp_hidden: int = 0  # 0 = the VLM hidden size (paper: 2-layer MLP at width 4096)
-    pooling: str = "attention"  # A_psi's pooling of the visual tokens: attention (content-selective) | grid
+    pooling: Pooling = "attention"  # A_psi's pooling of the visual tokens: attention (content-selective) | grid
     attention_dim: int = 256
     max_steps: int = 300  # > 0: this many steps; 0: `epochs` passes over the data (one on-policy trajectory per sample
     # per step, as in the paper)
@@ -55,11 +62,11 @@ class Stage3Config(TrainingConfig):
     beta: float = 0.5
     # whose trajectories the JSD is taken on: student (on-policy, the paper: y ~ pi^-, with A_psi's memory) | teacher
     # (off-policy: sequences sampled with the privileged memory M_pri, the distillation ablation)
-    trajectories: str = "student"
+    trajectories: Trajectories = "student"
     jsd_temperature: float = 1.0  # separate from the sampling temperature (one value served both in the reference)
     sample_temperature: float = 1.0
     top_p: float = 0.95
-    rollout_sampling: str = "keyed"  # keyed: world-size invariant draws (model/sampling.py) | torch
+    rollout_sampling: RolloutSampling = "keyed"  # keyed: world-size invariant draws (model/sampling.py) | torch
     max_new_tokens: int = 16
     fused_jsd: bool = False  # True: JSD from hidden states + lm_head chunk by chunk (no full logits)
     jsd_chunk_size: int = 32
@@ -67,9 +74,10 @@ class Stage3Config(TrainingConfig):
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     memory_alignment: float = 0.0  # weight of ||M_auto − M_pri||² / ||M_pri||² added to the JSD
     # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
-    answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
+    answer_format: AnswerFormat = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
-    distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    distributed: Distributed = "ddp"
 
 
 @trainer.one_run_per_folder
