@@ -105,3 +105,25 @@ def test_inherited_fields_keep_their_comments():
     rows = {row["key"]: row for row in _script().describe_fields(Child)}
     assert rows["lr"]["meaning"] == "the learning rate" and rows["extra"]["meaning"] == ""
     assert [f.name for f in dataclasses.fields(Child)] == list(rows)
+
+
+def test_config_show_explain_gives_every_resolved_key_once_with_its_meaning(capsys):
+    import json as json_module
+
+    from medsynapse.cli import main
+    from medsynapse.runconfig import read_run_config, show
+
+    path = ROOT / "configs" / "medsynapse-v-8b.yaml"
+    assert main(["config", "show", str(path), "--explain"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    resolved = show(read_run_config(path))
+    expected = ["output"] + [f"{section}.{key}" for section in ("model", "data", "eval", "stage1", "stage2", "stage3")
+                             for key in resolved[section]]
+    expected += [f"baselines.{method}.{key}" for method, values in resolved["baselines"].items() for key in values]
+    assert [line.split(":", 1)[0] for line in lines] == expected
+    by_key = {line.split(":", 1)[0]: line for line in lines}
+    assert by_key["stage2.dtype"] == ('stage2.dtype: "bfloat16"  # one of "auto" | "float32" | "bfloat16" | '
+                                      '"float16" | "float64"')
+    assert by_key["model.n_memory"].endswith("  # N probes / memory vectors")
+    assert by_key["stage2.causal_form"].startswith('stage2.causal_form: "paper"  # paper: ')
+    assert json_module.loads(by_key["stage2.lr"].split(": ", 1)[1]) == resolved["stage2"]["lr"]
