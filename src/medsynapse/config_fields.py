@@ -36,7 +36,7 @@ def _own_fields(cls: type) -> dict[str, dict]:
             comments[token.start[0]] = token.string.lstrip("#").strip()
         elif token.type not in SKIP:
             code_lines.update(range(token.start[0], token.end[0] + 1))
-    fields = [(n.target.id, n.lineno, n.end_lineno, ast.unparse(n.annotation)) for n in node.body
+    fields = [(n.target.id, n.lineno, n.end_lineno or n.lineno, ast.unparse(n.annotation)) for n in node.body
               if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
     starts = {start: name for name, start, _, _ in fields}
     ends = {end: name for name, _, end, _ in fields}
