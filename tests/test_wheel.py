@@ -10,6 +10,7 @@ step (SynthMed's data) with the bundled run file's settings.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    """`command` with this environment minus PYTHONPATH (which could point at a checkout's sources)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
