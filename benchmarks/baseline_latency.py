@@ -22,12 +22,12 @@ import torch
 
 
 def main() -> None:
+    from medsynapse.answers import format_prompt, is_correct
     from medsynapse.data.images import load_image
     from medsynapse.data.schema import read_samples
     from medsynapse.eval.efficiency import measure_isolated
     from medsynapse.model.medsynapse import MedSynapseV
     from medsynapse.model.vlm import completion_mask, vision_features
-    from medsynapse.objectives.answers import format_prompt, is_correct
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a SynthMed split (its lesion questions are timed)")

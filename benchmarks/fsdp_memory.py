@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--gpus", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from medsynapse.recipes.inspect import build_meta_vlm, from_run, report
+    from medsynapse.inspection import build_meta_vlm, from_run, report
     from medsynapse.runconfig import read_run_config
 
     config = from_run(read_run_config(args.config))

@@ -49,6 +49,7 @@ def build(preset: str, device: str, dtype: torch.dtype, model_section=None):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from medsynapse.data.synthmed import corpus_lines
+    from medsynapse.inspection import PRESETS
     from medsynapse.model.medsynapse import MedSynapseV
     from medsynapse.model.memory import (
         AutonomousConfig,
@@ -58,7 +59,6 @@ def build(preset: str, device: str, dtype: torch.dtype, model_section=None):
     )
     from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
     from medsynapse.model.vlm import load_processor
-    from medsynapse.recipes.inspect import PRESETS
 
     # A small local tokenizer + processor (448 px -> 28x28 patches -> 196 visual tokens); its ids fit any vocabulary.
     folder = build_tiny_vlm(tempfile.mkdtemp(), corpus_lines(), TinyVLMSpec(vlm_resolution=448))
@@ -379,7 +379,7 @@ def rollout_kv_cache_gib(vlm_config, rollouts: int, sequence: int, weight_bytes:
 def meta_estimate(config_path: str, overrides: list[str]) -> dict:
     """No GPU: the run's parameters and weights + optimizer memory per stage on the meta device (`medsynapse
     inspect`), plus the Stage II / III rollouts' KV cache at the file's batch and generation length."""
-    from medsynapse.recipes.inspect import build_meta_vlm, format_report, from_run, report
+    from medsynapse.inspection import build_meta_vlm, format_report, from_run, report
     from medsynapse.runconfig import read_run_config, resolve
 
     run = read_run_config(config_path, overrides)

@@ -37,11 +37,11 @@ def trl(args) -> list[float]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from medsynapse.answers import is_correct
     from medsynapse.data.images import load_image
     from medsynapse.data.schema import read_samples
     from medsynapse.model.medsynapse import lora_target_regex
     from medsynapse.model.vlm import load_vlm
-    from medsynapse.objectives.answers import is_correct
 
     samples = [s for s in read_samples(args.train_file) if s.family == "lesion"
                and s.answer_type in ("yes_no", "multiple_choice")]

@@ -1,5 +1,5 @@
-"""The README's screenshot of `medsynapse app` (docs/app.png): the demo's teacher and student side by side on a
-held-out SynthMed scan with a lesion, sent as a DICOM, asked the presence question, in headless chromium.
+"""The screenshot of `medsynapse app` in docs/serving.md (docs/app.png): the demo's teacher and student side by side
+on a held-out SynthMed scan with a lesion, sent as a DICOM, asked the presence question, in headless chromium.
 
 Usage: python scripts/app_screenshot.py --model runs/demo/stage2 --compare runs/demo/stage3_student
        --data DATA/test.jsonl [--out docs/app.png] [--chromium /usr/bin/chromium]

@@ -134,3 +134,14 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", window=None, slope=1.0,
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = pixels.astype(np.uint16 if colour else np.int16).tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="session")
+def distributed_stage1(tiny_env, tmp_path_factory) -> Path:
+    """One Stage I folder (test_distributed's settings, trained by one process) that the DDP and FSDP2 Stage II/III
+    tests start from, read-only: trained once per session instead of once per test."""
+    from test_distributed import _config, _probe
+
+    out = tmp_path_factory.mktemp("distributed_stage1") / "s1"
+    _probe(["train", "stage1", "--config", str(_config(tiny_env, out))], out.parent / "probe-s1")
+    return out

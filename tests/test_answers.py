@@ -9,7 +9,7 @@ from conftest import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from medsynapse.objectives.answers import (
+from medsynapse.answers import (
     Extraction,
     extract,
     extract_option,
@@ -169,6 +169,7 @@ _GOLDS = st.one_of(st.integers(-100, 5000).map(str), st.sampled_from(
 @example("x = 2", "2")
 @example("Thus: ,", "a")
 @example("The answer is 1,234.", "1234")
+@pytest.mark.slow
 def test_mmmu_open_rule_equals_the_official_scorer(response, gold):
     from reference.mmmu_eval_utils import eval_open, parse_open_response
 
@@ -196,7 +197,7 @@ def test_rules_are_named_and_a_tag_must_hold_an_option():
 
 
 def test_reasoning_format_reads_only_the_last_final_answer_tag():
-    from medsynapse.objectives.answers import REASONING_INSTRUCTION, format_prompt
+    from medsynapse.answers import REASONING_INSTRUCTION, format_prompt
 
     long = ("The left lower lobe shows an opacity; a small effusion is possible, so the answer could be no. "
             "On balance the finding is real.\n<answer>yes</answer>")

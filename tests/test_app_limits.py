@@ -14,6 +14,8 @@ from test_serve import _gzip_nifti
 import medsynapse.app as app
 from medsynapse.app import AppLimits, ask, read_upload
 
+pytestmark = pytest.mark.slow
+
 UPLOADS = "gradio/5f1e0c2a9b"  # where Gradio keeps an upload: a folder of its own under its temporary root
 
 

@@ -70,10 +70,11 @@ def test_a_bad_rationale_is_refused_naming_the_field():
             sample_from_record({**record, "rationale": bad}, "f.jsonl", 3)
 
 
+@pytest.mark.slow
 def test_cot_sft_learns_steps_then_the_tagged_answer_and_replies_in_that_format(tiny_env, tmp_path, capsys):
+    from medsynapse.answers import REASONING_INSTRUCTION, reasoning_target
     from medsynapse.data.dataset import training_dataset
     from medsynapse.model.medsynapse import MedSynapseV
-    from medsynapse.objectives.answers import REASONING_INSTRUCTION, reasoning_target
 
     base = MedSynapseV.from_pretrained(str(tiny_env.vlm))
     data = training_dataset(str(tiny_env.train_file), base.prompts, [], ["yes_no"], with_answers=True,

@@ -55,6 +55,7 @@ def test_a_stage_only_file_is_bounded_by_the_vlm_its_model_folder_holds(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_app_turns_gradio_analytics_off_unless_the_user_chose(monkeypatch):
     from medsynapse import app
 
@@ -102,7 +103,7 @@ def test_unknown_loader_options_are_refused_before_anything_is_read(tmp_path):
                                   "then", "because", "as", "would", "should", "could", "might", "may", "will", "can",
                                   "fits", "matches", "best"])
 def test_a_capital_a_before_a_verb_or_conjunction_is_option_a_not_the_article(word):
-    from medsynapse.objectives.answers import extract_option
+    from medsynapse.answers import extract_option
 
     options = {"A": "pneumothorax", "B": "effusion", "C": "mass"}
     assert extract_option(f"A {word} the finding here.", options).answer == "A"

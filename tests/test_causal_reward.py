@@ -152,7 +152,7 @@ def test_floor_leaves_mixed_groups_and_trl_behaviour_unchanged():
 
 def test_paper_form_can_invert_groups_ranked_cannot():
     r_acc = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    r_causal = torch.tensor([0.0, 5.4, 2.0, 0.1])  # README: a wrong count earns r_causal ≈ 5.4
+    r_causal = torch.tensor([0.0, 5.4, 2.0, 0.1])  # docs/design.md: a wrong count earns r_causal ≈ 5.4
     assert inverted_group_fraction(r_acc, total_reward(r_acc, r_causal), 2) == 0.5
     assert inverted_group_fraction(r_acc, ranked_reward(r_acc, r_causal), 2) == 0.0
 

@@ -217,6 +217,7 @@ def test_encoder_free_student_or_plain_vlm_has_no_counterfactual(tiny_env, model
 
 
 # --- the report and the command -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_diagnose_command_writes_the_report(tiny_env, model, tmp_path, capsys):
     folder = tmp_path / "model"
     model.save_pretrained(folder)

@@ -147,12 +147,12 @@ def test_a_read_only_eval_output_is_one_line_naming_the_folder(where, tiny_env, 
 
 
 def test_an_unwrapped_disk_error_is_still_one_line_naming_its_path(tmp_path, capsys, monkeypatch):
-    import medsynapse.cli as cli
+    from medsynapse.cli import data as data_commands
 
     def fixtures(args):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "fx"))
 
-    monkeypatch.setattr(cli, "cmd_fixtures", fixtures)
+    monkeypatch.setattr(data_commands, "cmd_fixtures", fixtures)
     capsys.readouterr()
     assert main(["fixtures", "--out", str(tmp_path / "fx")]) == 1
     assert _lines(capsys) == [f"medsynapse fixtures: error: {tmp_path / 'fx'}: no space left on its device (No space "

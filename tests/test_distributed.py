@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.distributed
+
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 ENV = {**os.environ, "TQDM_DISABLE": "1"}
@@ -132,12 +134,11 @@ def test_stage1_two_processes_match_one(tiny_env, tmp_path):
 
 
 @needs_torchrun
-def test_stage2_stage3_and_sft_two_processes_match_one(tiny_env, tmp_path):
+def test_stage2_stage3_and_sft_two_processes_match_one(tiny_env, tmp_path, distributed_stage1):
     """Keyed rollout sampling makes the B·G rollouts of a global batch the same on 1 or 2 processes, Stage III divides
     by the global token count, and SFT (like Stage I) averages per-sample losses, so the trained weights must agree
     as in Stage I. Stage II takes two optimizer steps per step (num_iterations: 2), each a step of the schedule."""
-    stage1 = tmp_path / "s1"
-    _probe(["train", "stage1", "--config", str(_config(tiny_env, stage1))], tmp_path / "probe-s1")
+    stage1 = distributed_stage1
     probes = {}
     for world in (1, 2):
         out = tmp_path / f"w{world}"

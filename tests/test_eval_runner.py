@@ -246,6 +246,7 @@ def test_scripted_answers_give_the_known_accuracy_breakdowns_and_average(demo_mo
     assert cells["VQA-RAD"] == "100.0" and cells["PathVQA"] == "0.0"
 
 
+@pytest.mark.slow
 def test_efficiency_is_measured_in_a_fresh_process_and_reads_cuda_memory_in_mib(demo_model, tiny_env, monkeypatch):
     from medsynapse.data.schema import read_samples
     from medsynapse.eval import efficiency

@@ -37,6 +37,8 @@ from medsynapse.model.export import export_card, export_student
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
 
+pytestmark = pytest.mark.slow
+
 VLM = "vlm_base-tiny"
 NEW_TOKENS = 8
 SCORES = {"vqa-rad": {"accuracy": 0.625, "n": 8, "unparseable": 0}, "slake": {"accuracy": 0.5, "n": 4,

@@ -178,7 +178,7 @@ def test_the_memory_bound_is_against_this_machine_and_shared_by_the_processes(mo
 @pytest.mark.parametrize("name", ["synthmed.yaml", "medsynapse-v-8b.yaml", "medsynapse-v-4b.yaml"])
 def test_every_shipped_run_file_passes(name, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setenv(MEMORY_ENV, "141" if "-v-" in name else "8")  # the H200 of the README's sizing; a laptop
+    monkeypatch.setenv(MEMORY_ENV, "141" if "-v-" in name else "8")  # the H200 of docs/training.md's sizing; a laptop
     check_run(read_run_config(CONFIGS / name))
 
 

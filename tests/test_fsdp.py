@@ -25,6 +25,8 @@ from test_distributed import (
     needs_torchrun,
 )
 
+pytestmark = pytest.mark.distributed
+
 
 def _held(folder) -> list[dict]:
     return [json.loads((folder / f"sharding.rank{rank}.json").read_text()) for rank in range(2)]
@@ -51,14 +53,13 @@ def test_stage1_under_fsdp2_matches_one_process_and_holds_half_the_vlm(tiny_env,
 
 
 @needs_torchrun
-def test_stage2_and_stage3_under_fsdp2_match_one_process(tiny_env, tmp_path):
+def test_stage2_and_stage3_under_fsdp2_match_one_process(tiny_env, tmp_path, distributed_stage1):
     """Stage II trains the LoRA inside the sharded units (reduce-scattered gradients, sharded optimizer state and
     checkpoints); Stage III trains A_psi beside the sharded VLM + LoRA, with generation kept in step across ranks.
     Both against the one-process run of the same settings, the saved folders are the single-folder format."""
     from medsynapse.model.medsynapse import MedSynapseV
 
-    stage1 = tmp_path / "s1"
-    _probe(["train", "stage1", "--config", str(_config(tiny_env, stage1))], tmp_path / "probe-s1")
+    stage1 = distributed_stage1
     probes = {}
     for world in (1, 2):
         _stage2_and_stage3_files(tiny_env, tmp_path, world, stage1, "save_every: 2\ndistributed: fsdp\n",
@@ -81,12 +82,12 @@ def test_stage2_and_stage3_under_fsdp2_match_one_process(tiny_env, tmp_path):
 
 
 @needs_torchrun
-def test_fsdp2_stage2_killed_and_resumed_from_its_sharded_checkpoint_equals_an_uninterrupted_run(tiny_env, tmp_path):
+def test_fsdp2_stage2_killed_and_resumed_from_its_sharded_checkpoint_equals_an_uninterrupted_run(
+        tiny_env, tmp_path, distributed_stage1):
     """SIGKILL to every process of a 2-rank FSDP2 Stage II once a sharded checkpoint exists, then `--resume` (the
     LoRA shards and the sharded optimizer state come back through torch.distributed.checkpoint): the same adapter as
     a run that was never stopped."""
-    stage1 = tmp_path / "s1"
-    _probe(["train", "stage1", "--config", str(_config(tiny_env, stage1))], tmp_path / "probe-s1")
+    stage1 = distributed_stage1
 
     def config(name: str) -> str:
         path = tmp_path / f"{name}.yaml"

@@ -1,4 +1,4 @@
-"""Memory injection into Qwen3-VL: the four properties DESIGN.md decision 1 asks to prove."""
+"""Memory injection into Qwen3-VL: the four properties docs/design.md, decision 1 asks to prove."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsynapse.cli import main
-from medsynapse.recipes.inspect import from_run, report
+from medsynapse.inspection import from_run, report
 from medsynapse.runconfig import read_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import Qwen3VLConfig, Sam3Config
 
+from medsynapse import inspection as inspect
 from medsynapse.config import ConfigError
 from medsynapse.model.encoders.sam3 import Sam3Settings
 from medsynapse.model.memory import (
@@ -20,7 +21,6 @@ from medsynapse.model.memory import (
     SamplerConfig,
     count_parameters,
 )
-from medsynapse.recipes import inspect
 from medsynapse.runconfig import read_run_config, resolve
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

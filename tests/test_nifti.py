@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medsynapse.data.images import VolumeView, load_image, volume_entry
+from medsynapse.data.images import VolumeView, load_image
 from medsynapse.data.schema import DataError, read_samples
+from medsynapse.data.views import volume_entry
 
 X, Y, Z = 6, 8, 5
 MARK = (0, 7, 1)  # the patient's far left (x small in RAS+), most anterior, slice 1 from the feet

@@ -57,6 +57,7 @@ def data_root(tmp_path_factory):
     return write_fixtures(tmp_path_factory.mktemp("benchmarks") / "data")
 
 
+@pytest.mark.slow
 def test_a_killed_pipeline_resumes_to_the_same_weights_and_scores(tiny_env, tmp_path, data_root, monkeypatch):
     straight = read_run_config(_run_file(tiny_env, tmp_path, "straight", data_root))
     manifest = run_pipeline(straight)

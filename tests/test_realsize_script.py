@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,7 +41,7 @@ def test_a_step_that_runs_out_of_memory_is_retried_at_half_the_batch():
 def test_the_kv_cache_estimate_counts_keys_and_values_of_every_layer():
     from transformers import Qwen3VLConfig
 
-    from medsynapse.recipes.inspect import PRESETS
+    from medsynapse.inspection import PRESETS
 
     config = Qwen3VLConfig(**PRESETS["qwen3-vl-8b"])
     # 2 (K and V) x 36 layers x 8 KV heads x 128 dims x 2 bytes = 147,456 bytes per token

@@ -63,6 +63,7 @@ def test_bad_settings_are_refused():
         KeyedSampler(torch.arange(2))(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 5))
 
 
+@pytest.mark.slow
 def test_noise_never_reaches_one_and_masked_tokens_stay_masked():
     """At a real vocabulary size some hashes hit the top of the range: u must still be < 1 (no +inf noise) and a
     suppressed (-inf) token must never win."""

@@ -23,12 +23,14 @@ from conftest import write_dicom
 from PIL import Image
 from serving import CLI, free_port, served, spawn, tail
 
+from medsynapse.answers import format_prompt
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import read_samples
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
-from medsynapse.objectives.answers import format_prompt
 from medsynapse.serve import BadRequest, Batcher, Job, ServeSettings, create_app, pack
+
+pytestmark = pytest.mark.slow
 
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".dcm": "application/dicom"}
 CHAT = "/v1/chat/completions"
@@ -415,6 +417,7 @@ def test_a_full_queue_is_a_503_and_a_late_answer_a_504(teacher_model, requests):
                for r in replies)
 
 
+@pytest.mark.browser
 def test_the_app_in_a_real_browser_answers_a_dicom_and_draws_the_maps(folders, requests, tmp_path):
     """Playwright drives Debian's chromium (headless; `make test` installs it when missing): upload a DICOM, ask,
     and the teacher's and the student's answers and heat-maps appear; a screenshot is kept in the test's folder."""

@@ -22,13 +22,15 @@ import torch
 from PIL import Image
 from serving import served
 
+from medsynapse.answers import format_prompt
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import read_samples
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import completion_mask, completion_outputs, vision_features
-from medsynapse.objectives.answers import format_prompt
 from medsynapse.serve import ServeSettings, create_app
 from medsynapse.serve_choices import Choice, Vocabulary
+
+pytestmark = pytest.mark.slow
 
 MAX_NEW = 16  # the server's --max-new-tokens
 

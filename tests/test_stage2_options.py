@@ -124,7 +124,7 @@ def test_beta_penalises_distance_to_the_adapter_disabled_model(tiny_env, stage1_
 
 
 def test_reasoning_format_reaches_the_prompts_and_the_reward(tiny_env, stage1_dir, tmp_path, monkeypatch):
-    from medsynapse.objectives.answers import REASONING_INSTRUCTION
+    from medsynapse.answers import REASONING_INSTRUCTION
 
     seen = {}
     original = stage2_ccr.accuracy_rewards

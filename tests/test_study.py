@@ -21,6 +21,8 @@ from medsynapse.eval.stats import bootstrap_deltas, paired_bootstrap, per_questi
 from medsynapse.runconfig import STAGES
 from medsynapse.study import _job_kind, _waiting_on, read_study, run_study
 
+pytestmark = pytest.mark.slow
+
 
 def test_jobs_with_the_most_work_waiting_on_them_count_every_descendant():
     parents = {"train s1": None, "train s2a": "train s1", "train s2b": "train s1", "train s3": "train s2a",

@@ -43,7 +43,7 @@ def test_the_8b_study_has_rows_of_its_own_against_the_papers_method():
     plan = _plan("study-8b.yaml")
     rows = plan["rows"]
     assert plan["seeds"] == [0, 1, 2, 3, 4]
-    # the counts the README quotes: per seed 3 Stage I, 8 Stage II, 7 Stage III units and the 6 baselines
+    # the counts docs/results.md quotes: per seed 3 Stage I, 8 Stage II, 7 Stage III units and the 6 baselines
     assert plan["distinct"]["units_per_seed_by_kind"] == {"sft": 1, "cot-sft": 1, "grpo": 1, "coconut": 1,
                                                           "mcout": 1, "ivt-lr": 1, "stage1": 3, "stage2": 8,
                                                           "stage3": 7}

@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     from medsynapse.model.bases import BaseFolders
 
 WINDOWS = {"as stored": None, "lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "abdomen": (40.0, 400.0),
@@ -123,18 +126,22 @@ def load_scan(path: str, preset: str, level: float, width: float, axis: str = "a
     if is_nifti(path):
         chosen = None if slice_index is None or slice_index < 0 else int(slice_index)
         view = VolumeView(axis=axis, slice=chosen)
-    return load_image(path, window=window, view=view)
+    return load_image(path, window=cast("tuple[float, float] | None", window), view=view)  # "custom" replaced above
 
 
 def overlay(image: Image.Image, heat: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40),
             side: int = 384) -> Image.Image:
     """`heat` (h, w), scaled to its maximum, blended in `colour` over the image shown at least `side` px wide."""
     scale = max(1, side // max(image.size))
-    shown = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
-    grid = Image.fromarray(np.uint8(255 * np.clip(heat / max(float(heat.max()), 1e-9), 0, 1)))
-    alpha = np.asarray(grid.resize(shown.size, Image.NEAREST), dtype=np.float32)[..., None] / 255 * 0.6
+    # Image.NEAREST: Pillow sets its filter constants with setattr, which type checkers do not see;
+    # np.uint8(array) is an array, numpy's stubs type it as a scalar
+    shown = image.convert("RGB").resize((image.width * scale, image.height * scale),
+                                        Image.NEAREST)  # type: ignore[attr-defined]  # set by setattr in PIL.Image
+    grid = Image.fromarray(cast(np.ndarray, np.uint8(255 * np.clip(heat / max(float(heat.max()), 1e-9), 0, 1))))
+    alpha = np.asarray(grid.resize(shown.size, Image.NEAREST),  # type: ignore[attr-defined]  # as above
+                       dtype=np.float32)[..., None] / 255 * 0.6
     base = np.asarray(shown, dtype=np.float32)
-    return Image.fromarray(np.uint8(base * (1 - alpha) + np.array(colour, dtype=np.float32) * alpha))
+    return Image.fromarray(cast(np.ndarray, np.uint8(base * (1 - alpha) + np.array(colour, dtype=np.float32) * alpha)))
 
 
 def heatmap_grid(probes: np.ndarray, title: str, per_row: int = 8) -> Image.Image:
@@ -158,14 +165,14 @@ def heatmap_grid(probes: np.ndarray, title: str, per_row: int = 8) -> Image.Imag
     figure.suptitle(title, fontsize=7, wrap=True)
     figure.tight_layout()
     figure.canvas.draw()
-    image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
+    image = Image.fromarray(np.asarray(cast("FigureCanvasAgg", figure.canvas).buffer_rgba())).convert("RGB")  # Agg
     plt.close(figure)
     return image
 
 
 def explain(model, image: Image.Image, question: str, max_new_tokens: int) -> dict:
     """Everything the page shows for one model: answer, latency, maps and the counterfactual."""
-    from medsynapse.objectives.answers import format_prompt
+    from medsynapse.answers import format_prompt
 
     prompt = format_prompt(question, model.answer_format)
     start = time.perf_counter()
@@ -194,7 +201,7 @@ def summary(result: dict) -> str:
     return "\n\n".join(lines)
 
 
-def ask(models: dict[str, object], limits: AppLimits, max_new_tokens: int, path: str | None, preset_name: str,
+def ask(models: Mapping[str, object], limits: AppLimits, max_new_tokens: int, path: str | None, preset_name: str,
         level_value: float, width_value: float, axis_name: str, slice_value: float | None, text: str | None) -> list:
     """The page's handler: the error line, then per model its summary, overlay and probe grid. An upload refused
     (limits, a damaged file) is the error line alone, naming the file by its own name."""
@@ -205,14 +212,14 @@ def ask(models: dict[str, object], limits: AppLimits, max_new_tokens: int, path:
         image = read_upload(path, preset_name, level_value, width_value, axis_name, slice_value, limits)
     except UploadRefused as err:
         return [f"**Cannot read the scan:** {err}", *blank]
-    values = [""]
+    values: list[str | Image.Image | None] = [""]
     for model in models.values():
         result = explain(model, image, text or QUESTIONS[0], max_new_tokens)
         values += [summary(result), result["overlay"] or overlay(image, np.zeros((1, 1))), result["grid"]]
     return values
 
 
-def build(models: dict[str, object], max_new_tokens: int = 16, limits: AppLimits | None = None):
+def build(models: Mapping[str, object], max_new_tokens: int = 16, limits: AppLimits | None = None):
     """The Gradio Blocks for one or two loaded models (name -> MedSynapseV), uploads held to `limits`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -236,7 +243,7 @@ def build(models: dict[str, object], max_new_tokens: int = 16, limits: AppLimits
                                        elem_id="question")
                 ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
                 error = gr.Markdown(elem_id="error")
-            outputs = []
+            outputs: list[tuple[gr.Markdown, gr.Image, gr.Image]] = []
             for name in models:
                 with gr.Column(scale=2):
                     gr.Markdown(f"### {name}")

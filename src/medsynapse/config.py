@@ -7,11 +7,14 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -26,10 +29,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if origin is typing.Literal:  # a choice: one line naming the key and the valid values
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r}; expected one of {list(args)}")
+        return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping")
-        return from_dict(annotation, value, where)
+        return from_dict(typing.cast("type[DataclassInstance]", annotation), value, where)  # a class, not an instance
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -99,6 +106,21 @@ def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; `configs/` in a checkout
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` when it is a file; else the bundled config of that name, so that `configs/synthmed.yaml`,
+    `synthmed.yaml` and `accelerate/ddp.yaml` work from an installed wheel outside a checkout. A file in the current
+    folder always wins over the bundled one; a name found nowhere is returned as given (its reader names it)."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    bundled = BUNDLED_CONFIGS.joinpath(*parts) if parts else BUNDLED_CONFIGS
+    return bundled if bundled.is_file() else given
 
 
 def read_yaml(path: Path) -> Any:

@@ -86,7 +86,7 @@ class DemoConfig:
     # Stage III ablations (the demo's Stage II shared): the paper's IMT, JSD only, without the memory alignment.
     stage3_ablations: dict = field(default_factory=lambda: {"stage3_jsd_only": {"memory_alignment": 0.0}})
     diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
-    efficiency_samples: int = 60  # timed samples per model (after 3 warm-up); medians are noisy below ~50 here
+    efficiency_samples: int = 60  # timed samples per model (after 3 warm-up; medians are noisy below ~50); 0: not timed
     eval_batch_size: int = 64
     threads: int = 0  # 0 = torch default
 
@@ -329,14 +329,15 @@ def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out:
             {"stage1": stage1_dir, "stage2": stage2_dir, "stage3_student": stage3_dir}, shared, intervention,
             config.eval_batch_size))
 
-    # Latency side by side in one process; memory of each model in a fresh process (clean peak).
+    # Latency side by side in one process; memory of each model in a fresh process (clean peak). 0 samples: none.
     folders = {"base": shared.vlm_base, "stage3_teacher": stage2_dir, "stage3_student": stage3_dir}
     timed_ids = [s.id for s in test[:config.efficiency_samples + 3]]
+    # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
     latency = timed("efficiency_latency", lambda: compare_latency(
-        {name: (lambda f=f: MedSynapseV.from_pretrained(f, merge_adapter=True)) for name, f in folders.items()},
-        test, n_timed=config.efficiency_samples))
+        {name: (lambda f=f: MedSynapseV.from_pretrained(f, merge_adapter=True)) for name, f in folders.items()},  # type: ignore[misc]
+        test, n_timed=config.efficiency_samples)) if config.efficiency_samples else {}
     efficiency = {}
-    for name, folder in folders.items():
+    for name, folder in folders.items() if config.efficiency_samples else ():
         isolated = timed(f"efficiency_memory_{name}", lambda f=folder: measure_isolated(
             str(f), str(shared.data / "test.jsonl"), timed_ids, n_timed=config.efficiency_samples))
         efficiency[name] = {"ms_per_sample": latency[name], "ratio_to_base": latency[name] / latency["base"],

@@ -117,7 +117,7 @@ def hold_for_launch(stack: ExitStack, folder: str | Path, command: str, is_main_
                     num_processes: int) -> None:
     """One lock per launch: rank 0 takes the folder's lock onto `stack` (released when the stack closes); when it is
     refused, every rank raises FolderInUseError (the refusal is broadcast, so no rank waits in a collective)."""
-    refusal = [None]
+    refusal: list[str | None] = [None]
     if is_main_process:
         try:
             stack.enter_context(exclusive_output(folder, command))

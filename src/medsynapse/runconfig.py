@@ -15,19 +15,15 @@ pipeline.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from medsynapse.config import ConfigError, apply_overrides, from_dict, read_yaml
 from medsynapse.data.corpora import CorpusSpec, check_specs
+from medsynapse.recipes.registry import BASELINES, RECIPES, STAGES, Recipe
 
-STAGES = ("stage1", "stage2", "stage3")
 SECTIONS = ("output", "model", "data", "eval", *STAGES, "baselines", "synthmed")
-# The no-memory baselines a run file can train (`medsynapse train baseline --method M`), with their folders.
-BASELINES = {"sft": "sft", "cot-sft": "cot_sft", "grpo": "grpo_only", "coconut": "coconut", "mcout": "mcout",
-             "ivt-lr": "ivt_lr"}
 
 
 @dataclass
@@ -112,7 +108,7 @@ class EvalSection:
                                                            "medxpertqa-mm", "gmai-mmbench"])
     data_root: str = ""
     batch_size: int = 8
-    answer_format: str | None = None  # direct | reasoning (objectives/answers.py); None: as each model was trained
+    answer_format: str | None = None  # direct | reasoning (answers.py); None: as each model was trained
     max_new_tokens: int | None = None  # None: each benchmark's protocol budget
     limit: int | None = None  # first N scored questions per benchmark (smoke runs)
 
@@ -173,35 +169,29 @@ def _filled(run: RunConfig, stage: str) -> dict:
     """What the model and data sections give a stage, under the recipe's names."""
     m, d, out = run.model, run.data, Path(run.output)
     rl_file = stage2_file(run)
+    folder = {name: str(out / RECIPES[name].folder) for name in STAGES}
     if stage == "stage1":
-        return dict(vlm=m.vlm, encoder=m.encoder, train_file=stage1_file(run), output_dir=str(out / "stage1"),
+        return dict(vlm=m.vlm, encoder=m.encoder, train_file=stage1_file(run), output_dir=folder["stage1"],
                     n_memory=m.n_memory, sampler_width=m.sampler_width, sampler_layers=m.sampler_layers,
                     sampler_heads=m.sampler_heads, prior_cache=d.prior_cache, max_images=m.max_images)
     if stage == "stage2":
-        return dict(model=str(out / "stage1"), train_file=rl_file, output_dir=str(out / "stage2"), lora_r=m.lora_r,
+        return dict(model=folder["stage1"], train_file=rl_file, output_dir=folder["stage2"], lora_r=m.lora_r,
                     lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), prior_cache=d.prior_cache)
     if stage == "stage3":
-        return dict(model=str(out / "stage2"), train_file=rl_file, output_dir=str(out / "stage3_student"),
+        return dict(model=folder["stage2"], train_file=rl_file, output_dir=folder["stage3"],
                     mlp_hidden=m.autonomous_mlp_hidden, prior_cache=d.prior_cache)
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
 
-# Each stage's recipe module, its config class and its training function (imported when first asked for).
-STAGE_RECIPES = {"stage1": ("stage1_warmup", "Stage1Config", "train_stage1"),
-                 "stage2": ("stage2_ccr", "Stage2Config", "train_stage2"),
-                 "stage3": ("stage3_imt", "Stage3Config", "train_stage3")}
-
-
-def _stage_part(stage: str, index: int):
-    if stage not in STAGE_RECIPES:
+def _stage(stage: str) -> Recipe:
+    if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    module, *names = STAGE_RECIPES[stage]
-    return getattr(importlib.import_module(f"medsynapse.recipes.{module}"), names[index])
+    return RECIPES[stage]
 
 
 def stage_class(stage: str) -> type:
     """The config class of a stage's recipe."""
-    return _stage_part(stage, 0)
+    return _stage(stage).config_class()
 
 
 def resolve(run: RunConfig, stage: str):
@@ -226,83 +216,50 @@ def resolve_baseline(run: RunConfig, method: str):
     Folders: OUTPUT/<method> (grpo: OUTPUT/grpo_only, cot-sft: OUTPUT/cot_sft)."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; known: {list(BASELINES)}")
-    m, out = run.model, Path(run.output)
-    where = f"{run.source}.baselines.{method}"
-    if method == "grpo":
-        stage2 = dataclasses.asdict(resolve(run, "stage2"))
-        filled = {**stage2, "model": m.vlm, "output_dir": str(out / BASELINES[method]), "use_memory": False,
-                  "lambda_causal": 0.0}
-        return from_dict(stage_class("stage2"), {**filled, **run.baselines.get(method, {})}, where)
-    from medsynapse.recipes.sft import SFTConfig
-
-    s1 = resolve(run, "stage1")
-    if method in ("coconut", "ivt-lr"):  # Stage I's data and budget split evenly over the curriculum's stages
-        from medsynapse.recipes.coconut import CoconutConfig, n_stages
-
-        overrides = run.baselines.get(method, {})
-        stages = n_stages(int(overrides.get("max_latent_stage", CoconutConfig.max_latent_stage)),
-                          bool(overrides.get("final_stage", CoconutConfig.final_stage)))  # + the all-latent phase
-        filled = dict(model=m.vlm, train_file=rationale_file(run), output_dir=str(out / BASELINES[method]),
-                      lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr,
-                      batch_size=s1.batch_size,
-                      steps_per_stage=max(1, s1.max_steps // stages) if s1.max_steps else 0,
-                      epochs_per_stage=s1.epochs / stages, weight_decay=s1.weight_decay, grad_clip=s1.grad_clip,
-                      loss_reduction=s1.loss_reduction, families=list(s1.families),
-                      answer_types=list(s1.answer_types), save_every=s1.save_every, log_every=s1.log_every,
-                      seed=s1.seed, dtype=s1.dtype)
-        if method == "ivt-lr":
-            filled["patches_per_step"] = 32  # the reference's K
-        return from_dict(CoconutConfig, {**filled, **overrides}, where)
-    if method == "mcout":  # Stage I's data and budget, the answer as target
-        from medsynapse.recipes.mcout import MCOUTConfig
-
-        filled = dict(model=m.vlm, train_file=baseline_file(run), output_dir=str(out / BASELINES[method]),
-                      lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr,
-                      batch_size=s1.batch_size, max_steps=s1.max_steps, epochs=s1.epochs,
-                      weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, loss_reduction=s1.loss_reduction,
-                      families=list(s1.families), answer_types=list(s1.answer_types), save_every=s1.save_every,
-                      log_every=s1.log_every, seed=s1.seed, dtype=s1.dtype)
-        return from_dict(MCOUTConfig, {**filled, **run.baselines.get(method, {})}, where)
-    file = rationale_file(run) if method == "cot-sft" else baseline_file(run)
-    filled = dict(model=m.vlm, train_file=file, output_dir=str(out / BASELINES[method]), lora_r=m.lora_r,
-                  lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr, epochs=s1.epochs,
-                  max_steps=s1.max_steps, batch_size=s1.batch_size, warmup_ratio=s1.warmup_ratio,
+    recipe, m, out = RECIPES[method], run.model, Path(run.output)
+    where, overrides = f"{run.source}.baselines.{method}", run.baselines.get(method, {})
+    if recipe.budget == "stage2":  # GRPO-only: Stage II's resolved settings on the plain VLM
+        filled = {**dataclasses.asdict(resolve(run, "stage2")), "model": m.vlm, "output_dir": str(out / recipe.folder)}
+        return from_dict(recipe.config_class(), {**apply_overrides(filled, list(recipe.forced)), **overrides}, where)
+    s1 = resolve(run, "stage1")  # Stage I's budget: its batch, lr, steps and schedule, the model section's LoRA
+    file = {"baseline": baseline_file, "rationale": rationale_file}[recipe.data](run)
+    filled = dict(model=m.vlm, train_file=file, output_dir=str(out / recipe.folder), lora_r=m.lora_r,
+                  lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), lr=s1.lr, batch_size=s1.batch_size,
                   weight_decay=s1.weight_decay, grad_clip=s1.grad_clip, loss_reduction=s1.loss_reduction,
                   families=list(s1.families), answer_types=list(s1.answer_types), save_every=s1.save_every,
-                  log_every=s1.log_every, seed=s1.seed, dtype=s1.dtype,
-                  target="rationale" if method == "cot-sft" else "answer")
-    return from_dict(SFTConfig, {**filled, **run.baselines.get(method, {})}, where)
+                  log_every=s1.log_every, seed=s1.seed, dtype=s1.dtype)
+    config_class = recipe.config_class()
+    if hasattr(config_class, "steps_per_stage"):  # Coconut, IVT-LR: the budget split evenly over the curriculum
+        from medsynapse.recipes.coconut import n_stages
+
+        stages = n_stages(int(overrides.get("max_latent_stage", config_class.max_latent_stage)),
+                          bool(overrides.get("final_stage", config_class.final_stage)))  # + the all-latent phase
+        filled.update(steps_per_stage=max(1, s1.max_steps // stages) if s1.max_steps else 0,
+                      epochs_per_stage=s1.epochs / stages)
+    else:
+        filled.update(max_steps=s1.max_steps, epochs=s1.epochs)
+        if recipe.module == "sft":  # (MCOUT-Multi keeps its own warmup, 0: as before)
+            filled["warmup_ratio"] = s1.warmup_ratio
+    filled.update(dict(recipe.unless_set))
+    return from_dict(config_class, {**apply_overrides(filled, list(recipe.forced)), **overrides}, where)
 
 
 def with_seed(run: RunConfig, seed: int) -> RunConfig:
     """The run with every stage (and so every baseline resolved from them) at training seed `seed`."""
-    return dataclasses.replace(run, **{stage: {**getattr(run, stage), "seed": seed} for stage in STAGES})
+    return dataclasses.replace(run, **cast("dict[str, Any]", {stage: {**getattr(run, stage), "seed": seed}
+                                                              for stage in STAGES}))  # stage1..3: dict fields
 
 
 def stage_recipe(stage: str):
     """The training function of a stage (each takes the config `resolve` gives)."""
-    return _stage_part(stage, 1)
+    return _stage(stage).train()
 
 
 def baseline_recipe(method: str):
     """The training function of a baseline method (each takes the config `resolve_baseline` gives)."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; known: {list(BASELINES)}")
-    if method in ("coconut", "ivt-lr"):
-        from medsynapse.recipes.coconut import train_coconut
-
-        return train_coconut
-    if method == "mcout":
-        from medsynapse.recipes.mcout import train_mcout
-
-        return train_mcout
-    if method == "grpo":
-        from medsynapse.recipes.stage2_ccr import train_stage2
-
-        return train_stage2
-    from medsynapse.recipes.sft import train_sft
-
-    return train_sft
+    return RECIPES[method].train()
 
 
 def show(run: RunConfig) -> dict:

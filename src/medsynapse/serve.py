@@ -45,11 +45,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -284,6 +284,7 @@ def load_request_image(url: str, where: str, settings: ServeSettings):
     from medsynapse.data.schema import DataError
 
     where = f"{where}.image_url"
+    path: str | Path  # the temporary file's name (a data: URI), or the resolved local file
     if url.startswith("data:"):
         url, _, fragment = url.partition("#")  # base64 has no '#': what follows is a volume's view
         header, sep, payload = url.partition(",")
@@ -373,7 +374,7 @@ def _check_size(path: str, where: str, settings: ServeSettings) -> None:
         try:
             import nibabel as nib
 
-            dims = sorted(int(n) for n in nib.load(path).shape[:3])
+            dims = sorted(int(n) for n in cast("nib.Nifti1Image", nib.load(path)).shape[:3])  # .nii(.gz): Nifti1/2
             size = (dims[-1], dims[-2] if len(dims) > 1 else 1)
         except Exception:  # not a volume: the loader names what is wrong
             return
@@ -423,7 +424,7 @@ def _dicom_decoded_bytes(header) -> int:
     return frames * int(header.Rows) * int(header.Columns) * samples * sample_bytes
 
 
-def _open(load_image, path: str, where: str, data_error: type):
+def _open(load_image, path: str, where: str, data_error: type[Exception]):
     try:
         return load_image(path)
     except data_error as err:  # the server's own file names (a temporary upload) are not the client's business
@@ -524,6 +525,7 @@ class Batcher:
     def _run_batch(self, batch: list[Job], max_new_tokens: int, temperature: float) -> None:
         self.batches += 1
         self.largest = max(self.largest, len(batch))
+        results: Sequence[list[Choice] | Exception]
         try:
             results = self._answer(batch, max_new_tokens, temperature)
         except Exception as err:  # the server keeps serving; each request of the batch gets a 500
@@ -564,7 +566,8 @@ def job_rows(group: list[Job], vocabulary: Vocabulary) -> tuple[list[Row], list[
     for job in group:
         made = [Choice(vocabulary, job.options.stop, job.options.top_logprobs) for _ in range(job.rows)]
         for number, choice in enumerate(made):
-            rows.append(Row(choice, _listener(job, number), lambda job=job: job.cancelled))
+            # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
+            rows.append(Row(choice, _listener(job, number), lambda job=job: job.cancelled))  # type: ignore[misc]
         choices.append(made if job.rows == job.options.n else made * job.options.n)
     return rows, choices
 
@@ -658,6 +661,7 @@ def validation_error(errors: list[dict]) -> tuple[str, str | None, str | None]:
     the input it was given (pydantic's `input`). A field of several types (`content`: a string or a list of parts) is
     named by its path alone, and the type the value failed deepest in speaks for it (`...image_url.detail`, not
     `content.str`)."""
+    params: list[str | None]
     described, params, codes = [], [], []
     for error in _deepest(errors):
         location = _field_path(error)
@@ -704,8 +708,8 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     from fastapi.sse import EventSourceResponse
     from starlette.exceptions import HTTPException
 
+    from medsynapse.answers import format_prompt
     from medsynapse.model.medsynapse import MedSynapseV
-    from medsynapse.objectives.answers import format_prompt
 
     settings = settings or ServeSettings()
     model = model or MedSynapseV.from_pretrained(model_dir, merge_adapter=True, bases=bases)
@@ -849,6 +853,8 @@ class Events:
     """A streamed job's (choice index, delta) pairs, handed from the batcher thread to the request's event loop in
     order, DONE after the last."""
 
+    queue: asyncio.Queue[Any]  # (choice index, Delta) pairs, then DONE
+
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.queue = loop, asyncio.Queue()
 
@@ -940,6 +946,7 @@ def context_length(model) -> int | None:
     from medsynapse.model.vlm import core_vlm
 
     config = core_vlm(model.vlm).config
+    part: Any  # a config, or None (read through getattr)
     for part in (getattr(config, "text_config", None), config):
         if getattr(part, "max_position_embeddings", None):
             return int(part.max_position_embeddings)

@@ -149,7 +149,7 @@ def choice_key(seed: int, choice: int) -> int:
 class StepLogprobs(LogitsProcessor):
     """Keeps each step's log-softmax of the scores it is given; hands them on unchanged."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.last: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -204,8 +204,8 @@ class RowFeed(StoppingCriteria):
         logp = self.step_logprobs.last
         chosen = logp.gather(1, tokens.to(logp.device)[:, None])[:, 0].tolist()
         k = max(k or 0 for k in wanted)
-        top_values, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        top_value_tensor, top_id_tensor = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+        top_values, top_ids = top_value_tensor.tolist(), top_id_tensor.tolist()
         out: list[dict | None] = []
         for number, (token, want) in enumerate(zip(tokens.tolist(), wanted)):
             if want is None:

@@ -52,18 +52,9 @@ from medsynapse.config import ConfigError, from_dict, read_yaml
 from medsynapse.eval.report import format_interval, format_p, mean_sd_ci, write_json
 from medsynapse.eval.stats import adjust_family, compare
 from medsynapse.locking import write_text_atomic
+from medsynapse.recipes.registry import BASELINES, RECIPES, STAGES
 from medsynapse.recipes.trainer import recorded_settings
-from medsynapse.runconfig import (
-    BASELINES,
-    STAGES,
-    RunConfig,
-    baseline_recipe,
-    resolve,
-    resolve_baseline,
-    run_config_from,
-    stage_recipe,
-    with_seed,
-)
+from medsynapse.runconfig import RunConfig, resolve, resolve_baseline, run_config_from, with_seed
 from medsynapse.values import check_run
 
 MODELS = ("base", *STAGES, "baseline")
@@ -337,7 +328,8 @@ def unit_format(unit: Unit | None) -> str:
     if unit is None:
         return "direct"
     config = unit.config
-    if unit.kind in ("coconut", "ivt-lr") or getattr(config, "target", "answer") == "rationale":
+    trained_on = getattr(config, "target", None)  # SFT's target decides its format; the latent rows always reason
+    if trained_on == "rationale" or (trained_on is None and RECIPES[unit.kind].answer_format == "reasoning"):
         return "reasoning"
     return getattr(config, "answer_format", "direct") or "direct"
 
@@ -527,7 +519,7 @@ def train_unit(unit: Unit) -> dict:
     if marker.is_file():
         return json.loads(marker.read_text())
     began = time.perf_counter()
-    recipe = stage_recipe(unit.kind) if unit.kind in STAGES else baseline_recipe(unit.kind)
+    recipe = RECIPES[unit.kind].train()
     started = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     recipe(dataclasses.replace(unit.config, resume=started))  # a killed unit continues from its newest checkpoint
     info = {"unit": unit.name, "kind": unit.kind, "seed": unit.seed, "key": unit.key, "after": unit.after,
@@ -545,7 +537,7 @@ def evaluate_model(job: Evaluation) -> dict:
     out = Path(job.output)
     result_path = out / "result.json"
     if result_path.is_file():
-        result = json.loads(result_path.read_text())
+        result: dict = json.loads(result_path.read_text())
         if result.get("settings") == json.loads(json.dumps(job.settings())):
             return result
     began = time.perf_counter()
@@ -564,12 +556,12 @@ def evaluate_model(job: Evaluation) -> dict:
     per_bench = {b: {k: m.get(k) for k in ("accuracy", "n", "unparseable", "by_question_type", "n_skipped")}
                  for b, m in metrics.items()}
     accuracies = [m["accuracy"] for m in per_bench.values() if m["accuracy"] is not None]
-    result: dict = {"model": job.name, "answer_format": answer_format,
-                    "accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
-                    "by_question_type": _pooled_types(per_bench), "benchmarks": per_bench,
-                    "efficiency": {"harness": {b: {k: m.get("efficiency", {}).get(k)
-                                                   for k in ("ms_per_sample", "peak_mem_mb", "batch_size")}
-                                               for b, m in metrics.items()}}}
+    result = {"model": job.name, "answer_format": answer_format,
+              "accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+              "by_question_type": _pooled_types(per_bench), "benchmarks": per_bench,
+              "efficiency": {"harness": {b: {k: m.get("efficiency", {}).get(k)
+                                             for k in ("ms_per_sample", "peak_mem_mb", "batch_size")}
+                                         for b, m in metrics.items()}}}
     first = load_source(job.benchmarks[0], job.data_root, out / ".images")
     samples = first.samples[: job.reliance_limit] if job.reliance_limit else first.samples
     if _has_memory(job.model) and job.reliance_conditions:
@@ -690,6 +682,7 @@ def run_jobs(plan: Plan, workers: int) -> None:
         jobs[f"eval {name}"] = (evaluate_model, evaluation,
                                 f"train {evaluation.after}" if evaluation.after else None)
     done = {name for name, (fn, job, _) in jobs.items() if _finished(fn, job)}
+    seconds: dict[str, list[float]]  # per kind of job, the times of those done (_finish)
     total, seconds = len(jobs), {"train": [], "eval": []}
     print(f"study: {total} jobs ({len(plan.units)} trainings, {len(plan.evaluations)} evaluations, "
           f"{len(plan.cells)} cells); {len(done)} already finished", flush=True)
@@ -864,7 +857,7 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
     the paired comparison against its reference row (eval/stats.compare: hierarchical bootstrap over seeds and
     questions, seed-level t, question-only bootstrap), p-values adjusted over each table (group) by
     `study.correction`; the data parity table."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name, spec in study.rows.items():
         per_seed = [cells[(name, seed)] for seed in study.seeds]
         numbers = {"accuracy": [c["accuracy"] for c in per_seed]}

@@ -21,10 +21,12 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from medsynapse.config import ConfigError
+from medsynapse.recipes.config_base import CHOICES
 
 MAX_MEMORY_SLOTS = 1024  # N: P_phi's probes / memory vectors (the paper: 16)
 MAX_WIDTH = 65_536  # any width: P_phi's, A_psi's MLP and query width, a LoRA rank, prior_dim
@@ -89,18 +91,7 @@ RULES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
 }
 CLASS_RULES = {"Stage3Config": {"beta": (_FLOAT, 0, 1, False, False)}}  # the generalized JSD's β
 OPTIONAL = {"causal_clip", "epsilon_high", "max_new_tokens", "limit"}  # None (null) is a value of these
-CHOICES: dict[str, tuple[str, ...]] = {
-    "dtype": ("auto", "float32", "bfloat16", "float16", "float64"),
-    "distributed": ("ddp", "fsdp"),
-    "report_to": ("tensorboard", "wandb", "mlflow", "none"),
-    "loss_reduction": ("token", "sample", "sum"),
-    "answer_format": ("direct", "reasoning"),
-    "pooling": ("attention", "grid"),
-    "trajectories": ("student", "teacher"),
-    "target": ("answer", "rationale"),
-    "loss_type": ("grpo", "dr_grpo", "dapo"),
-    "rollout_sampling": ("keyed", "torch"),
-}
+# CHOICES: the Literal types of recipes/config_base.py (config.from_dict checks them when a file is read)
 
 
 def _fail(where: str, message: str) -> None:
@@ -196,7 +187,8 @@ def _qwen_text_config(folder: Path) -> dict | None:
 
     if (folder / MANIFEST).is_file():
         try:
-            folder = Path(resolve_base(json.loads((folder / MANIFEST).read_text())["vlm"], folder, "vlm"))
+            # (a manifest without a VLM: Path(None) raises the TypeError caught below)
+            folder = Path(cast(str, resolve_base(json.loads((folder / MANIFEST).read_text())["vlm"], folder, "vlm")))
         except (OSError, ValueError, KeyError, TypeError):  # unreadable, or its base not found: sizes unknown
             return None
     try:
@@ -235,7 +227,7 @@ def vlm_shape(folder: str, architecture: str = "", synthmed: dict | None = None)
         return VLMShape(spec.hidden, spec.layers, spec.vocab_size, max(1, resolution // 32) ** 2,
                         "the SynthMed tiny VLM")
     if architecture:
-        from medsynapse.recipes.inspect import PRESETS
+        from medsynapse.inspection import PRESETS
 
         if architecture in PRESETS:
             text = PRESETS[architecture]["text_config"]
@@ -274,25 +266,26 @@ def step_memory(kind: str, config: Any, shape: VLMShape, n_memory: int = 0, worl
     prompt = NOMINAL_PROMPT_TOKENS + shape.image_tokens * getattr(config, "max_images", 1)
     lora = getattr(config, "lora_r", 0) * 2 * h * len(getattr(config, "lora_targets", [])) * layers
     copies, logit_positions = 1, 0  # hidden-state copies per row; positions per row whose logits are held at once
-    if kind == "stage1":
+    recipe = type(config).__name__  # the recipe's config class (registry.RECIPES): what a step holds
+    if recipe == "Stage1Config":
         rows, tokens = config.batch_size, prompt + config.n_memory + 16
         w = config.sampler_width
         trained = config.n_memory * w + config.sampler_layers * 12 * w * w + w * h + PRIOR_DIM_GUESS * w
         logit_positions = tokens
-    elif kind in ("stage2", "grpo"):
+    elif recipe == "Stage2Config":  # Stage II and GRPO-only
         rows = config.batch_size * config.group_size
         tokens = prompt + (n_memory if config.use_memory else 0) + config.max_new_tokens
         trained = lora
         logit_positions = config.max_new_tokens * (2 if config.use_memory else 1)  # M rows and M' rows
-    elif kind == "stage3":
+    elif recipe == "Stage3Config":
         rows, tokens, copies = config.batch_size, prompt + n_memory + config.max_new_tokens, 2  # teacher + student
         mlp = config.mlp_hidden or h
         trained = 2 * h * mlp + (config.attention_dim * (h + n_memory) if config.pooling == "attention" else 0)
         logit_positions = 0 if config.fused_jsd else 2 * config.max_new_tokens
-    elif kind in ("coconut", "ivt-lr"):
+    elif recipe == "CoconutConfig":  # Coconut, IVT-LR
         slots = config.max_latent_stage * config.thoughts_per_step * (1 + config.patches_per_step)
         rows, tokens, trained = config.batch_size, prompt + slots + 64, lora
-    elif kind == "mcout":
+    elif recipe == "MCOUTConfig":
         rows, tokens, trained = config.batch_size, prompt + config.thoughts + 64, lora + 4 * h * config.attention_dim
     else:  # sft, cot-sft: logits of the answer window only
         rows, tokens, trained = config.batch_size, prompt + 64, lora
@@ -313,10 +306,10 @@ def step_memory(kind: str, config: Any, shape: VLMShape, n_memory: int = 0, worl
 
 def _largest_change(config: Any, keys: tuple[str, ...]) -> str:
     """Of the size keys a config has, the one furthest above its default (the one to lower, most likely)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(config)}
     ratios = {k: getattr(config, k) / max(1, defaults[k]) for k in keys
               if k in defaults and isinstance(defaults[k], int) and isinstance(getattr(config, k), int)}
-    return max(ratios, key=ratios.get) if ratios else "batch_size"
+    return max(ratios, key=cast("Callable[[str], float]", ratios.get)) if ratios else "batch_size"  # (its own keys)
 
 
 def check_memory(kind: str, config: Any, where: str, shape: VLMShape | None, n_memory: int = 0,
@@ -356,7 +349,9 @@ def stage_origins(run, stage: str) -> dict[str, str]:
 
 def baseline_origins(run, method: str) -> dict[str, str]:
     section = run.baselines.get(method, {})
-    if method == "grpo":  # Stage II's resolved settings
+    from medsynapse.recipes.registry import RECIPES
+
+    if RECIPES[method].budget == "stage2":  # GRPO-only: Stage II's resolved settings
         out = {key: f"{run.source}.stage2.{key}" for key in run.stage2}
         out.update(stage_origins(run, "stage2"))
     else:

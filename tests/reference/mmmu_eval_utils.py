@@ -1,5 +1,5 @@
 """MMMU's official open-question scorer, verbatim from MMMU-Benchmark/MMMU mmmu/utils/eval_utils.py @ bb0b95a
-(Apache License 2.0), used only as the oracle for `objectives/answers.py`'s port (tests/test_answers.py).
+(Apache License 2.0), used only as the oracle for `answers.py`'s port (tests/test_answers.py).
 
 Only `check_is_number`, `normalize_str`, `extract_numbers`, `parse_open_response` and `eval_open` are kept; their
 bodies are unchanged (comments trimmed).

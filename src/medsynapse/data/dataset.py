@@ -6,10 +6,10 @@ import dataclasses
 
 from PIL import Image
 
+from medsynapse.answers import format_prompt, reasoning_target
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample, read_samples
 from medsynapse.model.vlm import EncodedPrompt, PromptBuilder
-from medsynapse.objectives.answers import format_prompt, reasoning_target
 
 
 class VQADataset:
@@ -64,7 +64,7 @@ def check_image_limit(samples: list[Sample], limit: int | None, source: str) -> 
 
 
 def with_answer_format(samples: list[Sample], answer_format: str) -> list[Sample]:
-    """The samples with their prompts as `answer_format` asks (objectives/answers.py); "direct" leaves them as they
+    """The samples with their prompts as `answer_format` asks (answers.py); "direct" leaves them as they
     are."""
     return [dataclasses.replace(s, prompt=format_prompt(s.model_prompt, answer_format)) for s in samples]
 

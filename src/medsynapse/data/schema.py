@@ -10,11 +10,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medsynapse.data.errors import DataError
+from medsynapse.data.views import split_view, volume_entry
+
 ANSWER_TYPES = ("yes_no", "multiple_choice", "open", "mmmu_open", "caption")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the record and the field."""
 
 
 @dataclass
@@ -43,8 +42,9 @@ class Sample:
 
 
 _REQUIRED = {"id": str, "images": list, "question": str, "answer": str, "answer_type": str}
-_OPTIONAL = {"options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None)),
-             "prompt": str, "groups": dict, "system": str, "rationale": list}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "options": dict, "modality": str, "question_type": str, "family": str, "mask": (str, type(None)),
+    "prompt": str, "groups": dict, "system": str, "rationale": list}
 
 
 def sample_from_record(record: object, source: str, line: int) -> Sample:
@@ -60,8 +60,8 @@ def sample_from_record(record: object, source: str, line: int) -> Sample:
             raise DataError(f"{where}: missing field '{name}'")
         if not isinstance(record[name], kind):
             raise DataError(f"{where}: field '{name}' must be {kind.__name__}, got {type(record[name]).__name__}")
-    for name, kind in _OPTIONAL.items():
-        if name in record and not isinstance(record[name], kind):
+    for name, kinds in _OPTIONAL.items():
+        if name in record and not isinstance(record[name], kinds):
             raise DataError(f"{where}: field '{name}' has the wrong type {type(record[name]).__name__}")
     unknown = set(record) - set(_REQUIRED) - set(_OPTIONAL)
     if unknown:
@@ -69,8 +69,6 @@ def sample_from_record(record: object, source: str, line: int) -> Sample:
     if record["answer_type"] not in ANSWER_TYPES:
         raise DataError(f"{where}: field 'answer_type' must be one of {ANSWER_TYPES}, got {record['answer_type']!r}")
     if any(isinstance(p, dict) for p in record["images"]):  # a NIfTI volume and its view -> "ct.nii.gz#slice=40"
-        from medsynapse.data.images import volume_entry
-
         record = {**record, "images": [volume_entry(p, f"{where}, field 'images'") if isinstance(p, dict) else p
                                        for p in record["images"]]}
     if not record["images"] or not all(isinstance(p, str) and p for p in record["images"]):
@@ -109,8 +107,6 @@ def read_samples(path: str | Path) -> list[Sample]:
 
 def _absolute(folder: Path, image: str) -> str:
     """An image path made absolute against the data file's folder; a volume's view fragment is kept."""
-    from medsynapse.data.images import split_view
-
     file, fragment = split_view(image)
     resolved = str((folder / file).resolve())
     return f"{resolved}#{fragment}" if fragment else resolved

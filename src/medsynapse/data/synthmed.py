@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -219,7 +220,7 @@ def generate_split(out_dir: str | Path, split: str, n_images: int, seed: int, si
         stem = f"{split}_{index:05d}"
         Image.fromarray(scan.image).save(out_dir / "images" / f"{stem}.png")
         Image.fromarray((scan.mask * 255).astype(np.uint8)).save(out_dir / "masks" / f"{stem}.png")
-        common = dict(images=[f"images/{stem}.png"], modality=scan.modality, mask=f"masks/{stem}.png")
+        common: dict[str, Any] = dict(images=[f"images/{stem}.png"], modality=scan.modality, mask=f"masks/{stem}.png")
         rationale = rationale_for(scan, size)
         for q_index, q in enumerate(questions_for(scan, size)):
             instruction = INSTRUCTION[q["answer_type"]]

@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -61,7 +62,7 @@ def chat_messages(images: Sequence[Image.Image], question: str, memory: torch.Te
     """The chat `PromptBuilder.prompt_text` renders: [system], user (images, then the question), and for a model with
     memory an assistant turn holding only the memory, to be continued."""
     content = [{"type": "image_pil", "image_pil": image} for image in images] + [{"type": "text", "text": question}]
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": content})
     if memory is not None:
         messages.append({"role": "assistant", "content": [embeds_part(memory)]})

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from PIL import Image
@@ -52,6 +53,9 @@ from medsynapse.locking import write_text_atomic
 from medsynapse.model.bases import BaseFolders
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm, vision_features
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLVisionConfig
 
 CONDITIONS = ("as_is", "zeroed", "mean", "shuffled", "counterfactual", "noise")
 LABELS = ("presence", "location")
@@ -115,9 +119,9 @@ def reliance_report(model: MedSynapseV, samples: list[Sample], batch_size: int =
             bank.setdefault(keys[i], memory[row].detach().float().cpu())
         return memory  # the same tensor: the as-is answers are bit-identical to plain evaluate
 
-    results: dict[str, dict | None] = {}
+    results: dict[str, Any] = {}  # evaluate's result dict, or None (skipped)
     skipped: dict[str, str] = {}
-    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    common: dict[str, Any] = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     results["as_is"] = evaluate(model, samples, memory_transform=record, desc="reliance as_is", **common)
     unique = list(bank)
     memories = torch.stack([bank[k] for k in unique])
@@ -401,7 +405,7 @@ def extract_features(model: MedSynapseV, table: ImageTable, kinds: Sequence[str]
                          f"{'A_psi' if 'autonomous_memory' in missing else 'the prior encoder and P_phi'})")
     model.eval()
     device = next(core_vlm(model.vlm).parameters()).device
-    merge = core_vlm(model.vlm).config.vision_config.spatial_merge_size
+    merge = cast("Qwen3VLVisionConfig", core_vlm(model.vlm).config.vision_config).spatial_merge_size
     out: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     visual: list[tuple[torch.Tensor, tuple[int, int]]] = []
     for start in tqdm(range(0, len(table.paths), batch_size), desc=desc, leave=False):
@@ -441,7 +445,7 @@ def _labelled(table: ImageTable, label: str) -> tuple[list[int], list[int]]:
         return list(range(len(table.paths))), list(table.presence)
     if label == "location":
         rows = [i for i, q in enumerate(table.location) if q is not None]
-        return rows, [table.location[i] for i in rows]
+        return rows, cast("list[int]", [table.location[i] for i in rows])  # rows: those not None
     raise ValueError(f"unknown probe label {label!r}; expected one of {LABELS}")
 
 

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ class PeakRSS:
         self.peak = max(self.peak, rss_mb())
 
 
-def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: int = 20, warmup: int = 3,
+def measure(load_model: Callable[[], Any], samples: list[Sample], n_timed: int = 20, warmup: int = 3,
             max_new_tokens: int = 8, fixed_length: bool = True) -> dict:
     """Load with `load_model()`, then time `answer` on `warmup + n_timed` samples (the first `warmup` untimed).
     `fixed_length`: every answer is `max_new_tokens` long (equal work per model); False: each stops at its end of
@@ -88,7 +89,7 @@ def measure(load_model: Callable[[], object], samples: list[Sample], n_timed: in
             "memory_measure": "cuda_max_allocated" if cuda else "cpu_peak_rss_delta"}
 
 
-def compare_latency(loaders: dict[str, Callable[[], object]], samples: list[Sample], n_timed: int = 20,
+def compare_latency(loaders: dict[str, Callable[[], Any]], samples: list[Sample], n_timed: int = 20,
                     warmup: int = 3, max_new_tokens: int = 8) -> dict[str, float]:
     """Median ms/sample of several models timed side by side: for each sample, every model in turn (rotating the
     order), so machine drift hits all of them alike."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from medsynapse.locking import write_text_atomic
 
@@ -85,7 +86,7 @@ def aggregate(runs: list[dict]) -> dict:
     """Per-seed result dicts -> the same tree with every number shared by all runs replaced by `mean_sd_ci`."""
     out = {}
     for key in runs[0]:
-        values = [run.get(key) for run in runs]
+        values: list[Any] = [run.get(key) for run in runs]
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             out[key] = mean_sd_ci([float(v) for v in values])
         elif all(isinstance(v, dict) for v in values):

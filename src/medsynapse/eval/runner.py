@@ -26,10 +26,12 @@ from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import check_answer_format, extract, is_correct
 from medsynapse.data.dataset import check_image_limit, with_answer_format
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample
@@ -40,7 +42,6 @@ from medsynapse.locking import LOCK_NAME, hold_for_launch, write_text_atomic, wr
 from medsynapse.model.bases import BaseFolders
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import core_vlm
-from medsynapse.objectives.answers import check_answer_format, extract, is_correct
 
 PREDICTIONS = "predictions.jsonl"
 REASONING_BUDGET = 1024  # new tokens for a `reasoning` reply when none is given (the paper's max generation length)
@@ -110,7 +111,8 @@ class BenchmarkRun:
         self.rank, self.world, self.barrier = rank, world, barrier
         self.own_path = self.path if world == 1 else out_dir / f"predictions.part{rank}.jsonl"
         self.samples = benchmark.samples[: settings.limit] if settings.limit else benchmark.samples
-        self.samples = with_answer_format(self.samples, settings.answer_format)
+        # settings.answer_format: a format here (run_benchmarks resolves None to the model's own first)
+        self.samples = with_answer_format(self.samples, cast(str, settings.answer_format))
         # the protocol's answer budget; a reply in the reasoning format also writes its analysis (the paper's 1024)
         self.max_new_tokens = settings.max_new_tokens or (REASONING_BUDGET if settings.answer_format == "reasoning"
                                                           else benchmark.max_new_tokens)
@@ -239,9 +241,10 @@ class BenchmarkRun:
     def score(self, sample: Sample, text: str, ms: float) -> dict:
         if self.benchmark.scorable:
             correct, got = is_correct(text, sample.answer, sample.answer_type, sample.options,
-                                      self.settings.answer_format)
+                                      cast(str, self.settings.answer_format))
         else:
-            correct, got = None, extract(text, sample.answer_type, sample.options, self.settings.answer_format)
+            correct, got = None, extract(text, sample.answer_type, sample.options,
+                                         cast(str, self.settings.answer_format))
         return {"id": sample.id, "prompt": sample.model_prompt, **({"system": sample.system} if sample.system else {}),
                 "n_images": len(sample.images), "raw": text,
                 "extracted": got.answer, "rule": got.rule, "gold": sample.answer, "correct": correct,
@@ -291,7 +294,8 @@ def compute_metrics(benchmark: Benchmark, lines: list[dict], settings: EvalSetti
             "by_modality": _accuracy_table(scored, lambda x: x.get("modality", "")),
             "by_question_type": _accuracy_table(scored, lambda x: x.get("question_type", "")),
             "by_answer_type": _accuracy_table(scored, lambda x: x.get("answer_type", "")),
-            "by_group": {g: _accuracy_table(scored, lambda x, g=g: x.get("groups", {}).get(g, ""))
+            # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
+            "by_group": {g: _accuracy_table(scored, lambda x, g=g: x.get("groups", {}).get(g, ""))  # type: ignore[misc]
                          for g in group_keys}}
 
 
@@ -390,7 +394,7 @@ def check_engine(engine: str) -> None:
         raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("engine vllm needs vLLM, which is not importable in this environment: run with the "
-                         ".venv-vllm environment (make vllm-env; README, 'vLLM engine')")
+                         ".venv-vllm environment (make vllm-env; docs/vllm.md)")
 
 
 def start_engine(settings: EvalSettings, model: MedSynapseV, benches: dict[str, Benchmark], output: Path,
@@ -424,7 +428,8 @@ def _evaluate_locked(state, model_path: str, model: MedSynapseV, benches: dict[s
         out_dir = output / name
         job = BenchmarkRun(model, bench, out_dir, settings, str(model_path), state.process_index,
                            state.num_processes, state.wait_for_everyone, engine)
-        efficiency = job.run(None if on_batch is None else lambda i, name=name: on_batch(name, i))
+        # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
+        efficiency = job.run(None if on_batch is None else lambda i, name=name: on_batch(name, i))  # type: ignore[misc]
         if state.num_processes > 1:
             efficiency = combine_efficiency(gather_object([efficiency]))
         if not state.is_main_process:

@@ -147,7 +147,7 @@ def hierarchical_bootstrap(row: Sequence[Sequence[float]], reference: Sequence[S
             "groups": len(_members(groups, shape[1]))}
 
 
-def seed_t_test(deltas: Sequence[float], confidence: float = 0.95) -> dict:
+def seed_t_test(deltas: Sequence[float] | np.ndarray, confidence: float = 0.95) -> dict:
     """Mean of the per-seed deltas, sample sd, Student-t interval (S − 1 degrees of freedom) and the two-sided
     one-sample t-test's p-value; interval and p None for one seed (p 1.0 when every delta is 0, NaN-free)."""
     from scipy import stats

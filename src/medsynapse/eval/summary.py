@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from medsynapse.data.sources import PAPER_BENCHMARKS, SOURCES
@@ -43,6 +44,7 @@ def summary_rows(runs: dict[str, dict[str, dict]]) -> tuple[list[str], list[list
                 scores.append(accuracy)
             eff = (m or {}).get("efficiency", {})
             if eff.get("ms_per_sample") is not None:
+                assert m is not None  # eff is empty without m
                 ms += eff["ms_per_sample"] * m["n"]
                 n_ms += m["n"]
             if eff.get("peak_mem_mb") is not None:
@@ -91,7 +93,7 @@ def plot(runs: dict[str, dict[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_summary(output: str | Path, label: str | None = None, runs: dict[str, str | Path] | None = None) -> str:
+def write_summary(output: str | Path, label: str | None = None, runs: Mapping[str, str | Path] | None = None) -> str:
     """Summary of the run in `output` (labelled `label`), or of several runs {label: dir}, written into `output`."""
     output = Path(output)
     loaded = {name: read_run(d) for name, d in (runs or {label or output.name: output}).items()}

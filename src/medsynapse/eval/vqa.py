@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import is_correct
 from medsynapse.data.dataset import VQADataset, with_answer_format
 from medsynapse.data.schema import Sample
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.objectives.answers import is_correct
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def evaluate(model: MedSynapseV, samples: list[Sample], branch: str | None = Non
     if answer_format != "direct":
         samples = with_answer_format(samples, answer_format)
     dataset = VQADataset(samples, model.prompts, with_answers=False)
-    predictions = []
+    predictions: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         indices = list(range(start, min(start + batch_size, len(samples))))
         transform = None

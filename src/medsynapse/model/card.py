@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from medsynapse.locking import write_text_atomic
 
@@ -162,9 +163,9 @@ def hub_front_matter(name: str, base_model: str, license_id: str, datasets: list
     evaluated, `metrics` and a `model-index` with each benchmark's accuracy."""
     import yaml
 
-    meta = {"base_model": base_model, "base_model_relation": "finetune", "license": license_id,
-            "library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": HUB_TAGS,
-            "datasets": datasets}
+    meta: dict[str, Any] = {"base_model": base_model, "base_model_relation": "finetune", "license": license_id,
+                            "library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": HUB_TAGS,
+                            "datasets": datasets}
     if results:
         meta["metrics"] = ["accuracy"]
         meta["model-index"] = [{"name": name, "results": [model_index_result(r) for r in results]}]

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 from medsynapse.locking import fsync_tree, make_tree_readable, write_text_atomic, writes_into
 from medsynapse.model.bases import BaseFolders
@@ -182,7 +183,7 @@ print(processor.decode(tokens[0, inputs["input_ids"].shape[1]:], skip_special_to
 def export_card(name: str, manifest: dict, source_card: str, license_id: str, datasets: list[str] | None) -> str:
     """README.md of the export: Hub front matter (base model, license, pipeline, tags, datasets, scores) and body."""
     base = manifest.get("vlm")
-    base_model = base.get("name") if isinstance(base, dict) else Path(str(base)).name
+    base_model = cast(str, base.get("name")) if isinstance(base, dict) else Path(str(base)).name  # a record has one
     usage = USAGE.replace("MODEL_DIR", name)
     if manifest.get("answer_format") == "reasoning":
         usage += ("\n\nThis model was trained in the `reasoning` format: append MedSynapse's reasoning instruction "

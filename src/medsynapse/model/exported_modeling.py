@@ -132,7 +132,9 @@ class MedSynapseQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration)
 
     def __init__(self, config: MedSynapseQwen3VLConfig):
         super().__init__(config)
-        self.memory = AutonomousMemory(config.medsynapse["autonomous"])
+        # (type: ignore here and below: this file imports only torch and transformers, so no typing.cast; an exported
+        # config always has `medsynapse`, and transformers types vision_config as dict | PreTrainedConfig | None)
+        self.memory = AutonomousMemory(config.medsynapse["autonomous"])  # type: ignore[index]
 
     @property
     def n_memory(self) -> int:
@@ -151,7 +153,7 @@ class MedSynapseQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration)
 
     def memory_vectors(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor, features) -> torch.Tensor:
         """A_psi's memory (B, N, H) from the vision features; a question's images are its vision-start markers."""
-        merge = self.config.vision_config.spatial_merge_size
+        merge = self.config.vision_config.spatial_merge_size  # type: ignore[union-attr]  # (see __init__)
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()]
         counts = (input_ids == self.config.vision_start_token_id).sum(1).tolist()
         if sum(counts) != len(grids) or min(counts) < 1:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def latent_thoughts_uncached(model, batch: PromptBatch, k: int, latent_id: int, 
     written hold their placeholder embedding; the causal mask keeps them from mattering)."""
     start = slot_start(batch, k, latent_id)
     core = core_vlm(model)
-    placeholder = core.get_input_embeddings().weight[latent_id]
+    placeholder = cast(nn.Embedding, core.get_input_embeddings()).weight[latent_id]
     written: list[torch.Tensor] = []
     for j in range(k):
         filler = placeholder.expand(batch.input_ids.shape[0], k - len(written), -1)
@@ -171,9 +172,10 @@ class LastQueryHook:
 
     def weights(self, keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) attention of the captured position over `keys` (B, kv_heads, L, d), averaged over heads."""
+        assert self.query is not None  # captured by the layer's forward that ran before
         groups = self.query.shape[1] // keys.shape[1]
         keys = keys.repeat_interleave(groups, dim=1)
-        scores = (self.query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * self.attention.scaling
+        scores = (self.query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * cast(float, self.attention.scaling)
         scores = scores.masked_fill(attention_mask[:, None, :keys.shape[2]] == 0, float("-inf"))
         return scores.softmax(-1).mean(1)
 
@@ -216,7 +218,9 @@ def ivt_latents(model, batch: PromptBatch, steps: int, patches: int, layer: int,
             vectors.append(thought)
             model(inputs_embeds=thought.to(context.dtype), attention_mask=batch.attention_mask[:, :column + 1],
                   position_ids=positions[..., column:column + 1], cache=cache, use_cache=True, logits_to_keep=1)
-            weights = hook.weights(cache.layers[layer % len(cache.layers)].keys, batch.attention_mask)[:, :start]
+            # (a DynamicLayer, its keys filled by the step above; transformers types the layers as a union of kinds)
+            weights = hook.weights(cast(Any, cache.layers[layer % len(cache.layers)]).keys,
+                                   batch.attention_mask)[:, :start]
             weights = weights.masked_fill(~image_columns | taken, float("-inf"))
             picked = weights.topk(patches, dim=-1).indices.sort(-1).values
             taken.scatter_(1, picked, True)

@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from PIL import Image
@@ -46,6 +47,9 @@ from medsynapse.model.vlm import (
     load_vlm,
     vision_features,
 )
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
 BRANCHES = ("privileged", "counterfactual", "autonomous")
 MANIFEST = "medsynapse.json"
@@ -171,7 +175,7 @@ class MedSynapseV(nn.Module):
             encoder.eval().requires_grad_(False)
         # (K, M, d) prior tokens of images without a finding, for the `reference` counterfactual; set by Stages I-II
         self.reference_bank: torch.Tensor | None = None
-        # how the model was trained to reply (objectives/answers.py): eval and predict prompt and score it this way
+        # how the model was trained to reply (answers.py): eval and predict prompt and score it this way
         self.answer_format = "direct"
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -186,9 +190,10 @@ class MedSynapseV(nn.Module):
         if encoder is not None and n_memory > 0:
             torch.manual_seed(seed)
             sampler = DiagnosticMemorySampler(SamplerConfig(
-                prior_dim=encoder.feature_dim, hidden_size=vlm.config.text_config.hidden_size, n_memory=n_memory,
-                width=width, layers=layers, heads=heads, embed_rms=embedding_rms(vlm.get_input_embeddings()),
-                max_images=max_images))
+                prior_dim=encoder.feature_dim,
+                hidden_size=cast("Qwen3VLTextConfig", vlm.config.text_config).hidden_size,
+                n_memory=n_memory, width=width, layers=layers, heads=heads,
+                embed_rms=embedding_rms(cast(nn.Embedding, vlm.get_input_embeddings())), max_images=max_images))
         return cls(vlm, processor, encoder, sampler, str(vlm_path), encoder_path)
 
     @classmethod
@@ -226,7 +231,8 @@ class MedSynapseV(nn.Module):
 
     def _save(self, folder: Path, adapter_state: dict[str, torch.Tensor] | None, training: dict | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        vlm = base_ref(self.vlm_path, folder, "vlm")  # before anything is written: a vanished base is refused here
+        # before anything is written: a vanished base is refused here (vlm_path: set by every constructor that saves)
+        vlm = base_ref(cast(str, self.vlm_path), folder, "vlm")
         encoder = base_ref(self.encoder_path, folder, "encoder") if self.encoder_path else None
         manifest = {"format": MANIFEST_FORMAT, "vlm": vlm.to_dict(),
                     "encoder": encoder.to_dict() if encoder is not None else None,
@@ -249,6 +255,7 @@ class MedSynapseV(nn.Module):
         if self.sampler is not None:
             write_tensors(folder / "sampler.safetensors", self.sampler.state_dict())
         if manifest["reference_bank"]:
+            assert self.reference_bank is not None  # the manifest names the bank only when there is one
             write_tensors(folder / REFERENCE_BANK, {"tokens": self.reference_bank})
         write_card(folder, manifest, training)
         write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
@@ -264,6 +271,7 @@ class MedSynapseV(nn.Module):
         CLI's --vlm / --encoder), checked against the recorded content hash.
         """
         folder = Path(folder)
+        vlm: Any  # the Qwen3-VL model, or the PeftModel around it (peft forwards LoraModel's methods at run time)
         if not (folder / MANIFEST).is_file():
             vlm, processor = load_vlm(folder, dtype=dtype)
             return cls(vlm, processor, vlm_path=str(folder))
@@ -281,7 +289,7 @@ class MedSynapseV(nn.Module):
             return cls._from_bundled(folder, manifest, dtype, bases)
         vlm_path = resolve_base(manifest["vlm"], folder, "vlm", bases.vlm)
         encoder_path = resolve_base(manifest.get("encoder"), folder, "encoder", bases.encoder)
-        vlm, processor = load_vlm(vlm_path, dtype=dtype)
+        vlm, processor = load_vlm(cast(str, vlm_path), dtype=dtype)  # a manifest always names its VLM
         encoder = load_encoder(encoder_path) if encoder_path else None
         sampler = None
         if manifest.get("sampler"):
@@ -362,7 +370,7 @@ class MedSynapseV(nn.Module):
         """M_auto = A_psi(the VLM's merged visual tokens): the encoder-free memory."""
         if self.autonomous is None:
             raise ValueError("this model has no autonomous memory module (A_psi)")
-        merge = core_vlm(self.vlm).config.vision_config.spatial_merge_size
+        merge = cast("Qwen3VLVisionConfig", core_vlm(self.vlm).config.vision_config).spatial_merge_size
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
         counts = batch.images_per_sample or [1] * batch.input_ids.shape[0]
         return self.autonomous(features.pooler_output, grids, counts)
@@ -385,7 +393,7 @@ class MedSynapseV(nn.Module):
         device = next(core_vlm(self.vlm).parameters()).device
         batch = self.prompts.collate([self.prompts.encode([image], "")], with_answers=False).to(device)
         features = vision_features(self.vlm, batch)
-        merge = core_vlm(self.vlm).config.vision_config.spatial_merge_size
+        merge = cast("Qwen3VLVisionConfig", core_vlm(self.vlm).config.vision_config).spatial_merge_size
         _, h, w = batch.image_grid_thw[0].tolist()
         weights = self.autonomous.attend(features.pooler_output, [(h // merge, w // merge)], [1])[1]
         return {"probes": weights[0].reshape(1, -1, h // merge, w // merge)}
@@ -459,14 +467,7 @@ class MedSynapseV(nn.Module):
         if self.latent is not None:
             if branch is not None:
                 raise ValueError(f"a latent-reasoning model ({self.latent['method']}) has no {branch} branch")
-            from medsynapse.model.latent import ivt_latents, latent_thoughts, mcout_thoughts
-
-            if self.latent["method"] == "ivt-lr":
-                return ivt_latents(self.vlm, batch, self.latent["steps"], self.latent["patches"],
-                                   self.latent["layer"], self.latent_id, features)[0]
-            if self.latent["method"] == "mcout":
-                return mcout_thoughts(self.vlm, self.latent_module, batch, self.n_memory, self.latent_id, features)
-            return latent_thoughts(self.vlm, batch, self.n_memory, self.latent_id, features)
+            return LATENT_MEMORY.get(self.latent["method"], LATENT_MEMORY["coconut"])(self, batch, features)
         branch = branch or ("autonomous" if self.autonomous is not None else "privileged")
         if branch == "autonomous":
             return self.autonomous_memory(batch, features)
@@ -480,9 +481,11 @@ class MedSynapseV(nn.Module):
     def image_counterfactual_memory(self, images: list[Image.Image],
                                     images_per_sample: list[int] | None = None) -> torch.Tensor:
         """M' with the finding removed from the images themselves and the encoder run again ("pixels")."""
+        # (memory_for calls this only when both the encoder and P_phi are present)
         with torch.no_grad():
-            edited = self.encoder.encode_counterfactual(images)
-        return self.sampler(edited.tokens, edited.grid, images_per_sample=images_per_sample)
+            edited = cast(PriorEncoder, self.encoder).encode_counterfactual(images)
+        return cast(DiagnosticMemorySampler, self.sampler)(edited.tokens, edited.grid,
+                                                           images_per_sample=images_per_sample)
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 16,
@@ -520,3 +523,21 @@ class MedSynapseV(nn.Module):
                 raise ValueError("memory_transform given, but this model has no memory (a plain VLM)")
             memory = memory_transform(memory)
         return self.generate(batch, memory, max_new_tokens=max_new_tokens, features=features, **generate_kwargs)
+
+
+def _latent():
+    from medsynapse.model import latent  # imported when a latent-reasoning model answers (it is rarely needed)
+
+    return latent
+
+
+# A latent-reasoning baseline's thoughts (model/latent.py), by the method its folder records; the model's one table
+# of method names (a folder naming no known method is read as Coconut's, as before).
+LATENT_MEMORY: dict[str, Callable[[MedSynapseV, PromptBatch, object], torch.Tensor]] = {
+    "coconut": lambda m, batch, features: _latent().latent_thoughts(m.vlm, batch, m.n_memory, m.latent_id, features),
+    "mcout": lambda m, batch, features: _latent().mcout_thoughts(m.vlm, m.latent_module, batch, m.n_memory,
+                                                                 m.latent_id, features),
+    "ivt-lr": lambda m, batch, features: _latent().ivt_latents(
+        m.vlm, batch, cast(dict, m.latent)["steps"], cast(dict, m.latent)["patches"], cast(dict, m.latent)["layer"],
+        m.latent_id, features)[0],
+}

@@ -50,6 +50,7 @@ def pack_images(tokens: torch.Tensor, drop: torch.Tensor | None, images_per_samp
     for row, count in enumerate(images_per_sample):
         packed[row, : count * m] = tokens[start:start + count].reshape(count * m, -1)
         if drop is not None:
+            assert packed_drop is not None  # made whenever drop is given
             packed_drop[row, : count * m] = drop[start:start + count].reshape(-1)
         padding[row, : count * m] = False
         start += count
@@ -280,6 +281,7 @@ class AutonomousMemoryModule(nn.Module):
         if self.image_embed is not None:  # image k of its question: + its index embedding (0 for the first)
             index = torch.cat([torch.arange(int(c)) for c in images_per_sample]).to(self.image_embed.device)
             table = image_index_embedding(self.image_embed, index, self.config.max_images)
+            assert table is not None  # None only without a table, and image_embed is one
             keys = [k + table[i].to(k.dtype) for i, k in enumerate(keys)]
         per_sample_keys, per_sample_values, start = [], [], 0
         for count in images_per_sample:

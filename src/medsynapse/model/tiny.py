@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -79,7 +80,7 @@ def build_tiny_vlm(out_dir: str | Path, corpus: Iterable[str], spec: TinyVLMSpec
               "longest_edge": max(pixels, 256 * 256)},
         image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
+    ids: dict[str, Any] = {name: tok.convert_tokens_to_ids(t) for name, t in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
     head_dim = spec.hidden // spec.heads

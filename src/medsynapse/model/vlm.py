@@ -3,7 +3,7 @@
 Memory enters as N placeholder tokens (``<|latent|>``) placed after the question, at the start of the assistant turn,
 before the answer. Their embedding rows are replaced by memory vectors; everything else is the model's own path:
 pixels (or cached vision features) are always passed, so DeepStack runs, and explicit 4-row position ids from
-``get_rope_index`` are always passed, so the image keeps its 2-D rotary layout. See DESIGN.md, decision 1.
+``get_rope_index`` are always passed, so the image keeps its 2-D rotary layout. See docs/design.md, decision 1.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -36,7 +37,8 @@ def load_vlm(path: str | Path, dtype: torch.dtype | str = "auto", trust_remote_c
     if latent_id >= model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(processor.tokenizer))
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model.to(device), processor
+    # (transformers wraps `to` with functools.wraps, so its stub takes `self` for the device)
+    return model.to(device), processor  # type: ignore[arg-type]
 
 
 @dataclass
@@ -125,7 +127,7 @@ class PromptBuilder:
 
     def prompt_text(self, question: str, n_images: int, system: str = "") -> str:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-        messages = [{"role": "system", "content": system}] if system else []
+        messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         text = self.processor.apply_chat_template([*messages, {"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
         return text + LATENT_TOKEN * self.n_memory

@@ -8,18 +8,19 @@ Two ways to combine them (`causal_form`):
   λ_acc·r_acc + λ_causal·c, c = r_causal centred and scaled within each group's rollouts of equal correctness
   (`centred_causal`). Why not "ranked": it keeps the order but not the margin. A correct rollout with a negative
   r_causal and a wrong one with a positive r_causal get R = 0.5005 and 0.4995, so the accuracy signal can all but
-  vanish; on the demo every ranked run learnt less than plain GRPO (README). Centred, c sums to zero within each
+  vanish; on the demo every ranked run learnt less than plain GRPO (docs/design.md). Centred, c sums to zero within each
   class, so the push from wrong to right answers is exactly plain GRPO's and r_causal only reorders within a class.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
-from medsynapse.data.schema import Sample
-from medsynapse.objectives.answers import is_correct
+from medsynapse.answers import is_correct
 
 CAUSAL_REDUCTIONS = ("sum", "mean")
 CAUSAL_GATES = ("none", "correct")
@@ -29,7 +30,15 @@ CAUSAL_FORMS = ("paper", "ranked", "centred")
 RANKED_MARGIN = 1e-3
 
 
-def accuracy_rewards(texts: list[str], samples: list[Sample], answer_format: str = "direct") -> torch.Tensor:
+class GoldAnswer(Protocol):
+    """What the accuracy reward reads of a question (a data.schema.Sample has it): no data types in objectives."""
+
+    answer: str
+    answer_type: str
+    options: dict[str, str]
+
+
+def accuracy_rewards(texts: list[str], samples: Sequence[GoldAnswer], answer_format: str = "direct") -> torch.Tensor:
     """1.0 when the extracted answer equals the gold answer, else 0.0 (unparseable scores 0: no guessing; with the
     "reasoning" format a rollout without a final <answer> tag is unparseable)."""
     return torch.tensor([float(is_correct(t, s.answer, s.answer_type, s.options, answer_format)[0])
@@ -59,7 +68,7 @@ def total_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, lambda_acc: float 
 
     gate "correct" credits r_causal only to correct rollouts. Why: ungated, a *wrong* answer that the counterfactual
     memory makes unlikely earns a large causal reward, and the answer the counterfactual favours is penalised even
-    when it is right; on the SynthMed demo this cost accuracy (see README, Stage II).
+    when it is right; on the SynthMed demo this cost accuracy (see docs/design.md, Stage II).
     """
     if gate not in CAUSAL_GATES:
         raise ValueError(f"unknown causal gate {gate!r}; expected one of {CAUSAL_GATES}")
@@ -97,7 +106,7 @@ def ranked_reward(r_acc: torch.Tensor, r_causal: torch.Tensor, lambda_acc: float
     one R ≤ λ_causal·(1 − m); their difference is ≥ λ_acc − 2·λ_causal·(1 − m) ≥ 2·m·λ_causal (or λ_acc when
     λ_causal = 0) > 0. So every correct rollout of a group gets a strictly higher R than every wrong one, whatever
     r_causal is (the causal term can never buy a wrong answer a better rank: the paper form's reward hacking, see
-    README), and within the correct and within the wrong rollouts R = const + λ_causal·b(r_causal) follows the
+    docs/design.md), and within the correct and within the wrong rollouts R = const + λ_causal·b(r_causal) follows the
     r_causal order: never inverted, strictly where tanh is not saturated and the difference survives rounding
     (equal r_causal give exactly equal R). Computed in float64, returned in the inputs' (promoted) float dtype;
     rounding to it is monotone, so these orders hold in the returned tensor too. Unlike `total_reward`'s gate

@@ -55,31 +55,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import reasoning_target
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import VQADataset, training_dataset, with_reasoning_targets
 from medsynapse.data.schema import Sample
 from medsynapse.model.latent import ivt_latents, latent_thoughts
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features
-from medsynapse.objectives.answers import reasoning_target
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import Distributed, LoRAConfig, LossReduction, TrainingConfig
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig
 
 
 @dataclass
-class CoconutConfig:
+class CoconutConfig(TrainingConfig, LoRAConfig):
     model: str = ""  # the base VLM folder
-    train_file: str = ""  # samples with `rationale` steps
     output_dir: str = "runs/coconut"
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     thoughts_per_step: int = 2  # c: thoughts that replace one reasoning step (reference GSM8k config: 2)
     max_latent_stage: int = 3  # the last partial stage replaces this many steps (its thoughts: inference's)
     # the reference's final phase, stage max_latent_stage + 1: every step latent (max_latent_stage * c thoughts), only
@@ -90,22 +90,11 @@ class CoconutConfig:
     steps_per_stage: int = 0  # optimiser steps per stage; 0: epochs_per_stage decide
     epochs_per_stage: float = 1.0  # reference 3 (GPT-2); fewer for large pretrained models (coconut#11)
     lr: float = 1e-5  # reference 1e-4 (GPT-2); ~1e-5 for large pretrained models, as its maintainers advise
-    weight_decay: float = 0.01
     warmup_ratio: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 32
-    loss_reduction: str = "token"
-    families: list[str] = field(default_factory=list)
-    answer_types: list[str] = field(default_factory=list)
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
+    loss_reduction: LossReduction = "token"
     # ddp: one process (several forwards before one backward: DDP refuses) | fsdp: the VLM and its LoRA sharded over
     # the ranks (recipes/sharding), which allows it
-    distributed: str = "ddp"
+    distributed: Distributed = "ddp"
 
 
 def n_stages(max_latent_stage: int, final_stage: bool = True) -> int:
@@ -182,7 +171,7 @@ def train_coconut(config: CoconutConfig, on_step: Callable[[int], None] | None =
     datasets: dict[int, VQADataset] = {}
 
     per_latent = 1 + config.patches_per_step  # slots per latent step
-    layers = core_vlm(model.vlm).config.text_config.num_hidden_layers
+    layers = cast("Qwen3VLTextConfig", core_vlm(model.vlm).config.text_config).num_hidden_layers
     layer = config.selection_layer if config.selection_layer >= 0 else layers // 2
     if layer >= layers:
         raise ValueError(f"selection_layer {layer} >= the VLM's {layers} decoder layers")

@@ -20,8 +20,9 @@ here for both), the reference's discount gamma^t left at its default 1. One proc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -33,41 +34,29 @@ from medsynapse.model.latent import LatentAttentionConfig, MultimodalLatentAtten
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBuilder, core_vlm, vision_features, with_slots
 from medsynapse.recipes import trainer
+from medsynapse.recipes.config_base import LoRAConfig, LossReduction, TrainingConfig
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig
 
 
 @dataclass
-class MCOUTConfig:
+class MCOUTConfig(TrainingConfig, LoRAConfig):
     model: str = ""  # the base VLM folder
-    train_file: str = ""
     output_dir: str = "runs/mcout"
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     thoughts: int = 5  # k
     mu: float = 0.3  # weight of the auxiliary losses
     attention_dim: int = 2048
     attention_heads: int = 8
     lr: float = 1e-5  # reference
-    weight_decay: float = 0.01
     warmup_ratio: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 32
     max_steps: int = 0
     epochs: float = 1.0
-    loss_reduction: str = "token"
-    families: list[str] = field(default_factory=list)
-    answer_types: list[str] = field(default_factory=list)
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
+    loss_reduction: LossReduction = "token"
 
 
-def mcout_loss(model: MedSynapseV, module: nn.Module, prompts: PromptBuilder, items: list, k: int, mu: float,
-               features, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mcout_loss(model: MedSynapseV, module: MultimodalLatentAttention, prompts: PromptBuilder, items: list, k: int,
+               mu: float, features, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, final) loss of one batch: CE(answer | all k thoughts) + mu * sum_t CE(answer | thoughts 1..t).
     `items` are the batch's samples encoded with k slots and their answers; the t-slot prompts are derived from them
     (`with_slots`). Thoughts 1..t do not depend on later slots, so they are computed once, with k slots."""
@@ -98,7 +87,7 @@ def train_mcout(config: MCOUTConfig, on_step: Callable[[int], None] | None = Non
     torch.manual_seed(config.seed)
     model = MedSynapseV.plain_with_lora(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                         config.lora_targets, dtype=config.dtype)
-    hidden = core_vlm(model.vlm).config.text_config.hidden_size
+    hidden = cast("Qwen3VLTextConfig", core_vlm(model.vlm).config.text_config).hidden_size
     module = MultimodalLatentAttention(LatentAttentionConfig(hidden, config.attention_dim, config.attention_heads))
     trained = nn.ModuleDict({"vlm": model.vlm, "latent_attention": module}).to(accelerator.device)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from medsynapse.data.schema import Sample, read_samples
 from medsynapse.locking import make_tree_readable
 from medsynapse.model.vlm import PromptBuilder, core_vlm, forward_with_memory, load_vlm, vision_features
 from medsynapse.recipes import trainer
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig
 
 BASE_VERSION = 2  # bump when base preparation changes (2: vision pre-training with a lesion-coverage head)
 
@@ -102,7 +106,7 @@ def pretrain_vision(model, head: torch.nn.Linear, dataset: VQADataset, masks: di
         indices = trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed + 1)
         batch = dataset.prompts.collate([dataset.encoded(i) for i in indices])
         loss = grounding_loss(model, head, batch, vision_features(model, batch),
-                              [masks[dataset.samples[i].mask] for i in indices], config.grounding_pos_weight)
+                              [masks[cast(str, dataset.samples[i].mask)] for i in indices], config.grounding_pos_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -119,7 +123,7 @@ def prepare_base(config: BasePrepConfig) -> Path:
     samples = [s for s in read_samples(config.train_file) if s.family in config.families]
     dataset = VQADataset(samples, prompts, with_answers=True)
     dataset.validate()
-    head = torch.nn.Linear(model.config.text_config.hidden_size, GROUNDING_CELLS ** 2)
+    head = torch.nn.Linear(cast("Qwen3VLTextConfig", model.config.text_config).hidden_size, GROUNDING_CELLS ** 2)
     grounded = config.vision_steps > 0 or config.grounding_weight > 0
     masks = load_masks(samples, config.train_file) if grounded else {}
     model.train()
@@ -135,7 +139,8 @@ def prepare_base(config: BasePrepConfig) -> Path:
         loss = forward_with_memory(model, batch, None, prompts.latent_id, features=features, labels=batch.labels).loss
         auxiliary = torch.zeros(())
         if config.grounding_weight > 0:
-            auxiliary = grounding_loss(model, head, batch, features, [masks[samples[i].mask] for i in indices],
+            auxiliary = grounding_loss(model, head, batch, features,
+                                       [masks[cast(str, samples[i].mask)] for i in indices],  # grounded: masked
                                        config.grounding_pos_weight)
         (loss + config.grounding_weight * auxiliary).backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], 1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -15,6 +16,9 @@ from medsynapse.data.dataset import VQADataset
 from medsynapse.model.counterfactual import reference_bank
 from medsynapse.model.encoders import PriorOutput
 from medsynapse.model.encoders.cache import PriorCache, image_key
+
+if TYPE_CHECKING:
+    from medsynapse.model.vlm import PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,8 @@ def prior_table(encode: Callable[[list], PriorOutput], encoder_path: str | None,
         for j, i in enumerate(chunk):
             finding = prior.finding[j].cpu() if prior.finding is not None else None
             computed[i] = (prior.tokens[j].cpu(), prior.region_mask[j].cpu(), prior.grid, finding)
-    parts = [computed[i] if i in computed else cache.get(keys[i]) for i in range(len(paths))]
+    # (a row not computed here is in the cache)
+    parts = [computed[i] if i in computed else cast(PriorCache, cache).get(keys[i]) for i in range(len(paths))]
     grids = {grid for _, _, grid, _ in parts}
     if len(grids) != 1:
         raise ValueError(f"images give different prior grids {sorted(grids)}: resize them to one size first")
@@ -73,7 +78,7 @@ def cache_features(encoder_folder: str, data_file: str, cache_dir: str) -> int:
     from medsynapse.model.encoders import load_encoder
 
     encoder = load_encoder(encoder_folder)
-    dataset = VQADataset(read_samples(data_file), prompts=None)
+    dataset = VQADataset(read_samples(data_file), prompts=cast("PromptBuilder", None))  # only its images are read
     dataset.validate()
     table, _ = prior_table(encoder.encode, encoder_folder, dataset, cache_dir=cache_dir)
     return table.tokens.shape[0]

@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -37,38 +38,24 @@ from medsynapse.model.bases import resolve_base
 from medsynapse.model.medsynapse import MANIFEST, MedSynapseV
 from medsynapse.model.vlm import PromptBatch, vision_features
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import Distributed, LoRAConfig, LossReduction, SFTTarget, TrainingConfig
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainingConfig, LoRAConfig):
     model: str = ""  # a plain VLM folder, or any MedSynapse folder: only the base VLM it names is used
-    train_file: str = ""
     output_dir: str = "runs/sft"
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lr: float = 2e-4
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    batch_size: int = 32  # global batch, split over processes
     max_steps: int = 500  # 0: `epochs` decide
     epochs: float = 0.0  # passes over the training samples when max_steps is 0
-    loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
+    loss_reduction: LossReduction = "token"  # token | sample | sum (see objectives.ntp)
     # answer: learn the gold answer (SFT); rationale: learn the reasoning steps, then the answer in <answer></answer>,
     # to a prompt in the `reasoning` format (CoT-SFT: the explicit-CoT row; it decodes its steps at inference)
-    target: str = "answer"
-    families: list[str] = field(default_factory=list)  # empty = every family
-    answer_types: list[str] = field(default_factory=list)  # empty = every answer type (captions included)
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
+    target: SFTTarget = "answer"
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
-    distributed: str = "ddp"  # ddp | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding, as Stage II)
+    # ddp | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding, as Stage II)
+    distributed: Distributed = "ddp"
 
 
 def base_vlm_path(folder: str | Path) -> str:
@@ -83,7 +70,7 @@ def base_vlm_path(folder: str | Path) -> str:
     if data.get("adapter"):
         warnings.warn(f"{folder}: its LoRA adapter is not used; SFT trains a fresh one on the base VLM {vlm}",
                       stacklevel=2)
-    return vlm
+    return cast(str, vlm)  # a manifest always names its VLM
 
 
 def sft_loss(policy, batch: PromptBatch, latent_id: int, features=None, reduction: str = "token") -> torch.Tensor:

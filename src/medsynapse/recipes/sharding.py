@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from transformers import Qwen3VLForConditionalGeneration
 
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -33,7 +39,7 @@ def check_distributed(value: str) -> None:
         raise ValueError(f"unknown distributed {value!r}; expected one of {DISTRIBUTED}")
 
 
-def units(core: nn.Module) -> list[nn.Module]:
+def units(core: Qwen3VLForConditionalGeneration) -> list[nn.Module]:
     """The FSDP2 units of a Qwen3-VL model (module docstring), root excluded. Leaves only around the vision and text
     models: fully_shard gives a unit a new class, and transformers finds a model's hidden-state recorders by its
     class name (output_hidden_states would come back empty)."""
@@ -64,8 +70,11 @@ def shard_vlm(vlm: nn.Module, accelerator, record: str | Path | None = None) -> 
     for unit in units(core):
         fully_shard(unit, mesh=mesh)  # from the CPU, each shard goes to the mesh's device
     fully_shard(core, mesh=mesh)
-    core._get_fsdp_state()._lazy_init()  # the root first: the units are then called directly in any order
-    core._is_fsdp_managed_module = True  # transformers' generate keeps every rank stepping until all are done
+    # the root first: the units are then called directly in any order (fully_shard made `core` an FSDPModule)
+    cast("FSDPModule", core)._get_fsdp_state()._lazy_init()
+    # transformers' generate keeps every rank stepping until all are done (a plain flag: nn.Module's __getattr__
+    # types attributes as Tensor | Module)
+    core._is_fsdp_managed_module = True  # type: ignore[assignment]
     if record is not None:
         Path(record).mkdir(parents=True, exist_ok=True)
         held = {"rank": accelerator.process_index, "world": accelerator.num_processes,
@@ -87,7 +96,7 @@ def adapter_state(vlm: nn.Module, sharded: bool) -> dict[str, torch.Tensor] | No
     return full_state(vlm, lambda key: "lora_" in key) if sharded else None
 
 
-def full_weight(linear: nn.Module) -> torch.Tensor:
+def full_weight(linear: nn.Linear) -> torch.Tensor:
     """A (possibly sharded) module's weight as one tensor on every rank (a collective when sharded)."""
     weight = linear.weight.detach()
     return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
@@ -95,7 +104,7 @@ def full_weight(linear: nn.Module) -> torch.Tensor:
 
 def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters as full tensors on every rank (a collective per sharded tensor: call on all ranks)."""
-    return {name: (p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach())
+    return {name: (cast("DTensor", p.detach()).full_tensor() if hasattr(p, "full_tensor") else p.detach())
             for name, p in module.named_parameters() if p.requires_grad}
 
 

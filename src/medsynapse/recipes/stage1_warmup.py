@@ -7,8 +7,9 @@ Reads top to bottom: config -> model -> data -> optimiser -> (resume) -> loop ->
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -18,39 +19,32 @@ from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.ntp import answer_nll
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import Distributed, LossReduction, TrainingConfig
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
+
+if TYPE_CHECKING:
+    from medsynapse.model.encoders import PriorEncoder
+    from medsynapse.model.memory import DiagnosticMemorySampler
 
 
 @dataclass
-class Stage1Config:
+class Stage1Config(TrainingConfig):
     vlm: str = ""
     encoder: str = ""
-    train_file: str = ""
     output_dir: str = "runs/stage1"
     n_memory: int = 16
     sampler_width: int = 256
     sampler_layers: int = 2
     sampler_heads: int = 4
     lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    batch_size: int = 32  # global batch, split over processes
     epochs: float = 3.0
     max_steps: int = 0  # > 0 overrides epochs
-    grad_clip: float = 1.0
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    families: list[str] = field(default_factory=list)  # empty = every family
-    answer_types: list[str] = field(default_factory=list)  # empty = every answer type (captions included)
-    loss_reduction: str = "token"  # token | sample | sum (see objectives.ntp)
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
+    loss_reduction: LossReduction = "token"  # token | sample | sum (see objectives.ntp)
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     reference_bank_size: int = 256  # training images without a finding kept for the `reference` counterfactual
-    distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    distributed: Distributed = "ddp"
     max_images: int = 1  # images per question P_phi tells apart by an image-index embedding (model/memory.py)
 
 
@@ -75,7 +69,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     if config.gradient_checkpointing:
         trainer.enable_activation_checkpointing(model.vlm)
         trainer.train_without_dropout(model.vlm)  # transformers only checkpoints in train mode
-    model.encoder.to(accelerator.device)
+    cast("PriorEncoder", model.encoder).to(accelerator.device)  # built from config.encoder (check_paths requires it)
 
     dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
                                with_answers=True)
@@ -84,7 +78,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
     attach_reference_bank(model, priors, config.reference_bank_size, required=False)
 
     total_steps = config.max_steps or max(1, round(config.epochs * len(dataset) / config.batch_size))
-    sampler = model.sampler.train()
+    sampler = cast("DiagnosticMemorySampler", model.sampler).train()  # built with the encoder
     optimizer = trainer.adamw(sampler, config.lr, config.weight_decay)
     scheduler = trainer.cosine_schedule(optimizer, total_steps, config.warmup_ratio)
     wrapped, optimizer, scheduler = accelerator.prepare(sampler, optimizer, scheduler)
@@ -104,7 +98,7 @@ def train_stage1(config: Stage1Config, on_step: Callable[[int], None] | None = N
         prior, counts = select_priors(priors, prior_row, indices)
         memory = wrapped(prior.tokens.to(accelerator.device), prior.grid, images_per_sample=counts)
         logits = model.forward(batch, memory, labels=None).logits
-        loss = answer_nll(logits, batch.labels, config.loss_reduction)
+        loss = answer_nll(logits, cast(torch.Tensor, batch.labels), config.loss_reduction)  # collated with answers
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
         optimizer.step()

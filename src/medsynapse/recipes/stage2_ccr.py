@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import check_answer_format
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.model.counterfactual import TOKEN_INTERVENTIONS
@@ -41,7 +42,6 @@ from medsynapse.model.vlm import (
     select_features,
     vision_features,
 )
-from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.grpo import clipped_policy_loss, group_advantages, zero_std_fraction
 from medsynapse.objectives.rewards import (
     CAUSAL_FORMS,
@@ -55,30 +55,33 @@ from medsynapse.objectives.rewards import (
     composite_reward,
 )
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import (
+    AnswerFormat,
+    Distributed,
+    LoRAConfig,
+    LossType,
+    RolloutSampling,
+    TrainingConfig,
+)
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 
 @dataclass
-class Stage2Config:
+class Stage2Config(TrainingConfig, LoRAConfig):
     model: str = ""  # a Stage I folder (sampler + VLM + encoder); a plain VLM folder with use_memory: false
     use_memory: bool = True  # false: plain GRPO on the VLM (no memory, λ_causal must be 0), e.g. to compare with TRL
-    train_file: str = ""
     output_dir: str = "runs/stage2"
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     group_size: int = 4
     batch_size: int = 8  # prompts per step (global); each has group_size rollouts
     max_steps: int = 200
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
     temperature: float = 0.7
     top_p: float = 0.95
-    rollout_sampling: str = "keyed"  # keyed: per-rollout noise from (seed, step, position), the same on any world
-    # size (model/sampling.py) | torch: transformers' sampler on the process RNG
+    # keyed: per-rollout noise from (seed, step, position), the same on any world size (model/sampling.py) | torch:
+    # transformers' sampler on the process RNG
+    rollout_sampling: RolloutSampling = "keyed"
     max_new_tokens: int = 16
     lambda_acc: float = 1.0
     lambda_causal: float = 0.5
@@ -95,30 +98,25 @@ class Stage2Config:
     advantage_std_floor: float = 0.0  # A = (R − mean) / max(σ + eps, floor); 0 = TRL. With ranked use λ_acc/2 = 0.5:
     # the std of a G = 4 group with one right answer, so a group of equal correctness, whose reward spread comes from
     # r_causal alone, never gets larger advantages than a group split by correctness (r_causal 1e-3 nats apart:
-    # |A| ≤ 1e-3). On the demo (3 seeds) 0.5 and 0.1 did not differ (0.422 ± 0.092 vs 0.432 ± 0.133; README)
+    # |A| ≤ 1e-3). On the demo (3 seeds) 0.5 and 0.1 did not differ (0.422 ± 0.092 vs 0.432 ± 0.133; an earlier README)
     intervention: str = "zero"  # zero (paper) | drop | inpaint | reference (model/counterfactual.py)
     reference_bank_size: int = 256  # the `reference` bank, rebuilt from this run's training images and saved
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo
+    loss_type: LossType = "grpo"  # grpo | dr_grpo | dapo
     epsilon: float = 0.2
     epsilon_high: float | None = None
     num_iterations: int = 1
     beta: float = 0.0  # KL to the adapter-disabled model
     advantage_eps: float = 1e-4
-    families: list[str] = field(default_factory=list)
     answer_types: list[str] = field(default_factory=lambda: ["yes_no", "multiple_choice", "open"])
     record_last_fraction: float = 0.2  # r_causal of correct / wrong rollouts is summarised over this tail
     save_every: int = 50
     log_every: int = 1
-    seed: int = 0
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
-    answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
+    answer_format: AnswerFormat = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     # ddp: every rank holds the VLM | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding), sharded
     # checkpoints (torch.distributed.checkpoint), the same single-folder output
-    distributed: str = "ddp"
+    distributed: Distributed = "ddp"
 
 
 @dataclass
@@ -219,7 +217,8 @@ def rewards_and_advantages(r_acc: torch.Tensor, r_causal: torch.Tensor,
 def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
     """Fraction of groups where some wrong rollout's R ≥ some correct rollout's R (accuracy-only ranks them below).
 
-    Always 0 for the ranked form; the paper form's r_causal can invert them (the reward hacking of README, Stage II).
+    Always 0 for the ranked form; the paper form's r_causal can invert them (the reward hacking in docs/design.md,
+    Stage II).
     """
     acc, reward = r_acc.view(-1, group_size) > 0, rewards.view(-1, group_size)
     lowest_correct = reward.masked_fill(~acc, float("inf")).amin(dim=1)
@@ -295,6 +294,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         memory = memory_cf = None
         with torch.no_grad():
             if config.use_memory:
+                assert priors is not None and prior_row is not None  # use_memory: prior_table made them
                 prior, counts = select_priors(priors, prior_row, indices)
                 prior = prior.to(accelerator.device)
                 memory = model.memory(prior, images_per_sample=counts)[rows]

@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
 
+from medsynapse.answers import check_answer_format
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import check_image_limit, training_dataset
 from medsynapse.locking import write_text_atomic
@@ -29,55 +31,53 @@ from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, em
 from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
 from medsynapse.objectives.alignment import memory_alignment_loss
-from medsynapse.objectives.answers import check_answer_format
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
+from medsynapse.recipes.config_base import (
+    AnswerFormat,
+    Distributed,
+    Pooling,
+    RolloutSampling,
+    TrainingConfig,
+    Trajectories,
+)
 from medsynapse.recipes.priors import prior_table, select_priors
+
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
 TRAJECTORIES = ("student", "teacher")
 
 
 @dataclass
-class Stage3Config:
+class Stage3Config(TrainingConfig):
     model: str = ""  # a Stage II folder (VLM + LoRA + sampler + encoder)
-    train_file: str = ""
     output_dir: str = "runs/stage3"
     mlp_hidden: int = 0  # 0 = the VLM hidden size (paper: 2-layer MLP at width 4096)
-    pooling: str = "attention"  # A_psi's pooling of the visual tokens: attention (content-selective) | grid
+    pooling: Pooling = "attention"  # A_psi's pooling of the visual tokens: attention (content-selective) | grid
     attention_dim: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    batch_size: int = 32
     max_steps: int = 300  # > 0: this many steps; 0: `epochs` passes over the data (one on-policy trajectory per sample
     # per step, as in the paper)
     epochs: float = 0.0
-    grad_clip: float = 1.0
     beta: float = 0.5
     # whose trajectories the JSD is taken on: student (on-policy, the paper: y ~ pi^-, with A_psi's memory) | teacher
     # (off-policy: sequences sampled with the privileged memory M_pri, the distillation ablation)
-    trajectories: str = "student"
+    trajectories: Trajectories = "student"
     jsd_temperature: float = 1.0  # separate from the sampling temperature (one value served both in the reference)
     sample_temperature: float = 1.0
     top_p: float = 0.95
-    rollout_sampling: str = "keyed"  # keyed: world-size invariant draws (model/sampling.py) | torch
+    rollout_sampling: RolloutSampling = "keyed"  # keyed: world-size invariant draws (model/sampling.py) | torch
     max_new_tokens: int = 16
     fused_jsd: bool = False  # True: JSD from hidden states + lm_head chunk by chunk (no full logits)
     jsd_chunk_size: int = 32
-    families: list[str] = field(default_factory=list)
     answer_types: list[str] = field(default_factory=lambda: ["yes_no", "multiple_choice", "open"])
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    dtype: str = "float32"
-    report_to: str = "tensorboard"  # tensorboard (files in output_dir) | wandb | mlflow | none
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     memory_alignment: float = 0.0  # weight of ||M_auto − M_pri||² / ||M_pri||² added to the JSD
     # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
-    answer_format: str = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
+    answer_format: AnswerFormat = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
-    distributed: str = "ddp"  # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
+    distributed: Distributed = "ddp"
 
 
 @trainer.one_run_per_folder
@@ -105,8 +105,9 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     vlm_core = core_vlm(model.vlm)
     # A_psi tells a question's images apart as the teacher's P_phi does
     model.autonomous = AutonomousMemoryModule(AutonomousConfig(
-        hidden_size=vlm_core.config.text_config.hidden_size, n_memory=model.n_memory, mlp_hidden=config.mlp_hidden,
-        embed_rms=embedding_rms(vlm_core.get_input_embeddings()), pooling=config.pooling,
+        hidden_size=cast("Qwen3VLTextConfig", vlm_core.config.text_config).hidden_size, n_memory=model.n_memory,
+        mlp_hidden=config.mlp_hidden,
+        embed_rms=embedding_rms(cast(torch.nn.Embedding, vlm_core.get_input_embeddings())), pooling=config.pooling,
         attention_dim=config.attention_dim, max_images=model.sampler.config.max_images))
     sharded = config.distributed == "fsdp" and accelerator.num_processes > 1
     if sharded:  # on the CPU (no rank holds the whole VLM on its device); A_psi stays replicated
@@ -146,7 +147,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
             features = vision_features(model.vlm, batch)
             teacher_memory = model.sampler(prior.tokens.to(accelerator.device), prior.grid, images_per_sample=counts)
 
-        merge = vlm_core.config.vision_config.spatial_merge_size
+        merge = cast("Qwen3VLVisionConfig", vlm_core.config.vision_config).spatial_merge_size
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
         student_memory = student(features.pooler_output, grids, batch.images_per_sample)
 
@@ -172,7 +173,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
                                          hidden=config.fused_jsd)
         model.vlm.eval()
         if config.fused_jsd:
-            loss = generalized_jsd_from_hidden(student_out, teacher_out, lm_head, mask, config.beta,
+            loss = generalized_jsd_from_hidden(student_out, teacher_out, cast(torch.Tensor, lm_head), mask, config.beta,
                                                config.jsd_temperature, config.jsd_chunk_size, num_items)
         else:
             loss = generalized_jsd(student_out, teacher_out, mask, config.beta, config.jsd_temperature,

@@ -155,7 +155,7 @@ def check_supported(distributed_type) -> None:
     recipes/sharding.py chooses the FSDP2 units so that the vision tower, the embeddings and lm_head can be called
     outside the VLM's forward, and keeps the small trainable modules replicated. Accelerate's FSDP plugin would wrap
     the modules its way (the trainable sampler alone, say) and DeepSpeed ZeRO-3 partitions parameters that the
-    recipes read directly (README, "Sharded training").
+    recipes read directly (docs/distributed.md, "Sharded training").
     """
     from accelerate.utils import DistributedType
 
@@ -163,7 +163,7 @@ def check_supported(distributed_type) -> None:
         raise NotImplementedError(
             f"{distributed_type.value} launches are not supported by the MedSynapse recipes: launch with torchrun or "
             "configs/accelerate/ddp.yaml and set `distributed: fsdp` in the stage's settings to shard the VLM "
-            "(FSDP2). See README, 'Sharded training'.")
+            "(FSDP2). See docs/distributed.md, 'Sharded training'.")
 
 
 def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Loaders for the public medical VQA benchmarks and training corpora, by name.
 
 `load_source(name, data_root, ...)` reads `data_root/<folder>` in the published layout (see each module's docstring
-and docs in the README) and returns a `Benchmark`: the scored samples, the closed-ended definition used, and what was
+and docs/evaluation.md) and returns a `Benchmark`: the scored samples, the closed-ended definition used, and what was
 excluded or skipped.
 """
 

@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medsynapse.answers import normalise
 from medsynapse.data.schema import DataError, Sample
-from medsynapse.objectives.answers import normalise
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 YES_NO_INSTRUCTION = "Please output 'yes' or 'no'(no extra output)."  # MedEvalKit's closed prompt, verbatim

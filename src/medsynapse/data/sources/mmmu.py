@@ -3,7 +3,7 @@
 All questions are scored (the official MMMU accuracy). Options are the string repr of a Python list (parsed with
 `ast.literal_eval`, never `eval`); `<image n>` tags in the question and in the options (some options are images)
 become "[image n]" and every present image (1-7) is
-passed, in order. Open questions use MMMU's own open-answer rule (`mmmu_open` in objectives/answers.py). The one
+passed, in order. Open questions use MMMU's own open-answer rule (`mmmu_open` in answers.py). The one
 difference from the official scorer: no random letter when nothing parses (counted unparseable instead).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources.common import (
@@ -81,8 +82,8 @@ def _sample(row: dict, subject: str, where: str, store: ImageStore) -> Sample:
     if not images:
         raise DataError(f"{where}: field 'image_1': no image in image_1..image_7")
     answer = str(require(row, "answer", where)).strip()
-    extra = {"question_type": str(row.get("question_type", "")), "groups": {"subject": subject,
-             "difficulty": str(row.get("topic_difficulty", ""))}}
+    extra: dict[str, Any] = {"question_type": str(row.get("question_type", "")), "groups": {"subject": subject,
+                             "difficulty": str(row.get("topic_difficulty", ""))}}
     if require(row, "question_type", where, str) == "multiple-choice":
         texts = [_IMAGE_TAG.sub(r"[image \1]", t) for t in parse_options(require(row, "options", where), where)]
         options = dict(zip(LETTERS, texts, strict=False))

@@ -109,6 +109,7 @@ def _sample(record: object, root: Path, where: str) -> Sample:
     raw = record.get("modality_type", record.get("modality")) if isinstance(record, dict) else None
     if not isinstance(raw, str):
         raise DataError(f"{where}: missing field 'modality_type'")
+    assert isinstance(record, dict)  # raw is a str only when record is a mapping
     options = {letter: str(record[f"option_{letter}"]) for letter in "ABCD"
                if record.get(f"option_{letter}") not in (None, "")}
     if len(options) < 2:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources.common import BadRecords, Benchmark, image_path, read_json_list, require, source_folder
@@ -69,7 +70,9 @@ def _samples(record: dict, rid: str, root: Path, where: str, steps: bool = False
     tokens = sum(str(human).count("<image>") for human, _ in pairs)
     if tokens > len(images):
         raise DataError(f"{where}: field 'conversations' has {tokens} <image> tokens for {len(images)} images")
-    extra = {"modality": str(record.get("modality", "")), "groups": {"body_part": str(record.get("body_part", ""))}}
+    extra: dict[str, Any] = {"modality": str(record.get("modality", "")),
+                             "groups": {"body_part": str(record.get("body_part", ""))}}
+    context: list[str]
     samples, context = [], []
     for k, (human, gpt) in enumerate(pairs, start=1):
         question = human.replace("<image>", "").strip()

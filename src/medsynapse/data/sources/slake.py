@@ -8,6 +8,7 @@ The `split` argument also reads the training split for Stage II (open-ended ques
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources.common import (
@@ -55,8 +56,9 @@ def load(data_root: Path, store, bad: BadRecords, split: str = "test", answer_ty
             image = image_path(root / "imgs", require(record, "img_name", where, str), where, "img_name")
             question = require(record, "question", where, str)
             answer = str(require(record, "answer", where)).strip()
-            extra = {"modality": str(record.get("modality", "")), "question_type": str(record.get("content_type", "")),
-                     "groups": {"base_type": str(record.get("base_type", "")), "answer_type": kind}}
+            extra: dict[str, Any] = {"modality": str(record.get("modality", "")),
+                                     "question_type": str(record.get("content_type", "")),
+                                     "groups": {"base_type": str(record.get("base_type", "")), "answer_type": kind}}
             if kind == "CLOSED":
                 samples.append(closed_sample(f"slake-{rid}", [image], question, answer, **extra))
             else:

@@ -67,7 +67,7 @@ def encoder_fingerprint(folder: str | Path, memo: dict[str, str] | None = None) 
 def image_key(path: str | Path) -> str:
     """SHA-256 of the image file's bytes; a NIfTI volume's view (`ct.nii.gz#slice=40`) is part of the key, so
     every slice of one volume has its own features."""
-    from medsynapse.data.images import split_view
+    from medsynapse.data.views import split_view
 
     file, fragment = split_view(str(path))
     digest = file_digest(Path(file)) if fragment else hashlib.sha256(Path(file).read_bytes()).hexdigest()  # a

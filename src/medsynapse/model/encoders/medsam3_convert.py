@@ -53,7 +53,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -192,7 +192,7 @@ def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def pair_lora(state: dict[str, object], ignore_prefixes: Sequence[str] = ()) -> tuple[list[LoraPair], list[str]]:
+def pair_lora(state: Mapping[str, object], ignore_prefixes: Sequence[str] = ()) -> tuple[list[LoraPair], list[str]]:
     """Group A/B keys by module; every key must be a tensor of a complete pair or ignored by prefix."""
     parts: dict[tuple[str, bool], dict[str, tuple[str, torch.Tensor]]] = {}
     ignored = []

@@ -10,12 +10,16 @@ processor (no torchvision needed).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, has_finding, top_region
+
+if TYPE_CHECKING:
+    from transformers import SamVisionConfig
 
 
 class SamPriorEncoder(PriorEncoder):
@@ -38,7 +42,7 @@ class SamPriorEncoder(PriorEncoder):
         try:
             processor = SamImageProcessorPil.from_pretrained(folder)
         except OSError:  # a weights-only folder: the processor that matches the model's input size
-            side = model.config.vision_config.image_size
+            side = cast(int, cast("SamVisionConfig", model.config.vision_config).image_size)  # SAM's: one int
             processor = SamImageProcessorPil(size={"longest_edge": side}, pad_size={"height": side, "width": side})
         return cls(model, processor, **kwargs)
 

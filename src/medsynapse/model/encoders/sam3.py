@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from medsynapse.model.encoders.base import PriorEncoder, PriorOutput, has_finding, top_region
+
+if TYPE_CHECKING:
+    from transformers.models.sam3.configuration_sam3 import Sam3VisionConfig, Sam3ViTConfig
 
 SETTINGS_FILE = "medsynapse_sam3.json"
 DEFAULT_PROMPTS: tuple[str, ...] = ("lesion", "tumor", "nodule")
@@ -190,7 +193,7 @@ class Sam3PriorEncoder(PriorEncoder):
                                     "encoder needs the CLIP tokenizer saved next to the weights for its text prompts")
         model = Sam3Model.from_pretrained(folder, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        backbone = model.config.vision_config.backbone_config
+        backbone = cast("Sam3ViTConfig", cast("Sam3VisionConfig", model.config.vision_config).backbone_config)
         preprocess = Sam3Preprocess.from_folder(folder, _pair(backbone.image_size))
         patch = _pair(backbone.patch_size)
         if preprocess.size[0] % patch[0] or preprocess.size[1] % patch[1]:
@@ -238,4 +241,4 @@ class Sam3PriorEncoder(PriorEncoder):
             better = score > best_score
             best_mask = torch.where(better[:, None, None], mask, best_mask)
             best_score = torch.where(better, score, best_score)
-        return best_mask
+        return cast(torch.Tensor, best_mask)  # set by the first prompt (the settings hold at least one)

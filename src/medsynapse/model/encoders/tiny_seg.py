@@ -61,7 +61,8 @@ class TinySegEncoder(PriorEncoder):
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         size = self.config.image_size
-        arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+        arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR),  # type: ignore[attr-defined]
+                             dtype=np.float32) / 255.0  # (Pillow sets its filter constants with setattr)
                   for img in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 

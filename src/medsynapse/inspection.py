@@ -18,6 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Sam3Config
@@ -34,7 +35,10 @@ from medsynapse.model.memory import (
 )
 from medsynapse.runconfig import STAGES, ModelSection, RunConfig, resolve
 
-PRESETS = {
+if TYPE_CHECKING:
+    from transformers import Qwen3VLTextConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-vl-8b": dict(
         text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -172,7 +176,7 @@ def describe(config: RealSizeConfig, trained: dict, hidden: int) -> dict[str, st
 
 def report(config: RealSizeConfig) -> dict:
     vlm = build_meta_vlm(config)
-    hidden = vlm.config.text_config.hidden_size
+    hidden = cast("Qwen3VLTextConfig", vlm.config.text_config).hidden_size
     trained = trained_modules(config, hidden)
     with torch.device("meta"):
         sampler = DiagnosticMemorySampler(trained["sampler"])

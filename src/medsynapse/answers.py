@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from typing import cast
 
 _TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
 ANSWER_FORMATS = ("direct", "reasoning")
@@ -211,6 +212,7 @@ def is_correct(text: str, gold: str, answer_type: str, options: dict[str, str] |
     if answer_type == "multiple_choice":
         return got.answer == gold.strip().upper(), got
     if answer_type == "mmmu_open":
-        span = text if answer_format == "direct" else _answer_span(final_answer(text, answer_format))
+        # not None: `extract` found an answer in this same span
+        span = text if answer_format == "direct" else _answer_span(cast(str, final_answer(text, answer_format)))
         return mmmu_open_correct(mmmu_open_predictions(span), gold), got
     return got.answer == normalise_open(gold), got
