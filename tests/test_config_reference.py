@@ -35,19 +35,11 @@ class Small:
 
 
 @dataclass
-class Bigger:
+class Bigger(Small):
     """A tiny config for these tests.
 
     Only the first paragraph is shown."""
 
-    lr: float = 1e-4  # the learning rate
-    steps: int = field(default=10, metadata={"help": "optimiser steps"})  # not this comment: help comes first
-    names: list[str] = field(default_factory=lambda: ["a", "b"])  # names, read from a
-    # continuation of the comment above (the next field has a comment of its own)
-    mode: str = "x"  # x | y
-    # what `plain` means: a comment above a field with no comment of its own
-    plain: int = 0
-    bare: bool = False
     added: int = 3  # a field added later
 
 
