@@ -80,7 +80,7 @@ def describe_fields(cls: type) -> list[dict]:
         info = written.get(f.name, {"type": str(f.type), "comment": ""})
         choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
         kind = " | ".join(json.dumps(c) for c in choices) if choices else info["type"]  # a choice: its values
-        rows.append({"key": f.name, "type": kind, "default": _default(f),
+        rows.append({"key": f.name, "type": kind, "choices": choices, "default": _default(f),
                      "meaning": str(f.metadata.get("help", "")) or info["comment"]})
     return rows
 

@@ -43,24 +43,21 @@ def explain(resolved: dict) -> str:
     from medsynapse.config_fields import describe_fields
 
     classes = section_classes()
-    sections = {"output": {"output": resolved["output"]}} if "output" in resolved else {}
+    sections: dict[str, dict] = {}
     for name, values in resolved.items():
         if name == "baselines":
             sections.update({f"baselines.{method}": v for method, v in values.items()})
-        elif isinstance(values, dict):
+        elif name != "output":
             sections[name] = values
-    lines = []
+    lines = ["# output", f"output: {json.dumps(resolved['output'])}  # where every stage's folder goes", ""]
     for name, values in sections.items():
-        meanings = {row["key"]: row for row in describe_fields(classes[name])} if name in classes else {}
-        lines.append(f"# {name}" + (f" ({classes[name].__name__})" if name in classes else ""))
+        rows = {row["key"]: row for row in describe_fields(classes[name])}
+        lines.append(f"# {name} ({classes[name].__name__})")
         for key, value in values.items():
-            row = meanings.get(key, {})
-            meaning = row.get("meaning") or ""
-            choices = row.get("type", "") if '"' in row.get("type", "") and " | " in row.get("type", "") else ""
-            note = "  # " + "; ".join(part for part in (meaning, f"one of {choices}" if choices else "") if part) \
-                if meaning or choices else ""
-            lines.append(f"{name}.{key}: {json.dumps(value)}{note}" if name != "output" else f"output: "
-                         f"{json.dumps(value)}  # where every stage's folder goes")
+            row = rows[key]
+            choices = " | ".join(json.dumps(choice) for choice in row["choices"])
+            note = "; ".join(part for part in (row["meaning"], choices and f"one of {choices}") if part)
+            lines.append(f"{name}.{key}: {json.dumps(value)}" + (f"  # {note}" if note else ""))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
