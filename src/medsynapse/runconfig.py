@@ -175,10 +175,11 @@ def _filled(run: RunConfig, stage: str) -> dict:
                     n_memory=m.n_memory, sampler_width=m.sampler_width, sampler_layers=m.sampler_layers,
                     sampler_heads=m.sampler_heads, prior_cache=d.prior_cache, max_images=m.max_images)
     if stage == "stage2":
-        return dict(model=folder["stage1"], train_file=rl_file, output_dir=folder["stage2"], lora_r=m.lora_r,
-                    lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets), prior_cache=d.prior_cache)
+        return dict(model=folder[RECIPES["stage2"].starts_from], train_file=rl_file, output_dir=folder["stage2"],
+                    lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets),
+                    prior_cache=d.prior_cache)
     if stage == "stage3":
-        return dict(model=folder["stage2"], train_file=rl_file, output_dir=folder["stage3"],
+        return dict(model=folder[RECIPES["stage3"].starts_from], train_file=rl_file, output_dir=folder["stage3"],
                     mlp_hidden=m.autonomous_mlp_hidden, prior_cache=d.prior_cache)
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 

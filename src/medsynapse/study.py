@@ -52,6 +52,7 @@ from medsynapse.config import ConfigError, from_dict, read_yaml
 from medsynapse.eval.report import format_interval, format_p, mean_sd_ci, write_json
 from medsynapse.eval.stats import adjust_family, compare
 from medsynapse.locking import write_text_atomic
+from medsynapse.recipes import registry
 from medsynapse.recipes.registry import BASELINES, RECIPES, STAGES
 from medsynapse.recipes.trainer import recorded_settings
 from medsynapse.runconfig import RunConfig, resolve, resolve_baseline, run_config_from, with_seed
@@ -519,7 +520,7 @@ def train_unit(unit: Unit) -> dict:
     if marker.is_file():
         return json.loads(marker.read_text())
     began = time.perf_counter()
-    recipe = RECIPES[unit.kind].train()
+    recipe = registry.recipe(unit.kind).train()
     started = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     recipe(dataclasses.replace(unit.config, resume=started))  # a killed unit continues from its newest checkpoint
     info = {"unit": unit.name, "kind": unit.kind, "seed": unit.seed, "key": unit.key, "after": unit.after,
