@@ -36,12 +36,16 @@ browser:
 		{ (apt-get update -q && apt-get install -y -q chromium) >/dev/null || \
 		  sudo sh -c 'apt-get update -q && apt-get install -y -q chromium' >/dev/null; }
 
+# pytest over TEST_WORKERS processes (pytest-xdist): the torchrun tests keep to one of them, in order (tests/conftest.py
+# groups them: fixed rendezvous ports, one shared Stage I); each worker runs torch on one thread. TEST_WORKERS=0: one
+# process, as a bare `pytest`.
+TEST_WORKERS ?= 2
 test: lint typecheck browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The unit tests only (no demo-sized runs, server processes, torchrun or browser: pytest markers), for a quick check.
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow and not distributed and not browser"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not distributed and not browser"
 
 # Mutation testing (not in CI). `mutation`: mutmut over the core modules listed in pyproject's [tool.mutmut], every
 # mutant (~2,500; hours on 2 cores), then the score per module. `mutation-sample`: a systematic sample of every package

@@ -11,7 +11,8 @@ import torch
 from hypothesis import settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs two workers) each worker keeps to one thread, so two workers share two cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 # `make mutation` runs the selected tests once per mutant: property tests draw fewer examples there (the normal suite
 # keeps its counts). MEDSYNAPSE_MUTATION is set by the Makefile target only.
@@ -24,6 +25,14 @@ if MUTATION_RUN:
 def examples(count: int) -> int:
     """`count` property-test examples, or 25 under mutation testing."""
     return min(count, 25) if MUTATION_RUN else count
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The torchrun tests share fixed rendezvous ports and one session-wide Stage I (`distributed_stage1`): under
+    pytest-xdist's `--dist loadgroup` they all run in one worker, one after another."""
+    for item in items:
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.xdist_group("torchrun"))
 
 
 class Interrupted(RuntimeError):
