@@ -58,7 +58,7 @@ CLASSES = [
      "`eval` section, the study from its own keys."),
     ("medsynapse.study", "StudyConfig", "A study file: `medsynapse study --config FILE`."),
     ("medsynapse.study", "RowSpec", "One entry of a study file's `rows`."),
-    ("medsynapse.demo", "DemoConfig", "Read by `medsynapse demo` (`make demo`)."),
+    ("medsynapse.steps.synthmed", "DemoConfig", "Read by `medsynapse demo` (`make demo`)."),
 ]
 
 def _cell(text: str) -> str:

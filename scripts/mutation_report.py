@@ -62,9 +62,10 @@ def _row(name: str, counts: Counter, report: dict) -> str:
 
 
 def sample_report(folder: Path) -> tuple[str, dict]:
-    """Per package: sampled, killed (a test failed), survived, no tests, timeout and error (both undecided: a timeout
-    is a slow test past its limit, not a proven hang), the score killed / decided with its Wilson 95 % interval
-    (decided = sampled - timeout - error; no tests counts as survived); then the survivors' diffs."""
+    """Per package: sampled, killed (a test failed), survived, no tests, timeout, error and skipped (the three
+    undecided: a timeout is a slow test past its limit, not a proven hang; skipped, tests that need `.venv-vllm`), the
+    score killed / decided with its Wilson 95 % interval (decided = sampled - timeout - error - skipped; no tests
+    counts as survived); then the survivors' diffs."""
     from scipy.stats import binomtest
 
     records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
@@ -75,20 +76,21 @@ def sample_report(folder: Path) -> tuple[str, dict]:
         chosen = [r for r in records if package in ("all", r["package"])]
         counts = Counter(r["status"] for r in chosen)
         killed = counts["killed"]  # a timeout here is a slow test over its limit, not a hang: left undecided
-        checked = len(chosen) - counts["error"] - counts["timeout"]
+        checked = len(chosen) - counts["error"] - counts["timeout"] - counts["skipped"]
         interval = binomtest(killed, checked).proportion_ci(method="wilson") if checked else None
         total = sum(population.values()) if package == "all" else population.get(package, 0)
         report[package] = {"population": total, "sampled": len(chosen), "killed": killed,
                            "timeout": counts["timeout"], "survived": counts["survived"], "no_tests": counts["no tests"],
-                           "error": counts["error"], "score": killed / checked if checked else None,
+                           "error": counts["error"], "skipped": counts["skipped"],
+                           "score": killed / checked if checked else None,
                            "interval": [interval.low, interval.high] if interval else None}
         score = f"{100 * killed / checked:.0f} % [{100 * interval.low:.0f}, {100 * interval.high:.0f}]" \
             if checked else "-"
         name = f"**{package}**" if package == "all" else package
         rows.append(f"| {name} | {total:,} | {len(chosen)} | {killed} | {counts['survived']} | {counts['no tests']} | "
-                    f"{counts['timeout']} | {counts['error']} | {score} |")
-    header = ("| package | mutants | sampled | killed | survived | no tests | timeout | error | "
-              "score [95 % CI] |\n|---|---|---|---|---|---|---|---|---|\n")
+                    f"{counts['timeout']} | {counts['error']} | {counts['skipped']} | {score} |")
+    header = ("| package | mutants | sampled | killed | survived | no tests | timeout | error | skipped | "
+              "score [95 % CI] |\n|---|---|---|---|---|---|---|---|---|---|\n")
     survivors = [r for r in records if r["status"] in ("survived", "no tests")]
     details = "\n".join(f"### {r['key']} ({r['status']}, {r['tests']} tests by {r['selected_by']})\n```diff\n"
                         f"{r['diff']}```" for r in survivors)

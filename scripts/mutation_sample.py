@@ -5,11 +5,15 @@ Plan:
    test_function`), keeping each test's duration (junit XML). Reused while `mutants-sample/map.json` exists.
 2. Enumerate every mutant of every module with mutmut's own operators (`create_mutations`: the same mutants
    `make mutation` tests), in file and source order.
-3. Sample: per package (`medsynapse` top level, data, eval, model, objectives, recipes) a fixed number, every k-th
-   mutant from a seeded start (systematic, so the sample spreads over the modules in proportion to their size).
+3. Sample: per package (`medsynapse` top level and every subpackage found under src/medsynapse: cli, data, engines,
+   eval, model, objectives, recipes, steps) a fixed number, every k-th mutant from a seeded start (systematic, so the
+   sample spreads over the modules in proportion to their size); `--packages` keeps some of them (a rerun over the
+   packages a change touched).
 4. Test each sampled mutant in a private copy of the repository: the mutated file written in, `pytest -x` on the tests
    that executed the mutated line (fastest first), with a time limit from their measured durations. A line no test
    executed in-process (e.g. only in a served subprocess) falls back to the test files that import the module.
+   A mutant whose selected tests all skip (the vLLM tests outside `.venv-vllm`) is recorded as `skipped`:
+   undecided, counted, never a kill.
 5. Record one JSON line per mutant (resumable: a rerun skips mutants already recorded) with its diff;
    `scripts/mutation_report.py` prints the score per package with its interval and lists the survivors.
 
@@ -37,7 +41,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "mutants-sample"
-PACKAGES = ("medsynapse", "data", "eval", "model", "objectives", "recipes")
+PACKAGE_ROOT = ROOT / "src" / "medsynapse"
+
+
+def packages() -> tuple[str, ...]:
+    """`medsynapse` (the top-level modules) and every subpackage, as the source tree has them now."""
+    return ("medsynapse", *sorted(p.parent.name for p in PACKAGE_ROOT.glob("*/__init__.py")))
+
+
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "mutants", "mutants-sample", "__pycache__",
                                      ".pytest_cache", ".ruff_cache", "*.egg-info")
 
@@ -178,6 +189,16 @@ def tests_for(mutant: Mutant, test_map: dict, budget_s: float) -> tuple[list[str
     return chosen, total, how
 
 
+def mutant_status(returncode: int, output: str) -> str:
+    """pytest's exit status and the end of its output -> killed (a test failed), survived, skipped (every selected
+    test skipped: undecided) or error (collection failed, interrupted, ...)."""
+    lines = output.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    if returncode == 0:
+        return "skipped" if "skipped" in summary and "passed" not in summary else "survived"
+    return "killed" if returncode == 1 else "error"
+
+
 def run_mutant(mutant: Mutant, workdir: Path, tests: list[str], expected_s: float, python: str) -> dict:
     target = workdir / mutant.path
     original = target.read_text()
@@ -189,8 +210,8 @@ def run_mutant(mutant: Mutant, workdir: Path, tests: list[str], expected_s: floa
     try:
         result = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
                                  *tests], cwd=workdir, env=env, capture_output=True, text=True, timeout=limit)
-        status = "survived" if result.returncode == 0 else "killed" if result.returncode == 1 else "error"
         tail = result.stdout[-1500:]
+        status = mutant_status(result.returncode, tail)
     except subprocess.TimeoutExpired:
         status, tail = "timeout", f"over {limit:.0f} s"
     finally:
@@ -202,6 +223,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-package", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--packages", nargs="*", default=None, metavar="NAME",
+                        help=f"only these packages (default: all of them: {', '.join(packages())})")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=150.0, help="measured test seconds per mutant at most")
     parser.add_argument("--remap", action="store_true", help="run the coverage map again")
@@ -219,13 +242,18 @@ def main() -> int:
         map_file.write_text(json.dumps(test_map))
     test_map = json.loads(map_file.read_text())
 
-    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "src" / "medsynapse").rglob("*.py"))
-    by_package: dict[str, list[tuple[str, int]]] = {name: [] for name in PACKAGES}
+    known = packages()
+    unknown = sorted(set(args.packages or ()) - set(known))
+    if unknown:
+        parser.error(f"--packages {' '.join(unknown)}: not a package of src/medsynapse ({', '.join(known)})")
+    chosen_packages = tuple(args.packages) if args.packages else known
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE_ROOT.rglob("*.py"))
+    by_package: dict[str, list[tuple[str, int]]] = {name: [] for name in known}
     for path in modules:
         by_package[package_of(path)].extend(mutations_of(path))
-    chosen = [m for name in PACKAGES for m in systematic_sample(by_package[name], args.per_package, args.seed)]
+    chosen = [m for name in chosen_packages for m in systematic_sample(by_package[name], args.per_package, args.seed)]
     sample = [render(path, index) for path, index in chosen]
-    totals = {name: len(by_package[name]) for name in PACKAGES}
+    totals = {name: len(by_package[name]) for name in known}
     (OUT / "population.json").write_text(json.dumps(totals, indent=2))
 
     results_file = OUT / "results.jsonl"

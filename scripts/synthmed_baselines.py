@@ -17,11 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-from medsynapse.demo import demo_settings, prepare_shared, seed_run
 from medsynapse.eval.report import aggregate, write_json
 from medsynapse.eval.runner import EvalSettings, evaluate_benchmarks
 from medsynapse.locking import write_text_atomic
 from medsynapse.runconfig import BASELINES, baseline_recipe, read_run_config, resolve_baseline
+from medsynapse.steps.synthmed import demo_settings, prepare_shared, seed_run
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from medsynapse.cli import main
-from medsynapse.demo import DemoConfig, shared_folders
+from medsynapse.steps.synthmed import DemoConfig, shared_folders
 from medsynapse.values import MEMORY_ENV
 
 # each setting -> the shared folders whose content it shapes (the others must keep their key, so nothing is rebuilt)

@@ -147,8 +147,8 @@ def test_demo_over_seeds_summarises_and_reuses_finished_seeds(tmp_path, capsys):
 
 def test_the_shipped_synthmed_run_file_is_the_demos_and_is_checked(tmp_path, capsys):
     from medsynapse.config import ConfigError
-    from medsynapse.demo import demo_settings
     from medsynapse.runconfig import read_run_config, resolve
+    from medsynapse.steps.synthmed import demo_settings
 
     root = Path(__file__).resolve().parents[1]
     run = read_run_config(root / "configs" / "synthmed.yaml")

@@ -12,8 +12,8 @@ from conftest import Interrupted
 from safetensors.torch import load_file
 
 from medsynapse.cli import main
-from medsynapse.pipeline import run_pipeline
 from medsynapse.runconfig import read_run_config
+from medsynapse.steps.chain import run_pipeline
 
 
 def _run_file(tiny_env, tmp_path, name: str, data_root) -> str:
@@ -82,7 +82,7 @@ def test_a_killed_pipeline_resumes_to_the_same_weights_and_scores(tiny_env, tmp_
     def never(*args, **kwargs):
         raise AssertionError("a finished step must not run again")
 
-    monkeypatch.setattr("medsynapse.pipeline._run_step", never)
+    monkeypatch.setattr("medsynapse.steps.chain._run_step", never)
     run_pipeline(killed)  # everything finished: nothing reruns
     changed = read_run_config(_run_file(tiny_env, tmp_path, "killed", data_root), ["stage2.lr=0.5"])
     with pytest.raises(ValueError, match=r"step 'stage2' finished with other settings \(lr differ\)"):

@@ -14,8 +14,8 @@ import yaml
 
 from medsynapse.config import ConfigError
 from medsynapse.eval.stats import adjust_p_values, compare
-from medsynapse.pipeline import write_union
 from medsynapse.runconfig import baseline_file, rationale_file, read_run_config, stage1_file, stage2_file
+from medsynapse.steps.chain import write_union
 from medsynapse.study import Evaluation, Plan, describe_plan, markdown_table, read_study, run_study, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_the_tables_delta_and_p_equal_a_direct_computation_from_the_cells(tmp_pa
 
 
 def test_the_pipeline_scores_the_base_in_both_formats_when_the_stages_reason():
-    from medsynapse.pipeline import _eval_rows
+    from medsynapse.steps.chain import _eval_rows
 
     paper = read_run_config(ROOT / "configs" / "medsynapse-v-8b.yaml")
     assert list(_eval_rows(paper)) == ["base", "base_reasoning", "stage2", "student"]  # as the study scores them

@@ -82,7 +82,7 @@ def test_installed_wheel_runs_outside_the_checkout(installed):
     first_step = (
         "from medsynapse.config import find_config\n"
         "from medsynapse.runconfig import read_run_config\n"
-        "from medsynapse.demo import demo_settings\n"
+        "from medsynapse.steps.synthmed import demo_settings\n"
         "from medsynapse.data.synthmed import generate_split\n"
         "settings = demo_settings(read_run_config(find_config('configs/synthmed.yaml')))\n"
         "print(generate_split('data', 'train', 3, settings.data_seed, settings.image_size))\n"

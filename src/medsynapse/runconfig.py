@@ -123,7 +123,7 @@ class RunConfig:
     stage3: dict = field(default_factory=dict)
     eval: EvalSection = field(default_factory=EvalSection)
     baselines: dict = field(default_factory=dict)  # per method (BASELINES): settings over what `resolve_baseline` fills
-    synthmed: dict = field(default_factory=dict)  # the demo's SynthMed-only steps (demo.py, DemoConfig)
+    synthmed: dict = field(default_factory=dict)  # the demo's SynthMed-only steps (steps/synthmed.py, DemoConfig)
     source: str = "config"  # the file it was read from (error messages); not a YAML key
 
 

@@ -228,7 +228,7 @@ def row_run(raw: dict, source: str, row: RowSpec, seed: int, shared: Any) -> Run
     """The run file with the row's overrides, every stage at training seed `seed`, SynthMed's folders filled in."""
     run = with_seed(run_config_from(raw, source, row.set), seed)
     if shared is not None:  # SynthMed: the cached base VLM, encoder and training file
-        from medsynapse.demo import fill_shared
+        from medsynapse.steps.synthmed import fill_shared
 
         run = fill_shared(run, shared)
         if not run.data.prior_cache:
@@ -377,11 +377,11 @@ def _file_facts(file: str, planned: dict[str, int]) -> dict:
 def _hashed(file: str, size: int, mtime_ns: int) -> dict:
     """SHA-256 and records of one version of a file (keyed by size and mtime): every row's units read the same
     few files, so each is read once per plan, not once per unit."""
-    from medsynapse.pipeline import _sha256
+    from medsynapse.steps.chain import file_sha256
 
     with open(file, "rb") as handle:
         records = sum(1 for line in handle if line.strip())
-    return {"sha256": _sha256(file), "records": records}
+    return {"sha256": file_sha256(file), "records": records}
 
 
 def parity_table(study: StudyConfig, plan: Plan, runs: dict[str, RunConfig] | None = None) -> dict:
@@ -433,7 +433,7 @@ def describe_plan(study: StudyConfig, raw: dict, source: str) -> dict:
     run = run_config_from(raw, source)
     shared = None
     if run.synthmed:
-        from medsynapse.demo import demo_settings, planned_shared
+        from medsynapse.steps.synthmed import demo_settings, planned_shared
 
         shared = planned_shared(demo_settings(run))
         eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(shared.data))
@@ -658,8 +658,8 @@ def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list
     """Step 1: SynthMed's shared folders (cached), or the pipeline's convert and cache steps for a real run."""
     run = run_config_from(raw, source)
     if run.synthmed:
-        from medsynapse.demo import demo_settings, prepare_shared
         from medsynapse.recipes.priors import cache_features
+        from medsynapse.steps.synthmed import demo_settings, prepare_shared
 
         shared = prepare_shared(demo_settings(run))
         if not run.data.prior_cache:  # filled here, once, before any worker reads it
@@ -667,7 +667,7 @@ def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list
         eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(shared.data))
         return shared, eval_source, {"synthmed": True, "timing_s": shared.timing, "data": str(shared.data),
                                      "vlm": str(shared.vlm_base), "encoder": str(shared.encoder)}
-    from medsynapse.pipeline import run_pipeline
+    from medsynapse.steps.chain import run_pipeline
 
     manifest = run_pipeline(run, until="cache")
     eval_source = (study.benchmarks or list(run.eval.benchmarks), study.data_root or run.eval.data_root)

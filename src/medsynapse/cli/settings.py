@@ -16,7 +16,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     run = read_run_config(args.file, args.set)
     resolved = show(run)
     if run.synthmed:  # the demo's SynthMed settings, its defaults included
-        from medsynapse.demo import demo_settings
+        from medsynapse.steps.synthmed import demo_settings
 
         resolved["synthmed"] = asdict(demo_settings(run))
     print(explain(resolved) if args.explain else json.dumps(resolved, indent=2))
@@ -25,9 +25,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def section_classes() -> dict[str, type]:
     """The config class each section of `runconfig.show`'s output is an instance of."""
-    from medsynapse.demo import DemoConfig
     from medsynapse.recipes.registry import RECIPES
     from medsynapse.runconfig import DataSection, EvalSection, ModelSection
+    from medsynapse.steps.synthmed import DemoConfig
 
     classes: dict[str, type] = {"model": ModelSection, "data": DataSection, "eval": EvalSection,
                                 "synthmed": DemoConfig}

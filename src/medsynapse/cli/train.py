@@ -88,8 +88,8 @@ def _check_flat(kind: str, config, path: str) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from medsynapse.pipeline import run_pipeline
     from medsynapse.runconfig import read_run_config
+    from medsynapse.steps.chain import run_pipeline
 
     run = read_run_config(args.config, args.set)
     if run.synthmed:  # configs/synthmed.yaml: the same stages, with the demo's SynthMed steps around them

@@ -1,4 +1,6 @@
-"""`medsynapse pipeline --config RUN.yaml`: from the run file's training files to a Table-1 summary, resumable.
+"""The chain of steps of one run file, from its training files to a Table-1 summary, resumable: what `medsynapse
+pipeline --config RUN.yaml` runs, what the demo runs per seed (Stages I-III) and what a study runs before its units
+for a real run (`convert`, `cache`).
 
 Plan, one step at a time, each recorded in `OUTPUT/pipeline.json` (atomically, after every step):
 0. `convert`: the corpora named in `data.stage1_corpora` / `data.stage2_corpora` into the stages' training files
@@ -48,7 +50,7 @@ STEPS = ("convert", "cache", "stage1", "stage2", "stage3", "eval")
 MANIFEST = "pipeline.json"
 
 
-def _sha256(path: str) -> str | None:
+def file_sha256(path: str) -> str | None:
     if not path or not Path(path).is_file():
         return None
     digest = hashlib.sha256()
@@ -160,10 +162,10 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
         manifest["steps"][step] = {"settings": settings, "seconds": round(time.perf_counter() - began, 2),
                                    **({"report": report} if report else {})}
         if main:
-            manifest["data_sha256"] = {f: _sha256(f) for f in _training_files(run)}
+            manifest["data_sha256"] = {f: file_sha256(f) for f in _training_files(run)}
             write_json(path, manifest)
     if main:
-        manifest["data_sha256"] = {f: _sha256(f) for f in _training_files(run)}
+        manifest["data_sha256"] = {f: file_sha256(f) for f in _training_files(run)}
         write_json(path, manifest)
     state.wait_for_everyone()
     return manifest

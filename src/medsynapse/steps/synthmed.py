@@ -1,0 +1,215 @@
+"""SynthMed's preparation steps, shared by every training seed of the demo and of a SynthMed study: `data` (the
+synthetic split) -> `build_vlm` (a tiny Qwen3-VL built offline) -> `base_prep` (its preparation, recipes/prepare_base)
+-> `encoder` (the prior encoder trained on the masks, then frozen). Each step is cached in the demo cache under a
+content key of everything that shapes it, code versions included, and appears only when it finished (`_cached`).
+
+The run file's `synthmed` section (DemoConfig) holds their settings; `fill_shared` writes the cached folders into
+the run file's `model.vlm`, `model.encoder` and `data.stage1_file`, which the shipped SynthMed run files leave empty.
+Used by the drivers (`medsynapse demo`, `medsynapse study`); imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from medsynapse.config import ConfigError, from_dict
+from medsynapse.data.schema import Sample, read_samples
+from medsynapse.data.synthmed import SYNTHMED_VERSION, corpus_lines, generate_split
+from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
+from medsynapse.recipes.prepare_base import BASE_VERSION, BasePrepConfig, prepare_base
+from medsynapse.recipes.train_encoder import EncoderTrainConfig, train_encoder
+from medsynapse.runconfig import RunConfig, resolve, with_seed
+
+ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training changes
+
+
+@dataclass
+class DemoConfig:
+    """The run file's `synthmed` section: everything but Stages I-III, whose settings are the run file's own."""
+
+    cache_dir: str = ""  # default: $MEDSYNAPSE_CACHE or ~/.cache/medsynapse
+    seed: int = 0  # training seed of every stage and control (initialisation, data order, rollouts)
+    seeds: list[int] = field(default_factory=list)  # several: one pipeline per seed under OUTPUT/seed_K + summary
+    data_seed: int = 0  # SynthMed, the base VLM and the prior encoder: shared by every seed
+    image_size: int = 64
+    vlm_resolution: int = 128  # the tiny VLM sees each scan at 128 px: 4x4 merged visual tokens (A_psi: 16 slots)
+    train_images: int = 1000
+    test_images: int = 150
+    base_steps: int = 500
+    base_vision_steps: int = 600  # vision pre-training of the tiny tower (lesion-coverage head), recipes/prepare_base
+    base_grounding_weight: float = 1.0  # that head's loss kept as an auxiliary term while the language is trained
+    encoder_steps: int = 250
+    # Controls without memory (the run file's baselines, runconfig.resolve_baseline): SFT = Stage I's data, steps and
+    # batch with a LoRA instead of memory; GRPO-only = Stage II's settings without memory or causal term.
+    controls: bool = True
+    # Stage II reward ablations (Stage I shared): each trains another Stage II from the same Stage I model.
+    ablations: bool = False
+    stage2_ablations: dict = field(default_factory=lambda: {
+        "stage2_lambda0": {"lambda_causal": 0.0},
+        "stage2_paper_eq5": {"causal_form": "paper"},
+        "stage2_ranked": {"causal_form": "ranked", "advantage_std_floor": 0.5}})
+    # Stage III ablations (the demo's Stage II shared): the paper's IMT, JSD only, without the memory alignment.
+    stage3_ablations: dict = field(default_factory=lambda: {"stage3_jsd_only": {"memory_alignment": 0.0}})
+    diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
+    efficiency_samples: int = 60  # timed samples per model (after 3 warm-up; medians are noisy below ~50); 0: not timed
+    eval_batch_size: int = 64
+    threads: int = 0  # 0 = torch default
+
+
+def _cache_root(config: DemoConfig) -> Path:
+    """--cache-dir, else the cache saved model folders search for their bases (model/bases.py)."""
+    from medsynapse.model.bases import cache_root
+
+    return Path(config.cache_dir) if config.cache_dir else cache_root()
+
+
+def _key(*parts: object) -> str:
+    """Content key of a cached artefact: everything that shapes it, code versions included."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _cached(folder: Path, build) -> Path:
+    """Run `build(tmp)` once; the folder only appears (atomically renamed) when the build finished."""
+    if (folder / ".done").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / ".done").write_text("ok")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+@dataclass
+class Shared:
+    """What does not depend on the training seed: data, base VLM, prior encoder and the evaluation split."""
+
+    data: Path
+    vlm_base: Path
+    encoder: Path
+    encoder_info: dict
+    test: list[Sample]
+    train_n: int
+    timing: dict[str, float]
+
+    @property
+    def train_file(self) -> str:
+        return str(self.data / "train.jsonl")
+
+
+def stopwatch(timing: dict[str, float]):
+    def timed(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        timing[name] = round(time.perf_counter() - start, 2)
+        return value
+    return timed
+
+
+def shared_folders(config: DemoConfig) -> dict[str, Path]:
+    """Where the cache keeps (or will keep) the data, the tiny VLM, the prepared base VLM and the prior encoder: the
+    content keys of what shapes each, computed without building anything (`medsynapse study --plan` uses them)."""
+    cache, seed = _cache_root(config), config.data_seed
+    spec = TinyVLMSpec(image_size=config.image_size, vlm_resolution=config.vlm_resolution, seed=seed)
+    data_key = _key(SYNTHMED_VERSION, seed, config.image_size, config.train_images, config.test_images)
+    vlm_key = _key(data_key, asdict(spec))
+    base_key = _key(vlm_key, config.base_steps, BASE_VERSION, config.base_vision_steps, config.base_grounding_weight)
+    return {"data": cache / f"data-{data_key}", "vlm_init": cache / f"vlm_init-{vlm_key}",
+            "vlm_base": cache / f"vlm_base-{base_key}",
+            "encoder": cache / f"encoder-{_key(data_key, ENCODER_VERSION, config.encoder_steps)}"}
+
+
+def planned_shared(config: DemoConfig) -> Shared:
+    """The Shared folders `prepare_shared` would give, without building them (no test split, no timings)."""
+    folders = shared_folders(config)
+    return Shared(folders["data"], folders["vlm_base"], folders["encoder"], {}, [], 0, {})
+
+
+def prepare_shared(config: DemoConfig) -> Shared:
+    """Data, tiny VLM, base-VLM preparation and the prior encoder, each cached under a key of what shapes it."""
+    timing: dict[str, float] = {}
+    timed = stopwatch(timing)
+    seed = config.data_seed
+
+    def make_data(tmp: Path) -> None:
+        generate_split(tmp, "train", config.train_images, seed, config.image_size)
+        generate_split(tmp, "test", config.test_images, seed, config.image_size)
+
+    spec = TinyVLMSpec(image_size=config.image_size, vlm_resolution=config.vlm_resolution, seed=seed)
+    folders = shared_folders(config)
+    data = timed("data", lambda: _cached(folders["data"], make_data))
+    train_file = str(data / "train.jsonl")
+    vlm_init = timed("build_vlm", lambda: _cached(folders["vlm_init"],
+                                                  lambda tmp: build_tiny_vlm(tmp, corpus_lines(), spec)))
+
+    def make_base(tmp: Path) -> None:
+        prepare_base(BasePrepConfig(vlm=str(vlm_init), train_file=train_file, output_dir=str(tmp),
+                                    steps=config.base_steps, seed=seed,
+                                    vision_steps=config.base_vision_steps,
+                                    grounding_weight=config.base_grounding_weight))
+
+    vlm_base = timed("base_prep", lambda: _cached(folders["vlm_base"], make_base))
+
+    def make_encoder(tmp: Path) -> None:
+        _, info = train_encoder(EncoderTrainConfig(train_file=train_file, output_dir=str(tmp),
+                                                   image_size=config.image_size, steps=config.encoder_steps,
+                                                   seed=seed))
+        (tmp / "train_metrics.json").write_text(json.dumps(info))
+
+    encoder = timed("encoder", lambda: _cached(folders["encoder"], make_encoder))
+    test = [s for s in read_samples(data / "test.jsonl") if s.family == "lesion" and s.answer_type != "caption"]
+    train_n = len([s for s in read_samples(data / "train.jsonl") if s.answer_type != "caption"])
+    return Shared(data, vlm_base, encoder, json.loads((encoder / "train_metrics.json").read_text()), test, train_n,
+                  timing)
+
+
+def demo_settings(run: RunConfig) -> DemoConfig:
+    """The run file's `synthmed` section as a DemoConfig (strict: an unknown key names `FILE.synthmed.key`)."""
+    for key, value in (("model.vlm", run.model.vlm), ("model.encoder", run.model.encoder),
+                       ("data.stage1_file", run.data.stage1_file), ("data.stage2_file", run.data.stage2_file)):
+        if value:
+            raise ConfigError(f"{run.source}.{key}: the demo builds and fills it in (SynthMed); leave it empty")
+    if run.data.stage1_corpora or run.data.stage2_corpora:
+        raise ConfigError(f"{run.source}.data: the demo trains on SynthMed; corpora by name are for `pipeline`")
+    return from_dict(DemoConfig, dict(run.synthmed), f"{run.source}.synthmed")
+
+
+def check_settings(run: RunConfig, config: DemoConfig) -> None:
+    """Every value the demo will train with, before anything is built: the run file's stages and baselines
+    (values.check_run, with the memory bound), its SynthMed numbers and the ablations' stage variants."""
+    from medsynapse.values import check_config, check_run, check_value
+
+    check_run(run)
+    where = f"{run.source}.synthmed"
+    for name in ("image_size", "vlm_resolution", "train_images", "test_images", "base_steps", "base_vision_steps",
+                 "encoder_steps", "efficiency_samples", "eval_batch_size"):
+        low = 0 if name in ("vlm_resolution", "efficiency_samples") else 1
+        check_value(name, getattr(config, name), f"{where}.{name}", ("int", low, None, False, False))
+    check_value("base_grounding_weight", config.base_grounding_weight, f"{where}.base_grounding_weight")
+    for stage, ablations in (("stage2", config.stage2_ablations), ("stage3", config.stage3_ablations)):
+        resolved = asdict(resolve(run, stage))
+        for name, overrides in ablations.items():
+            label = f"{where}.{stage}_ablations.{name}"
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"{label}: expected a mapping of {stage} settings")
+            variant = from_dict(type(resolve(run, stage)), {**resolved, **overrides}, label)
+            check_config(variant, label)
+
+
+def fill_shared(run: RunConfig, shared: Shared) -> RunConfig:
+    """The run file with the SynthMed folders filled in: the cached base VLM, prior encoder and training file."""
+    model = dataclasses.replace(run.model, vlm=str(shared.vlm_base), encoder=str(shared.encoder))
+    return dataclasses.replace(run, model=model, data=dataclasses.replace(run.data, stage1_file=shared.train_file))
+
+
+def seed_run(run: RunConfig, shared: Shared, seed: int, out: Path) -> RunConfig:
+    """The run file with the SynthMed folders filled in, every stage at training seed `seed`, output `out`."""
+    return dataclasses.replace(with_seed(fill_shared(run, shared), seed), output=str(out))
