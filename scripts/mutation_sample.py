@@ -2,7 +2,8 @@
 
 Plan:
 1. Map: run the whole suite once under coverage with one context per test (`coverage run`, `dynamic_context =
-   test_function`), keeping each test's duration (junit XML). Reused while `mutants-sample/map.json` exists.
+   test_function`; on the suite's pytest-xdist workers, their data combined), keeping each test's duration (junit
+   XML). Reused while `mutants-sample/map.json` exists.
 2. Enumerate every mutant of every module with mutmut's own operators (`create_mutations`: the same mutants
    `make mutation` tests), in file and source order.
 3. Sample: per package (`medsynapse` top level and every subpackage found under src/medsynapse: cli, data, engines,
@@ -65,15 +66,20 @@ class Mutant:
 
 # ---- 1. the map: which test executed which line, and how long each test takes ----
 
-def build_map(python: str) -> dict:
+def build_map(python: str, workers: int = 2) -> dict:
     """Run the suite once under coverage (one context per test) and keep line -> tests and test -> seconds."""
     OUT.mkdir(exist_ok=True)
     rc = OUT / "coveragerc"
-    rc.write_text("[run]\nsource = medsynapse\ndynamic_context = test_function\n"
-                  f"data_file = {OUT / 'coverage.db'}\n")
+    # the suite's two pytest-xdist workers are subprocesses: coverage follows them (`patch = subprocess`), each
+    # writing its own data file (`parallel`), combined below; the test contexts are recorded in the workers
+    rc.write_text("[run]\nsource = medsynapse\ndynamic_context = test_function\nparallel = true\n"
+                  f"patch = subprocess\ndata_file = {OUT / 'coverage.db'}\n")
     junit = OUT / "junit.xml"
+    for stale in OUT.glob("coverage.db*"):
+        stale.unlink()
     subprocess.run([python, "-m", "coverage", "run", f"--rcfile={rc}", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    f"--junitxml={junit}"], cwd=ROOT, check=False)
+                    "-n", str(workers), "--dist", "loadgroup", f"--junitxml={junit}"], cwd=ROOT, check=False)
+    subprocess.run([python, "-m", "coverage", "combine", f"--rcfile={rc}", "--keep"], cwd=ROOT, check=True)
     return read_map(OUT / "coverage.db", junit)
 
 
@@ -238,7 +244,7 @@ def main() -> int:
         if (OUT / "coverage.db").exists() and (OUT / "junit.xml").exists() and not args.remap:
             test_map = read_map(OUT / "coverage.db", OUT / "junit.xml")
         else:
-            test_map = build_map(python)
+            test_map = build_map(python, args.workers)
         map_file.write_text(json.dumps(test_map))
     test_map = json.loads(map_file.read_text())
 
