@@ -159,7 +159,7 @@ def test_the_demo_refuses_before_building_its_shared_folders(tmp_path, capsys, m
             "--cache-dir", str(tmp_path / "cache")]
     _one_line(capsys, [*argv, "--set", "stage2.lr=.nan"], "synthmed.yaml.stage2.lr: must be a finite number",
               tmp_path)
-    _one_line(capsys, [*argv, "--set", "synthmed.stage2_ablations={x: {top_p: 0}}"],
+    _one_line(capsys, [*argv, "--set", "synthmed.stage2_ablations={x: [stage2.top_p=0]}"],
               "synthmed.yaml.synthmed.stage2_ablations.x.top_p: must be in (0, 1]", tmp_path)
 
 

@@ -88,3 +88,44 @@ def test_train_reads_each_stage_of_one_run_file(tiny_env, tmp_path):
     student = MedSynapseV.from_pretrained(tmp_path / "run" / "stage3_student")
     assert student.autonomous is not None and student.n_memory == 4
     assert MedSynapseV.from_pretrained(tmp_path / "run" / "stage2").has_adapter
+
+
+def test_a_demo_ablation_is_the_study_row_with_the_same_set_and_the_old_merge():
+    """One way to state an ablation: the demo's `stage2_ablations` items are a study row's `set:`; each resolves to
+    the study row's stage config and to what the demo's former mapping form gave (same settings: same numbers)."""
+    from dataclasses import asdict
+
+    from medsynapse.config import from_dict, read_yaml
+    from medsynapse.steps.synthmed import DemoConfig, ablation_config
+
+    path = CONFIGS / "synthmed.yaml"
+    raw, run = read_yaml(path), read_run_config(path)
+    demo = DemoConfig()
+    ablations = [("stage2", name, items) for name, items in demo.stage2_ablations.items()]
+    ablations += [("stage3", name, items) for name, items in demo.stage3_ablations.items()]
+    assert len(ablations) == 4
+    for stage, name, items in ablations:
+        variant = ablation_config(run, stage, name, items)
+        assert variant == resolve(run_config_from(raw, str(path), items), stage)  # the study's row
+        former = {item.split("=")[0].split(".", 1)[1]: yaml.safe_load(item.split("=", 1)[1]) for item in items}
+        resolved = resolve(run, stage)
+        assert variant == from_dict(type(resolved), {**asdict(resolved), **former})  # the former mapping form
+        changed = {k for k, v in asdict(variant).items() if asdict(resolved)[k] != v}
+        assert changed == set(former) and changed  # only the named settings move
+
+
+@pytest.mark.parametrize(("items", "message"), [
+    ({"causal_form": "paper"}, "expected a list of stage2.KEY=VALUE (as a study row's `set:`)"),
+    (["model.n_memory=4"], "'model.n_memory=4': expected stage2.KEY=VALUE (a variant of stage2 changes only"),
+    (["stage3.beta=0.5"], "'stage3.beta=0.5': expected stage2.KEY=VALUE"),
+    (["stage2.causal_form"], "expected stage2.KEY=VALUE"),
+    (["stage2.no_such_key=1"], "synthmed.stage2_ablations.x: "),
+])
+def test_a_demo_ablation_in_another_form_or_section_is_one_line_naming_it(items, message):
+    from medsynapse.steps.synthmed import ablation_config
+
+    run = read_run_config(CONFIGS / "synthmed.yaml")
+    with pytest.raises(ConfigError) as raised:
+        ablation_config(run, "stage2", "x", items)
+    assert message in str(raised.value) and "synthmed.yaml.synthmed.stage2_ablations.x" in str(raised.value)
+    assert "\n" not in str(raised.value)

@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from medsynapse.config import from_dict
 from medsynapse.data.schema import read_samples
 from medsynapse.eval.diagnostics import leak_probe, readability_probes, reliance_report
 from medsynapse.eval.efficiency import compare_latency, measure_isolated
@@ -52,6 +51,7 @@ from medsynapse.steps.chain import run_pipeline
 from medsynapse.steps.synthmed import (
     DemoConfig,
     Shared,
+    ablation_config,
     check_settings,
     demo_settings,
     prepare_shared,
@@ -65,11 +65,9 @@ def _fresh(folder: Path) -> str:
     return str(folder)
 
 
-def _variant(run: RunConfig, stage: str, output_dir: Path, **overrides):
-    """A stage's resolved config with other settings (a control or an ablation), trained into `output_dir`."""
-    config = resolve(run, stage)
-    return from_dict(type(config), {**asdict(config), **overrides, "output_dir": _fresh(output_dir)},
-                     f"{run.source}.synthmed ({stage} variant)")
+def _variant(run: RunConfig, stage: str, name: str, overrides: list[str], output_dir: Path):
+    """An ablation's resolved config (steps/synthmed.ablation_config), trained into `output_dir` (emptied)."""
+    return replace(ablation_config(run, stage, name, overrides), output_dir=_fresh(output_dir))
 
 
 def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out: Path) -> dict:
@@ -99,10 +97,10 @@ def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out:
     if config.ablations:
         for name, overrides in config.stage2_ablations.items():
             ablation_dirs[name] = out / name
-            timed(name, lambda n=name, o=overrides: train_stage2(_variant(run, "stage2", ablation_dirs[n], **o)))
+            timed(name, lambda n=name, o=overrides: train_stage2(_variant(run, "stage2", n, o, ablation_dirs[n])))
         for name, overrides in config.stage3_ablations.items():
             ablation_dirs[name] = out / name
-            timed(name, lambda n=name, o=overrides: train_stage3(_variant(run, "stage3", ablation_dirs[n], **o)))
+            timed(name, lambda n=name, o=overrides: train_stage3(_variant(run, "stage3", n, o, ablation_dirs[n])))
 
     evaluations: dict[str, dict] = {}
 

@@ -24,7 +24,7 @@ from medsynapse.data.synthmed import SYNTHMED_VERSION, corpus_lines, generate_sp
 from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
 from medsynapse.recipes.prepare_base import BASE_VERSION, BasePrepConfig, prepare_base
 from medsynapse.recipes.train_encoder import EncoderTrainConfig, train_encoder
-from medsynapse.runconfig import RunConfig, resolve, with_seed
+from medsynapse.runconfig import RunConfig, resolve, stage_variant, with_seed
 
 ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training changes
 
@@ -50,12 +50,14 @@ class DemoConfig:
     controls: bool = True
     # Stage II reward ablations (Stage I shared): each trains another Stage II from the same Stage I model.
     ablations: bool = False
+    # name -> its settings, written as a study row's `set:` (`stage2.KEY=VALUE`; runconfig.stage_variant)
     stage2_ablations: dict = field(default_factory=lambda: {
-        "stage2_lambda0": {"lambda_causal": 0.0},
-        "stage2_paper_eq5": {"causal_form": "paper"},
-        "stage2_ranked": {"causal_form": "ranked", "advantage_std_floor": 0.5}})
-    # Stage III ablations (the demo's Stage II shared): the paper's IMT, JSD only, without the memory alignment.
-    stage3_ablations: dict = field(default_factory=lambda: {"stage3_jsd_only": {"memory_alignment": 0.0}})
+        "stage2_lambda0": ["stage2.lambda_causal=0.0"],
+        "stage2_paper_eq5": ["stage2.causal_form=paper"],
+        "stage2_ranked": ["stage2.causal_form=ranked", "stage2.advantage_std_floor=0.5"]})
+    # Stage III ablations (the demo's Stage II shared), as `set:` items (`stage3.KEY=VALUE`): the paper's IMT, JSD
+    # only, without the memory alignment.
+    stage3_ablations: dict = field(default_factory=lambda: {"stage3_jsd_only": ["stage3.memory_alignment=0.0"]})
     diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
     efficiency_samples: int = 60  # timed samples per model (after 3 warm-up; medians are noisy below ~50); 0: not timed
     eval_batch_size: int = 64
@@ -195,13 +197,19 @@ def check_settings(run: RunConfig, config: DemoConfig) -> None:
         check_value(name, getattr(config, name), f"{where}.{name}", ("int", low, None, False, False))
     check_value("base_grounding_weight", config.base_grounding_weight, f"{where}.base_grounding_weight")
     for stage, ablations in (("stage2", config.stage2_ablations), ("stage3", config.stage3_ablations)):
-        resolved = asdict(resolve(run, stage))
         for name, overrides in ablations.items():
-            label = f"{where}.{stage}_ablations.{name}"
-            if not isinstance(overrides, dict):
-                raise ConfigError(f"{label}: expected a mapping of {stage} settings")
-            variant = from_dict(type(resolve(run, stage)), {**resolved, **overrides}, label)
-            check_config(variant, label)
+            check_config(ablation_config(run, stage, name, overrides), f"{where}.{stage}_ablations.{name}")
+
+
+def ablation_config(run: RunConfig, stage: str, name: str, overrides: list[str]):
+    """The resolved config of one of the demo's ablations: the stage with the ablation's `set:` items on its section
+    (runconfig.stage_variant; an unknown key is one line naming the ablation)."""
+    label = f"{run.source}.synthmed.{stage}_ablations.{name}"
+    variant = stage_variant(run, stage, overrides, label)
+    try:
+        return resolve(variant, stage)
+    except ConfigError as error:
+        raise ConfigError(f"{label}: {error}") from None
 
 
 def fill_shared(run: RunConfig, shared: Shared) -> RunConfig:
