@@ -1,10 +1,11 @@
 """Check that a change of code changes no number: the same small SynthMed demo run with two source trees, compared.
 
 Plan: run `medsynapse demo` at small settings (a few steps per stage, every stage, the controls and the
-diagnostics; no timing runs) once with each tree's `src/` first on the path, into OUT/a and OUT/b, each with its own
-cache (each tree builds its own data, tiny VLM, base preparation and encoder, so a change in those builders is
-compared too); then compare results.json without its timings, every prediction file and every weight file byte for
-byte. Prints one line per difference and exits 1 if there is any (~1.5 min here).
+diagnostics, with `--ablations` its Stage II and III ablations; no timing runs) once with each tree's `src/` first on
+the path, into OUT/a and OUT/b, each with its own cache (each tree builds its own data, tiny VLM, base preparation and
+encoder, so a change in those builders is compared too); then compare results.json without its timings, every
+prediction file and every weight file byte for byte. Prints one line per difference and exits 1 if there is any
+(~1.5 min here).
 
     python scripts/same_demo.py --a /path/to/old/checkout --b . --out /tmp/same_demo
 """
@@ -25,10 +26,10 @@ SMALL = ["train_images=24", "test_images=6", "base_steps=6", "base_vision_steps=
 MEASURED = ("timing_s", "efficiency", "config")  # what measures time or echoes paths, not what the models do
 
 
-def run_demo(tree: Path, out: Path, config: Path) -> None:
+def run_demo(tree: Path, out: Path, config: Path, ablations: bool = False) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree / "src"), "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "medsynapse.cli", "demo", "--config", str(config), "--output", str(out / "run"),
-               "--cache-dir", str(out / "cache"), "--set", *SMALL]
+               "--cache-dir", str(out / "cache"), *(["--ablations"] if ablations else []), "--set", *SMALL]
     with (out / "log.txt").open("w") as log:
         subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=out)
 
@@ -60,12 +61,13 @@ def main() -> int:
     parser.add_argument("--a", required=True, type=Path, help="a checkout (its src/ is used)")
     parser.add_argument("--b", default=Path("."), type=Path)
     parser.add_argument("--out", default=Path("/tmp/same_demo"), type=Path)
+    parser.add_argument("--ablations", action="store_true", help="the demo's Stage II and III ablations too")
     args = parser.parse_args()
     config = (Path(__file__).resolve().parents[1] / "configs" / "synthmed.yaml").resolve()
     shutil.rmtree(args.out, ignore_errors=True)
     for name, tree in (("a", args.a), ("b", args.b)):
         (args.out / name).mkdir(parents=True)
-        run_demo(tree.resolve(), args.out / name, config)
+        run_demo(tree.resolve(), args.out / name, config, args.ablations)
     found = differences(args.out / "a" / "run", args.out / "b" / "run")
     for item in found:
         print(f"differs: {item}")
