@@ -4,10 +4,14 @@
     distributed_probe.py plumbing OUT TOTAL WARMUP RESUME_AT  the trainer plumbing alone on a toy module, saving a
                                                               checkpoint after RESUME_AT steps and resuming from it
                                                               into fresh objects
+    distributed_probe.py generate OUT VLM TEST_FILE          a plain VLM sharded by FSDP2 (recipes/sharding.shard_vlm)
+                                                              answers the test file's first questions greedily, rank
+                                                              R with 2 + 4 R new tokens at most (the ranks stop at
+                                                              different steps); OUT/answers.rank{R}.json
 
-Both record the learning rate of every optimizer step as the optimizer saw it when it stepped (a global step
-pre-hook: what was used, not what a log says) in OUT/lrs.rank{RANK}.json. `recipe` also writes, on rank 0, the
-trained module's parameters when its optimizer was built and when the run ended (OUT/before.safetensors,
+`recipe` and `plumbing` record the learning rate of every optimizer step as the optimizer saw it when it stepped (a
+global step pre-hook: what was used, not what a log says) in OUT/lrs.rank{RANK}.json. `recipe` also writes, on rank
+0, the trained module's parameters when its optimizer was built and when the run ended (OUT/before.safetensors,
 OUT/after.safetensors), so a test can check how far the weights moved.
 """
 
@@ -108,9 +112,35 @@ def plumbing(out: Path, total: int, warmup_ratio: float, resume_at: int) -> int:
     return 0
 
 
+def generate(out: Path, vlm: str, test_file: str) -> int:
+    """The first units called directly (vision tower, input embeddings) before any forward of the root, then
+    `generate` with each rank stopping at its own length: needs the root set up and `synced_gpus`."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    from medsynapse.data.images import load_image
+    from medsynapse.data.schema import read_samples
+    from medsynapse.model.medsynapse import MedSynapseV
+    from medsynapse.model.vlm import is_sharded
+    from medsynapse.recipes.sharding import local_fraction, shard_vlm
+
+    state = PartialState(cpu=True)
+    model = MedSynapseV.from_pretrained(vlm)
+    shard_vlm(model.vlm, state)
+    samples = read_samples(test_file)[:3]
+    answers = model.answer([load_image(s.images[0]) for s in samples], [s.question for s in samples],
+                           max_new_tokens=2 + 4 * state.process_index)
+    (out / f"answers.rank{state.process_index}.json").write_text(json.dumps(
+        {"answers": answers, "sharded": is_sharded(model.vlm), "local_fraction": local_fraction(model.vlm)}))
+    dist.barrier()
+    return 0
+
+
 if __name__ == "__main__":
     mode, out, rest = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    code = recipe(out, rest) if mode == "recipe" else plumbing(out, int(rest[0]), float(rest[1]), int(rest[2]))
+    out.mkdir(parents=True, exist_ok=True)
+    code = (recipe(out, rest) if mode == "recipe" else generate(out, *rest) if mode == "generate"
+            else plumbing(out, int(rest[0]), float(rest[1]), int(rest[2])))
     # Every result is on disk. Leave without interpreter finalisation: one gloo rank hung there three times (py-spy:
     # the main thread on this line after its work, a native thread in a futex wait: the DDP module freed after
     # accelerate had destroyed the process group), and the test then waited for its 900 s timeout.

@@ -124,6 +124,32 @@ def test_fsdp2_stage2_killed_and_resumed_from_its_sharded_checkpoint_equals_an_u
         torch.testing.assert_close(one.after[name], value, atol=1e-12, rtol=0)
 
 
+@needs_torchrun
+def test_sharded_generation_calls_units_directly_and_ranks_stop_at_their_own_length(tiny_env, tmp_path):
+    """The vision tower and the input embeddings run before any forward of the root (the root was set up when the
+    VLM was sharded), and a rank whose answers end first keeps stepping until the other is done (`synced_gpus` for a
+    sharded VLM; without it the longer rank waits for a gather the other never joins and the launch times out).
+    The answers equal one unsharded process's."""
+    from medsynapse.data.images import load_image
+    from medsynapse.data.schema import read_samples
+    from medsynapse.model.medsynapse import MedSynapseV
+    from medsynapse.model.vlm import is_sharded
+
+    out = tmp_path / "generate"
+    run = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", "29599", PROBE, "generate", str(out),
+                          str(tiny_env.vlm), str(tiny_env.test_file)], env={**os.environ, "TQDM_DISABLE": "1"},
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = MedSynapseV.from_pretrained(tiny_env.vlm)
+    assert not is_sharded(model.vlm)
+    samples = read_samples(tiny_env.test_file)[:3]
+    images, questions = [load_image(s.images[0]) for s in samples], [s.question for s in samples]
+    for rank in (0, 1):
+        found = json.loads((out / f"answers.rank{rank}.json").read_text())
+        assert found["sharded"] and found["local_fraction"] < 0.6
+        assert found["answers"] == model.answer(images, questions, max_new_tokens=2 + 4 * rank)
+
+
 def test_the_units_cover_every_vlm_parameter_once(tiny_env):
     """What shard_vlm shards (and benchmarks/fsdp_memory.py counts): every parameter of the VLM in exactly one
     unit, so none is left replicated and unsynchronised."""

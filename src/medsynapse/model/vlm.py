@@ -228,6 +228,16 @@ def forward_with_memory(model, batch: PromptBatch, memory: torch.Tensor | None, 
                  labels=labels, **_vision_kwargs(batch, features), **kwargs)
 
 
+def is_sharded(model) -> bool:
+    """Whether the VLM's weights are sharded over several processes (FSDP2's `fully_shard`): its `generate` must
+    then keep every rank stepping until all are done (`synced_gpus`), or a rank that finished early would stop
+    taking part in the gathers the others wait on."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return (isinstance(core_vlm(model), FSDPModule) and torch.distributed.is_available()
+            and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+
+
 @torch.no_grad()
 def generate_with_memory(model, batch: PromptBatch, memory: torch.Tensor | None, latent_id: int,
                          max_new_tokens: int = 16, features=None, suppress_tokens: list[int] | None = None,
@@ -238,6 +248,7 @@ def generate_with_memory(model, batch: PromptBatch, memory: torch.Tensor | None,
     """
     embeds = splice_memory(model, batch.input_ids, memory, latent_id)
     generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("synced_gpus", is_sharded(model))
     return model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                           position_ids=position_ids_for(model, batch), max_new_tokens=max_new_tokens,
                           suppress_tokens=suppress_tokens or [latent_id], **_vision_kwargs(batch, features),

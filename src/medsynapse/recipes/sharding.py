@@ -14,12 +14,13 @@ input embeddings and lm_head directly):
 Not sharded: the prior encoder (frozen; the feature cache removes it from training), P_phi, A_psi and MCOUT's module
 (small and trainable: they stay DDP-wrapped, replicated, as under DDP). Every rank runs every unit the same number of
 times: each rank takes an equal slice of the global batch, every sample has an image, and generation runs until every
-rank is done (transformers' `synced_gpus`, switched on by the flag set here).
+rank is done (transformers' `synced_gpus`, which model/vlm.generate_with_memory sets for a sharded VLM).
 """
 
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -27,7 +28,6 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -70,16 +70,26 @@ def shard_vlm(vlm: nn.Module, accelerator, record: str | Path | None = None) -> 
     for unit in units(core):
         fully_shard(unit, mesh=mesh)  # from the CPU, each shard goes to the mesh's device
     fully_shard(core, mesh=mesh)
-    # the root first: the units are then called directly in any order (fully_shard made `core` an FSDPModule)
-    cast("FSDPModule", core)._get_fsdp_state()._lazy_init()
-    # transformers' generate keeps every rank stepping until all are done (a plain flag: nn.Module's __getattr__
-    # types attributes as Tensor | Module)
-    core._is_fsdp_managed_module = True  # type: ignore[assignment]
+    set_up_root(core)
     if record is not None:
         Path(record).mkdir(parents=True, exist_ok=True)
         held = {"rank": accelerator.process_index, "world": accelerator.num_processes,
                 "vlm_parameters": sum(p.numel() for p in vlm.parameters()), "vlm_local_fraction": local_fraction(vlm)}
         (Path(record) / f"sharding.rank{accelerator.process_index}.json").write_text(json.dumps(held))
+
+
+def set_up_root(core: nn.Module) -> None:
+    """FSDP2's root set-up, once, before any unit runs. FSDP2 does it in the root's first forward, but here the units
+    are called directly (the vision tower, the input embeddings, lm_head) before any forward of the root, and the
+    first unit called would take itself for the root. Torch's public way to run a method other than `forward`
+    through FSDP, `register_fsdp_forward_method`, runs the root's pre- and post-forward around a method that does
+    nothing, called once (the root holds no parameters: nothing is gathered)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    name = "fsdp_root_set_up"  # an instance method (nn.Module types its attributes as Tensor | Module)
+    setattr(core, name, types.MethodType(lambda self: None, core))
+    register_fsdp_forward_method(core, name)
+    getattr(core, name)()
 
 
 def prepare_policy(accelerator, vlm: nn.Module, optimizer, scheduler, sharded: bool):
