@@ -29,7 +29,8 @@ Plan:
 Jobs run in dependency order on `workers` processes (each with cores / workers threads; a worker dies with the study:
 a killed study leaves no job running); of the jobs that can start, the one with the most work waiting on it first
 (a Stage I before a baseline), so the independent baselines and evaluations fill the end instead of one worker idling
-while the other finishes a chain. Progress: one line per job with the overall ETA.
+while the other finishes a chain. Progress: one line per job with the overall ETA. With `launcher: slurm` (or
+`submitit-local`) each job is a submitit job instead (launch.py), at most `workers` at once.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from medsynapse.config import ConfigError, from_dict, read_yaml
 from medsynapse.eval.report import format_interval, format_p, mean_sd_ci, write_json
@@ -97,6 +98,12 @@ class StudyConfig:
     # scored questions per benchmark. Measured or estimated as the study file says; a missing entry prices at 0.
     costs: dict = field(default_factory=dict)
     workers: int = 1  # jobs at once, each in its own process with cores / workers threads (1: in this process)
+    # local: the jobs on `workers` processes here; slurm: each job a SLURM job through submitit, at most `workers`
+    # at once, with the `cluster` parameters; submitit-local: the same path with submitit's local executor
+    launcher: Literal["local", "submitit-local", "slurm"] = "local"
+    # submitit's executor parameters for slurm / submitit-local (AutoExecutor names: timeout_min, gpus_per_node,
+    # tasks_per_node, cpus_per_task, mem_gb, nodes, slurm_partition, slurm_account, ...); logs in OUTPUT/submitit
+    cluster: dict = field(default_factory=dict)
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
@@ -171,6 +178,13 @@ def check_study(study: StudyConfig, where: str) -> None:
     unknown = sorted(set(study.costs) - {"step_s", "question_s", "questions"})
     if unknown:
         raise ConfigError(f"{where}.costs: unknown key(s) {unknown}; expected step_s, question_s, questions")
+    if study.launcher == "local" and study.cluster:
+        raise ConfigError(f"{where}.cluster: submitit's parameters, for launcher slurm or submitit-local; this "
+                          "study's launcher is local")
+    if study.launcher != "local":  # submitit's own check of every parameter, before anything runs
+        from medsynapse.launch import check_cluster
+
+        check_cluster(study.cluster, where)
 
 
 # --- planning ---------------------------------------------------------------------------------------------------
@@ -646,7 +660,7 @@ def run_study(study: StudyConfig, raw: dict, source: str) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     shared, eval_source, shared_report = prepare(study, raw, source)
     plan = plan_study(study, raw, source, shared, eval_source, output)
-    run_jobs(plan, study.workers)
+    run_jobs(plan, study.workers, study.launcher, study.cluster, output / "submitit")
     cells = write_cells(plan, output)
     efficiency = measure_rows(study, plan, output)
     result = summarize(study, plan, cells, efficiency, shared_report, round(time.perf_counter() - began, 2))
@@ -674,8 +688,10 @@ def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list
     return None, eval_source, {"synthmed": False, "pipeline": manifest.get("steps", {})}
 
 
-def run_jobs(plan: Plan, workers: int) -> None:
-    """Every unit, then every evaluation, in dependency order; `workers` at once. Progress and ETA per job."""
+def run_jobs(plan: Plan, workers: int, launcher: str = "local", cluster: dict | None = None,
+             folder: Path | None = None) -> None:
+    """Every unit, then every evaluation, in dependency order; `workers` at once, on this machine's processes or as
+    submitit jobs (launch.py). Progress and ETA per job."""
     jobs: dict[str, tuple[Any, Any, str | None]] = {}
     for name, unit in plan.units.items():
         jobs[f"train {name}"] = (train_unit, unit, f"train {unit.after}" if unit.after else None)
@@ -689,8 +705,14 @@ def run_jobs(plan: Plan, workers: int) -> None:
           f"{len(plan.cells)} cells); {len(done)} already finished", flush=True)
     waiting_on = _waiting_on(jobs)
     pending = sorted((name for name in jobs if name not in done), key=lambda n: -waiting_on[n])  # stable: plan order
-    pool = None
-    if workers > 1:
+    pool: Any = None
+    if launcher != "local":
+        from medsynapse.launch import SubmititPool, make_executor
+
+        executor = make_executor(launcher, folder or Path("submitit"), cluster or {})
+        local_threads = max(1, (os.cpu_count() or 1) // workers) if launcher == "submitit-local" else None
+        pool = SubmititPool(executor, local_threads)
+    elif workers > 1:
         import multiprocessing
 
         import torch
@@ -733,9 +755,11 @@ def run_jobs(plan: Plan, workers: int) -> None:
                     _finish(name, start, done, seconds, total, pending + [n for n, _ in running.values()],
                             workers)
     except BaseException:
-        if pool is not None:  # a failed job (or Ctrl-C) stops the others now, not when their training ends
-            for process in list(getattr(pool, "_processes", {}).values()):
+        if isinstance(pool, ProcessPoolExecutor):  # a failed job (or Ctrl-C) stops the others now, not when their
+            for process in list(getattr(pool, "_processes", {}).values()):  # training ends
                 process.terminate()
+        elif pool is not None:
+            pool.cancel_all()
         raise
     finally:
         if pool is not None:
