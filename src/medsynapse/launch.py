@@ -75,7 +75,8 @@ class SubmititPool:
     job's return value or its error."""
 
     def __init__(self, executor: Any, threads: int | None = None) -> None:
-        self.executor, self.threads, self.jobs = executor, threads, []
+        self.executor, self.threads = executor, threads
+        self.jobs: list[Any] = []  # submitit's Job objects
 
     def submit(self, fn: Callable[[Any], Any], job: Any) -> Future:
         submitted = self.executor.submit(ClusterJob(fn, job, self.threads))
