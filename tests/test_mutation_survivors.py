@@ -1,0 +1,61 @@
+"""Tests written from the survivors of the mutation sample over cli, engines, steps, the top level and recipes (run
+2026-12-04, docs/testing.md): each states a behaviour a surviving one-line mutation broke."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medsynapse.config import ConfigError
+from medsynapse.demo import claims
+from medsynapse.inspection import format_report
+from medsynapse.runconfig import read_run_config
+from medsynapse.values import baseline_origins
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _stages(base: float, teacher: float, student: float, presence: tuple[float, float, float]) -> dict:
+    rows = {}
+    for name, accuracy, present in (("base", base, presence[0]), ("stage3_teacher", teacher, presence[1]),
+                                    ("stage3_student", student, presence[2]), ("stage2", teacher, presence[1])):
+        rows[name] = {"accuracy": accuracy, "by_question_type": {"presence": {"accuracy": present}}}
+    return rows
+
+
+def test_the_students_gain_retention_is_its_gain_over_the_teachers_gain():
+    found = claims(_stages(0.5, 0.7, 0.6, (0.6, 0.9, 0.75)), {"stage3_student": {"ratio_to_base": 0.98}})
+    assert found["student_gain_retention"] == pytest.approx(0.1 / 0.2)
+    assert found["student_gain_retention_presence"] == pytest.approx(0.15 / 0.3)
+    assert found["student_latency_ratio"] == 0.98
+    assert claims(_stages(0.5, 0.5, 0.6, (0.6, 0.6, 0.7)), {})["student_gain_retention"] is None  # no gain: none
+
+
+def test_the_inspect_table_prints_millions_and_billions():
+    result = {"architecture": "Qwen3-VL", "hidden_size": 4096, "parameters": {"vlm": 8_767_000_000, "lora": 61_300_000},
+              "settings": {"vlm": "meta", "lora": "r 64"},
+              "stages": {"stage2": {"trainable": {"lora": 61_300_000}, "frozen_total": 8_767_000_000,
+                                    "weights_and_optimizer_gib": 17.25}}}
+    text = format_report(result)
+    assert "| vlm | 8,767.0 M | meta |" in text and "| lora | 61.3 M | r 64 |" in text
+    assert "| stage2 | lora 61.3 M | 8.77 B | 17.2 |" in text
+
+
+def test_a_baselines_values_are_named_where_they_come_from():
+    run = read_run_config(CONFIGS / "synthmed.yaml")
+    origins = baseline_origins(run, "sft")
+    for key in ("lr", "batch_size", "max_steps", "warmup_ratio", "seed"):  # Stage I's, unless the section sets it
+        assert origins.get(key, "set") in (f"{run.source}.stage1.{key}", "set"), key
+    assert origins["max_steps"] == f"{run.source}.stage1.max_steps"
+    assert origins["lora_r"] == f"{run.source}.model.lora_r"
+
+
+@pytest.mark.parametrize("key", ["model.vlm", "model.encoder", "data.stage1_file", "data.stage2_file"])
+def test_the_demo_refuses_a_folder_it_fills_in_naming_the_key(key):
+    from medsynapse.steps.synthmed import demo_settings
+
+    run = read_run_config(CONFIGS / "synthmed.yaml", [f"{key}=somewhere"])
+    with pytest.raises(ConfigError) as raised:
+        demo_settings(run)
+    assert str(raised.value) == f"{run.source}.{key}: the demo builds and fills it in (SynthMed); leave it empty"
