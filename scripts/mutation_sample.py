@@ -13,8 +13,8 @@ Plan:
 4. Test each sampled mutant in a private copy of the repository: the mutated file written in, `pytest -x` on the tests
    that executed the mutated line (fastest first), with a time limit from their measured durations. A line no test
    executed in-process (e.g. only in a served subprocess) falls back to the test files that import the module.
-   A mutant whose selected tests all skip (the vLLM tests outside `.venv-vllm`) is recorded as `skipped`:
-   undecided, counted, never a kill.
+   A mutant whose selected tests all skip, or with no test here in a module that imports vLLM (its tests run only
+   in `.venv-vllm`), is recorded as `skipped`: undecided, counted, never a kill.
 5. Record one JSON line per mutant (resumable: a rerun skips mutants already recorded) with its diff;
    `scripts/mutation_report.py` prints the score per package with its interval and lists the survivors.
 
@@ -195,6 +195,13 @@ def tests_for(mutant: Mutant, test_map: dict, budget_s: float) -> tuple[list[str
     return chosen, total, how
 
 
+def untested_status(path: str) -> str:
+    """A mutant no test of this environment reaches: `skipped` (undecided) when its module imports vLLM, whose tests
+    run only in `.venv-vllm` (`make test-vllm`); otherwise `no tests` (counted as a survivor)."""
+    text = (ROOT / path).read_text()
+    return "skipped" if "from vllm" in text or "import vllm" in text else "no tests"
+
+
 def mutant_status(returncode: int, output: str) -> str:
     """pytest's exit status and the end of its output -> killed (a test failed), survived, skipped (every selected
     test skipped: undecided) or error (collection failed, interrupted, ...)."""
@@ -284,7 +291,7 @@ def main() -> int:
         try:
             tests, expected, how = tests_for(mutant, test_map, args.budget_s)
             outcome = run_mutant(mutant, workdir, tests, expected, python) if tests else \
-                {"status": "no tests", "seconds": 0.0, "output": ""}
+                {"status": untested_status(mutant.path), "seconds": 0.0, "output": ""}
         finally:
             free.append(workdir)
         record = {"key": mutant.key, "package": mutant.package, "path": mutant.path, "line": mutant.line,

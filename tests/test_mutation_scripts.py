@@ -60,3 +60,10 @@ def test_the_score_counts_killed_over_decided(tmp_path):
     assert row["score"] == 6 / 8  # survived and no tests are decided; timeout, error and skipped are not
     assert row["interval"][0] < 0.75 < row["interval"][1]
     assert markdown.count("### ") == 2  # the two survivors' diffs
+
+
+def test_a_module_whose_tests_need_vllm_is_undecided_not_a_survivor():
+    assert mutation_sample.untested_status("src/medsynapse/engines/vllm_engine.py") == "skipped"
+    assert mutation_sample.untested_status("src/medsynapse/engines/vllm_model.py") == "skipped"
+    assert mutation_sample.untested_status("src/medsynapse/engines/export.py") == "no tests"
+    assert mutation_sample.untested_status("src/medsynapse/study.py") == "no tests"
