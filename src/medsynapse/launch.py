@@ -28,8 +28,6 @@ import submitit
 
 from medsynapse.config import ConfigError
 
-LAUNCHERS = ("local", "submitit-local", "slurm")
-
 
 class ClusterJob(submitit.helpers.Checkpointable):
     """One study job as submitit runs it (pickled with its function and argument). On preemption or time-out submitit
