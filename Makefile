@@ -29,6 +29,7 @@ typecheck: venv
 # tests/test_config_reference.py fails when the committed file is stale.
 docs: venv
 	$(BIN)/python scripts/config_reference.py
+	$(BIN)/python -m medsynapse.cli.reference > docs/cli.md
 
 # The app's browser test drives Debian's chromium (Playwright's own browser download is not reachable here).
 browser:

@@ -107,8 +107,12 @@ def test_config_show_explain_gives_every_resolved_key_once_with_its_meaning(caps
 
     path = ROOT / "configs" / "medsynapse-v-8b.yaml"
     assert main(["config", "show", str(path), "--explain"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line and not line.startswith("#")]
     resolved = show(read_run_config(path))
+    headers = [line for line in out.splitlines() if line.startswith("#")]
+    assert headers[:3] == ["# output", "# model (ModelSection)", "# data (DataSection)"]  # each section named
+    assert headers[-1] == "# baselines.ivt-lr (CoconutConfig)"
     expected = ["output"] + [f"{section}.{key}" for section in ("model", "data", "eval", "stage1", "stage2", "stage3")
                              for key in resolved[section]]
     expected += [f"baselines.{method}.{key}" for method, values in resolved["baselines"].items() for key in values]

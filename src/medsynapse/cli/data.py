@@ -47,12 +47,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     convert = sub.add_parser("convert", parents=[common],
                              help="turn a training corpus (or any benchmark) into a MedSynapse JSONL file")
-    convert.add_argument("--source", required=True, choices=list(SOURCES))
-    convert.add_argument("--data-root", default=".")
+    convert.add_argument("--source", required=True, choices=list(SOURCES), help="the public dataset's layout to read")
+    convert.add_argument("--data-root", default=".", help="folder holding the dataset as published")
     convert.add_argument("--path", default=None, metavar="DIR", help="read the source from DIR instead of its "
                          "folder under --data-root")
     convert.add_argument("--out", required=True, help="output .jsonl; embedded images go to its folder's images/")
-    convert.add_argument("--skip-bad", action="store_true")
+    convert.add_argument("--skip-bad", action="store_true", help="skip bad records/images (counted and listed)")
     convert.add_argument("--option", action="append", metavar="KEY=VALUE",
                          help="loader option, e.g. balance=true, per_modality=2000, "
                               "modalities=[Computed Tomography, Microscopy]")
@@ -60,7 +60,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     fixtures = sub.add_parser("fixtures", parents=[common],
                              help="write tiny copies of every supported dataset layout (for trying eval)")
-    fixtures.add_argument("--out", required=True)
+    fixtures.add_argument("--out", required=True, help="folder for the tiny datasets in each public layout")
     fixtures.set_defaults(func=cmd_fixtures)
 
     cache = sub.add_parser("cache-features", parents=[common],

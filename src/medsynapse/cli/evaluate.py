@@ -60,14 +60,15 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                           "name or the one it is published under (e.g. slake/ or Slake1.0/); default: here")
     evaluate.add_argument("--path", action="append", metavar="BENCHMARK=DIR",
                           help="read BENCHMARK from DIR instead, e.g. gmai-mmbench=~/LMUData, slake=/data/Slake1.0")
-    evaluate.add_argument("--output", required=True)
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--output", required=True, help="writes results.json, results.md and predictions here")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="questions generated at once")
     evaluate.add_argument("--max-new-tokens", type=int, default=None,
                           help="answer budget for every benchmark (default: each protocol's, 32 / MMMU 128 / HGV 64)")
     evaluate.add_argument("--option", action="append", metavar="BENCHMARK.KEY=VALUE",
                           help="loader option, e.g. pmc-vqa.file=test.csv, gmai-mmbench.split=test, "
                                "omnimedvqa.balance=true, vqa-rad.layout=hf")
-    evaluate.add_argument("--branch", choices=["privileged", "counterfactual", "autonomous"], default=None)
+    evaluate.add_argument("--branch", choices=["privileged", "counterfactual", "autonomous"], default=None,
+                          help="which memory answers (default: the model's own: A_psi for a student, else P_phi)")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip bad records/images (counted and listed)")
     evaluate.add_argument("--limit", type=int, default=None, help="first N scored questions per benchmark")
     evaluate.add_argument("--max-pixels", type=int, default=None, help="cap the VLM's per-image pixel budget")
@@ -83,8 +84,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     summary = sub.add_parser("eval-summary", parents=[common],
                              help="one Table-1 style summary of several eval outputs")
-    summary.add_argument("runs", nargs="+", metavar="[LABEL=]DIR")
-    summary.add_argument("--output", required=True)
+    summary.add_argument("runs", nargs="+", metavar="[LABEL=]DIR", help="eval output folders, one row each")
+    summary.add_argument("--output", required=True, help="writes summary.json, summary.md and a plot here")
     summary.set_defaults(func=cmd_eval_summary)
 
     diag = sub.add_parser("diagnose", parents=[common],
@@ -95,13 +96,13 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     diag.add_argument("--train-data", default=None, help="train sample file for the linear probes (none: probes "
                                                          "skipped, and the report says so)")
     diag.add_argument("--output", default="runs/diagnose", help="writes diagnostics.json and diagnostics.md here")
-    diag.add_argument("--batch-size", type=int, default=16)
+    diag.add_argument("--batch-size", type=int, default=16, help="questions generated at once")
     diag.add_argument("--families", default=None, help="comma-separated question families to score, e.g. lesion")
     diag.add_argument("--intervention", default="zero",
                       help="counterfactual intervention for M' (zero, the paper's and the default; "
                            "drop; inpaint; pixels; reference: the nearest training image without a finding, for "
                            "folders trained by this version)")
     diag.add_argument("--seed", type=int, default=0, help="seed of the shuffle derangement, the noise and the probes")
-    diag.add_argument("--max-new-tokens", type=int, default=8)
+    diag.add_argument("--max-new-tokens", type=int, default=8, help="longest answer generated")
     add_base_options(diag)
     diag.set_defaults(func=cmd_diagnose)

@@ -72,10 +72,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     predict = sub.add_parser("predict", parents=[common],
                              help="answer one question about one image (PNG, JPEG, DICOM or a NIfTI volume's "
                                   "slice)")
-    predict.add_argument("--model", required=True)
-    predict.add_argument("--image", required=True)
-    predict.add_argument("--question", required=True)
-    predict.add_argument("--max-new-tokens", type=int, default=16)
+    predict.add_argument("--model", required=True, help="a MedSynapse folder or a plain local Qwen3-VL folder")
+    predict.add_argument("--image", required=True, help="PNG/JPEG, DICOM or NIfTI file")
+    predict.add_argument("--question", required=True, help="the question, in words")
+    predict.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
     predict.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
                          help="DICOM / NIfTI window (e.g. 40 400 for soft tissue); default: the file's own window "
                               "(NIfTI: its cal_min/cal_max, else the slice's range)")
@@ -105,8 +105,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     server = sub.add_parser("serve", parents=[common],
                             help="an OpenAI-compatible chat-completions server with dynamic batching")
     server.add_argument("--model", required=True, help="a MedSynapse folder (Stage II with encoder, or a student)")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only by default)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on")
     server.add_argument("--max-batch", type=int, default=16, help="requests answered together at most")
     server.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
     server.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
@@ -129,9 +129,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     app = sub.add_parser("app", parents=[common], help="a browser app: upload a scan, ask, see what the memory used")
     app.add_argument("--model", required=True, help="a MedSynapse folder")
     app.add_argument("--compare", default=None, help="a second folder shown side by side (e.g. the student)")
-    app.add_argument("--host", default="127.0.0.1")
-    app.add_argument("--port", type=int, default=7860)
-    app.add_argument("--max-new-tokens", type=int, default=16)
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only by default)")
+    app.add_argument("--port", type=int, default=7860, help="port to listen on")
+    app.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
     app.add_argument("--max-pixels", type=int, default=4096 * 4096,
                      help="largest image (width x height), from the header before decoding (as serve)")
     app.add_argument("--max-decoded-mb", type=int, default=None,

@@ -81,7 +81,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     config_sub = config.add_subparsers(dest="action", required=True)
     config_show = config_sub.add_parser("show", parents=[common],
                                         help="every stage's settings as the recipes will run them, as JSON")
-    config_show.add_argument("file")
+    config_show.add_argument("file", help="a run file (in this folder or shipped with the package)")
     config_show.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="e.g. stage2.lr=1e-5 model.lora_r=8")
     config_show.add_argument("--explain", action="store_true",
                              help="one line per key, `section.key: value  # what it means` (its choices too)")
@@ -89,7 +89,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     inspect = sub.add_parser("inspect", parents=[common],
                              help="parameter counts and training memory of a real-size config (meta device)")
-    inspect.add_argument("--config", required=True)
-    inspect.add_argument("--json", action="store_true")
-    inspect.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    inspect.add_argument("--config", required=True, help="a run file naming a real-size model")
+    inspect.add_argument("--json", action="store_true", help="the counts and estimates as JSON")
+    inspect.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="e.g. model.n_memory=16 stage2.batch_size=4")
     inspect.set_defaults(func=cmd_inspect)

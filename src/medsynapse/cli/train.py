@@ -152,7 +152,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                        "answer), grpo (GRPO-only, no memory), coconut (continuous thoughts, by curriculum) mcout "
                        "(MCOUT-Multi: thoughts through a latent attention over the image and text) or ivt-lr "
                        "(Coconut's curriculum + the most-attended image tokens inserted per latent step)")
-    train.add_argument("--config", required=True)
+    train.add_argument("--config", required=True, help="a run file (or a flat recipe file)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")
     train.set_defaults(func=cmd_train)
@@ -164,7 +164,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     pipeline.add_argument("--from", dest="start", default=None, help="rerun from this step: convert, cache, stage1, "
                           "stage2, stage3 or eval (that step and every later one are redone)")
     pipeline.add_argument("--until", default=None, help="stop after this step")
-    pipeline.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    pipeline.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="e.g. stage2.lr=1e-5 model.lora_r=8")
     pipeline.set_defaults(func=cmd_pipeline)
 
     study = sub.add_parser("study", parents=[common],
