@@ -89,3 +89,21 @@ def test_an_upload_within_the_limits_is_read(tmp_path):
     Image.new("L", (40, 30), 128).save(path)
     image = read_upload(str(path), "as stored", 40, 400, limits=AppLimits(max_pixels=40 * 30))
     assert image.size == (40, 30) and image.mode == "RGB"
+
+
+def test_the_probe_maps_are_laid_out_per_layer_in_rows_of_per_row():
+    """(layers, N) maps: per layer ceil(N / per_row) rows of at most per_row columns, fewer columns when N is small
+    (the figure's size follows the grid: 0.75 in per column and 0.8 in per row, at 100 dpi, at least 4 in wide)."""
+    import matplotlib
+    import numpy as np
+
+    from medsynapse.app import heatmap_grid
+
+    dpi = matplotlib.rcParams["figure.dpi"]
+    maps = np.random.default_rng(0).random((2, 10, 3, 3))
+    assert heatmap_grid(maps, "t", per_row=4).size == (round(4.0 * dpi), round((0.8 * 2 * 3 + 0.6) * dpi))
+    assert heatmap_grid(maps[:, :8], "t", per_row=4).size == (round(4.0 * dpi), round((0.8 * 2 * 2 + 0.6) * dpi))
+    assert heatmap_grid(maps, "t", per_row=8).size == (round((0.75 * 8 + 0.6) * dpi), round((0.8 * 4 + 0.6) * dpi))
+    assert heatmap_grid(maps[:1, :3], "t", per_row=8).size == (round(4.0 * dpi), round(1.4 * dpi))
+    wide = np.random.default_rng(1).random((1, 6, 3, 3))
+    assert heatmap_grid(wide, "t", per_row=8).size == (round((0.75 * 6 + 0.6) * dpi), round(1.4 * dpi))

@@ -59,6 +59,11 @@ BAD = {
     "unknown choice": (["stage3.pooling=mean"], "run.yaml.stage3.pooling: 'mean'; expected one of"),
     "stage II reward rule": (["stage2.causal_form=ranked", "stage2.lambda_causal=0.9"], "run.yaml.stage2: "),
     "a baseline's value": (["baselines.sft.lr=0"], "run.yaml.baselines.sft.lr: must be > 0"),
+    "no steps and no epochs": (["stage1.max_steps=0", "stage1.epochs=0"],
+                               "run.yaml.stage1.max_steps: 0 (use epochs) with epochs 0: nothing would be trained"),
+    "no curriculum steps": (["baselines.coconut.steps_per_stage=0", "baselines.coconut.epochs_per_stage=0"],
+                            "run.yaml.baselines.coconut.steps_per_stage: 0 (use epochs_per_stage) with "
+                            "epochs_per_stage 0"),
     "the eval section": (["eval.batch_size=0"], "run.yaml.eval.batch_size: must be in [1, 1048576], got 0"),
     "batch x sequence over the memory": (["stage1.batch_size=1000000"],
                                          "run.yaml.stage1.batch_size: one training step needs at least"),

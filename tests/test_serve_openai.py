@@ -296,6 +296,13 @@ UNSUPPORTED = {  # param: what the client sends
 }
 
 
+OPENAI_UNSERVED = {  # OpenAI's parameters this server does not serve, each with a value that asks for nothing
+    "frequency_penalty": 0, "presence_penalty": None, "logit_bias": {}, "tools": [], "tool_choice": "none",
+    "parallel_tool_calls": None, "functions": [], "function_call": "none", "response_format": {"type": "text"},
+    "audio": None, "modalities": ["text"], "prediction": None, "reasoning_effort": None, "verbosity": None,
+    "web_search_options": None, "store": False, "metadata": {}, "service_tier": "default"}
+
+
 def test_every_unserved_parameter_is_a_400_naming_it(client, folder, asks):
     for param, given in UNSUPPORTED.items():
         params = dict(given)
@@ -310,8 +317,14 @@ def test_every_unserved_parameter_is_a_400_naming_it(client, folder, asks):
                 client.chat.completions.create(model=folder.name, messages=messages, max_tokens=4, **params, **extra)
             assert refused.value.param == param, (param, refused.value.message)
             assert param.split(".")[-1] in refused.value.message
+            if param in OPENAI_UNSERVED or param == "unknown_field":  # OpenAI's code: not served / not OpenAI's
+                assert refused.value.code == ("unknown_parameter" if param == "unknown_field"
+                                              else "unsupported_parameter"), param
     neutral = _ask(client, folder, asks[0], max_tokens=4, temperature=0, frequency_penalty=0, presence_penalty=0,
                    logit_bias={}, response_format={"type": "text"}, store=False, user="someone")
+    every_neutral = _ask(client, folder, asks[0], max_tokens=4, temperature=0,  # each unserved one, asking nothing
+                         extra_body=OPENAI_UNSERVED)
+    assert every_neutral.choices[0].message.content == neutral.choices[0].message.content
     assert neutral.choices[0].message.content == _ask(client, folder, asks[0], max_tokens=4,
                                                       temperature=0).choices[0].message.content
 

@@ -16,7 +16,16 @@ from medsynapse.config import ConfigError
 from medsynapse.eval.stats import adjust_p_values, compare
 from medsynapse.runconfig import baseline_file, rationale_file, read_run_config, stage1_file, stage2_file
 from medsynapse.steps.chain import write_union
-from medsynapse.study import Evaluation, Plan, describe_plan, markdown_table, read_study, run_study, summarize
+from medsynapse.study import (
+    Evaluation,
+    Plan,
+    describe_plan,
+    markdown_table,
+    parity_markdown,
+    read_study,
+    run_study,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,6 +131,10 @@ def test_parity_table_and_hours_from_the_units_and_the_costs(tiny_env, tmp_path)
         sha, records, 3, 4, 12)
     assert (stage2["steps"], stage2["samples_seen"], stage2["rollouts_per_prompt"]) == (3, 6, 2)
     assert plan["parity"]["sft"]["units"][0]["file"] == str(tiny_env.train_file)
+    table = parity_markdown(plan["parity"]).splitlines()
+    assert table[4] == (f"| medsynapse_v | {stage1['unit'].split('-s')[0]} | {tiny_env.train_file.name} | {sha[:12]} | "
+                        f"{records} | 3 | 4 | 12 |")  # a known file: its SHA-256's first 12 digits
+    assert parity_markdown({"base": {"units": []}}).splitlines()[-1] == "| base | — | — | — | — | — | — | — |"
     # without_stage2: 2 seeds x (3 Stage I steps x 1 h + 100 questions x 36 s); its Stage I is medsynapse_v's
     assert plan["rows"]["without_stage2"]["hours_alone"] == pytest.approx(2 * (3 + 1))
     assert plan["rows"]["medsynapse_v"]["hours_alone"] == pytest.approx(2 * (3 + 3 * 2 + 1))
