@@ -208,3 +208,6 @@ def test_the_shipped_stage_only_file_and_the_defaults_pass():
     check_config(load_config(SFTConfig, CONFIGS / "sft-synthmed.yaml"), "sft-synthmed.yaml")
     for cls in (Stage1Config, Stage2Config, Stage3Config, SFTConfig, CoconutConfig, MCOUTConfig):
         check_config(cls(), cls.__name__)
+    from medsynapse.recipes.prepare_base import BasePrepConfig
+
+    check_config(BasePrepConfig(vlm="v", train_file="t", output_dir="o"), "BasePrepConfig")  # the demo's base

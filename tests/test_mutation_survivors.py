@@ -59,3 +59,27 @@ def test_the_demo_refuses_a_folder_it_fills_in_naming_the_key(key):
     with pytest.raises(ConfigError) as raised:
         demo_settings(run)
     assert str(raised.value) == f"{run.source}.{key}: the demo builds and fills it in (SynthMed); leave it empty"
+
+
+def test_the_base_preparation_without_grounding_needs_no_masks_and_trains_the_language_model(tiny_env, tmp_path):
+    """The defaults (no vision steps, grounding weight 0) read no mask: on data without masks the language model
+    still trains, and only the auxiliary term stays at 0."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from medsynapse.recipes.prepare_base import BasePrepConfig, prepare_base
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(tiny_env.train_file.parent / "images")
+    records = [json.loads(line) for line in tiny_env.train_file.read_text().splitlines()[:8]]
+    (data / "train.jsonl").write_text("".join(json.dumps({**r, "mask": None}) + "\n" for r in records))
+    out = prepare_base(BasePrepConfig(vlm=str(tiny_env.vlm), train_file=str(data / "train.jsonl"),
+                                      output_dir=str(tmp_path / "base"), steps=2, batch_size=2,
+                                      families=tuple({r["family"] for r in records})))
+    before = {k: v for name in tiny_env.vlm.glob("*.safetensors") for k, v in load_file(name).items()}
+    after = {k: v for name in out.glob("*.safetensors") for k, v in load_file(name).items()}
+    assert before.keys() == after.keys()
+    moved = [k for k in before if not (before[k] == after[k]).all()]
+    assert any("language_model" in k for k in moved)

@@ -117,12 +117,13 @@ def test_the_convert_step_writes_the_training_files_from_corpora_by_name(tmp_pat
     assert len(everything) >= 3
     path = _corpora_run(tmp_path, data_root, "corpora",
                         stage1_corpora=[{"name": "pubmedvision"}],
-                        stage2_corpora=[{"name": "omnimedvqa", "size": 2}, {"name": "slake-open-train"}])
+                        stage2_corpora=[{"name": "omnimedvqa", "size": 2}, {"name": "slake-open-train"}],
+                        rationale_corpora=[{"name": "omnimedvqa", "size": 1}])
     run = read_run_config(path)
     manifest = run_pipeline(run, until="cache")  # no encoder needed: no prior_cache, so `cache` has nothing to do
     assert list(manifest["steps"]) == ["convert", "cache"]
     stage1, stage2 = tmp_path / "corpora" / "data" / "stage1.jsonl", tmp_path / "corpora" / "data" / "stage2.jsonl"
-    from medsynapse.runconfig import resolve
+    from medsynapse.runconfig import resolve, resolve_baseline
 
     assert resolve(run, "stage1").train_file == str(stage1) and resolve(run, "stage2").train_file == str(stage2)
     assert resolve(run, "stage3").train_file == str(stage2)
@@ -138,6 +139,10 @@ def test_the_convert_step_writes_the_training_files_from_corpora_by_name(tmp_pat
     assert [(c["name"], c["read"], c["kept"]) for c in report] == [("omnimedvqa", len(everything), 2),
                                                                   ("slake-open-train", len(slake), len(slake))]
     assert manifest["data_sha256"][str(stage2)] is not None
+    rationale = tmp_path / "corpora" / "data" / "rationale.jsonl"  # the reasoning rows' file, where they read it
+    assert resolve_baseline(run, "cot-sft").train_file == str(rationale)
+    assert [s.id for s in read_samples(rationale)][0] in omni_ids and len(read_samples(rationale)) == 1
+    assert manifest["steps"]["convert"]["report"]["rationale"]["corpora"][0]["kept"] == 1
     # the same seed gives the same subset; another seed (a changed step) is refused unless redone with --from
     again = read_run_config(_corpora_run(tmp_path, data_root, "corpora_again",
                                          stage2_corpora=[{"name": "omnimedvqa", "size": 2}]))

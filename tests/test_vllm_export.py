@@ -89,3 +89,18 @@ def test_eval_engine_vllm_is_refused_without_vllm_before_writing(tiny_env, tmp_p
         evaluate_benchmarks(str(tiny_env.vlm), ["vqa-rad"], tmp_path / "data", tmp_path / "out",
                             EvalSettings(engine="tgi"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_loaded_model_with_its_adapter_is_exported_merged_and_keeps_its_adapter(lora_folder, tmp_path):
+    merged = MedSynapseV.from_pretrained(lora_folder, merge_adapter=True)
+    trained = MedSynapseV.from_pretrained(lora_folder)  # the adapter as trained, not merged
+    lora_before = {k: v.clone() for k, v in trained.vlm.state_dict().items() if "lora_" in k}
+    assert lora_before
+    out = export_for_vllm(trained, tmp_path / "vllm")
+    state, want = core_vlm(MedSynapseV.from_pretrained(out).vlm).state_dict(), core_vlm(merged.vlm).state_dict()
+    assert state.keys() == want.keys()  # no LoRA or base_layer names: the plain Qwen3-VL layout
+    rows = core_vlm(merged.vlm).get_input_embeddings().num_embeddings
+    for key, value in want.items():
+        assert torch.equal(state[key][:rows] if state[key].shape != value.shape else state[key], value), key
+    after = trained.vlm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in lora_before.items())  # the loaded model keeps its adapter
