@@ -124,3 +124,36 @@ def export_for_vllm(model: MedSynapseV | str | Path, out_dir: str | Path) -> Pat
     record_vocab_rows(out, vlm.get_input_embeddings().num_embeddings, target)
     make_tree_readable(out)
     return out
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM loads each group into one fused matrix
+
+
+def lora_merged_weights(vlm) -> list[tuple[str, torch.Tensor]]:
+    """The weights a training LoRA changes, merged as peft's merge computes them (W + ΔW of the active adapters, each
+    ΔW from `get_delta_weight`), with their fused siblings (q/k/v, gate/up: vLLM rebuilds a fused matrix only from
+    all its parts), under the plain Qwen3-VL checkpoint's names (`model.language_model.layers.0.self_attn.q_proj.
+    weight`): what an export would write for those modules, for a running vLLM to load in place after each optimiser
+    step. Empty for a VLM without LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    modules = dict(vlm.named_modules())
+    names: list[str] = []
+    for name, module in modules.items():
+        if isinstance(module, LoraLayer):
+            parent, _, leaf = name.rpartition(".")
+            group = next((g for g in FUSED if leaf in g), (leaf,))
+            names += [f"{parent}.{part}" for part in group if f"{parent}.{part}" in modules]
+    weights = []
+    for name in dict.fromkeys(names):  # in order, once
+        module = modules[name]
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).detach()
+        else:
+            weight = module.weight.detach()
+        weights.append((f"{name.removeprefix(prefix)}.weight", weight))
+    return weights

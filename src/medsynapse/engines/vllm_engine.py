@@ -14,6 +14,9 @@ Plan:
     emitted (`bad_words`), its generation config's end tokens stop, nothing else from that config applies
     (`generation_config="vllm"`). Log-probabilities are vLLM's raw ones: log-softmax of the unprocessed logits, as
     `completion_logprobs` computes them;
+  - training (Stage II's rollouts): the trainer's LoRA-changed weights, merged, are loaded into the running engine
+    before each step's rollouts (`sync_weights`, through a worker extension as TRL's colocate mode does), the
+    memory is the trainer's own tensor, and the loss's log-probabilities still come from the training model;
   - prefix caching is off: memory spans are all one placeholder token id whatever their values. vLLM 0.32 does hash
     prompt-embeds values into its block hashes (v1/core/kv_cache_utils.py), but our prompts are shorter than a cache
     block, so no test here could show it keeps two memories apart; the G continuations of a prompt share its
@@ -34,10 +37,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medsynapse.engines.export import export_for_vllm
+from medsynapse.engines.export import export_for_vllm, lora_merged_weights
 from medsynapse.engines.vllm_plugin import ARCHITECTURE
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.vlm import PromptBatch, core_vlm, vision_features
+
+WORKER_EXTENSION = "medsynapse.engines.vllm_worker.WeightSync"
 
 
 @dataclass
@@ -116,6 +121,7 @@ class VLLMEngine:
         self.folder = export_for_vllm(model, export_dir)
         engine_environment(in_process, kv_cache_gib)
         dtype = llm_kwargs.pop("dtype", next(core_vlm(model.vlm).parameters()).dtype)  # vLLM's CPU "auto": bf16
+        llm_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         self.llm = LLM(model=str(self.folder), dtype=dtype, max_model_len=max_model_len,
                        enforce_eager=True, enable_prompt_embeds=True, enable_prefix_caching=False,
                        limit_mm_per_prompt={"image": max_images, "video": 0},
@@ -162,22 +168,41 @@ class VLLMEngine:
         return [None if memory is None else memory[i].to(self.dtype) for i in range(len(questions))]
 
     def sampling(self, max_new_tokens: int, n: int = 1, temperature: float = 0.0, seed: int | None = None,
-                 logprobs: bool = False):
+                 logprobs: bool = False, top_p: float = 1.0):
         from vllm import SamplingParams
 
-        return SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
+        return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
                               logprobs=0 if logprobs else None, bad_words=self.banned,
                               stop_token_ids=self.stop_ids, detokenize=False)
 
+    def sync_weights(self, vlm) -> int:
+        """Load a training VLM's LoRA-changed weights, merged (`export.lora_merged_weights`), into the running engine
+        in its dtype, so the next generation samples the policy as the last optimiser step left it. Returns how many
+        tensors were sent (0: the VLM has no LoRA)."""
+        weights = [(name, tensor.to(self.dtype)) for name, tensor in lora_merged_weights(vlm)]
+        if weights:
+            self.llm.collective_rpc("load_named_weights", args=(weights,))
+            # the worker's reload clears its encoder and multimodal caches; the scheduler's must follow, or the next
+            # image is a cache miss
+            self.llm.llm_engine.reset_encoder_cache()
+            self.llm.reset_mm_cache()
+        return len(weights)
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """One of the engine's parameters, by vLLM's name (engines/vllm_worker.py)."""
+        return self.llm.collective_rpc("parameter_copy", args=(name,))[0]
+
     def generate(self, images: Sequence[Sequence[Image.Image]], questions: Sequence[str], max_new_tokens: int = 16,
-                 branch: str | None = None, *, n: int = 1, temperature: float = 0.0, seed: int | None = None,
-                 logprobs: bool = False, intervention: str = "zero",
+                 branch: str | None = None, *, n: int = 1, temperature: float = 0.0,
+                 seed: int | Sequence[int] | None = None, top_p: float = 1.0, logprobs: bool = False,
+                 intervention: str = "zero",
                  memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  memories: Sequence[torch.Tensor | None] | None = None,
                  systems: Sequence[str] | None = None) -> list[list[Completion]]:
         """`n` continuations per question (greedy when `temperature` is 0). `images[i]`: question i's images.
         `memories` overrides the model's own (one (N, H) tensor or None per question); `memory_transform` maps each
-        memory as `MedSynapseV.answer_encoded`'s does; `systems`: a system message per question ("" for none)."""
+        memory as `MedSynapseV.answer_encoded`'s does; `systems`: a system message per question ("" for none);
+        `seed`: one for every question, or one per question (its `n` draws)."""
         if memories is None:
             memories = self.memories(images, questions, branch, intervention)
         if memory_transform is not None:
@@ -188,7 +213,9 @@ class VLLMEngine:
         with_memory = any(m is not None for m in memories)
         if with_memory and not all(m is not None for m in memories):
             raise ValueError("give a memory for every question or for none")
-        outputs = self.llm.chat(conversations, self.sampling(max_new_tokens, n, temperature, seed, logprobs),
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(questions)
+        params = [self.sampling(max_new_tokens, n, temperature, s, logprobs, top_p) for s in seeds]
+        outputs = self.llm.chat(conversations, params,
                                 use_tqdm=False, add_generation_prompt=not with_memory,
                                 continue_final_message=with_memory, chat_template_content_format="openai")
         return [[self.completion(out, logprobs) for out in request.outputs] for request in outputs]
