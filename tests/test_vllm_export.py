@@ -104,3 +104,29 @@ def test_a_loaded_model_with_its_adapter_is_exported_merged_and_keeps_its_adapte
         assert torch.equal(state[key][:rows] if state[key].shape != value.shape else state[key], value), key
     after = trained.vlm.state_dict()
     assert all(torch.equal(after[k], v) for k, v in lora_before.items())  # the loaded model keeps its adapter
+
+
+def test_the_weights_sent_to_a_running_engine_are_the_merged_exports_with_their_fused_siblings(lora_folder):
+    from medsynapse.engines.export import lora_merged_weights, merged_vlm
+
+    trained = MedSynapseV.from_pretrained(lora_folder)  # the adapter as trained, not merged
+    sent = lora_merged_weights(trained.vlm)
+    names = [name for name, _ in sent]
+    layers = core_vlm(trained.vlm).config.text_config.num_hidden_layers
+    assert names == [f"model.language_model.layers.{i}.self_attn.{p}_proj.weight" for i in range(layers)
+                     for p in "qkv"]  # k has no LoRA: sent because vLLM fuses q, k and v into one matrix
+    export = merged_vlm(trained).state_dict()
+    assert all(torch.equal(tensor, export[name]) for name, tensor in sent)  # bit for bit what an export writes
+    plain = MedSynapseV.from_pretrained(lora_folder, merge_adapter=True)
+    assert lora_merged_weights(plain.vlm) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is importable here (.venv-vllm)")
+def test_stage2_engine_vllm_is_refused_without_vllm_before_writing(tiny_env, tmp_path):
+    from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
+
+    config = Stage2Config(model=str(tiny_env.vlm), train_file=str(tiny_env.train_file),
+                          output_dir=str(tmp_path / "s2"), engine="vllm")
+    with pytest.raises(ValueError, match="engine vllm needs vLLM, which is not importable"):
+        train_stage2(config)
+    assert not (tmp_path / "s2").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -135,25 +136,25 @@ def lora_merged_weights(vlm) -> list[tuple[str, torch.Tensor]]:
     all its parts), under the plain Qwen3-VL checkpoint's names (`model.language_model.layers.0.self_attn.q_proj.
     weight`): what an export would write for those modules, for a running vLLM to load in place after each optimiser
     step. Empty for a VLM without LoRA."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
 
     prefix = "base_model.model."
     modules = dict(vlm.named_modules())
     names: list[str] = []
     for name, module in modules.items():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLinear):
             parent, _, leaf = name.rpartition(".")
             group = next((g for g in FUSED if leaf in g), (leaf,))
             names += [f"{parent}.{part}" for part in group if f"{parent}.{part}" in modules]
     weights = []
     for name in dict.fromkeys(names):  # in order, once
         module = modules[name]
-        if isinstance(module, LoraLayer):
-            weight = module.get_base_layer().weight.detach()
+        if isinstance(module, LoraLinear):  # the LoRA layers on linear projections (the only kind add_lora makes)
+            weight = cast(torch.Tensor, module.get_base_layer().weight).detach()
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     weight = weight + module.get_delta_weight(adapter).detach()
         else:
-            weight = module.weight.detach()
+            weight = cast(torch.Tensor, module.weight).detach()
         weights.append((f"{name.removeprefix(prefix)}.weight", weight))
     return weights

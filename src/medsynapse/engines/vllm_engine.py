@@ -188,9 +188,12 @@ class VLLMEngine:
             self.llm.reset_mm_cache()
         return len(weights)
 
-    def parameter(self, name: str) -> torch.Tensor:
-        """One of the engine's parameters, by vLLM's name (engines/vllm_worker.py)."""
-        return self.llm.collective_rpc("parameter_copy", args=(name,))[0]
+    def close(self) -> None:
+        """Stop vLLM's engine (its process, when it has one) and remove the exported folder."""
+        import shutil
+
+        self.llm.llm_engine.engine_core.shutdown()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def generate(self, images: Sequence[Sequence[Image.Image]], questions: Sequence[str], max_new_tokens: int = 16,
                  branch: str | None = None, *, n: int = 1, temperature: float = 0.0,

@@ -1,5 +1,5 @@
 """Methods mixed into vLLM's worker (`LLM(worker_extension_cls=...)`, vLLM's route for RLHF weight updates) so that a
-trainer can load its weights into the running engine and read them back (`LLM.collective_rpc`).
+trainer can load its weights into the running engine (`LLM.collective_rpc`).
 
 Nothing here imports vLLM: the class is imported by name inside vLLM's worker process (or in this process when the
 engine runs in-process) and its methods run with the worker as `self`."""
@@ -16,8 +16,3 @@ class WeightSync:
         `load_weights` cannot: processed parameters lose their loaders); returns how many were given."""
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return len(weights)
-
-    def parameter_copy(self, name: str) -> torch.Tensor:
-        """A copy of one of vLLM's own parameters (vLLM's names, e.g. `language_model.model.layers.0.self_attn.
-        qkv_proj.weight`), to check what a load wrote."""
-        return dict(self.model_runner.model.named_parameters())[name].detach().clone()  # type: ignore[attr-defined]

@@ -36,6 +36,7 @@ from medsynapse.data.dataset import check_image_limit, with_answer_format
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import DataError, Sample
 from medsynapse.data.sources import Benchmark, load_source
+from medsynapse.engines import check_engine
 from medsynapse.eval.efficiency import PeakRSS, rss_mb
 from medsynapse.eval.report import write_json
 from medsynapse.locking import LOCK_NAME, hold_for_launch, write_text_atomic, writes_into
@@ -380,21 +381,6 @@ def _load_or_leave_nothing(state, model_path: str, benchmarks: list[str], data_r
                     output.rmdir()  # only when empty: never another process's files
         raise
     return benches, model
-
-
-ENGINES = ("hf", "vllm")
-
-
-def check_engine(engine: str) -> None:
-    """A known engine, and for `vllm` an importable vLLM (the .venv-vllm environment): refused before anything is
-    written."""
-    import importlib.util
-
-    if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
-    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("engine vllm needs vLLM, which is not importable in this environment: run with the "
-                         ".venv-vllm environment (make vllm-env; docs/vllm.md)")
 
 
 def start_engine(settings: EvalSettings, model: MedSynapseV, benches: dict[str, Benchmark], output: Path,

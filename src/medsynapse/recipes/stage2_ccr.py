@@ -7,7 +7,9 @@ r_causal only orders rollouts of equal correctness (objectives/rewards.py); use 
 Per step, top to bottom:
 1. B prompts; their prior tokens (cached table), memory M and counterfactual memory M' (frozen sampler, no grad) and
    vision features are computed once per prompt and reused by every rollout and every pass below.
-2. G rollouts per prompt in one batched, KV-cached `generate` over the B·G batch (eval mode: no dropout).
+2. G rollouts per prompt in one batched, KV-cached `generate` over the B·G batch (eval mode: no dropout), or with
+   `engine: vllm` from a colocated vLLM engine that first loads the LoRA-changed weights as the last optimiser step
+   left them (merged), given the same memory rows; every log-prob below still comes from the training model.
 3. r_acc from the shared answer extraction; r_causal from ONE no-grad forward over 2·B·G rows (M rows, then M' rows),
    from the policy's own distribution (log-softmax of the unscaled logits, T = 1). The M rows' log-probs at the
    sampling temperature, from the same logits, are the old log-probs of the clipped ratio (same policy, same mode,
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 
 from medsynapse.answers import check_answer_format
 from medsynapse.config import to_dict
-from medsynapse.data.dataset import check_image_limit, training_dataset
+from medsynapse.data.dataset import VQADataset, check_image_limit, training_dataset
+from medsynapse.engines import Engine, check_engine
 from medsynapse.model.counterfactual import TOKEN_INTERVENTIONS
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.sampling import row_keys, sampling_kwargs
@@ -117,6 +120,10 @@ class Stage2Config(TrainingConfig, LoRAConfig):
     # ddp: every rank holds the VLM | fsdp: the VLM and its LoRA sharded over the ranks (recipes/sharding), sharded
     # checkpoints (torch.distributed.checkpoint), the same single-folder output
     distributed: Distributed = "ddp"
+    # hf: transformers' generate | vllm: rollouts from a vLLM engine in this process's care (needs .venv-vllm, one
+    # process), the policy's merged LoRA weights loaded into it before every step; draws are vLLM's, seeded per
+    # prompt from the same keys (docs/vllm.md)
+    engine: Engine = "hf"
 
 
 @dataclass
@@ -125,6 +132,7 @@ class Rollouts:
     mask: torch.Tensor  # (B*G, T)
     texts: list[str]
     seconds: float
+    engine_logprobs: torch.Tensor | None = None  # (B*G, T) the engine's own log π(o_t) at T = 1 (vLLM), 0 if masked
 
 
 def generate_rollouts(model: MedSynapseV, batch, memory, features, config: Stage2Config,
@@ -137,6 +145,52 @@ def generate_rollouts(model: MedSynapseV, batch, memory, features, config: Stage
     texts = model.processor.tokenizer.batch_decode(tokens * mask + (1 - mask) * model.prompts.eos_id,
                                                    skip_special_tokens=True)
     return Rollouts(tokens, mask, texts, time.perf_counter() - start)
+
+
+def engine_rollouts(engine, model: MedSynapseV, dataset: VQADataset, indices: list[int], memory: torch.Tensor | None,
+                    config: Stage2Config, keys: torch.Tensor) -> Rollouts:
+    """All B·G rollouts from a vLLM engine (`engine: vllm`): each prompt's images, question and system message as
+    the dataset encodes them, its memory row (the trainer's tensor), G draws seeded by the prompt's first row key;
+    tokens padded with the end token and masked as `generate_rollouts` does, with vLLM's per-token log-probs."""
+    start = time.perf_counter()
+    G = config.group_size
+    samples = [dataset.samples[i] for i in indices]
+    memories = [None if memory is None else memory[b * G].to(engine.dtype) for b in range(len(indices))]
+    outputs = engine.generate([dataset.images(i) for i in indices], [s.model_prompt for s in samples],
+                              config.max_new_tokens, n=G, temperature=config.temperature, top_p=config.top_p,
+                              seed=[int(keys[b * G]) % 2**62 for b in range(len(indices))], logprobs=True,
+                              memories=memories, systems=[s.system for s in samples])
+    completions = [completion for request in outputs for completion in request]
+    eos = model.prompts.eos_id
+    width = max(1, *(len(c.token_ids) for c in completions))
+    tokens = torch.full((len(completions), width), eos, dtype=torch.long)
+    logprobs = torch.zeros(len(completions), width)
+    for row, completion in enumerate(completions):
+        tokens[row, :len(completion.token_ids)] = torch.tensor(completion.token_ids, dtype=torch.long)
+        logprobs[row, :len(completion.token_ids)] = torch.tensor(completion.logprobs or [])
+    mask = completion_mask(tokens, eos)
+    texts = model.processor.tokenizer.batch_decode(tokens * mask + (1 - mask) * eos, skip_special_tokens=True)
+    return Rollouts(tokens, mask, texts, time.perf_counter() - start, logprobs * mask)
+
+
+def start_engine(model: MedSynapseV, config: Stage2Config, output: Path, processes: int):
+    """None for transformers; for `vllm` one engine over the policy (exported to OUTPUT/.vllm), in one process."""
+    if config.engine == "hf":
+        return None
+    if processes > 1:
+        raise ValueError(f"engine: vllm runs one engine next to one trainer process; this run has {processes} "
+                         "(use engine: hf with several processes)")
+    from medsynapse.engines.vllm_engine import VLLMEngine  # .venv-vllm only (checked by check_engine)
+
+    return VLLMEngine(model, output / ".vllm", max_images=model.max_images or 1, seed=config.seed,
+                      max_model_len=4096)
+
+
+def engine_logprob_gap(rollouts: Rollouts, policy_logprobs: torch.Tensor) -> float:
+    """The largest |engine − policy| per-token log-prob (T = 1) over the generated tokens: ~1e-6 when the engine
+    samples the training policy (float32), large when its weights are stale."""
+    assert rollouts.engine_logprobs is not None
+    return float(((rollouts.engine_logprobs - policy_logprobs) * rollouts.mask).abs().max())
 
 
 class RolloutLogprobs(NamedTuple):
@@ -229,6 +283,7 @@ def inverted_group_fraction(r_acc: torch.Tensor, rewards: torch.Tensor, group_si
 @trainer.one_run_per_folder
 def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = None) -> Path:
     check_config(config)
+    check_engine(config.engine)
     sharding.check_distributed(config.distributed)
     trainer.check_steps(config.max_steps, minimum=1)  # before anything is loaded
     trainer.check_paths(config, ("model", "train_file"))
@@ -278,12 +333,14 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     if checkpoint is not None:
         state = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler, sharded=sharded)
         start, record = state["step"], state.get("causal_record", record)
+    engine = start_engine(model, config, output, accelerator.num_processes)
     accelerator.init_trackers("stage2", config={k: str(v) for k, v in to_dict(config).items()})
     record_from = int(config.max_steps * (1 - config.record_last_fraction))
 
     bar = tqdm(range(start, config.max_steps), desc="stage2", disable=not accelerator.is_main_process,
                initial=start, total=config.max_steps)
     step_seconds: list[float] = []
+    gaps: list[float] = []
     for step in bar:
         step_start = time.perf_counter()
         indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
@@ -307,19 +364,27 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         unwrapped.eval()
         keys = row_keys(config.seed, step, trainer.global_positions(config.batch_size, accelerator.process_index,
                                                                     accelerator.num_processes), G)
-        rollouts = generate_rollouts(model, batch, memory, batch_features, config, keys)
+        if engine is not None:
+            engine.sync_weights(unwrapped)  # the policy as the last optimiser step (or the checkpoint) left it
+            rollouts = engine_rollouts(engine, model, dataset, indices, memory, config, keys)
+        else:
+            rollouts = generate_rollouts(model, batch, memory, batch_features, config, keys)
         r_acc = accuracy_rewards(rollouts.texts, rollout_samples, config.answer_format).to(accelerator.device)
         if config.lambda_causal != 0.0:
             scored = factual_and_counterfactual_logprobs(unwrapped, batch, memory, memory_cf, rollouts,
                                                          batch_features, model.latent_id, config.temperature)
             old_logp = scored.old
+            at_one: torch.Tensor | None = scored.factual
             r_causal = causal_rewards(scored.factual, scored.counterfactual, rollouts.mask, config.causal_reduction,
                                       config.causal_clip)
         else:  # no counterfactual pass: only the old log-probs are needed
             with torch.no_grad():
                 old_logp = completion_logprobs(unwrapped, batch, memory, rollouts.tokens, rollouts.mask,
                                                model.latent_id, batch_features, config.temperature)
+            at_one = old_logp if config.temperature == 1 else None
             r_causal = torch.zeros_like(r_acc)
+        if rollouts.engine_logprobs is not None and at_one is not None:  # does the engine sample this policy?
+            gaps.append(engine_logprob_gap(rollouts, at_one))
         rewards, advantages = rewards_and_advantages(r_acc, r_causal, config)
         ref_logp = None
         if config.beta != 0.0:
@@ -353,6 +418,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
                     "advantage_abs_mean": float(advantages.abs().mean()),
                     "kl": result.kl, "generated_tokens_per_s": generated / max(rollouts.seconds, 1e-9),
                     "lr": scheduler.get_last_lr()[0]}
+            if gaps:
+                logs["engine_logprob_gap"] = gaps[-1]
             correct = r_acc > 0
             if config.lambda_causal != 0.0 and bool(correct.any()):
                 logs["r_causal_correct"] = float(r_causal[correct].mean())
@@ -376,8 +443,11 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         summary = {"mean_causal_reward_correct": _mean(record["correct"]),
                    "mean_causal_reward_wrong": _mean(record["wrong"]),
                    "n_correct": len(record["correct"]), "n_wrong": len(record["wrong"]),
-                   "recorded_from_step": record_from, "step_seconds_this_run": step_seconds}
+                   "recorded_from_step": record_from, "step_seconds_this_run": step_seconds,
+                   **({"engine": config.engine, "engine_logprob_gap_per_step": gaps} if engine is not None else {})}
         (output / "causal_reward_summary.json").write_text(json.dumps(summary, indent=2))
+    if engine is not None:
+        engine.close()
     trainer.end_training(accelerator)
     return output
 

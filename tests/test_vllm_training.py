@@ -1,0 +1,97 @@
+"""Stage II's rollouts from vLLM (`engine: vllm`): the engine samples the policy being trained.
+
+Runs under `.venv-vllm` only (`make test-vllm`). The weight sync is checked by behaviour: vLLM's own weights are
+packed for its CPU kernels and cannot be read back, so a synced engine must generate what the trainer's LoRA model
+generates (greedy tokens equal, per-token log-probabilities within float32 rounding), where a stale one does not.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm is not importable in this environment: the vLLM tests run under .venv-vllm "
+                    "(make vllm-env && make test-vllm)")
+
+from medsynapse.data.images import load_image  # noqa: E402
+from medsynapse.data.schema import read_samples  # noqa: E402
+from medsynapse.engines.vllm_engine import VLLMEngine  # noqa: E402
+from medsynapse.model.medsynapse import MedSynapseV  # noqa: E402
+from medsynapse.model.vlm import completion_logprobs, completion_mask, vision_features  # noqa: E402
+from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1  # noqa: E402
+from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2  # noqa: E402
+
+MAX_NEW = 8
+LOGPROB_ATOL = 1e-4  # float32 both sides: measured gaps ≤ 4.8e-7
+
+
+@pytest.fixture(autouse=True)
+def in_process(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # quick to start; the same engine code
+
+
+def _greedy_gap(model: MedSynapseV, engine: VLLMEngine, images, questions) -> list[float | None]:
+    """Per question: the largest log-prob gap when vLLM's greedy tokens equal transformers', else None."""
+    items = [model.prompts.encode(imgs, q) for imgs, q in zip(images, questions)]
+    flat = [img for imgs in images for img in imgs]
+    tokens = model.generate_encoded(items, flat, MAX_NEW)
+    mask = completion_mask(tokens, model.prompts.eos_id)
+    batch = model.prompts.collate(items, with_answers=False)
+    features = vision_features(model.vlm, batch)
+    with torch.no_grad():
+        logp = completion_logprobs(model.vlm, batch, model.memory_for(batch, flat, features), tokens, mask,
+                                   model.latent_id, features)
+    gaps: list[float | None] = []
+    for row, out in enumerate(engine.generate(images, questions, MAX_NEW, logprobs=True)):
+        length = int(mask[row].sum())
+        same = out[0].token_ids == tokens[row, :length].tolist()
+        gaps.append(float((torch.tensor(out[0].logprobs) - logp[row, :length]).abs().max()) if same else None)
+    return gaps
+
+
+def test_after_a_sync_the_engine_generates_what_the_trainers_lora_model_generates(tiny_env, tmp_path):
+    torch.manual_seed(0)
+    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
+    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])  # unmerged, as Stage II trains it
+    samples = read_samples(tiny_env.test_file)[:4]
+    images, questions = [[load_image(s.images[0], s)] for s in samples], [s.question for s in samples]
+    engine = VLLMEngine(model, tmp_path / "export", max_model_len=1024)
+    assert all(g is not None and g <= LOGPROB_ATOL for g in _greedy_gap(model, engine, images, questions))
+    with torch.no_grad():  # an optimiser step's worth of change, and more
+        for name, param in model.vlm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    assert all(g is None or g > 100 * LOGPROB_ATOL for g in _greedy_gap(model, engine, images, questions))  # stale
+    assert engine.sync_weights(model.vlm) == 2 * 3  # q and v with their fused sibling k, in both layers
+    assert all(g is not None and g <= LOGPROB_ATOL for g in _greedy_gap(model, engine, images, questions))
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tiny_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s1")
+    train_stage1(Stage1Config(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
+                              output_dir=str(out), n_memory=4, sampler_width=32, batch_size=4, max_steps=2,
+                              answer_types=["yes_no", "multiple_choice", "open"]))
+    return out
+
+
+@pytest.mark.parametrize("lambda_causal", [0.5, 0.0])
+def test_stage2_on_vllm_rollouts_samples_the_policy_at_every_step(tiny_env, stage1_dir, tmp_path, lambda_causal):
+    """Every step's rollouts come from the policy as the last optimiser step left it: vLLM's per-token log-probs
+    of its own samples equal the training model's (T = 1), step after step, while the LoRA moves (lr 3e-2)."""
+    config = Stage2Config(model=str(stage1_dir), train_file=str(tiny_env.train_file), output_dir=str(tmp_path / "s2"),
+                          lora_r=4, lora_alpha=8, group_size=2, batch_size=2, max_steps=4, save_every=4, lr=3e-2,
+                          max_new_tokens=6, temperature=1.0, top_p=1.0, lambda_causal=lambda_causal, log_every=1,
+                          engine="vllm")
+    out = train_stage2(config)
+    summary = json.loads((out / "causal_reward_summary.json").read_text())
+    gaps = summary["engine_logprob_gap_per_step"]
+    assert summary["engine"] == "vllm" and len(gaps) == 4
+    assert max(gaps) <= LOGPROB_ATOL, gaps
+    assert not (out / ".vllm").exists()  # the exported copy is removed at the end
+    trained = MedSynapseV.from_pretrained(out)
+    lora = {k: v for k, v in trained.vlm.state_dict().items() if "lora_B" in k}
+    assert lora and all(v.abs().max() > 1e-3 for v in lora.values())  # the policy moved: a stale engine would show
