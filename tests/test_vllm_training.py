@@ -95,3 +95,21 @@ def test_stage2_on_vllm_rollouts_samples_the_policy_at_every_step(tiny_env, stag
     trained = MedSynapseV.from_pretrained(out)
     lora = {k: v for k, v in trained.vlm.state_dict().items() if "lora_B" in k}
     assert lora and all(v.abs().max() > 1e-3 for v in lora.values())  # the policy moved: a stale engine would show
+
+
+def test_stage3_on_vllm_trajectories_are_the_students_with_each_steps_memory(tiny_env, stage1_dir, tmp_path):
+    """The student's memory changes every step (A_psi trains, lr 3e-2) while the VLM is frozen: each step's vLLM
+    trajectories carry that step's memory (engine log-probs equal the training model's under it)."""
+    from medsynapse.recipes.stage3_imt import Stage3Config, train_stage3
+
+    stage2 = train_stage2(Stage2Config(model=str(stage1_dir), train_file=str(tiny_env.train_file),
+                                       output_dir=str(tmp_path / "s2"), lora_r=4, lora_alpha=8, group_size=2,
+                                       batch_size=2, max_steps=1, lr=1e-2, max_new_tokens=4, temperature=1.0))
+    config = Stage3Config(model=str(stage2), train_file=str(tiny_env.train_file), output_dir=str(tmp_path / "s3"),
+                          batch_size=2, max_steps=3, save_every=3, lr=3e-2, max_new_tokens=6, attention_dim=32,
+                          top_p=1.0, engine="vllm")
+    out = train_stage3(config)
+    gaps = json.loads((out / "engine_rollouts.json").read_text())["engine_logprob_gap_per_step"]
+    assert len(gaps) == 3 and max(gaps) <= LOGPROB_ATOL, gaps
+    assert not (out / ".vllm").exists()
+    assert MedSynapseV.from_pretrained(out).autonomous is not None

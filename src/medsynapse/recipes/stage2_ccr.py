@@ -66,6 +66,7 @@ from medsynapse.recipes.config_base import (
     RolloutSampling,
     TrainingConfig,
 )
+from medsynapse.recipes.engine_rollouts import engine_logprob_gap, rollouts_from_engine, start_engine
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 
@@ -149,48 +150,11 @@ def generate_rollouts(model: MedSynapseV, batch, memory, features, config: Stage
 
 def engine_rollouts(engine, model: MedSynapseV, dataset: VQADataset, indices: list[int], memory: torch.Tensor | None,
                     config: Stage2Config, keys: torch.Tensor) -> Rollouts:
-    """All B·G rollouts from a vLLM engine (`engine: vllm`): each prompt's images, question and system message as
-    the dataset encodes them, its memory row (the trainer's tensor), G draws seeded by the prompt's first row key;
-    tokens padded with the end token and masked as `generate_rollouts` does, with vLLM's per-token log-probs."""
-    start = time.perf_counter()
+    """All B·G rollouts from the vLLM engine (`engine: vllm`), each prompt's G draws seeded by its first row key."""
     G = config.group_size
-    samples = [dataset.samples[i] for i in indices]
-    memories = [None if memory is None else memory[b * G].to(engine.dtype) for b in range(len(indices))]
-    outputs = engine.generate([dataset.images(i) for i in indices], [s.model_prompt for s in samples],
-                              config.max_new_tokens, n=G, temperature=config.temperature, top_p=config.top_p,
-                              seed=[int(keys[b * G]) % 2**62 for b in range(len(indices))], logprobs=True,
-                              memories=memories, systems=[s.system for s in samples])
-    completions = [completion for request in outputs for completion in request]
-    eos = model.prompts.eos_id
-    width = max(1, *(len(c.token_ids) for c in completions))
-    tokens = torch.full((len(completions), width), eos, dtype=torch.long)
-    logprobs = torch.zeros(len(completions), width)
-    for row, completion in enumerate(completions):
-        tokens[row, :len(completion.token_ids)] = torch.tensor(completion.token_ids, dtype=torch.long)
-        logprobs[row, :len(completion.token_ids)] = torch.tensor(completion.logprobs or [])
-    mask = completion_mask(tokens, eos)
-    texts = model.processor.tokenizer.batch_decode(tokens * mask + (1 - mask) * eos, skip_special_tokens=True)
-    return Rollouts(tokens, mask, texts, time.perf_counter() - start, logprobs * mask)
-
-
-def start_engine(model: MedSynapseV, config: Stage2Config, output: Path, processes: int):
-    """None for transformers; for `vllm` one engine over the policy (exported to OUTPUT/.vllm), in one process."""
-    if config.engine == "hf":
-        return None
-    if processes > 1:
-        raise ValueError(f"engine: vllm runs one engine next to one trainer process; this run has {processes} "
-                         "(use engine: hf with several processes)")
-    from medsynapse.engines.vllm_engine import VLLMEngine  # .venv-vllm only (checked by check_engine)
-
-    return VLLMEngine(model, output / ".vllm", max_images=model.max_images or 1, seed=config.seed,
-                      max_model_len=4096)
-
-
-def engine_logprob_gap(rollouts: Rollouts, policy_logprobs: torch.Tensor) -> float:
-    """The largest |engine − policy| per-token log-prob (T = 1) over the generated tokens: ~1e-6 when the engine
-    samples the training policy (float32), large when its weights are stale."""
-    assert rollouts.engine_logprobs is not None
-    return float(((rollouts.engine_logprobs - policy_logprobs) * rollouts.mask).abs().max())
+    drawn = rollouts_from_engine(engine, model, dataset, indices, None if memory is None else memory[::G], G,
+                                 config.max_new_tokens, config.temperature, config.top_p, keys[::G])
+    return Rollouts(drawn.tokens, drawn.mask, drawn.texts, drawn.seconds, drawn.logprobs)
 
 
 class RolloutLogprobs(NamedTuple):
@@ -333,7 +297,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
     if checkpoint is not None:
         state = trainer.load_checkpoint(checkpoint, unwrapped, optimizer, scheduler, sharded=sharded)
         start, record = state["step"], state.get("causal_record", record)
-    engine = start_engine(model, config, output, accelerator.num_processes)
+    engine = start_engine(config.engine, model, config.seed, output, accelerator.num_processes)
     accelerator.init_trackers("stage2", config={k: str(v) for k, v in to_dict(config).items()})
     record_from = int(config.max_steps * (1 - config.record_last_fraction))
 
@@ -384,7 +348,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
             at_one = old_logp if config.temperature == 1 else None
             r_causal = torch.zeros_like(r_acc)
         if rollouts.engine_logprobs is not None and at_one is not None:  # does the engine sample this policy?
-            gaps.append(engine_logprob_gap(rollouts, at_one))
+            gaps.append(engine_logprob_gap(rollouts.engine_logprobs, at_one, rollouts.mask))
         rewards, advantages = rewards_and_advantages(r_acc, r_causal, config)
         ref_logp = None
         if config.beta != 0.0:

@@ -6,6 +6,8 @@ the teacher instead, the off-policy ablation); the generalized JSD_β between
 the two branches' full-vocabulary next-token distributions at every trajectory position (token-weighted mean over
 the batch, as TRL's "batchmean"); only A_psi is updated (teacher under no_grad; LoRA frozen but active in both).
 Vision features and prior features are computed once per step and shared by generation and both branches.
+With `engine: vllm` the trajectories come from a colocated vLLM engine given this step's memory rows (the VLM and its
+LoRA are frozen here, so its weights are loaded once); the JSD is still computed on the training model.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from tqdm.auto import tqdm
 from medsynapse.answers import check_answer_format
 from medsynapse.config import to_dict
 from medsynapse.data.dataset import check_image_limit, training_dataset
+from medsynapse.engines import Engine, check_engine
 from medsynapse.locking import write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, embedding_rms
 from medsynapse.model.sampling import row_keys, sampling_kwargs
-from medsynapse.model.vlm import completion_mask, completion_outputs, core_vlm, vision_features
+from medsynapse.model.vlm import completion_logprobs, completion_mask, completion_outputs, core_vlm, vision_features
 from medsynapse.objectives.alignment import memory_alignment_loss
 from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
@@ -41,6 +44,7 @@ from medsynapse.recipes.config_base import (
     TrainingConfig,
     Trajectories,
 )
+from medsynapse.recipes.engine_rollouts import engine_logprob_gap, rollouts_from_engine, start_engine
 from medsynapse.recipes.priors import prior_table, select_priors
 
 if TYPE_CHECKING:
@@ -78,11 +82,15 @@ class Stage3Config(TrainingConfig):
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
     distributed: Distributed = "ddp"
+    # hf: transformers' generate | vllm: trajectories from a vLLM engine (needs .venv-vllm, one process) given each
+    # step's memory; draws are vLLM's, seeded per sample from the same keys (docs/vllm.md)
+    engine: Engine = "hf"
 
 
 @trainer.one_run_per_folder
 def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = None) -> Path:
     check_answer_format(config.answer_format)
+    check_engine(config.engine)
     if not (math.isfinite(config.epochs) and config.epochs >= 0):
         raise ValueError(f"epochs must be a finite number >= 0, got {config.epochs}")
     trainer.check_steps(config.max_steps, minimum=0 if config.epochs > 0 else 1)  # before anything is loaded
@@ -131,6 +139,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     checkpoint = trainer.resume_point(output, config, total_steps)
     if checkpoint is not None:
         start = trainer.load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)["step"]
+    engine = start_engine(config.engine, model, config.seed, output, accelerator.num_processes)
+    gaps: list[float] = []
     accelerator.init_trackers("stage3", config={k: str(v) for k, v in to_dict(config).items()})
     # the fused JSD applies lm_head chunk by chunk (gathered whole once when sharded: every rank takes part)
     lm_head = sharding.full_weight(vlm_core.lm_head) if config.fused_jsd else None
@@ -155,11 +165,20 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         keys = row_keys(config.seed, step, trainer.global_positions(config.batch_size, accelerator.process_index,
                                                                     accelerator.num_processes))
         rollout_memory = student_memory.detach() if config.trajectories == "student" else teacher_memory
-        tokens = model.generate(batch, rollout_memory, max_new_tokens=config.max_new_tokens,
-                                features=features, **sampling_kwargs(keys, config.rollout_sampling,
-                                                                     config.sample_temperature, config.top_p))
+        if engine is not None:
+            drawn = rollouts_from_engine(engine, model, dataset, indices, rollout_memory, 1, config.max_new_tokens,
+                                         config.sample_temperature, config.top_p, keys)
+            tokens, mask = drawn.tokens.to(accelerator.device), drawn.mask.to(accelerator.device)
+            with torch.no_grad():  # did the engine sample the model the JSD is taken on, with this memory?
+                sampled = completion_logprobs(model.vlm, batch, rollout_memory, tokens, mask, model.latent_id,
+                                              features)
+            gaps.append(engine_logprob_gap(drawn.logprobs, sampled, mask))
+        else:
+            tokens = model.generate(batch, rollout_memory, max_new_tokens=config.max_new_tokens,
+                                    features=features, **sampling_kwargs(keys, config.rollout_sampling,
+                                                                         config.sample_temperature, config.top_p))
+            mask = completion_mask(tokens, model.prompts.eos_id)
         gen_seconds = time.perf_counter() - gen_start
-        mask = completion_mask(tokens, model.prompts.eos_id)
         # Mean over the GLOBAL valid positions: DDP averages gradients over ranks, so each rank divides its sum by
         # (global count / world); a per-rank mean would weight ranks with fewer tokens more.
         num_items = max(accelerator.reduce(mask.sum().float(), "sum").item() / accelerator.num_processes, 1.0)
@@ -191,6 +210,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         if step % config.log_every == 0 or step == total_steps - 1:
             logs = {"jsd": jsd.item(), "memory_alignment": alignment.item(), "lr": scheduler.get_last_lr()[0],
                     "generated_tokens_per_s": float(mask.sum()) / max(gen_seconds, 1e-9)}
+            if gaps:
+                logs["engine_logprob_gap"] = gaps[-1]
             accelerator.log(logs, step=step)
             bar.set_postfix(jsd=f"{logs['jsd']:.4f}")
         done = step + 1
@@ -205,6 +226,11 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
     if accelerator.is_main_process:
         save_student(model, accelerator.unwrap_model(student), Path(config.model), output, config.answer_format,
                      adapter, trainer.training_record(config, "stage3"))
+        if engine is not None:  # what the engine run showed (this run's steps)
+            write_text_atomic(output / "engine_rollouts.json", json.dumps(
+                {"engine": config.engine, "engine_logprob_gap_per_step": gaps}, indent=2))
+    if engine is not None:
+        engine.close()
     trainer.end_training(accelerator)
     return output
 
