@@ -8,6 +8,10 @@ Two workloads, each timed end to end (memory computed by MedSynapseV on both sid
     continuations per prompt at temperature 1.0, top-p 1, `--rollout-tokens` tokens. transformers: one sampled
     `generate` over the prompts repeated G times (as `generate_rollouts`), vision features and memory computed once
     per prompt; vLLM: `n=G` per prompt. Reported as rollouts per second.
+  - training (`--train-steps` > 0): whole Stage II steps at the demo's settings (its LoRA on every projection,
+    centred reward, `--rollout-prompts` prompts × G), `engine: hf` against `engine: vllm` (the LoRA's merged weights
+    loaded into vLLM before every step); the median step time after the first, and vLLM's log-prob gap to the
+    training model (≤ 1e-4 when the engine samples the policy being trained).
 Each is run once to warm up, then `--repeats` times; the median wall time is reported, with the ratio vLLM/hf of the
 rates. vLLM's start-up is timed apart. Default model: a random-weight tiny Qwen3-VL teacher built here (the demo's
 sizes: 16 memory slots, sampler width 128, a LoRA merged); `--model DIR` benchmarks one of our folders instead.
@@ -49,6 +53,8 @@ def build_tiny_teacher(root: Path) -> tuple[Path, Path]:
             if "lora_B" in name:
                 param.normal_(std=0.05)
     model.save_pretrained(root / "teacher")
+    model.vlm = model.vlm.unload()  # the same VLM without its LoRA: a Stage I folder for the training workload
+    model.save_pretrained(root / "stage1")
     return root / "teacher", data
 
 
@@ -112,6 +118,23 @@ def vllm_rollouts(engine, images: list, questions: list[str], group: int, max_ne
     return sum(len(out) for out in outputs)
 
 
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def stage2_steps(stage1: Path, data: Path, engine: str, steps: int, prompts: int, group: int, tokens: int,
+                 work: Path) -> dict:
+    """`steps` Stage II steps at the demo's settings with one engine: each step's seconds and the log-prob gaps."""
+    from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
+
+    out = train_stage2(Stage2Config(model=str(stage1), train_file=str(data), output_dir=str(work / f"stage2-{engine}"),
+                                    lora_r=16, lora_alpha=32, lora_targets=ALL_PROJECTIONS, group_size=group,
+                                    batch_size=prompts, max_steps=steps, save_every=steps, lr=3e-4,
+                                    max_new_tokens=tokens, temperature=1.0, top_p=1.0, causal_form="centred",
+                                    report_to="none", engine=engine))
+    summary = json.loads((out / "causal_reward_summary.json").read_text())
+    return {"step_s": summary["step_seconds_this_run"], "gaps": summary.get("engine_logprob_gap_per_step")}
+
+
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
@@ -130,6 +153,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--rollout-tokens", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=4, help="Stage II steps per engine; 0: skip")
     parser.add_argument("--out", default="vllm_vs_hf.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vllm_vs_hf-"))
@@ -158,6 +182,17 @@ def main() -> None:
                               "temperature": 1.0, "hf_s": hf_r, "vllm_s": vl_r,
                               "hf_rollouts_per_s": rate(n_hf, hf_r), "vllm_rollouts_per_s": rate(n_vl, vl_r),
                               "ratio_vllm_over_hf": hf_r / vl_r}
+    stage1 = folder.parent / "stage1"
+    if args.train_steps and stage1.exists():  # the tiny teacher built here (a --model folder has no Stage I twin)
+        del engine  # its process's cores go to the training runs
+        runs = {name: stage2_steps(stage1, data, name, args.train_steps + 1, args.rollout_prompts or 16, args.group,
+                                   args.rollout_tokens, work) for name in ("hf", "vllm")}
+        medians = {name: statistics.median(run["step_s"][1:]) for name, run in runs.items()}
+        result["training"] = {"steps_timed": args.train_steps, "prompts": args.rollout_prompts or 16,
+                              "group": args.group, "max_new_tokens": args.rollout_tokens,
+                              "hf_step_s": medians["hf"], "vllm_step_s": medians["vllm"],
+                              "ratio_vllm_over_hf": medians["hf"] / medians["vllm"],
+                              "vllm_logprob_gap_max": max(runs["vllm"]["gaps"]), "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=2))
     ev = result["eval"]
     print(f"eval: hf {ev['hf_questions_per_s']:.2f} q/s, vLLM {ev['vllm_questions_per_s']:.2f} q/s, "
@@ -166,6 +201,11 @@ def main() -> None:
         ro = result["rollouts"]
         print(f"rollouts (G={ro['group']}, T=1.0): hf {ro['hf_rollouts_per_s']:.1f}/s, vLLM "
               f"{ro['vllm_rollouts_per_s']:.1f}/s, ratio {ro['ratio_vllm_over_hf']:.2f}x")
+    if "training" in result:
+        tr = result["training"]
+        print(f"Stage II step ({tr['prompts']} prompts x G {tr['group']}): hf {tr['hf_step_s']:.2f} s, vLLM "
+              f"{tr['vllm_step_s']:.2f} s, ratio {tr['ratio_vllm_over_hf']:.2f}x; vLLM log-prob gap "
+              f"{tr['vllm_logprob_gap_max']:.1e}")
     print(f"vLLM start-up {startup:.1f} s; written {args.out}")
 
 

@@ -24,6 +24,7 @@ from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1  # noqa:
 from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2  # noqa: E402
 
 MAX_NEW = 8
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOGPROB_ATOL = 1e-4  # float32 both sides: measured gaps ≤ 4.8e-7
 
 
@@ -54,7 +55,7 @@ def _greedy_gap(model: MedSynapseV, engine: VLLMEngine, images, questions) -> li
 def test_after_a_sync_the_engine_generates_what_the_trainers_lora_model_generates(tiny_env, tmp_path):
     torch.manual_seed(0)
     model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
-    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])  # unmerged, as Stage II trains it
+    model.add_lora(4, 8, 0.0, ALL_PROJECTIONS)  # unmerged, as Stage II trains it (the demo's targets)
     samples = read_samples(tiny_env.test_file)[:4]
     images, questions = [[load_image(s.images[0], s)] for s in samples], [s.question for s in samples]
     engine = VLLMEngine(model, tmp_path / "export", max_model_len=1024)
@@ -64,7 +65,7 @@ def test_after_a_sync_the_engine_generates_what_the_trainers_lora_model_generate
             if "lora_B" in name:
                 param.normal_(std=0.3)
     assert all(g is None or g > 100 * LOGPROB_ATOL for g in _greedy_gap(model, engine, images, questions))  # stale
-    assert engine.sync_weights(model.vlm) == 2 * 3  # q and v with their fused sibling k, in both layers
+    assert engine.sync_weights(model.vlm) == 2 * len(ALL_PROJECTIONS)  # every projection of both layers
     assert all(g is not None and g <= LOGPROB_ATOL for g in _greedy_gap(model, engine, images, questions))
     engine.close()
 
@@ -78,10 +79,14 @@ def stage1_dir(tiny_env, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("lambda_causal", [0.5, 0.0])
-def test_stage2_on_vllm_rollouts_samples_the_policy_at_every_step(tiny_env, stage1_dir, tmp_path, lambda_causal):
+@pytest.mark.parametrize(("lambda_causal", "own_process"), [(0.5, False), (0.0, True)])
+def test_stage2_on_vllm_rollouts_samples_the_policy_at_every_step(tiny_env, stage1_dir, tmp_path, lambda_causal,
+                                                                   own_process, monkeypatch):
     """Every step's rollouts come from the policy as the last optimiser step left it: vLLM's per-token log-probs
-    of its own samples equal the training model's (T = 1), step after step, while the LoRA moves (lr 3e-2)."""
+    of its own samples equal the training model's (T = 1), step after step, while the LoRA moves (lr 3e-2). Once
+    with the engine in its own process (vLLM's default: the weights cross a process boundary)."""
+    if own_process:
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     config = Stage2Config(model=str(stage1_dir), train_file=str(tiny_env.train_file), output_dir=str(tmp_path / "s2"),
                           lora_r=4, lora_alpha=8, group_size=2, batch_size=2, max_steps=4, save_every=4, lr=3e-2,
                           max_new_tokens=6, temperature=1.0, top_p=1.0, lambda_causal=lambda_causal, log_every=1,

@@ -179,9 +179,11 @@ class VLLMEngine:
         """Load a training VLM's LoRA-changed weights, merged (`export.lora_merged_weights`), into the running engine
         in its dtype, so the next generation samples the policy as the last optimiser step left it. Returns how many
         tensors were sent (0: the VLM has no LoRA)."""
-        weights = [(name, tensor.to(self.dtype)) for name, tensor in lora_merged_weights(vlm)]
-        if weights:
-            self.llm.collective_rpc("load_named_weights", args=(weights,))
+        from safetensors.torch import save
+
+        weights = {name: tensor.to(self.dtype).contiguous() for name, tensor in lora_merged_weights(vlm)}
+        if weights:  # as safetensors bytes: vLLM's RPC to an engine in its own process does not carry tensors
+            self.llm.collective_rpc("load_named_weights", args=(save(weights),))
             # the worker's reload clears its encoder and multimodal caches; the scheduler's must follow, or the next
             # image is a cache miss
             self.llm.llm_engine.reset_encoder_cache()

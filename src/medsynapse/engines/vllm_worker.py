@@ -6,13 +6,16 @@ engine runs in-process) and its methods run with the worker as `self`."""
 
 from __future__ import annotations
 
-import torch
-
 
 class WeightSync:
-    def load_named_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        """Load checkpoint-named tensors in place through the worker's own `reload_weights` (vLLM maps the names,
-        fills the fused q/k/v and gate/up shards and redoes the CPU backend's weight processing, which a plain
-        `load_weights` cannot: processed parameters lose their loaders); returns how many were given."""
-        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        return len(weights)
+    def load_named_weights(self, weights: bytes) -> int:
+        """Load checkpoint-named tensors (a safetensors blob) in place through the worker's own `reload_weights`
+        (vLLM maps the names, fills the fused q/k/v and gate/up shards and redoes the CPU backend's weight
+        processing, which a plain `load_weights` cannot: processed parameters lose their loaders); returns how many
+        were loaded."""
+        from safetensors.torch import load
+
+        tensors = load(weights)
+        self.reload_weights(weights_iterator=iter(tensors.items()),  # type: ignore[attr-defined]  # the worker's
+                            is_checkpoint_format=True)
+        return len(tensors)
