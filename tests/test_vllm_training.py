@@ -85,10 +85,12 @@ def test_stage2_on_vllm_rollouts_samples_the_policy_at_every_step(tiny_env, stag
     """Every step's rollouts come from the policy as the last optimiser step left it: vLLM's per-token log-probs
     of its own samples equal the training model's (T = 1), step after step, while the LoRA moves (lr 3e-2). Once
     with the engine in its own process (vLLM's default: the weights cross a process boundary)."""
-    if own_process:
+    prompts = 2
+    if own_process:  # and 64 prompts x G 2: more prefill than vLLM's CPU default step of 4,096 tokens
         monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        prompts = 64
     config = Stage2Config(model=str(stage1_dir), train_file=str(tiny_env.train_file), output_dir=str(tmp_path / "s2"),
-                          lora_r=4, lora_alpha=8, group_size=2, batch_size=2, max_steps=4, save_every=4, lr=3e-2,
+                          lora_r=4, lora_alpha=8, group_size=2, batch_size=prompts, max_steps=4, save_every=4, lr=3e-2,
                           max_new_tokens=6, temperature=1.0, top_p=1.0, lambda_causal=lambda_causal, log_every=1,
                           engine="vllm")
     out = train_stage2(config)

@@ -39,7 +39,11 @@ def start_engine(engine: str, model: MedSynapseV, seed: int, output: Path, proce
                          "(use engine: hf with several processes)")
     from medsynapse.engines.vllm_engine import VLLMEngine  # .venv-vllm only (engines.check_engine said so first)
 
-    return VLLMEngine(model, output / ".vllm", max_images=model.max_images or 1, seed=seed, max_model_len=4096)
+    # every request has its own seed; vLLM 0.32 on the CPU cannot rewind a seeded request's generator when a step
+    # discards its token (a prefill split over steps: "CPU Generator does not use offset"), so a step's prefills must
+    # fit one batch: 64 K tokens instead of the CPU default 4,096 (the demo's 16 prompts x G 4 need ~5,000)
+    return VLLMEngine(model, output / ".vllm", max_images=model.max_images or 1, seed=seed, max_model_len=4096,
+                      max_num_batched_tokens=65536)
 
 
 def rollouts_from_engine(engine, model: MedSynapseV, dataset: VQADataset, indices: list[int],
