@@ -5,6 +5,7 @@ is written. The shipped configs pass."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,10 @@ BAD = {
     "unknown choice": (["stage3.pooling=mean"], "run.yaml.stage3.pooling: 'mean'; expected one of"),
     "stage II reward rule": (["stage2.causal_form=ranked", "stage2.lambda_causal=0.9"], "run.yaml.stage2: "),
     "a baseline's value": (["baselines.sft.lr=0"], "run.yaml.baselines.sft.lr: must be > 0"),
+    **({} if importlib.util.find_spec("vllm") else {  # an engine this environment cannot run
+        "vLLM rollouts here": (["stage2.engine=vllm"], "run.yaml.stage2.engine: engine vllm needs vLLM"),
+        "vLLM evaluation here": (["eval.engine=vllm"], "run.yaml.eval.engine: engine vllm needs vLLM")}),
+    "unknown engine": (["stage3.engine=sglang"], "run.yaml.stage3.engine: 'sglang'; expected one of"),
     "no steps and no epochs": (["stage1.max_steps=0", "stage1.epochs=0"],
                                "run.yaml.stage1.max_steps: 0 (use epochs) with epochs 0: nothing would be trained"),
     "no curriculum steps": (["baselines.coconut.steps_per_stage=0", "baselines.coconut.epochs_per_stage=0"],

@@ -191,3 +191,20 @@ def test_redo_retrains_a_changed_stage_and_every_later_one(tiny_env, tmp_path, d
     assert stage2_weights.stat().st_mtime_ns != before  # Stage II retrained on the new Stage I
     with pytest.raises(ValueError, match="on_changed 'ignore'"):
         run_pipeline(read_run_config(path), on_changed="ignore")
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_the_eval_step_scores_every_row_with_the_run_files_eval_settings(tmp_path, data_root, monkeypatch, engine):
+    import medsynapse.eval.runner as runner
+    import medsynapse.eval.summary as summary
+    from medsynapse.steps import chain
+
+    calls = []
+    monkeypatch.setattr(runner, "evaluate_benchmarks", lambda model, benches, root, out, settings: calls.append(
+        (model, out.name, settings)))
+    monkeypatch.setattr(summary, "write_summary", lambda *a, **k: "")
+    run = read_run_config(_corpora_run(tmp_path, data_root, "eval"), [
+        f"eval.engine={engine}", "eval.batch_size=3", "eval.limit=5", "eval.benchmarks=[slake]"])
+    chain._run_step(run, "eval", None)
+    assert [name for _, name, _ in calls] == ["base", "stage2", "student"]
+    assert {(s.engine, s.batch_size, s.limit) for _, _, s in calls} == {(engine, 3, 5)}

@@ -4,6 +4,7 @@ base in both answer formats, and the table's Δ and p against a direct computati
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -228,3 +229,19 @@ def test_the_question_type_table_shows_each_rows_mean_and_sd_per_type():
     lines = question_type_markdown(result).splitlines()
     assert lines[2:] == ["| row | count | presence |", "|---|---|---|", "| A | 0.60 ± 0.14 | 0.95 ± 0.07 |",
                          "| B | 0.25 | — |"]
+
+
+def test_the_evaluation_engine_is_in_an_evaluations_settings_only_when_it_is_not_transformers(tiny_env, tmp_path):
+    import importlib.util
+
+    from medsynapse.study import Evaluation
+
+    rows = {"medsynapse_v": {"model": "stage2"}}
+    job = Evaluation("m", "dir", "out", ["synthmed"], "data", 8, None, None, "zero", [], 0)
+    assert "engine" not in job.settings()  # the default: earlier evaluations keep their settings and hashes
+    assert dataclasses.replace(job, engine="vllm").settings()["engine"] == "vllm"
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match=r"eval_engine: engine vllm needs vLLM"):
+            read_study(_tiny_study(tiny_env, tmp_path, rows, eval_engine="vllm"))
+    with pytest.raises(ConfigError, match=r"eval_engine"):
+        read_study(_tiny_study(tiny_env, tmp_path, rows, eval_engine="sglang"))

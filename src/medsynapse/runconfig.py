@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from medsynapse.config import ConfigError, apply_overrides, from_dict, read_yaml
 from medsynapse.data.corpora import CorpusSpec, check_specs
+from medsynapse.engines import Engine
 from medsynapse.recipes.registry import BASELINES, RECIPES, STAGES, Recipe
 
 SECTIONS = ("output", "model", "data", "eval", *STAGES, "baselines", "synthmed")
@@ -111,6 +112,7 @@ class EvalSection:
     answer_format: str | None = None  # direct | reasoning (answers.py); None: as each model was trained
     max_new_tokens: int | None = None  # None: each benchmark's protocol budget
     limit: int | None = None  # first N scored questions per benchmark (smoke runs)
+    engine: Engine = "hf"  # hf: transformers' generate | vllm: vLLM with the memory injected (needs .venv-vllm)
 
 
 @dataclass

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medsynapse.config import ConfigError, from_dict, read_yaml
+from medsynapse.engines import Engine, check_engine
 from medsynapse.eval.report import format_interval, format_p, mean_sd_ci, write_json
 from medsynapse.eval.stats import adjust_family, compare
 from medsynapse.locking import write_text_atomic
@@ -84,6 +85,7 @@ class StudyConfig:
     benchmarks: list[str] = field(default_factory=list)  # empty: the run file's eval.benchmarks (SynthMed: synthmed)
     data_root: str = ""  # empty: the run file's eval.data_root (SynthMed: the cached split)
     eval_batch_size: int = 64
+    eval_engine: Engine = "hf"  # hf: transformers' generate | vllm: vLLM with the memory injected (needs .venv-vllm)
     max_new_tokens: int | None = None  # None: each benchmark's protocol budget
     reasoning_tokens: int | None = None  # reasoning-format rows (CoT-SFT, Coconut, IVT-LR); None: the harness's 1024
     counterfactual: str = ""  # M' for the reliance report; empty: the run file's stage2 intervention
@@ -181,6 +183,10 @@ def check_study(study: StudyConfig, where: str) -> None:
     if study.launcher == "local" and study.cluster:
         raise ConfigError(f"{where}.cluster: submitit's parameters, for launcher slurm or submitit-local; this "
                           "study's launcher is local")
+    try:
+        check_engine(study.eval_engine)
+    except ValueError as err:
+        raise ConfigError(f"{where}.eval_engine: {err}") from None
     if study.launcher != "local":  # submitit's own check of every parameter, before anything runs
         from medsynapse.launch import check_cluster
 
@@ -226,11 +232,14 @@ class Evaluation:
     reliance_limit: int
     after: str | None = None  # the unit that trains the model
     answer_format: str = ""  # "": the format the model was trained in
+    engine: str = "hf"  # generation: transformers (hf) or vLLM
 
     def settings(self) -> dict:
         settings = {k: v for k, v in asdict(self).items() if k not in ("output", "model", "after")}
         if not settings["answer_format"]:  # as trained: left out, so earlier evaluations keep their settings
             settings.pop("answer_format")
+        if settings["engine"] == "hf":  # the default: left out, so earlier evaluations keep their settings
+            settings.pop("engine")
         return settings
 
 
@@ -309,7 +318,7 @@ def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_sou
             evaluation = Evaluation(model_name, model_dir, str(output / "evals" / model_name), benchmarks, data_root,
                                     study.eval_batch_size, study.max_new_tokens, study.reasoning_tokens,
                                     counterfactual, list(study.reliance_conditions), study.reliance_limit,
-                                    chain[-1].name if chain else None, row.answer_format)
+                                    chain[-1].name if chain else None, row.answer_format, study.eval_engine)
             if evaluations.setdefault(model_name, evaluation).settings() != evaluation.settings():
                 raise ConfigError(f"study: rows sharing the model {model_name} ask for different evaluations "
                                   "(e.g. another counterfactual); set the study's `counterfactual`")
@@ -559,7 +568,7 @@ def evaluate_model(job: Evaluation) -> dict:
     answer_format = job.answer_format or _answer_format(job.model)
     settings = EvalSettings(batch_size=job.eval_batch_size,
                             max_new_tokens=job.reasoning_tokens if answer_format == "reasoning" else job.max_new_tokens,
-                            answer_format=answer_format if job.answer_format else None)
+                            answer_format=answer_format if job.answer_format else None, engine=job.engine)
     harness = out / f"harness-{_key(asdict(settings))[:8]}"  # other settings, another folder (never refused)
     metrics = evaluate_benchmarks(job.model, job.benchmarks, job.data_root, harness, settings)
     correct = {}

@@ -145,6 +145,8 @@ def check_config(config: Any, where: str, origins: dict[str, str] | None = None)
     if {"attention_dim", "attention_heads"} <= names and config.attention_dim % config.attention_heads:
         _fail(at("attention_heads"), f"{config.attention_heads} heads do not divide attention_dim "
                                      f"{config.attention_dim}")
+    if "engine" in names:
+        _check_engine(config.engine, at("engine"))
     if "lora_targets" in names and not config.lora_targets:
         _fail(at("lora_targets"), "no module named: the LoRA would train nothing")
     if "epsilon_high" in names and config.epsilon_high is not None and not (
@@ -369,6 +371,17 @@ def check_eval(run) -> None:
         check_value("limit", e.limit, f"{where}.limit", (_INT, 1, None, False, False))
     if e.answer_format is not None:
         check_value("answer_format", e.answer_format, f"{where}.answer_format")
+    _check_engine(e.engine, f"{where}.engine")
+
+
+def _check_engine(engine: str, where: str) -> None:
+    """An engine this environment can run (vLLM importable for `vllm`), refused before anything trains."""
+    from medsynapse.engines import check_engine
+
+    try:
+        check_engine(engine)
+    except ValueError as err:
+        _fail(where, str(err))
 
 
 def check_run(run, memory: bool = True, memory_for: set[str] | None = None) -> None:

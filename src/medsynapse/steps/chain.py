@@ -228,7 +228,7 @@ def _run_step(run: RunConfig, step: str, on_step: Callable[[str, int], None] | N
     from medsynapse.eval.summary import write_summary
 
     settings = EvalSettings(batch_size=run.eval.batch_size, max_new_tokens=run.eval.max_new_tokens,
-                            answer_format=run.eval.answer_format, limit=run.eval.limit)
+                            answer_format=run.eval.answer_format, limit=run.eval.limit, engine=run.eval.engine)
     folders = {}
     for row, model in _eval_rows(run).items():
         folders[row] = Path(run.output) / "eval" / row
