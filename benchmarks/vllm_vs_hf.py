@@ -132,7 +132,8 @@ def stage2_steps(stage1: Path, data: Path, engine: str, steps: int, prompts: int
                                     max_new_tokens=tokens, temperature=1.0, top_p=1.0, causal_form="centred",
                                     report_to="none", engine=engine))
     summary = json.loads((out / "causal_reward_summary.json").read_text())
-    return {"step_s": summary["step_seconds_this_run"], "gaps": summary.get("engine_logprob_gap_per_step")}
+    return {"step_s": summary["step_seconds_this_run"], "gaps": summary.get("engine_logprob_gap_per_step"),
+            "rollout_s": summary["rollout_seconds_this_run"], "sync_s": summary.get("engine_sync_seconds_per_step")}
 
 
 def rate(count: int, seconds: float) -> float:

@@ -305,6 +305,8 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
                initial=start, total=config.max_steps)
     step_seconds: list[float] = []
     gaps: list[float] = []
+    sync_seconds: list[float] = []
+    rollout_seconds: list[float] = []
     for step in bar:
         step_start = time.perf_counter()
         indices = trainer.rank_slice(trainer.global_batch_indices(len(dataset), config.batch_size, step, config.seed),
@@ -329,7 +331,9 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
         keys = row_keys(config.seed, step, trainer.global_positions(config.batch_size, accelerator.process_index,
                                                                     accelerator.num_processes), G)
         if engine is not None:
+            sync_start = time.perf_counter()
             engine.sync_weights(unwrapped)  # the policy as the last optimiser step (or the checkpoint) left it
+            sync_seconds.append(time.perf_counter() - sync_start)
             rollouts = engine_rollouts(engine, model, dataset, indices, memory, config, keys)
         else:
             rollouts = generate_rollouts(model, batch, memory, batch_features, config, keys)
@@ -372,6 +376,7 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
             optimizer.zero_grad(set_to_none=True)
 
         step_seconds.append(time.perf_counter() - step_start)
+        rollout_seconds.append(rollouts.seconds)
         if step % config.log_every == 0 or step == config.max_steps - 1:
             generated = float(rollouts.mask.sum())
             logs = {"loss": result.loss.item(), "reward_mean": float(rewards.mean()),
@@ -408,7 +413,9 @@ def train_stage2(config: Stage2Config, on_step: Callable[[int], None] | None = N
                    "mean_causal_reward_wrong": _mean(record["wrong"]),
                    "n_correct": len(record["correct"]), "n_wrong": len(record["wrong"]),
                    "recorded_from_step": record_from, "step_seconds_this_run": step_seconds,
-                   **({"engine": config.engine, "engine_logprob_gap_per_step": gaps} if engine is not None else {})}
+                   "rollout_seconds_this_run": rollout_seconds,
+                   **({"engine": config.engine, "engine_logprob_gap_per_step": gaps,
+                       "engine_sync_seconds_per_step": sync_seconds} if engine is not None else {})}
         (output / "causal_reward_summary.json").write_text(json.dumps(summary, indent=2))
     if engine is not None:
         engine.close()
