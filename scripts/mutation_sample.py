@@ -50,7 +50,7 @@ def packages() -> tuple[str, ...]:
     return ("medsynapse", *sorted(p.parent.name for p in PACKAGE_ROOT.glob("*/__init__.py")))
 
 
-COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "mutants", "mutants-sample", "__pycache__",
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "runs", "mutants", "mutants-sample", "__pycache__",
                                      ".pytest_cache", ".ruff_cache", "*.egg-info")
 
 
