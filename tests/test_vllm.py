@@ -192,3 +192,18 @@ def test_eval_engine_vllm_gives_the_transformers_predictions_and_scores(teacher_
     assert sum(len(lines) for lines in runs["hf"][1].values()) > 10
     assert runs["vllm"][1] == runs["hf"][1]
     assert runs["vllm"][0] == runs["hf"][0]
+
+
+def test_memories_for_some_questions_only_are_refused(models, engine, questions):
+    images, texts = questions
+    memory = engine.memories(images[:1], texts[:1])[0]
+    with pytest.raises(ValueError, match="give a memory for every question or for none"):
+        engine.generate(images[:2], texts[:2], MAX_NEW, memories=[memory, None])
+
+
+def test_from_pretrained_passes_its_settings_to_vllm(teacher_folder, tmp_path):
+    loaded = VLLMEngine.from_pretrained(teacher_folder, tmp_path / "export", max_images=2, max_model_len=512,
+                                        in_process=True)
+    assert loaded.llm.llm_engine.model_config.max_model_len == 512
+    assert loaded.model.n_memory == 4
+    loaded.close()

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import stage1_config
 
 pytest.importorskip("vllm", reason="vllm is not importable in this environment: the vLLM tests run under .venv-vllm "
                     "(make vllm-env && make test-vllm)")
@@ -20,7 +21,7 @@ from medsynapse.data.schema import read_samples  # noqa: E402
 from medsynapse.engines.vllm_engine import VLLMEngine  # noqa: E402
 from medsynapse.model.medsynapse import MedSynapseV  # noqa: E402
 from medsynapse.model.vlm import completion_logprobs, completion_mask, vision_features  # noqa: E402
-from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1  # noqa: E402
+from medsynapse.recipes.stage1_warmup import train_stage1  # noqa: E402
 from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2  # noqa: E402
 
 MAX_NEW = 8
@@ -73,9 +74,7 @@ def test_after_a_sync_the_engine_generates_what_the_trainers_lora_model_generate
 @pytest.fixture(scope="module")
 def stage1_dir(tiny_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("s1")
-    train_stage1(Stage1Config(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
-                              output_dir=str(out), n_memory=4, sampler_width=32, batch_size=4, max_steps=2,
-                              answer_types=["yes_no", "multiple_choice", "open"]))
+    train_stage1(stage1_config(tiny_env, out, max_steps=2))
     return out
 
 
