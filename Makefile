@@ -79,7 +79,8 @@ $(VLLM_VENV)/.installed: pyproject.toml scripts/setup_vllm_env.py
 	$(PYTHON) scripts/setup_vllm_env.py --venv $(VLLM_VENV)
 
 test-vllm: vllm-env
-	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py tests/test_vllm_training.py tests/test_vllm_export.py
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py tests/test_vllm_training.py tests/test_vllm_serve.py \
+		tests/test_vllm_export.py
 
 bench-vllm: vllm-env
 	mkdir -p runs && $(VLLM_VENV)/bin/python benchmarks/vllm_vs_hf.py --out runs/vllm_vs_hf.json

@@ -130,3 +130,12 @@ def test_stage2_engine_vllm_is_refused_without_vllm_before_writing(tiny_env, tmp
     with pytest.raises(ValueError, match="engine vllm needs vLLM, which is not importable"):
         train_stage2(config)
     assert not (tmp_path / "s2").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is importable here (.venv-vllm)")
+def test_serve_engine_vllm_is_refused_without_vllm_in_one_line(tiny_env, capsys):
+    from medsynapse.cli import main
+
+    assert main(["serve", "--model", str(tiny_env.vlm), "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medsynapse serve: error: engine vllm needs vLLM"), err

@@ -38,6 +38,7 @@ import base64
 import binascii
 import contextlib
 import json
+import math
 import os
 import queue
 import secrets
@@ -80,6 +81,8 @@ class ServeSettings:
     allow_dirs: list[str] = field(default_factory=list)  # local image paths are read only under these folders
     max_batch_tokens: int = 16384  # a batch's padded size, rows x (longest prompt + max_new_tokens)
     max_decoded_bytes: int | None = None  # inflated / decoded image data; None: DECODED_BYTES_PER_PIXEL x max_pixels
+    engine: str = "hf"  # hf: transformers' generate | vllm: vLLM with the memory injected (needs .venv-vllm)
+    vllm_context: int = 8192  # with vllm: the engine's context (its KV cache holds at least one prompt this long)
 
     @property
     def decoded_limit(self) -> int:
@@ -448,6 +451,8 @@ class Job:
     cancelled: bool = False
     options: Options = field(default_factory=Options)
     listen: Callable[[int, Delta], None] | None = None  # (choice index, delta) as the tokens arrive (a stream)
+    question: str = ""  # the prompt's text and system message, for an engine that renders the chat itself (vLLM)
+    system: str = ""
 
     @property
     def rows(self) -> int:
@@ -477,8 +482,8 @@ def pack(jobs: list[Job], max_batch_tokens: int) -> list[list[Job]]:
 class Batcher:
     """One thread that answers queued jobs in dynamic batches through the model's one generation path."""
 
-    def __init__(self, model, settings: ServeSettings):
-        self.model, self.settings = model, settings
+    def __init__(self, model, settings: ServeSettings, engine=None):
+        self.model, self.settings, self.engine = model, settings, engine  # engine: a VLLMEngine, or None
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
         self.batches = 0  # batches run so far, and the largest (/health reports them)
         self.largest = 0
@@ -548,6 +553,9 @@ class Batcher:
 
         vocabulary = Vocabulary(self.model)
         rows, choices = job_rows(group, vocabulary)
+        if self.engine is not None:
+            answer_with_engine(self.engine, group, rows, vocabulary, max_new_tokens, temperature)
+            return choices
         recorder = StepLogprobs() if any(job.options.top_logprobs is not None for job in group) else None
         feed = RowFeed(rows, vocabulary, recorder)
         processors = [p for p in (recorder, keyed_sampler(group, temperature)) if p is not None]
@@ -558,6 +566,36 @@ class Batcher:
                                     **extra)
         feed.finish()
         return choices
+
+
+def answer_with_engine(engine, group: list[Job], rows: list[Row], vocabulary: Vocabulary, max_new_tokens: int,
+                       temperature: float) -> None:
+    """The batch through vLLM (`engine: vllm`): one request per job with its own n (sampled rows), seed, top_p and
+    top log-probabilities, the memory computed by the model as on the transformers path; each row's tokens then
+    handed to its choice in order (a stream gets them once the batch is generated, not token by token). vLLM's
+    sampled draws are its own (seeded per request), not the keyed sampler's; greedy answers equal transformers'."""
+    params = [engine.sampling(max_new_tokens, job.rows, temperature, job.options.seed if temperature > 0 else None,
+                              top_p=job.options.top_p if temperature > 0 else 1.0,
+                              logprobs=job.options.top_logprobs is not None,
+                              top_logprobs=job.options.top_logprobs or 0) for job in group]
+    outputs = engine.generate([job.images for job in group], [job.question for job in group], max_new_tokens,
+                              params=params, systems=[job.system for job in group])
+    completions = [completion for request in outputs for completion in request]
+    for row, completion in zip(rows, completions):
+        for step, token in enumerate(completion.token_ids):
+            if row.choice.done:
+                break
+            if row.cancelled():
+                row.choice.finish_reason = "cancelled"
+                break
+            entry = None
+            if row.choice.top_logprobs is not None and completion.logprobs is not None and completion.top:
+                entry = vocabulary.entry(token, completion.logprobs[step])
+                entry["top_logprobs"] = [vocabulary.entry(t, v) for t, v in completion.top[step]
+                                         [:row.choice.top_logprobs] if math.isfinite(v)]
+            RowFeed.tell(row, row.choice.push(token, entry))
+        if not row.choice.done:
+            RowFeed.tell(row, row.choice.finish("length"))
 
 
 def job_rows(group: list[Job], vocabulary: Vocabulary) -> tuple[list[Row], list[list[Choice]]]:
@@ -709,9 +747,11 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     from starlette.exceptions import HTTPException
 
     from medsynapse.answers import format_prompt
+    from medsynapse.engines import check_engine
     from medsynapse.model.medsynapse import MedSynapseV
 
     settings = settings or ServeSettings()
+    check_engine(settings.engine)  # before the model is loaded
     model = model or MedSynapseV.from_pretrained(model_dir, merge_adapter=True, bases=bases)
     model.eval()
     if torch.cuda.is_available():
@@ -721,12 +761,17 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
     name = Path(model_dir).name
     kind = "encoder" if model.sampler is not None else "autonomous" if model.autonomous is not None else "none"
     context = context_length(model)
-    batcher = Batcher(model, settings)
+    engine = None
+    if settings.engine != "hf":
+        engine, context = start_engine(model, settings, context)
+    batcher = Batcher(model, settings, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.stop()
+        if engine is not None:
+            engine.close()
 
     app = FastAPI(title="MedSynapse", version="1", lifespan=lifespan)
     app.state.batcher = batcher
@@ -786,7 +831,7 @@ def create_app(model_dir: str, settings: ServeSettings | None = None, model=None
             item = encode_prompt(model, parsed, question)
             check_prompt_length(len(item.input_ids), max_new_tokens, context)
             return Job(item, list(parsed.images), max_new_tokens, request.temperature or 0.0, len(item.input_ids),
-                       options=options)
+                       options=options, question=question, system=parsed.system)
 
         try:  # a decode past the deadline is left to finish in its thread; the request is answered now
             job = await asyncio.wait_for(anyio.to_thread.run_sync(prepare, abandon_on_cancel=True),
@@ -951,6 +996,18 @@ def context_length(model) -> int | None:
         if getattr(part, "max_position_embeddings", None):
             return int(part.max_position_embeddings)
     return None
+
+
+def start_engine(model, settings: ServeSettings, context: int | None):
+    """`engine: vllm`: a VLLMEngine over the model (exported to a temporary folder, removed when the server stops)
+    with room for `max_images` images, and the context the server then checks prompts against (the smaller of the
+    model's and `vllm_context`)."""
+    from medsynapse.engines.vllm_engine import VLLMEngine  # .venv-vllm only (create_app's check_engine said so)
+
+    length = min(context or settings.vllm_context, settings.vllm_context)
+    engine = VLLMEngine(model, Path(tempfile.mkdtemp(prefix="medsynapse-serve-vllm-")) / "model",
+                        max_images=settings.max_images, max_model_len=length)
+    return engine, length
 
 
 def encode_prompt(model, parsed: Parsed, question: str):

@@ -182,17 +182,17 @@ class RowFeed(StoppingCriteria):
             if row.cancelled():
                 row.choice.finish_reason = "cancelled"
                 continue
-            self._tell(row, row.choice.push(token, entries[number]))
+            self.tell(row, row.choice.push(token, entries[number]))
         return torch.tensor([row.choice.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
     def finish(self) -> None:
         """The rows still open after the last step ran out of tokens."""
         for row in self.rows:
             if not row.choice.done:
-                self._tell(row, row.choice.finish("length"))
+                self.tell(row, row.choice.finish("length"))
 
     @staticmethod
-    def _tell(row: Row, delta: Delta) -> None:
+    def tell(row: Row, delta: Delta) -> None:
         if row.listen is not None:
             row.listen(delta)
 

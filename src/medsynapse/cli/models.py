@@ -27,7 +27,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
                              max_body_bytes=args.max_body_mb * 2**20, timeout_s=args.timeout,
                              allow_dirs=args.allow_dir or [], max_batch_tokens=args.max_batch_tokens,
-                             max_decoded_bytes=args.max_decoded_mb * 2**20 if args.max_decoded_mb else None)
+                             max_decoded_bytes=args.max_decoded_mb * 2**20 if args.max_decoded_mb else None,
+                             engine=args.engine)
     serve(args.model, args.host, args.port, settings, bases=base_folders(args))
     return 0
 
@@ -113,6 +114,9 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     server.add_argument("--max-new-tokens", type=int, default=64, help="default and largest max_tokens")
     server.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image (width x height)")
     server.add_argument("--max-body-mb", type=int, default=32, help="largest request body")
+    server.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="generation: transformers (hf) or vLLM with the memory injected (needs .venv-vllm; "
+                             "docs/vllm.md)")
     server.add_argument("--timeout", type=float, default=120.0,
                         help="seconds from a request's arrival to its answer, decoding included (504)")
     server.add_argument("--max-batch-tokens", type=int, default=16384,

@@ -53,6 +53,8 @@ class Completion:
     token_ids: list[int]
     text: str
     logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None  # per token: (token id, log-prob) likeliest first, as vLLM
+    # returned them (with `top_logprobs=k`: the k likeliest, then the chosen one when it is not among them)
 
 
 def embeds_part(memory: torch.Tensor) -> dict:
@@ -168,12 +170,13 @@ class VLLMEngine:
         return [None if memory is None else memory[i].to(self.dtype) for i in range(len(questions))]
 
     def sampling(self, max_new_tokens: int, n: int = 1, temperature: float = 0.0, seed: int | None = None,
-                 logprobs: bool = False, top_p: float = 1.0):
+                 logprobs: bool = False, top_p: float = 1.0, top_logprobs: int = 0):
+        """vLLM's sampling settings for one question; `top_logprobs` > 0 also returns each token's k likeliest."""
         from vllm import SamplingParams
 
         return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
-                              logprobs=0 if logprobs else None, bad_words=self.banned,
-                              stop_token_ids=self.stop_ids, detokenize=False)
+                              logprobs=top_logprobs if top_logprobs else 0 if logprobs else None,
+                              bad_words=self.banned, stop_token_ids=self.stop_ids, detokenize=False)
 
     def sync_weights(self, vlm) -> int:
         """Load a training VLM's LoRA-changed weights, merged (`export.lora_merged_weights`), into the running engine
@@ -203,11 +206,12 @@ class VLLMEngine:
                  intervention: str = "zero",
                  memory_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  memories: Sequence[torch.Tensor | None] | None = None,
-                 systems: Sequence[str] | None = None) -> list[list[Completion]]:
+                 systems: Sequence[str] | None = None, params: Sequence | None = None) -> list[list[Completion]]:
         """`n` continuations per question (greedy when `temperature` is 0). `images[i]`: question i's images.
         `memories` overrides the model's own (one (N, H) tensor or None per question); `memory_transform` maps each
         memory as `MedSynapseV.answer_encoded`'s does; `systems`: a system message per question ("" for none);
-        `seed`: one for every question, or one per question (its `n` draws)."""
+        `seed`: one for every question, or one per question (its `n` draws); `params`: `sampling(...)` per question
+        instead (their own n, seed, top_p and top log-probabilities; the log-probabilities returned when asked)."""
         if memories is None:
             memories = self.memories(images, questions, branch, intervention)
         if memory_transform is not None:
@@ -218,19 +222,25 @@ class VLLMEngine:
         with_memory = any(m is not None for m in memories)
         if with_memory and not all(m is not None for m in memories):
             raise ValueError("give a memory for every question or for none")
-        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(questions)
-        params = [self.sampling(max_new_tokens, n, temperature, s, logprobs, top_p) for s in seeds]
-        outputs = self.llm.chat(conversations, params,
+        if params is None:
+            seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(questions)
+            params = [self.sampling(max_new_tokens, n, temperature, s, logprobs, top_p) for s in seeds]
+        outputs = self.llm.chat(conversations, list(params),
                                 use_tqdm=False, add_generation_prompt=not with_memory,
                                 continue_final_message=with_memory, chat_template_content_format="openai")
-        return [[self.completion(out, logprobs) for out in request.outputs] for request in outputs]
+        wanted = [logprobs or bool(p.logprobs is not None) for p in params]
+        return [[self.completion(out, want) for out in request.outputs] for request, want in zip(outputs, wanted)]
 
     def completion(self, output, logprobs: bool) -> Completion:
         """A vLLM completion, its text decoded as `MedSynapseV.answer_encoded` decodes (vLLM's incremental
         detokenizer holds back a trailing incomplete UTF-8 byte that `batch_decode` shows as U+FFFD)."""
         ids = list(output.token_ids)
         text = self.model.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return Completion(ids, text, token_logprobs(output.logprobs, ids) if logprobs else None)
+        if not logprobs:
+            return Completion(ids, text)
+        top = [[(token, float(entry.logprob)) for token, entry in
+                sorted(step.items(), key=lambda item: item[1].rank or 0)] for step in output.logprobs]
+        return Completion(ids, text, token_logprobs(output.logprobs, ids), top)
 
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 16,
                branch: str | None = None) -> list[str]:
