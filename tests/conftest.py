@@ -118,6 +118,23 @@ def stage1_config(tiny_env: TinyEnv, out, **overrides):
     return Stage1Config(**{**base, **overrides})
 
 
+def lora_teacher(tiny_env: TinyEnv, folder, max_images: int | None = None):
+    """A teacher (4 memory slots, width 32) with a LoRA on q and v whose B matrices are non-zero (a fresh LoRA is the
+    identity), saved as Stage II saves it; returns `folder`."""
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    torch.manual_seed(0)
+    extra = {"max_images": max_images} if max_images else {}
+    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32", **extra)
+    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, param in model.vlm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
 def write_dicom(path, pixels, photometric="MONOCHROME2", window=None, slope=1.0, intercept=0.0) -> None:
     """An uncompressed DICOM: a signed 16-bit grey slice (with rescale and window), or (H, W, 3) unsigned 16-bit RGB."""
     import numpy as np

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lora_teacher
 
 pytest.importorskip("vllm", reason="vllm is not importable in this environment: the vLLM tests run under .venv-vllm "
                     "(make vllm-env && make test-vllm)")
@@ -32,17 +33,7 @@ LOGPROB_ATOL = 1e-4  # float32 on both sides; bf16 (vLLM's CPU default) is off b
 @pytest.fixture(scope="module")
 def teacher_folder(tiny_env, tmp_path_factory):
     """A teacher for up to 2 images per question with a non-zero LoRA, saved as Stage II saves it."""
-    torch.manual_seed(0)
-    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32",
-                              max_images=2)
-    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, param in model.vlm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    folder = tmp_path_factory.mktemp("vllm_teacher")
-    model.save_pretrained(folder)
-    return folder
+    return lora_teacher(tiny_env, tmp_path_factory.mktemp("vllm_teacher"), max_images=2)
 
 
 @pytest.fixture(scope="module")

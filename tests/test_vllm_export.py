@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import lora_teacher
 
 from medsynapse.engines.export import VOCAB_ROWS_KEY, export_for_vllm, spare_rows_needed
 from medsynapse.model.medsynapse import MedSynapseV
@@ -30,17 +31,7 @@ def test_spare_rows_by_value(rows, tokenizer_len, expected):
 
 @pytest.fixture(scope="module")
 def lora_folder(tiny_env, tmp_path_factory):
-    """A teacher with a LoRA whose B matrices are non-zero (a fresh LoRA is the identity), saved as training does."""
-    torch.manual_seed(0)
-    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
-    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, param in model.vlm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    folder = tmp_path_factory.mktemp("lora_teacher")
-    model.save_pretrained(folder)
-    return folder
+    return lora_teacher(tiny_env, tmp_path_factory.mktemp("lora_teacher"))
 
 
 def test_export_merges_the_lora_and_pads_one_spare_row(lora_folder, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import lora_teacher
 
 pytest.importorskip("vllm", reason="vllm is not importable in this environment: the vLLM tests run under .venv-vllm "
                     "(make vllm-env && make test-vllm)")
@@ -28,16 +29,7 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def teacher(tiny_env, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = MedSynapseV.build(str(tiny_env.vlm), str(tiny_env.encoder), n_memory=4, width=32, dtype="float32")
-    model.add_lora(4, 8, 0.0, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, param in model.vlm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.2)
-    folder = tmp_path_factory.mktemp("serve_vllm") / "teacher"
-    model.save_pretrained(folder)
-    return folder
+    return lora_teacher(tiny_env, tmp_path_factory.mktemp("serve_vllm") / "teacher")
 
 
 @pytest.fixture(scope="module")
