@@ -40,7 +40,7 @@ def numbers(results: dict) -> dict:
     kept["claims"] = {k: v for k, v in kept.get("claims", {}).items() if "latency" not in k}
     causal = kept.get("stage2_causal_reward")
     if isinstance(causal, dict):
-        kept["stage2_causal_reward"] = {k: v for k, v in causal.items() if k != "step_seconds_this_run"}
+        kept["stage2_causal_reward"] = {k: v for k, v in causal.items() if not k.endswith("seconds_this_run")}
     return kept
 
 
