@@ -140,3 +140,35 @@ def test_stage2_on_vllm_killed_and_resumed_equals_an_uninterrupted_run(tiny_env,
     assert straight.keys() == resumed.keys() and len(straight) > 0
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     assert any(straight[name].abs().max() > 1e-3 for name in straight if "lora_B" in name)  # it trained
+
+
+def test_given_the_same_rollouts_a_stage2_run_on_vllm_trains_as_the_transformers_path(tiny_env, stage1_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Everything after the rollouts is the transformers path's: a run with `engine: hf` handed the vLLM run's
+    rollouts (tokens, masks, texts) step by step ends with the same adapter and causal-reward record, bit for bit."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from medsynapse.recipes import stage2_ccr
+
+    def config(name: str, engine: str) -> Stage2Config:
+        return Stage2Config(model=str(stage1_dir), train_file=str(tiny_env.train_file),
+                            output_dir=str(tmp_path / name), lora_r=4, lora_alpha=8, group_size=2, batch_size=2,
+                            max_steps=3, lr=3e-2, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                            record_last_fraction=1.0, engine=engine)
+
+    drawn = []
+    from_engine = stage2_ccr.engine_rollouts
+    monkeypatch.setattr(stage2_ccr, "engine_rollouts", lambda *a: drawn.append(from_engine(*a)) or drawn[-1])
+    on_vllm = train_stage2(config("vllm", "vllm"))
+    handed = iter([dataclasses.replace(r, engine_logprobs=None) for r in drawn])
+    monkeypatch.setattr(stage2_ccr, "generate_rollouts", lambda *a: next(handed))
+    on_hf = train_stage2(config("hf", "hf"))
+    a = load_file(str(on_vllm / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(on_hf / "adapter" / "adapter_model.safetensors"))
+    assert len(drawn) == 3 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = [json.loads((out / "causal_reward_summary.json").read_text()) for out in (on_vllm, on_hf)]
+    assert [{k: r[k] for k in ("mean_causal_reward_correct", "mean_causal_reward_wrong", "n_correct", "n_wrong")}
+            for r in record][0] == {k: record[1][k] for k in ("mean_causal_reward_correct", "mean_causal_reward_wrong",
+                                                                "n_correct", "n_wrong")}
