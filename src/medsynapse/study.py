@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medsynapse.config import ConfigError, from_dict, read_yaml
-from medsynapse.engines import Engine, check_engine
+from medsynapse.engines import Engine
 from medsynapse.eval.report import format_interval, format_p, mean_sd_ci, write_json
 from medsynapse.eval.stats import adjust_family, compare
 from medsynapse.locking import write_text_atomic
@@ -58,7 +58,7 @@ from medsynapse.recipes import registry
 from medsynapse.recipes.registry import BASELINES, RECIPES, STAGES
 from medsynapse.recipes.trainer import recorded_settings
 from medsynapse.runconfig import RunConfig, resolve, resolve_baseline, run_config_from, with_seed
-from medsynapse.values import check_run
+from medsynapse.values import check_engine_value, check_run
 
 MODELS = ("base", *STAGES, "baseline")
 
@@ -183,10 +183,7 @@ def check_study(study: StudyConfig, where: str) -> None:
     if study.launcher == "local" and study.cluster:
         raise ConfigError(f"{where}.cluster: submitit's parameters, for launcher slurm or submitit-local; this "
                           "study's launcher is local")
-    try:
-        check_engine(study.eval_engine)
-    except ValueError as err:
-        raise ConfigError(f"{where}.eval_engine: {err}") from None
+    check_engine_value(study.eval_engine, f"{where}.eval_engine")
     if study.launcher != "local":  # submitit's own check of every parameter, before anything runs
         from medsynapse.launch import check_cluster
 

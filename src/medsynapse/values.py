@@ -146,7 +146,7 @@ def check_config(config: Any, where: str, origins: dict[str, str] | None = None)
         _fail(at("attention_heads"), f"{config.attention_heads} heads do not divide attention_dim "
                                      f"{config.attention_dim}")
     if "engine" in names:
-        _check_engine(config.engine, at("engine"))
+        check_engine_value(config.engine, at("engine"))
     if "lora_targets" in names and not config.lora_targets:
         _fail(at("lora_targets"), "no module named: the LoRA would train nothing")
     if "epsilon_high" in names and config.epsilon_high is not None and not (
@@ -371,11 +371,12 @@ def check_eval(run) -> None:
         check_value("limit", e.limit, f"{where}.limit", (_INT, 1, None, False, False))
     if e.answer_format is not None:
         check_value("answer_format", e.answer_format, f"{where}.answer_format")
-    _check_engine(e.engine, f"{where}.engine")
+    check_engine_value(e.engine, f"{where}.engine")
 
 
-def _check_engine(engine: str, where: str) -> None:
-    """An engine this environment can run (vLLM importable for `vllm`), refused before anything trains."""
+def check_engine_value(engine: str, where: str) -> None:
+    """An engine this environment can run (vLLM importable for `vllm`), refused before anything trains: one line
+    naming `where` (FILE.section.key)."""
     from medsynapse.engines import check_engine
 
     try:

@@ -228,8 +228,8 @@ class VLLMEngine:
         outputs = self.llm.chat(conversations, list(params),
                                 use_tqdm=False, add_generation_prompt=not with_memory,
                                 continue_final_message=with_memory, chat_template_content_format="openai")
-        wanted = [logprobs or bool(p.logprobs is not None) for p in params]
-        return [[self.completion(out, want) for out in request.outputs] for request, want in zip(outputs, wanted)]
+        return [[self.completion(out, p.logprobs is not None) for out in request.outputs]
+                for request, p in zip(outputs, params)]
 
     def completion(self, output, logprobs: bool) -> Completion:
         """A vLLM completion, its text decoded as `MedSynapseV.answer_encoded` decodes (vLLM's incremental

@@ -21,12 +21,14 @@ from medsynapse.model.vlm import completion_mask
 
 
 @dataclass
-class EngineRollouts:
+class Rollouts:
+    """Sampled continuations, from transformers' `generate` or from the engine."""
+
     tokens: torch.Tensor  # (rows, T), padded with the end token
     mask: torch.Tensor  # (rows, T): up to and including the end token
     texts: list[str]
     seconds: float
-    logprobs: torch.Tensor  # (rows, T) the engine's log π(o_t) at T = 1, 0 where masked
+    engine_logprobs: torch.Tensor | None = None  # (rows, T) the engine's own log π(o_t) at T = 1, 0 where masked
 
 
 def start_engine(engine: str, model: MedSynapseV, seed: int, output: Path, processes: int):
@@ -48,7 +50,7 @@ def start_engine(engine: str, model: MedSynapseV, seed: int, output: Path, proce
 
 def rollouts_from_engine(engine, model: MedSynapseV, dataset: VQADataset, indices: list[int],
                          memory: torch.Tensor | None, per_prompt: int, max_new_tokens: int, temperature: float,
-                         top_p: float, keys: torch.Tensor) -> EngineRollouts:
+                         top_p: float, keys: torch.Tensor) -> Rollouts:
     """`per_prompt` draws for each dataset index (rows in prompt order), prompt i with memory row `memory[i]` (None:
     a model without memory) and seed `keys[i]`."""
     start = time.perf_counter()
@@ -68,7 +70,7 @@ def rollouts_from_engine(engine, model: MedSynapseV, dataset: VQADataset, indice
         logprobs[row, :len(completion.token_ids)] = torch.tensor(completion.logprobs or [])
     mask = completion_mask(tokens, eos)
     texts = model.processor.tokenizer.batch_decode(tokens * mask + (1 - mask) * eos, skip_special_tokens=True)
-    return EngineRollouts(tokens, mask, texts, time.perf_counter() - start, logprobs * mask)
+    return Rollouts(tokens, mask, texts, time.perf_counter() - start, logprobs * mask)
 
 
 def engine_logprob_gap(engine_logprobs: torch.Tensor, model_logprobs: torch.Tensor, mask: torch.Tensor) -> float:

@@ -66,7 +66,7 @@ from medsynapse.recipes.config_base import (
     RolloutSampling,
     TrainingConfig,
 )
-from medsynapse.recipes.engine_rollouts import engine_logprob_gap, rollouts_from_engine, start_engine
+from medsynapse.recipes.engine_rollouts import Rollouts, engine_logprob_gap, rollouts_from_engine, start_engine
 from medsynapse.recipes.priors import attach_reference_bank, prior_table, select_priors
 
 
@@ -127,15 +127,6 @@ class Stage2Config(TrainingConfig, LoRAConfig):
     engine: Engine = "hf"
 
 
-@dataclass
-class Rollouts:
-    tokens: torch.Tensor  # (B*G, T)
-    mask: torch.Tensor  # (B*G, T)
-    texts: list[str]
-    seconds: float
-    engine_logprobs: torch.Tensor | None = None  # (B*G, T) the engine's own log π(o_t) at T = 1 (vLLM), 0 if masked
-
-
 def generate_rollouts(model: MedSynapseV, batch, memory, features, config: Stage2Config,
                       keys: torch.Tensor) -> Rollouts:
     """All B·G rollouts in one cached, sampled `generate` call; `keys` (B·G,) seed each row's draws."""
@@ -152,9 +143,8 @@ def engine_rollouts(engine, model: MedSynapseV, dataset: VQADataset, indices: li
                     config: Stage2Config, keys: torch.Tensor) -> Rollouts:
     """All B·G rollouts from the vLLM engine (`engine: vllm`), each prompt's G draws seeded by its first row key."""
     G = config.group_size
-    drawn = rollouts_from_engine(engine, model, dataset, indices, None if memory is None else memory[::G], G,
-                                 config.max_new_tokens, config.temperature, config.top_p, keys[::G])
-    return Rollouts(drawn.tokens, drawn.mask, drawn.texts, drawn.seconds, drawn.logprobs)
+    return rollouts_from_engine(engine, model, dataset, indices, None if memory is None else memory[::G], G,
+                                config.max_new_tokens, config.temperature, config.top_p, keys[::G])
 
 
 class RolloutLogprobs(NamedTuple):

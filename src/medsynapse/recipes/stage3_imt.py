@@ -172,7 +172,7 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
             with torch.no_grad():  # did the engine sample the model the JSD is taken on, with this memory?
                 sampled = completion_logprobs(model.vlm, batch, rollout_memory, tokens, mask, model.latent_id,
                                               features)
-            gaps.append(engine_logprob_gap(drawn.logprobs, sampled, mask))
+            gaps.append(engine_logprob_gap(cast(torch.Tensor, drawn.engine_logprobs), sampled, mask))
         else:
             tokens = model.generate(batch, rollout_memory, max_new_tokens=config.max_new_tokens,
                                     features=features, **sampling_kwargs(keys, config.rollout_sampling,
