@@ -178,6 +178,8 @@ def test_max_completion_tokens_bounds_the_answer(client, folder, asks):
     assert whole.choices[0].message.content.startswith(short.choices[0].message.content)
     same = _ask(client, folder, asks[0], max_completion_tokens=3, max_tokens=3, temperature=0)
     assert same.choices[0].message.content == short.choices[0].message.content
+    unbounded = _ask(client, folder, asks[0], temperature=0)  # no bound given: the server's --max-new-tokens
+    assert unbounded.choices[0].message.content == whole.choices[0].message.content
     for params, param in (({"max_completion_tokens": 3, "max_tokens": 4}, "max_completion_tokens"),
                           ({"max_completion_tokens": MAX_NEW + 1}, "max_completion_tokens"),
                           ({"max_tokens": MAX_NEW + 1}, "max_tokens")):

@@ -172,3 +172,22 @@ def test_given_the_same_rollouts_a_stage2_run_on_vllm_trains_as_the_transformers
     assert [{k: r[k] for k in ("mean_causal_reward_correct", "mean_causal_reward_wrong", "n_correct", "n_wrong")}
             for r in record][0] == {k: record[1][k] for k in ("mean_causal_reward_correct", "mean_causal_reward_wrong",
                                                                 "n_correct", "n_wrong")}
+
+
+def test_stage2_on_vllm_sends_each_records_system_message(tiny_env, stage1_dir, tmp_path):
+    """Records with a system message: the engine renders the same chat as the training model encodes (the gap
+    stays within float rounding only if vLLM sampled with the system message too)."""
+    records = [json.loads(line) for line in tiny_env.train_file.read_text().splitlines()]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(tiny_env.train_file.parent / "images")
+    if (tiny_env.train_file.parent / "masks").exists():
+        (data / "masks").symlink_to(tiny_env.train_file.parent / "masks")
+    (data / "train.jsonl").write_text("".join(
+        json.dumps({**r, "system": "You are a radiologist. Answer briefly."}) + "\n" for r in records))
+    out = train_stage2(Stage2Config(model=str(stage1_dir), train_file=str(data / "train.jsonl"),
+                                    output_dir=str(tmp_path / "s2"), lora_r=4, lora_alpha=8, group_size=2,
+                                    batch_size=2, max_steps=1, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                    engine="vllm"))
+    gaps = json.loads((out / "causal_reward_summary.json").read_text())["engine_logprob_gap_per_step"]
+    assert len(gaps) == 1 and gaps[0] <= LOGPROB_ATOL, gaps
