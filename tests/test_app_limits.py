@@ -4,6 +4,7 @@ refusal names the upload by its own name, never the folder Gradio stored it in."
 
 from __future__ import annotations
 
+import gzip
 import time
 from pathlib import Path
 
@@ -107,3 +108,33 @@ def test_the_probe_maps_are_laid_out_per_layer_in_rows_of_per_row():
     assert heatmap_grid(maps[:1, :3], "t", per_row=8).size == (round(4.0 * dpi), round(1.4 * dpi))
     wide = np.random.default_rng(1).random((1, 6, 3, 3))
     assert heatmap_grid(wide, "t", per_row=8).size == (round((0.75 * 6 + 0.6) * dpi), round(1.4 * dpi))
+
+
+def test_the_file_picker_offers_every_kind_the_app_reads_and_each_offered_kind_is_read(tmp_path):
+    """The browser's file filter is the page's first gate: a `.dicom` or `.nii.gz` scan it hides cannot be asked about;
+    a suffix it offers that no reader takes would be a dead end."""
+    import numpy as np
+    from conftest import write_dicom
+
+    from medsynapse.data.images import DICOM_SUFFIXES
+    from medsynapse.data.views import NIFTI_SUFFIXES
+
+    page = app.build({})
+    (picker,) = [block for block in page.blocks.values() if getattr(block, "elem_id", None) == "scan"]
+    offered = set(picker.file_types)
+    assert offered == set(app.UPLOAD_SUFFIXES)
+    names = ["scan.png", "scan.jpg", "scan.jpeg", *(f"scan{suffix}" for suffix in DICOM_SUFFIXES + NIFTI_SUFFIXES)]
+    for name in names:
+        assert any(name.endswith(suffix) for suffix in offered), name
+    assert all(any(name.endswith(suffix) for name in names) for suffix in offered), offered
+    for name in names:
+        path = _upload(tmp_path, name)
+        if name.endswith(DICOM_SUFFIXES):
+            write_dicom(path, np.full((8, 8), 100, dtype=np.uint16))
+        elif name.endswith(".nii.gz"):
+            path.write_bytes(_gzip_nifti(0)[1])
+        elif name.endswith(".nii"):
+            path.write_bytes(gzip.decompress(_gzip_nifti(0)[1]))
+        else:
+            Image.new("L", (8, 8), 100).save(path, format="JPEG" if name.endswith(("jpg", "jpeg")) else "PNG")
+        assert read_upload(str(path), "as stored", 40, 400).size == (8, 8), name

@@ -83,3 +83,31 @@ def test_the_base_preparation_without_grounding_needs_no_masks_and_trains_the_la
     assert before.keys() == after.keys()
     moved = [k for k in before if not (before[k] == after[k]).all()]
     assert any("language_model" in k for k in moved)
+
+
+def test_a_sharded_checkpoint_keeps_what_the_recipe_asked_it_to_keep(tmp_path):
+    """Stage II's causal-reward record rides in the checkpoint's `extra`; a sharded run resumes from it too. One
+    process: torch.distributed.checkpoint writes and reads its shards without a process group."""
+    import torch
+    from accelerate import Accelerator
+
+    from medsynapse.recipes.trainer import checkpoint, latest_checkpoint, load_checkpoint
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    module(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    record = [{"step": 1, "r_causal_mean": 0.00045}, {"step": 2, "r_causal_mean": -0.0012}]
+    checkpoint(Accelerator(cpu=True), tmp_path, 2, module, optimizer, scheduler, sharded=True,
+               extra={"causal_record": record})
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    state = load_checkpoint(latest_checkpoint(tmp_path), module, optimizer, scheduler, sharded=True)
+    assert state["sharded"] is True and state["step"] == 2
+    assert state["causal_record"] == record
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, saved[name])

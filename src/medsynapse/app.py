@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 from PIL import Image
 
+from medsynapse.data.images import DICOM_SUFFIXES
+from medsynapse.data.views import NIFTI_SUFFIXES
+
 if TYPE_CHECKING:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 
 WINDOWS = {"as stored": None, "lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "abdomen": (40.0, 400.0),
            "bone": (400.0, 1800.0), "brain": (40.0, 80.0), "custom": "custom"}
+# What the upload's file picker offers: every kind `read_upload` reads by its name (a `.nii.gz` volume passes as `.gz`)
+UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES, *NIFTI_SUFFIXES[:1], ".gz")
 # SynthMed's phrasings (what the demo's models were trained on); any other question can be typed
 QUESTIONS = ["Is there a lesion in this image? Answer yes or no.",
              "How many lesions are visible? Answer with one word.",
@@ -228,8 +233,8 @@ def build(models: Mapping[str, object], max_new_tokens: int = 16, limits: AppLim
         gr.Markdown("# MedSynapse\nA research model, not a medical device. Upload a scan and ask about it.")
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="scan (PNG, JPEG, DICOM or NIfTI)",
-                                 file_types=[".png", ".jpg", ".jpeg", ".dcm", ".nii", ".gz"], type="filepath",
+                upload = gr.File(label="scan (PNG, JPEG, DICOM or NIfTI)", file_types=list(UPLOAD_SUFFIXES),
+                                 type="filepath",
                                  elem_id="scan")
                 preset = gr.Dropdown(list(WINDOWS), value="as stored", label="DICOM / NIfTI window")
                 with gr.Row():
