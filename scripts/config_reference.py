@@ -28,9 +28,8 @@ if str(ROOT / "src") not in sys.path:  # the repository's own code, whichever co
 
 from medsynapse.config_fields import class_node, describe_fields  # noqa: E402 (after the path above)
 
-STAGE_SECTION = ("The run file's `{stage}` section, resolved by `runconfig.resolve` (a stage-only file for "
-                 "`medsynapse train {stage}` is read as this class directly). The `output`, `model` and `data` "
-                 "sections fill in {filled}; a key in the `{stage}` section wins.")
+STAGE_SECTION = ("The run file's `{stage}` section, resolved by `runconfig.resolve`. The `output`, `model` and "
+                 "`data` sections fill in {filled}; a key in the `{stage}` section wins.")
 # (module, class name, where it is read): the page's order.
 CLASSES = [
     ("medsynapse.runconfig", "RunConfig",

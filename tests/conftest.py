@@ -118,6 +118,21 @@ def stage1_config(tiny_env: TinyEnv, out, **overrides):
     return Stage1Config(**{**base, **overrides})
 
 
+def run_file(path, section: str, values: dict | str) -> Path:
+    """A run file at `path` whose `section` (stage1, stage2, stage3, or a baseline method: its `baselines` entry)
+    holds `values` (a mapping, or YAML lines of the recipe's own keys); the run's output beside it. A key the section
+    sets wins over what the model and data sections fill in, so the recipe gets these values as they are."""
+    import yaml
+
+    from medsynapse.recipes.registry import STAGES
+
+    values = yaml.safe_load(values) if isinstance(values, str) else dict(values)
+    path = Path(path)
+    placed = {section: values} if section in STAGES else {"baselines": {section: values}}
+    path.write_text(yaml.safe_dump({"output": str(path.with_name(path.stem + "-run")), **placed}, sort_keys=False))
+    return path
+
+
 def lora_teacher(tiny_env: TinyEnv, folder, max_images: int | None = None):
     """A teacher (4 memory slots, width 32) with a LoRA on q and v whose B matrices are non-zero (a fresh LoRA is the
     identity), saved as Stage II saves it; returns `folder`."""

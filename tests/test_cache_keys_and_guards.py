@@ -1,5 +1,5 @@
 """Behaviours the every-package mutation sample (`make mutation-sample`) found untested: the demo's cache keys follow
-exactly what shapes each shared folder, a stage-only file's memory bound reads the VLM its `model` folder names, and
+exactly what shapes each shared folder, a stage section's memory bound reads the VLM its own `model` folder names, and
 the app keeps Gradio's analytics off."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 from dataclasses import replace
 
 import pytest
+from conftest import run_file
 
 from medsynapse.cli import main
 from medsynapse.steps.synthmed import DemoConfig, shared_folders
@@ -37,17 +38,18 @@ def test_each_cached_folder_changes_key_exactly_when_what_shapes_it_changes(sett
     assert {name for name in before if before[name] != after[name]} == SHAPES[setting]
 
 
-def test_a_stage_only_file_is_bounded_by_the_vlm_its_model_folder_holds(tmp_path, capsys, monkeypatch):
-    """A flat Stage II file names its VLM by `model` (not `vlm`): an 8B-sized config there is refused on 24 GiB."""
+def test_a_stage_section_is_bounded_by_the_vlm_its_model_folder_holds(tmp_path, capsys, monkeypatch):
+    """A Stage II section that names its own `model` folder (the model section names none): an 8B-sized config
+    there is refused on 24 GiB."""
     monkeypatch.setenv(MEMORY_ENV, "24")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     big = tmp_path / "big_vlm"
     big.mkdir()
     (big / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 4096, "num_hidden_layers": 36,
                                                                  "vocab_size": 151936}}))
-    flat = tmp_path / "stage2.yaml"
-    flat.write_text(f"model: {big}\ntrain_file: {tmp_path / 'train.jsonl'}\noutput_dir: {tmp_path / 'out'}\n"
-                    "use_memory: false\nlambda_causal: 0\nbatch_size: 64\ngroup_size: 16\nmax_new_tokens: 512\n")
+    flat = run_file(tmp_path / "stage2.yaml", "stage2", dict(
+        model=str(big), train_file=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "out"), use_memory=False,
+        lambda_causal=0, batch_size=64, group_size=16, max_new_tokens=512))
     capsys.readouterr()
     assert main(["train", "stage2", "--config", str(flat)]) == 2
     err = capsys.readouterr().err

@@ -20,9 +20,11 @@ def _image(tmp_path):
 
 
 def _stage1_yaml(tiny_env, tmp_path, extra: str = "") -> str:
+    """A run file whose stage1 section holds the tiny settings plus `extra` (YAML lines, written as they are)."""
+    lines = (f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
+             f"output_dir: {tmp_path / 'out'}\nn_memory: 4\nsampler_width: 32\nbatch_size: 4\n{extra}").splitlines()
     path = tmp_path / "stage1.yaml"
-    path.write_text(f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
-                    f"output_dir: {tmp_path / 'out'}\nn_memory: 4\nsampler_width: 32\nbatch_size: 4\n{extra}")
+    path.write_text(f"output: {tmp_path / 'run'}\nstage1:\n" + "".join(f"  {line}\n" for line in lines))
     return str(path)
 
 
@@ -46,9 +48,10 @@ CASES = {
     "broken yaml": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t, "lr: [1,\n")],
                     "not valid YAML"),
     "negative steps": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set",
-                                       "max_steps=-1"], "max_steps"),
-    "zero batch": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set", "batch_size=0"],
-                   "stage1.yaml.batch_size: must be in [1, 1048576], got 0"),
+                                       "stage1.max_steps=-1"], "max_steps"),
+    "zero batch": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set",
+                                   "stage1.batch_size=0"],
+                   "stage1.yaml.stage1.batch_size: must be in [1, 1048576], got 0"),
     "not a model folder": (lambda env, t: ["eval", "--model", str(t / "no_model"), "--benchmarks", "vqa-rad",
                                            "--data-root", str(t), "--output", str(t / "out")], "no_model"),
     "unknown benchmark": (lambda env, t: ["eval", "--model", str(env.vlm), "--benchmarks", "vqa-rud",
@@ -56,7 +59,7 @@ CASES = {
     "unknown loader option": (lambda env, t: ["eval", "--model", str(env.vlm), "--benchmarks", "vqa-rad",
                                               "--data-root", str(t), "--output", str(t / "out"), "--option",
                                               "vqa-rad.layuot=hf"], "unknown option(s) ['layuot']; valid: layout"),
-    "empty vlm": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set", "vlm="],
+    "empty vlm": (lambda env, t: ["train", "stage1", "--config", _stage1_yaml(env, t), "--set", "stage1.vlm="],
                   "vlm is empty"),
     "damaged manifest": (lambda env, t: ["predict", "--model", _broken_model(t), "--image", str(_image(t)),
                                          "--question", "q"], "medsynapse.json"),
@@ -80,11 +83,12 @@ def test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing(case, tiny_
 
 def test_debug_keeps_the_traceback(tiny_env, tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
-        main(["train", "stage1", "--config", _stage1_yaml(tiny_env, tmp_path), "--set", "max_steps=-1", "--debug"])
+        main(["train", "stage1", "--config", _stage1_yaml(tiny_env, tmp_path), "--set", "stage1.max_steps=-1",
+              "--debug"])
 
 
 def test_a_good_config_still_trains(tiny_env, tmp_path):
-    assert main(["train", "stage1", "--config", _stage1_yaml(tiny_env, tmp_path), "--set", "max_steps=1"]) == 0
+    assert main(["train", "stage1", "--config", _stage1_yaml(tiny_env, tmp_path), "--set", "stage1.max_steps=1"]) == 0
     state = json.loads((tmp_path / "out" / "checkpoints" / "step_0000001" / "state.json").read_text())
     assert state["settings"]["batch_size"] == 4
 

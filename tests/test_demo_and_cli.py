@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_file
 
 from medsynapse.cli import main
 
@@ -100,10 +101,10 @@ def without_timing(results: dict) -> dict:
 
 
 def test_cli_train_stage1_and_predict(tiny_env, tmp_path, capsys):
-    config = tmp_path / "stage1.yaml"
-    config.write_text(f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
-                      f"output_dir: {tmp_path / 's1'}\nn_memory: 4\nsampler_width: 32\nbatch_size: 4\n")
-    assert main(["train", "stage1", "--config", str(config), "--set", "max_steps=2"]) == 0
+    config = run_file(tmp_path / "stage1.yaml", "stage1", dict(
+        vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
+        output_dir=str(tmp_path / "s1"), n_memory=4, sampler_width=32, batch_size=4))
+    assert main(["train", "stage1", "--config", str(config), "--set", "stage1.max_steps=2"]) == 0
     assert (tmp_path / "s1" / "sampler.safetensors").is_file()
     image = next((tiny_env.root / "data" / "images").glob("test_*.png"))
     question = "Is there a lesion in this image? Answer yes or no."

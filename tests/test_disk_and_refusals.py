@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import run_file
 
 from medsynapse.cli import main
 from medsynapse.locking import LOCK_NAME, OutputNotWritable, writes_into
@@ -24,11 +25,10 @@ def _lines(capsys) -> list[str]:
 
 
 def _stage1_yaml(tiny_env, tmp_path: Path) -> Path:
-    path = tmp_path / "stage1.yaml"
-    path.write_text(f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
-                    f"output_dir: {tmp_path / 'out'}\nn_memory: 4\nsampler_width: 32\nbatch_size: 4\nmax_steps: 2\n"
-                    "save_every: 1\nreport_to: none\n")
-    return path
+    return run_file(tmp_path / "stage1.yaml", "stage1", dict(
+        vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
+        output_dir=str(tmp_path / "out"), n_memory=4, sampler_width=32, batch_size=4, max_steps=2, save_every=1,
+        report_to="none"))
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_resume_takes_the_last_complete_one(

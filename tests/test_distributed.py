@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_file
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -87,25 +88,25 @@ def _check_weights(one: Probe, two: Probe, what: str) -> None:
                                    msg=lambda m, name=name: f"{what}: {name}: {m}")
 
 
-def _config(tiny_env, out):
-    path = out.with_suffix(".yaml")
-    path.write_text(f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
+def _config(tiny_env, out, extra: str = ""):
+    """OUT.yaml: a run file whose stage1 section trains into OUT (plus `extra` YAML lines in that section)."""
+    return run_file(out.with_suffix(".yaml"), "stage1",
+                    f"vlm: {tiny_env.vlm}\nencoder: {tiny_env.encoder}\ntrain_file: {tiny_env.train_file}\n"
                     f"output_dir: {out}\nn_memory: 4\nsampler_width: 32\nbatch_size: 8\nmax_steps: 8\nlr: 1.0e-2\n"
                     "warmup_ratio: 0.25\nloss_reduction: sample\nanswer_types: [yes_no, multiple_choice]\n"
-                    "save_every: 4\ndtype: float64\n")
-    return path
+                    "save_every: 4\ndtype: float64\n" + extra)
 
 
 def _stage2_and_stage3_files(tiny_env, tmp_path, world: int, stage1, stage2_extra: str = "",
                              stage3_extra: str = "") -> None:
-    """TMP/stage2-WORLD.yaml (from `stage1`, into TMP/wWORLD/s2) and TMP/stage3-WORLD.yaml (from that, into .../s3):
-    the settings every 1-vs-2-process comparison of Stages II-III uses, plus `*_extra` YAML lines."""
+    """TMP/stage2-WORLD.yaml (from `stage1`, into TMP/wWORLD/s2) and TMP/stage3-WORLD.yaml (from that, into .../s3),
+    run files: the settings every 1-vs-2-process comparison of Stages II-III uses, plus `*_extra` YAML lines."""
     out = tmp_path / f"w{world}"
-    (tmp_path / f"stage2-{world}.yaml").write_text(
+    run_file(tmp_path / f"stage2-{world}.yaml", "stage2",
         f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's2'}\nlora_r: 4\n"
         "lora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 3\nnum_iterations: 2\nmax_new_tokens: 3\n"
         "lr: 1.0e-2\nwarmup_ratio: 0.25\ntemperature: 1.0\ndtype: float64\n" + stage2_extra)
-    (tmp_path / f"stage3-{world}.yaml").write_text(
+    run_file(tmp_path / f"stage3-{world}.yaml", "stage3",
         f"model: {out / 's2'}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 's3'}\nbatch_size: 4\n"
         "max_steps: 6\nmax_new_tokens: 3\nlr: 1.0e-2\nwarmup_ratio: 0.25\ndtype: float64\n" + stage3_extra)
 
@@ -143,7 +144,7 @@ def test_stage2_stage3_and_sft_two_processes_match_one(tiny_env, tmp_path, distr
     for world in (1, 2):
         out = tmp_path / f"w{world}"
         _stage2_and_stage3_files(tiny_env, tmp_path, world, stage1)
-        (tmp_path / f"sft-{world}.yaml").write_text(
+        run_file(tmp_path / f"sft-{world}.yaml", "sft",
             f"model: {tiny_env.vlm}\ntrain_file: {tiny_env.train_file}\noutput_dir: {out / 'sft'}\nlora_r: 4\n"
             "lora_alpha: 8\nbatch_size: 4\nmax_steps: 6\nlr: 1.0e-2\nwarmup_ratio: 0.25\nloss_reduction: sample\n"
             "answer_types: [yes_no, multiple_choice]\ndtype: float64\n")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_file
 
 from medsynapse.cli import main
-from medsynapse.config import ConfigError, load_config
+from medsynapse.config import ConfigError
 from medsynapse.runconfig import read_run_config
 from medsynapse.study import read_study
 from medsynapse.values import MEMORY_ENV, check_config, check_run
@@ -151,17 +152,22 @@ def test_running_a_study_checks_each_rows_memory_and_the_plan_does_not(tmp_path,
               tmp_path)
 
 
-def test_a_stage_only_file_is_checked_and_named(tmp_path, capsys, memory_24gib):
-    flat = tmp_path / "stage2.yaml"
-    flat.write_text(f"model: {tmp_path / 'no_model'}\ntrain_file: {tmp_path / 'train.jsonl'}\n"
-                    f"output_dir: {tmp_path / 'out'}\nlr: .nan\n")
-    _one_line(capsys, ["train", "stage2", "--config", str(flat)], "stage2.yaml.lr: must be a finite number",
+def test_a_section_naming_its_own_folders_is_checked_and_named(tmp_path, capsys, memory_24gib):
+    stage2 = run_file(tmp_path / "stage2.yaml", "stage2", dict(
+        model=str(tmp_path / "no_model"), train_file=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "out"),
+        lr=float("nan")))
+    _one_line(capsys, ["train", "stage2", "--config", str(stage2)], "stage2.yaml.stage2.lr: must be a finite number",
               tmp_path)
-    sft = tmp_path / "sft.yaml"
-    sft.write_text(f"model: {tmp_path / 'no_model'}\ntrain_file: x\noutput_dir: {tmp_path / 'out'}\n"
-                   "lora_dropout: 1.0\n")
+    sft = run_file(tmp_path / "sft.yaml", "sft", dict(model=str(tmp_path / "no_model"), train_file="x",
+                                                      output_dir=str(tmp_path / "out"), lora_dropout=1.0))
     _one_line(capsys, ["train", "baseline", "--method", "sft", "--config", str(sft)],
-              "sft.yaml.lora_dropout: must be in [0, 1)", tmp_path)
+              "sft.yaml.baselines.sft.lora_dropout: must be in [0, 1)", tmp_path)
+
+
+def test_a_flat_recipe_file_is_refused_saying_where_its_keys_go(tmp_path, capsys):
+    flat = tmp_path / "stage1.yaml"
+    flat.write_text(f"vlm: {tmp_path / 'vlm'}\ntrain_file: x.jsonl\noutput_dir: {tmp_path / 'out'}\n")
+    _one_line(capsys, ["train", "stage1", "--config", str(flat)], "stage1.yaml: not a run file", tmp_path)
 
 
 def test_the_demo_refuses_before_building_its_shared_folders(tmp_path, capsys, memory_24gib):
@@ -202,7 +208,7 @@ def test_every_row_of_the_shipped_studies_passes(name, monkeypatch):
     check_rows(study, raw, source, name, memory=True)
 
 
-def test_the_shipped_stage_only_file_and_the_defaults_pass():
+def test_the_defaults_pass():
     from medsynapse.recipes.coconut import CoconutConfig
     from medsynapse.recipes.mcout import MCOUTConfig
     from medsynapse.recipes.sft import SFTConfig
@@ -210,7 +216,6 @@ def test_the_shipped_stage_only_file_and_the_defaults_pass():
     from medsynapse.recipes.stage2_ccr import Stage2Config
     from medsynapse.recipes.stage3_imt import Stage3Config
 
-    check_config(load_config(SFTConfig, CONFIGS / "sft-synthmed.yaml"), "sft-synthmed.yaml")
     for cls in (Stage1Config, Stage2Config, Stage3Config, SFTConfig, CoconutConfig, MCOUTConfig):
         check_config(cls(), cls.__name__)
     from medsynapse.recipes.prepare_base import BasePrepConfig

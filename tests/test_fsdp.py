@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from conftest import run_file
 from safetensors.torch import load_file
 from test_distributed import (
     FLOAT64,
@@ -37,9 +38,7 @@ def test_stage1_under_fsdp2_matches_one_process_and_holds_half_the_vlm(tiny_env,
     one, two = tmp_path / "one", tmp_path / "two"
     configs = {}
     for name, out in (("one", one), ("two", two)):
-        path = _config(tiny_env, out)
-        path.write_text(path.read_text() + "distributed: fsdp\n")
-        configs[name] = path
+        configs[name] = _config(tiny_env, out, "distributed: fsdp\n")
     a = _probe(["train", "stage1", "--config", str(configs["one"])], tmp_path / "probe1")
     b = _probe(["train", "stage1", "--config", str(configs["two"])], tmp_path / "probe2", processes=2, port=29581)
     _check_learning_rates(a, b, 1e-2, 8, 0.25)
@@ -90,8 +89,8 @@ def test_fsdp2_stage2_killed_and_resumed_from_its_sharded_checkpoint_equals_an_u
     stage1 = distributed_stage1
 
     def config(name: str) -> str:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / name}\n"
+        path = run_file(tmp_path / f"{name}.yaml", "stage2",
+                        f"model: {stage1}\ntrain_file: {tiny_env.train_file}\noutput_dir: {tmp_path / name}\n"
                         "lora_r: 4\nlora_alpha: 8\nbatch_size: 4\ngroup_size: 2\nmax_steps: 10\nmax_new_tokens: 3\n"
                         "lr: 1.0e-2\nwarmup_ratio: 0.25\ntemperature: 1.0\ndtype: float64\nsave_every: 2\n"
                         "distributed: fsdp\n")
@@ -166,8 +165,8 @@ def test_sft_under_fsdp2_matches_one_process(tiny_env, tmp_path):
     """The SFT baseline (LoRA trained in the sharded units, as Stage II) against one process."""
     probes = {}
     for world in (1, 2):
-        path = tmp_path / f"sft-{world}.yaml"
-        path.write_text(f"model: {tiny_env.vlm}\ntrain_file: {tiny_env.train_file}\n"
+        path = run_file(tmp_path / f"sft-{world}.yaml", "sft",
+                        f"model: {tiny_env.vlm}\ntrain_file: {tiny_env.train_file}\n"
                         f"output_dir: {tmp_path / str(world)}\nlora_r: 4\nlora_alpha: 8\nbatch_size: 4\n"
                         "max_steps: 6\nlr: 1.0e-2\nwarmup_ratio: 0.25\n"
                         "loss_reduction: sample\nanswer_types: [yes_no, multiple_choice]\ndtype: float64\n"

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medsynapse.cli import main
 from medsynapse.recipes import registry
@@ -82,22 +83,26 @@ def test_train_hands_the_registry_recipe_the_resolved_config(name, monkeypatch, 
     assert capsys.readouterr().out.strip().endswith("saved to OUT")
 
 
-def test_a_flat_file_gets_the_methods_forced_settings(monkeypatch, tmp_path):
+def test_a_baseline_gets_the_methods_own_settings_over_the_stage_it_is_filled_from(monkeypatch, tmp_path):
+    """GRPO-only is Stage II's settings with no memory and no causal term, even where stage2 sets a causal weight;
+    IVT-LR's K is the reference's 32 unless its section says otherwise; Coconut has none."""
     received = []
     from medsynapse.recipes import coconut, stage2_ccr
 
     monkeypatch.setattr(stage2_ccr, "train_stage2", lambda config, **_: received.append(config) or "OUT")
     monkeypatch.setattr(coconut, "train_coconut", lambda config, **_: received.append(config) or "OUT")
-    monkeypatch.setattr("medsynapse.cli.train._check_flat", lambda *a: None)
-    flat = tmp_path / "flat.yaml"
-    flat.write_text("model: M\ntrain_file: T.jsonl\noutput_dir: O\nlambda_causal: 0.7\nuse_memory: true\n")
-    assert main(["train", "baseline", "--method", "grpo", "--config", str(flat)]) == 0
-    assert received[-1].use_memory is False and received[-1].lambda_causal == 0.0
-    flat.write_text("model: M\ntrain_file: T.jsonl\noutput_dir: O\n")
-    assert main(["train", "baseline", "--method", "ivt-lr", "--config", str(flat)]) == 0
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"output": str(tmp_path / "run"), "model": {"vlm": "M"},
+                                    "data": {"stage1_file": "T.jsonl"}, "stage2": {"lambda_causal": 0.7}}))
+    assert main(["train", "baseline", "--method", "grpo", "--config", str(path)]) == 0
+    assert received[-1].use_memory is False and received[-1].lambda_causal == 0.0 and received[-1].model == "M"
+    assert main(["train", "baseline", "--method", "ivt-lr", "--config", str(path)]) == 0
     assert received[-1].patches_per_step == 32
-    assert main(["train", "baseline", "--method", "coconut", "--config", str(flat)]) == 0
+    assert main(["train", "baseline", "--method", "coconut", "--config", str(path)]) == 0
     assert received[-1].patches_per_step == 0
+    assert main(["train", "baseline", "--method", "ivt-lr", "--config", str(path), "--set",
+                 "baselines.ivt-lr.patches_per_step=4"]) == 0
+    assert received[-1].patches_per_step == 4
 
 
 def _resolved(name: str) -> dict:

@@ -69,8 +69,13 @@ def test_stage_sections_are_strict_and_name_the_file_and_key(tmp_path):
         run_config_from({"model": {}, "stage4": {}}, "x.yaml")
     with pytest.raises(ConfigError, match=r"x\.yaml\.model: unknown key"):
         run_config_from({"model": {"width": 3}}, "x.yaml")
-    # a stage-only file is not a run file (Stage2Config's own `model` is a folder path)
+    # a recipe's keys at the top level (the removed flat files) are not a run file: `model` there is a folder path
     assert not is_run_config({"model": "runs/stage1", "lr": 1e-5}) and is_run_config({"model": {"vlm": "v"}})
+    assert is_run_config({"baselines": {"sft": {}}})
+    flat = tmp_path / "stage2.yaml"
+    flat.write_text("model: runs/stage1\nlr: 1.0e-5\n")
+    with pytest.raises(ConfigError, match=r"stage2\.yaml: not a run file .* put them under the stage's section"):
+        read_run_config(flat)
 
 
 def test_train_reads_each_stage_of_one_run_file(tiny_env, tmp_path):

@@ -10,7 +10,6 @@ import torch
 from conftest import Interrupted, crash_at
 from safetensors.torch import load_file
 
-from medsynapse.config import load_config
 from medsynapse.data.dataset import training_dataset
 from medsynapse.data.images import load_image
 from medsynapse.data.schema import read_samples
@@ -159,8 +158,6 @@ def test_model_folder_gives_its_base_vlm_and_the_example_config_loads(tiny_env, 
     (tmp_path / "medsynapse.json").write_text(json.dumps({"vlm": "/models/base", "adapter": "adapter"}))
     with pytest.warns(UserWarning, match="adapter is not used"):
         assert base_vlm_path(tmp_path) == "/models/base"
-    config = load_config(SFTConfig, Path(__file__).resolve().parents[1] / "configs" / "sft-synthmed.yaml")
-    assert config.lora_r == 16 and config.max_steps == 500
 
     from medsynapse.cli import build_parser
 

@@ -4,7 +4,8 @@ A run file names the backbone and encoder once (`model`), the training files onc
 differs from the recipe's defaults; `resolve` turns it into the recipe's own config (Stage1Config, Stage2Config,
 Stage3Config) with the model and data values filled in under the recipe's names and the folders chained:
 `<output>/stage1` → `<output>/stage2` → `<output>/stage3_student`. A key in a stage section wins over what the other
-sections fill in. A stage-only file (a flat Stage1Config, as before) is still read as such by `train`.
+sections fill in (a stage trained from another folder: `stage2: {model: FOLDER}`). Run files are the only config
+files the commands read (the flat recipe files of 0.1 are refused with a line saying where their keys go).
 
 `medsynapse config show FILE [--set key=value]` prints every stage's resolved settings, defaults included.
 A `synthmed` section (configs/synthmed.yaml) holds the demo's SynthMed-only settings: `medsynapse demo` builds the data,
@@ -130,9 +131,10 @@ class RunConfig:
 
 
 def is_run_config(data: Any) -> bool:
-    """A run file has a `model` mapping or a section a stage-only file cannot have (Stage2Config's `model` is a str)."""
+    """A run file has a `model` mapping or one of the other sections (a recipe's own keys at the top level, as the
+    removed flat recipe files had them, are not a run file: `model` there was a folder)."""
     return isinstance(data, dict) and (isinstance(data.get("model"), dict)
-                                       or any(k in data for k in ("data", "eval", *STAGES)))
+                                       or any(k in data for k in ("data", "eval", *STAGES, "baselines")))
 
 
 def read_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -141,8 +143,10 @@ def read_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise ConfigError(f"{path}: config file not found")
     data = read_yaml(path) or {}
     if not is_run_config(data):
-        raise ConfigError(f"{path}: not a run config (needs a `model:` mapping or stage1/stage2/stage3/data/eval "
-                          "sections)")
+        keys = sorted(data)[:4] if isinstance(data, dict) else []
+        raise ConfigError(f"{path}: not a run file (it needs a `model:` mapping or data/eval/stage1/stage2/stage3/"
+                          f"baselines sections; top-level keys {keys} look like a recipe's own: put them under the "
+                          "stage's section, e.g. `stage1:`, or a baseline's under `baselines: {sft: ...}`)")
     return run_config_from(data, str(path), overrides)
 
 

@@ -12,7 +12,8 @@ every stage (runconfig.resolve) and every baseline (runconfig.resolve_baseline) 
   one, else the RAM. The bound is deliberately low (nominal 64-token question, 64 image tokens): it refuses what
   cannot run anywhere near this machine, it does not promise that what passes fits.
 Each refusal is one ConfigError naming `FILE.section.key` (and where a stage's value came from, e.g. `model.n_memory`).
-`check_config(config, where)` does the same for one recipe config (a stage-only file).
+`check_config(config, where)` does the same for one recipe config. A stage or baseline section that names its own
+model folder (`stage2: {model: FOLDER}`) is bounded by the VLM and N that folder holds.
 """
 
 from __future__ import annotations
@@ -404,10 +405,18 @@ def check_run(run, memory: bool = True, memory_for: set[str] | None = None) -> N
         if stage == "stage1":
             n_memory = config.n_memory  # the slots Stages II-III's prompts carry
         if memory and (memory_for is None or stage in memory_for):
-            check_memory(stage, config, f"{source}.{stage}", shape, n_memory=n_memory, origins=origins)
+            own = _own_folder(getattr(run, stage))  # `stage2: {model: FOLDER}`: that folder's VLM and N
+            check_memory(stage, config, f"{source}.{stage}", vlm_shape(own) or shape if own else shape,
+                         n_memory=folder_memory_slots(own) or n_memory if own else n_memory, origins=origins)
     for method in BASELINES:
         config = resolve_baseline(run, method)
         where, origins = f"{source}.baselines.{method}", baseline_origins(run, method)
         check_config(config, where, origins)
         if memory and (memory_for is None or method in memory_for):
-            check_memory(method, config, where, shape, origins=origins)
+            own = _own_folder(run.baselines.get(method, {}))
+            check_memory(method, config, where, vlm_shape(own) or shape if own else shape, origins=origins)
+
+
+def _own_folder(section: dict) -> str:
+    """The model folder a stage or baseline section names itself (`vlm` or `model`), over the model section's."""
+    return str(section.get("vlm") or section.get("model") or "")

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from medsynapse.cli.common import is_run_file
-
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from medsynapse.config import ConfigError
@@ -45,10 +43,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """`train STAGE` or `train baseline --method M` (`train sft` is `train baseline --method sft`): the recipe the
     registry names, configured from a run file (its section resolved over the model and data sections, every value
-    checked first) or from a flat recipe file (with the method's own settings forced)."""
-    from medsynapse.config import load_config
+    checked first)."""
     from medsynapse.recipes.registry import BASELINES, RECIPES
     from medsynapse.runconfig import read_run_config, resolve, resolve_baseline
+    from medsynapse.values import check_run
 
     if args.stage == "baseline" and args.method not in BASELINES:
         raise SystemExit(f"train baseline: --method must be one of {', '.join(BASELINES)}")
@@ -56,35 +54,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("--method goes with `train baseline`")
     name = args.method if args.stage == "baseline" else args.stage
     recipe = RECIPES[name]
-    if is_run_file(args.config):
-        from medsynapse.values import check_run
-
-        run = read_run_config(args.config, args.set)
-        check_run(run, memory_for={name})  # every stage's and baseline's values, before anything is loaded
-        config = resolve(run, name) if recipe.kind == "stage" else resolve_baseline(run, name)
-    else:  # a flat recipe file
-        config = load_config(recipe.config_class(), args.config, [*(args.set or []), *recipe.forced])
-        for key, value in recipe.unless_set:
-            if not getattr(config, key):
-                setattr(config, key, value)
-        _check_flat(name, config, args.config)
+    run = read_run_config(args.config, args.set)
+    check_run(run, memory_for={name})  # every stage's and baseline's values, before anything is loaded
+    config = resolve(run, name) if recipe.kind == "stage" else resolve_baseline(run, name)
     if args.resume:
         config.resume = True
     out = recipe.train()(config)
     print(f"baseline {name} saved to {out}" if recipe.kind == "baseline" else f"{name} saved to {out}")
     return 0
-
-
-def _check_flat(kind: str, config, path: str) -> None:
-    """A stage-only (flat recipe) file's values and memory bound (values.py), naming `FILE.key`."""
-    from medsynapse.values import check_config, check_memory, folder_memory_slots, vlm_shape
-
-    check_config(config, path)
-    folder = getattr(config, "vlm", "") or getattr(config, "model", "")
-    n_memory = getattr(config, "n_memory", 0) or folder_memory_slots(folder)
-    check_memory(kind, config, path, vlm_shape(folder), n_memory=n_memory)
-
-
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -152,7 +129,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                        "answer), grpo (GRPO-only, no memory), coconut (continuous thoughts, by curriculum) mcout "
                        "(MCOUT-Multi: thoughts through a latent attention over the image and text) or ivt-lr "
                        "(Coconut's curriculum + the most-attended image tokens inserted per latent step)")
-    train.add_argument("--config", required=True, help="a run file (or a flat recipe file)")
+    train.add_argument("--config", required=True, help="a run file (docs/configuration.md)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys")
     train.set_defaults(func=cmd_train)

@@ -2,9 +2,10 @@
 
 Each entry says which config class and train function a name stands for (imported only when asked for: a recipe's
 module pulls in torch and peft), the folder it writes under a run's output, the unit it starts from, the data and
-budget a run file gives it, the answer format its model replies in, and the settings a flat recipe file always gets
-(the method's own). The CLI's `train`, the run file (`runconfig.resolve`, `resolve_baseline`), the pipeline and the
-study read it; nothing else chooses a recipe by its name.
+budget a run file gives it, the answer format its model replies in, and the method's own settings (over what the
+stages fill in; a key the run file's `baselines.<method>` section sets wins). The CLI's `train`, the run file
+(`runconfig.resolve`, `resolve_baseline`), the pipeline and the study read it; nothing else chooses a recipe by its
+name.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class Recipe:
     data: Literal["stage1", "stage2", "baseline", "rationale"]  # the run file's training file it reads
     budget: Literal["stage1", "stage2", "stage3"]  # whose steps, batch and learning rate it gets in a run file
     answer_format: Literal["direct", "reasoning"] = "direct"
-    forced: tuple[str, ...] = ()  # KEY=VALUE a flat recipe file always gets (the method's own settings)
-    unless_set: tuple[tuple[str, Any], ...] = ()  # (key, value) a flat file gets when it leaves the key falsy
+    forced: tuple[str, ...] = ()  # KEY=VALUE: the method's own settings, over what the stages fill in
+    unless_set: tuple[tuple[str, Any], ...] = ()  # (key, value) it gets unless its `baselines` section sets the key
 
     def config_class(self) -> type[Any]:
         return getattr(importlib.import_module(f"medsynapse.recipes.{self.module}"), self.config_name)
