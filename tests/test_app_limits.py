@@ -110,6 +110,18 @@ def test_the_probe_maps_are_laid_out_per_layer_in_rows_of_per_row():
     assert heatmap_grid(wide, "t", per_row=8).size == (round((0.75 * 6 + 0.6) * dpi), round(1.4 * dpi))
 
 
+def test_the_nifti_view_offers_each_axis_the_reader_takes_and_starts_on_one(tmp_path):
+    from medsynapse.data.views import VIEW_AXES
+
+    page = app.build({})
+    (view,) = [block for block in page.blocks.values() if getattr(block, "elem_id", None) == "view"]
+    offered = [choice[1] if isinstance(choice, tuple) else choice for choice in view.choices]
+    assert offered == list(VIEW_AXES) and view.value in VIEW_AXES
+    path = _upload(tmp_path, "ct.nii.gz", _gzip_nifti(0)[1])  # 8 x 8 x 4 voxels
+    shapes = {axis: read_upload(str(path), "as stored", 40, 400, axis=axis).size for axis in offered}
+    assert shapes == {"axial": (8, 8), "coronal": (8, 4), "sagittal": (8, 4)}, shapes
+
+
 def test_the_file_picker_offers_every_kind_the_app_reads_and_each_offered_kind_is_read(tmp_path):
     """The browser's file filter is the page's first gate: a `.dicom` or `.nii.gz` scan it hides cannot be asked about;
     a suffix it offers that no reader takes would be a dead end."""

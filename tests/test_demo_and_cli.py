@@ -82,8 +82,14 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     # setting redoes Stage III only
     stamps = {s: (out / s / "medsynapse.json").stat().st_mtime_ns for s in ("stage1", "stage2", "stage3_student")}
     capsys.readouterr()
-    assert main([*args, "stage3.lr=0.002", "diagnostics=false", "efficiency_samples=0"]) == 0  # (not what it checks)
+    assert main([*args, "stage3.lr=0.002", "diagnostics=false", "efficiency_samples=0", "ablations=true"]) == 0
     assert "stage1 already finished, kept" in capsys.readouterr().out
+    ablated = json.loads((out / "results.json").read_text())["stages"]  # each ablation trained into its own folder
+    for name, weights in (("stage2_lambda0", "adapter/adapter_model.safetensors"),
+                          ("stage2_paper_eq5", "adapter/adapter_model.safetensors"),
+                          ("stage2_ranked", "adapter/adapter_model.safetensors"),
+                          ("stage3_jsd_only", "autonomous.safetensors")):
+        assert (out / name / weights).is_file() and 0.0 <= ablated[name]["accuracy"] <= 1.0, name
     assert {s: (out / s / "medsynapse.json").stat().st_mtime_ns for s in stamps} | {"stage3_student": 0} == \
         stamps | {"stage3_student": 0}
     assert (out / "stage3_student" / "medsynapse.json").stat().st_mtime_ns != stamps["stage3_student"]

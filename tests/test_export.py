@@ -301,3 +301,14 @@ def test_what_is_not_a_student_and_a_used_output_are_one_line(made, tmp_path, ca
     assert [p.name for p in used.iterdir()] == ["keep.txt"]
     with pytest.raises(ValueError, match="exists and is not empty"):
         main(["export", "--model", str(made.student), "--output", str(used), "--debug"])
+
+
+def test_export_on_the_command_line_puts_the_license_and_datasets_in_the_card(made, tmp_path, monkeypatch, capsys):
+    from medsynapse.cli import main
+
+    monkeypatch.setenv("MEDSYNAPSE_CACHE", str(made.vlm.parent))  # where the student's base now is
+    out = tmp_path / "card"
+    assert main(["export", "--model", str(made.student), "--output", str(out), "--license", "mit", "--dataset",
+                 "org/synthmed", "--dataset", "org/other"]) == 0
+    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert meta["license"] == "mit" and meta["datasets"] == ["org/synthmed", "org/other"]

@@ -111,3 +111,75 @@ def test_a_sharded_checkpoint_keeps_what_the_recipe_asked_it_to_keep(tmp_path):
     assert state["causal_record"] == record
     for name, value in module.state_dict().items():
         assert torch.equal(value, saved[name])
+
+
+def test_the_cosine_schedule_warms_up_over_its_ratio_of_the_steps_then_decays_by_value():
+    """8 steps, warm-up 0.25: 2 steps of linear warm-up (0, 1/2), then the half cosine from 1 down to 0."""
+    import math
+
+    import torch
+
+    from medsynapse.recipes.trainer import cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = cosine_schedule(optimizer, 8, 0.25)
+    factors = []
+    for _ in range(8):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * (step - 2) / 6)) for step in range(2, 8)]
+    assert factors == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_fractional_count_is_refused_as_not_an_integer():
+    from medsynapse.values import check_value
+
+    with pytest.raises(ConfigError, match=r"^run\.yaml\.stage1\.max_steps: must be an integer, got 2\.5$"):
+        check_value("max_steps", 2.5, "run.yaml.stage1.max_steps")
+
+
+@pytest.mark.parametrize(("key", "value"), [("lora_alpha", 0), ("lora_r", 0)])
+def test_a_stage2_value_filled_from_the_model_section_is_named_at_its_key(key, value):
+    """Stage II's LoRA comes from the model section: a bad `model.lora_alpha` is named there, where the user wrote
+    it, not as a Stage II key the file does not have."""
+    from medsynapse.runconfig import run_config_from
+    from medsynapse.values import check_run
+
+    run = run_config_from({"model": {key: value}}, "run.yaml")
+    with pytest.raises(ConfigError, match=rf"model\.{key}"):
+        check_run(run, memory=False)
+
+
+def test_the_context_length_is_the_text_models_or_the_configs_own():
+    from types import SimpleNamespace
+
+    import medsynapse.model.vlm as vlm_module
+    from medsynapse.serve import context_length
+
+    def model(config):
+        return SimpleNamespace(vlm=SimpleNamespace(config=config))
+
+    original = vlm_module.core_vlm
+    vlm_module.core_vlm = lambda vlm: vlm
+    try:
+        nested = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=4096),
+                                 max_position_embeddings=77)
+        assert context_length(model(nested)) == 4096
+        assert context_length(model(SimpleNamespace(max_position_embeddings=2048))) == 2048  # no text_config
+        assert context_length(model(SimpleNamespace())) is None
+    finally:
+        vlm_module.core_vlm = original
+
+
+def test_more_workers_than_gpus_is_refused_naming_both(monkeypatch):
+    import torch
+
+    from medsynapse.study import Plan, Unit, run_jobs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    unit = Unit("stage1", 0, "k", type("Config", (), {"output_dir": "/nonexistent/unit"})())
+    with pytest.raises(ValueError, match=r"^workers: 2 workers need 2 GPUs, this machine shows 1$"):
+        run_jobs(Plan({"stage1-s0-k": unit}, {}, {}), workers=2)

@@ -298,6 +298,11 @@ UNSUPPORTED = {  # param: what the client sends
 }
 
 
+REASONS = {  # the refusals of a served parameter's bad value say why (the others: "not supported")
+    "top_logprobs": "needs logprobs: true", "stream_options": "only allowed with stream: true",
+    "stop": "5 stop strings, at most 4", "n": "more than this server's limit"}
+
+
 OPENAI_UNSERVED = {  # OpenAI's parameters this server does not serve, each with a value that asks for nothing
     "frequency_penalty": 0, "presence_penalty": None, "logit_bias": {}, "tools": [], "tool_choice": "none",
     "parallel_tool_calls": None, "functions": [], "function_call": "none", "response_format": {"type": "text"},
@@ -319,6 +324,7 @@ def test_every_unserved_parameter_is_a_400_naming_it(client, folder, asks):
                 client.chat.completions.create(model=folder.name, messages=messages, max_tokens=4, **params, **extra)
             assert refused.value.param == param, (param, refused.value.message)
             assert param.split(".")[-1] in refused.value.message
+            assert REASONS.get(param, "") in refused.value.message, (param, refused.value.message)
             if param in OPENAI_UNSERVED or param == "unknown_field":  # OpenAI's code: not served / not OpenAI's
                 assert refused.value.code == ("unknown_parameter" if param == "unknown_field"
                                               else "unsupported_parameter"), param

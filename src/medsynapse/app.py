@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from medsynapse.data.images import DICOM_SUFFIXES
-from medsynapse.data.views import NIFTI_SUFFIXES
+from medsynapse.data.views import NIFTI_SUFFIXES, VIEW_AXES
 
 if TYPE_CHECKING:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -241,7 +241,7 @@ def build(models: Mapping[str, object], max_new_tokens: int = 16, limits: AppLim
                     level = gr.Number(value=40, label="level (custom)")
                     width = gr.Number(value=400, label="width (custom)")
                 with gr.Row():  # NIfTI volumes only
-                    axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="NIfTI view")
+                    axis = gr.Dropdown(list(VIEW_AXES), value=VIEW_AXES[0], label="NIfTI view", elem_id="view")
                     slice_index = gr.Number(value=-1, precision=0, label="NIfTI slice (-1: middle)",
                                             elem_id="slice")
                 question = gr.Dropdown(QUESTIONS, value=QUESTIONS[0], allow_custom_value=True, label="question",
