@@ -72,6 +72,10 @@ class RowSpec:
     group: str = "Table 1"  # the table section
     label: str = ""  # the table's name for it (default: the row's key)
     answer_format: str = ""  # "": scored in the format the model was trained in; direct | reasoning: in that one
+    # The line of the visibility plot (visibility.png) this row belongs to: the rows of one series differ in the
+    # SynthMed settings their `set` changes (e.g. synthmed.base_vision_steps), each placed at the measured
+    # readability of its base VLM's visual tokens (`token_readability`). "": not plotted.
+    series: str = ""
 
 
 @dataclass
@@ -106,6 +110,9 @@ class StudyConfig:
     # submitit's executor parameters for slurm / submitit-local (AutoExecutor names: timeout_min, gpus_per_node,
     # tasks_per_node, cpus_per_task, mem_gb, nodes, slurm_partition, slurm_account, ...); logs in OUTPUT/submitit
     cluster: dict = field(default_factory=dict)
+    # SynthMed: per base VLM the rows use, how well lesion presence is read linearly from its merged visual tokens
+    # (steps/synthmed.token_readability, cached): the visibility axis, measured, in study.json's `shared.levels`.
+    token_readability: bool = False
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
@@ -245,16 +252,51 @@ def _settings(config: Any) -> dict:
 
 
 def row_run(raw: dict, source: str, row: RowSpec, seed: int, shared: Any) -> RunConfig:
-    """The run file with the row's overrides, every stage at training seed `seed`, SynthMed's folders filled in."""
+    """The run file with the row's overrides, every stage at training seed `seed`, SynthMed's folders filled in
+    (`shared`: one Shared, or the `synthmed_shareds` mapping, from which the row's own is taken)."""
     run = with_seed(run_config_from(raw, source, row.set), seed)
     if shared is not None:  # SynthMed: the cached base VLM, encoder and training file
-        from medsynapse.steps.synthmed import fill_shared
+        from medsynapse.steps.synthmed import demo_settings, fill_shared, shared_key
 
+        if isinstance(shared, dict):
+            shared = shared[shared_key(demo_settings(run))]
         run = fill_shared(run, shared)
         if not run.data.prior_cache:
             data = dataclasses.replace(run.data, prior_cache=str(shared_prior_cache(shared)))
             run = dataclasses.replace(run, data=data)
     return run
+
+
+def synthmed_shareds(study: StudyConfig, raw: dict, source: str, build: bool) -> dict[str, Any]:
+    """SynthMed's shared folders of every row, {steps.synthmed.shared_key: Shared}: a row whose `set` changes a
+    `synthmed` setting a folder depends on (e.g. `synthmed.base_vision_steps`, the visibility axis) gets its own base
+    VLM; every row must keep the one test split they are all scored on. `build`: prepared (cached), else named."""
+    from medsynapse.steps.synthmed import demo_settings, planned_shared, prepare_shared, shared_key
+
+    shareds: dict[str, Any] = {}
+    data = None
+    for name, row in study.rows.items():
+        config = demo_settings(run_config_from(raw, source, row.set))
+        key = shared_key(config)
+        if key not in shareds:
+            shareds[key] = prepare_shared(config) if build else planned_shared(config)
+        if data is None:
+            data = shareds[key].data
+        elif shareds[key].data != data:
+            raise ConfigError(f"study.rows.{name}: its `set` changes SynthMed's data ({shareds[key].data.name}, the "
+                              f"other rows {data.name}); the rows are scored on one test split: vary what the data "
+                              "does not shape (the base VLM's or the encoder's settings)")
+    return shareds
+
+
+def row_levels(study: StudyConfig, raw: dict, source: str, shareds: dict[str, Any]) -> dict[str, list[str]]:
+    """{shared key: the rows that use it}."""
+    from medsynapse.steps.synthmed import demo_settings, shared_key
+
+    levels: dict[str, list[str]] = {key: [] for key in shareds}
+    for name, row in study.rows.items():
+        levels[shared_key(demo_settings(run_config_from(raw, source, row.set)))].append(name)
+    return levels
 
 
 def shared_prior_cache(shared: Any) -> Path:
@@ -453,10 +495,8 @@ def describe_plan(study: StudyConfig, raw: dict, source: str) -> dict:
     run = run_config_from(raw, source)
     shared = None
     if run.synthmed:
-        from medsynapse.steps.synthmed import demo_settings, planned_shared
-
-        shared = planned_shared(demo_settings(run))
-        eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(shared.data))
+        shared = synthmed_shareds(study, raw, source, build=False)
+        eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(next(iter(shared.values())).data))
     else:
         eval_source = (study.benchmarks or list(run.eval.benchmarks), study.data_root or run.eval.data_root)
     output = Path(study.output)
@@ -679,14 +719,23 @@ def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list
     run = run_config_from(raw, source)
     if run.synthmed:
         from medsynapse.recipes.priors import cache_features
-        from medsynapse.steps.synthmed import demo_settings, prepare_shared
+        from medsynapse.steps.synthmed import token_readability
 
-        shared = prepare_shared(demo_settings(run))
-        if not run.data.prior_cache:  # filled here, once, before any worker reads it
-            cache_features(str(shared.encoder), shared.train_file, str(shared_prior_cache(shared)))
-        eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(shared.data))
-        return shared, eval_source, {"synthmed": True, "timing_s": shared.timing, "data": str(shared.data),
-                                     "vlm": str(shared.vlm_base), "encoder": str(shared.encoder)}
+        shareds = synthmed_shareds(study, raw, source, build=True)
+        for shared in shareds.values():
+            if not run.data.prior_cache:  # filled here, once, before any worker reads it
+                cache_features(str(shared.encoder), shared.train_file, str(shared_prior_cache(shared)))
+        first = next(iter(shareds.values()))
+        eval_source = (study.benchmarks or ["synthmed"], study.data_root or str(first.data))
+        report: dict[str, Any] = {"synthmed": True, "timing_s": first.timing, "data": str(first.data),
+                                  "vlm": str(first.vlm_base), "encoder": str(first.encoder)}
+        if len(shareds) > 1 or study.token_readability:  # the rows' base VLMs (one study's usual single one: above)
+            report["levels"] = {
+                key: {"vlm": str(shareds[key].vlm_base), "encoder": str(shareds[key].encoder), "rows": rows,
+                      "timing_s": shareds[key].timing,
+                      **({"token_readability": token_readability(shareds[key])} if study.token_readability else {})}
+                for key, rows in row_levels(study, raw, source, shareds).items()}
+        return shareds, eval_source, report
     from medsynapse.steps.chain import run_pipeline
 
     manifest = run_pipeline(run, until="cache")
@@ -904,6 +953,8 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
                       "by_question_type": {t: mean_sd_ci([c["by_question_type"][t]["accuracy"] for c in per_seed
                                                           if t in c["by_question_type"]]) for t in types},
                       "cells": {str(c["seed"]): c for c in per_seed}}
+        if spec.series:
+            rows[name]["series"] = spec.series
     for name, row in rows.items():
         reference = row["reference"]
         if reference is None:
@@ -1073,8 +1124,79 @@ def plot_study(result: dict, output: Path) -> None:
     plt.close(figure)
 
 
+def visibility_points(result: dict) -> list[dict]:
+    """Per row with a `series` whose base VLM's token readability was measured (`token_readability`): its series,
+    that readability (the probe's accuracy and Wilson interval), and the row's accuracy overall and on presence
+    questions (mean ± sd [95 % t-interval] over seeds); by series, then readability."""
+    levels = (result.get("shared") or {}).get("levels") or {}
+    level_of = {row: level for level in levels.values() for row in level["rows"]}
+    points = []
+    for name, row in result["rows"].items():
+        level = level_of.get(name) or {}
+        if not row.get("series") or "token_readability" not in level:
+            continue
+        readability = level["token_readability"]
+        points.append({"series": row["series"], "row": name, "label": row["label"],
+                       "readability": readability["accuracy"], "readability_ci95": readability["ci95"],
+                       "majority": readability.get("chance"), "accuracy": row["summary"]["accuracy"],
+                       "presence": (row.get("by_question_type") or {}).get("presence")})
+    return sorted(points, key=lambda p: (p["series"], p["readability"]))
+
+
+def visibility_markdown(points: list[dict]) -> str:
+    """The visibility table: per series and level, the VLM tokens' readability and the row's accuracies."""
+    lines = ["**Accuracy against the visibility of the lesion evidence to the VLM** (readability: a linear probe of "
+             "lesion presence on the base VLM's merged visual tokens, test images, 95 % Wilson interval; accuracy: "
+             "mean ± sd [95 % t-interval] over seeds)", "",
+             "| series | row | token readability | accuracy | presence accuracy |", "|---|---|---|---|---|"]
+    for p in points:
+        low, high = p["readability_ci95"]
+        lines.append(f"| {p['series']} | {p['label']} | {p['readability']:.3f} [{low:.3f}, {high:.3f}] | "
+                     f"{_with_interval(p['accuracy'])} | {_with_interval(p['presence'], 2)} |")
+    return "\n".join(lines)
+
+
+def _with_interval(stat: dict | None, digits: int = 3) -> str:
+    return "—" if not stat else f"{_stat(stat, digits)} {_interval(stat, digits)}".replace(" —", "")
+
+
+def plot_visibility(points: list[dict], output: Path) -> None:
+    """visibility.png: accuracy (left) and presence accuracy (right) against the token readability, one line per
+    series, each point with its 95 % interval over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    for series in dict.fromkeys(p["series"] for p in points):
+        mine = [p for p in points if p["series"] == series]
+        x = [p["readability"] for p in mine]
+        for axis, key in zip(axes, ("accuracy", "presence")):
+            stats = [p[key] for p in mine]
+            if any(s is None for s in stats):
+                continue
+            means = [s["mean"] for s in stats]
+            errors = [[m - (s["ci95"] or [m, m])[0] for m, s in zip(means, stats)],
+                      [(s["ci95"] or [m, m])[1] - m for m, s in zip(means, stats)]]
+            axis.errorbar(x, means, yerr=errors, marker="o", capsize=3, label=series)
+    for axis, title in zip(axes, ("accuracy (all lesion questions)", "presence accuracy")):
+        axis.set_xlabel("lesion presence read from the VLM's visual tokens (linear probe)")
+        axis.set_title(title, fontsize=10)
+    axes[0].set_ylabel("accuracy (mean over seeds, 95 % interval)")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output / "visibility.png", dpi=120)
+    plt.close(figure)
+
+
 def write_reports(result: dict, output: Path) -> None:
     write_json(output / "study.json", result)
-    write_text_atomic(output / "table.md", markdown_table(result))
+    table = markdown_table(result)
+    points = visibility_points(result)
+    if points:
+        table += "\n" + visibility_markdown(points) + "\n"
+        plot_visibility(points, output)
+    write_text_atomic(output / "table.md", table)
     write_text_atomic(output / "table.csv", csv_table(result))
     plot_study(result, output)

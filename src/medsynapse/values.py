@@ -87,6 +87,8 @@ RULES: dict[str, tuple[str, float | None, float | None, bool, bool]] = {
     "advantage_std_floor": (_FLOAT, 0, None, False, False),
     "record_last_fraction": (_FLOAT, 0, 1, True, False),
     "memory_alignment": (_FLOAT, 0, None, False, False),
+    "adapt_steps": (_INT, 0, None, False, False),
+    "adapt_lr": (_FLOAT, 0, None, True, False),
     "mu": (_FLOAT, 0, None, False, False),
     "base_grounding_weight": (_FLOAT, 0, None, False, False),
 }

@@ -96,6 +96,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         plan = describe_plan(study, raw, source)
         print(json.dumps(plan, indent=2) if args.json else plan_markdown(plan))
         return 0
+    if args.prepare:  # step 1 only: the shared folders (and, asked for, each base VLM's token readability)
+        from medsynapse.study import prepare
+
+        print(json.dumps(prepare(study, raw, source)[2], indent=2))
+        return 0
     result = run_study(study, raw, source)
     print(f"\nstudy: {len(result['rows'])} rows x {len(result['seeds'])} seeds in {result['timing_s']['wall']:.0f} s; "
           f"{study.output}/study.json, table.md, table.csv, accuracy.png, efficiency.png")
@@ -156,4 +161,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     study.add_argument("--plan", action="store_true",
                        help="print every row's units, reference, format and accelerator-hours; run nothing")
     study.add_argument("--json", action="store_true", help="with --plan: the plan as JSON")
+    study.add_argument("--prepare", action="store_true",
+                       help="build the shared folders only (SynthMed: data, base VLMs, encoder; with "
+                            "`token_readability: true`, each base VLM's measured visibility) and print them as JSON")
     study.set_defaults(func=cmd_study)

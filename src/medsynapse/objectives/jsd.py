@@ -129,3 +129,12 @@ def generalized_jsd_from_hidden(student_hidden: torch.Tensor, teacher_hidden: to
     teacher = _valid_rows(teacher_hidden.detach(), mask)
     denominator = float(num_items) if num_items is not None else max(student.shape[0], 1)
     return _FusedLinearJSD.apply(student, teacher, lm_head_weight, beta, temperature, chunk_size, denominator)
+
+
+def first_positions(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` (B, T) kept at each row's first valid position only (a row with none stays empty): the JSD on the
+    answer's first token, the one that decides a short answer (Stage III's `jsd_positions: first`)."""
+    valid = mask.bool()
+    first = valid & (valid.cumsum(dim=1) == 1)
+    return first.to(mask.dtype)
+

@@ -18,6 +18,7 @@ LossReduction = Literal["token", "sample", "sum"]
 AnswerFormat = Literal["direct", "reasoning"]
 Pooling = Literal["attention", "grid"]
 Trajectories = Literal["student", "teacher"]
+JSDPositions = Literal["all", "first"]
 SFTTarget = Literal["answer", "rationale"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
 RolloutSampling = Literal["keyed", "torch"]
@@ -25,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": get_args(DType), "distributed": get_args(Distributed), "report_to": get_args(ReportTo),
     "loss_reduction": get_args(LossReduction), "answer_format": get_args(AnswerFormat), "pooling": get_args(Pooling),
     "trajectories": get_args(Trajectories), "target": get_args(SFTTarget), "loss_type": get_args(LossType),
-    "rollout_sampling": get_args(RolloutSampling)}
+    "rollout_sampling": get_args(RolloutSampling), "jsd_positions": get_args(JSDPositions)}
 
 
 @dataclass

@@ -34,11 +34,12 @@ from medsynapse.model.memory import AutonomousConfig, AutonomousMemoryModule, em
 from medsynapse.model.sampling import row_keys, sampling_kwargs
 from medsynapse.model.vlm import completion_logprobs, completion_mask, completion_outputs, core_vlm, vision_features
 from medsynapse.objectives.alignment import memory_alignment_loss
-from medsynapse.objectives.jsd import generalized_jsd, generalized_jsd_from_hidden
+from medsynapse.objectives.jsd import first_positions, generalized_jsd, generalized_jsd_from_hidden
 from medsynapse.recipes import sharding, trainer
 from medsynapse.recipes.config_base import (
     AnswerFormat,
     Distributed,
+    JSDPositions,
     Pooling,
     RolloutSampling,
     TrainingConfig,
@@ -78,6 +79,15 @@ class Stage3Config(TrainingConfig):
     gradient_checkpointing: bool = False  # non-reentrant, on the VLM layers: less activation memory
     memory_alignment: float = 0.0  # weight of ||M_auto − M_pri||² / ||M_pri||² added to the JSD
     # (objectives/alignment.py); 0 = the paper's IMT (JSD only)
+    # Remedies for the student's gap (docs/results.md, "Where the memory helps"; each off by default, each a study row):
+    # which trajectory positions the JSD averages over: all (the paper) | first (the answer's first token, the one
+    # that decides a short answer; an end-of-sequence position otherwise weighs as much as the decision)
+    jsd_positions: JSDPositions = "all"
+    # > 0: after the distillation, this many steps adapt the Stage II LoRA to A_psi's memory (next-token loss on the
+    # training answers with M_auto in the slots, A_psi frozen, lr `adapt_lr`, the same batch): the LoRA was trained
+    # with the teacher's memory only. 0: the LoRA stays the teacher's (the paper). One process.
+    adapt_steps: int = 0
+    adapt_lr: float = 1e-4
     answer_format: AnswerFormat = "direct"  # direct | reasoning: prompts ask for an analysis then <answer></answer>
     prior_cache: str = ""  # folder of `medsynapse cache-features` shards; read when present, filled when missing
     # ddp: every rank holds the VLM | fsdp: the VLM sharded over the ranks (recipes/sharding)
@@ -101,8 +111,13 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         raise ValueError(f"unknown trajectories {config.trajectories!r}; expected one of {TRAJECTORIES}")
     if not (math.isfinite(config.memory_alignment) and config.memory_alignment >= 0):
         raise ValueError(f"memory_alignment must be a finite number >= 0, got {config.memory_alignment}")
+    if config.adapt_steps < 0 or not (math.isfinite(config.adapt_lr) and config.adapt_lr > 0):
+        raise ValueError(f"adapt_steps must be >= 0 and adapt_lr a finite number > 0, got {config.adapt_steps} and "
+                         f"{config.adapt_lr}")
     output = Path(config.output_dir)
     accelerator = trainer.make_accelerator(output, config.report_to)
+    if config.adapt_steps:
+        trainer.require_one_process(accelerator, "Stage III's LoRA adaptation (adapt_steps)")
     torch.manual_seed(config.seed)
 
     model = MedSynapseV.from_pretrained(config.model, dtype=config.dtype)
@@ -178,6 +193,8 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
                                     features=features, **sampling_kwargs(keys, config.rollout_sampling,
                                                                          config.sample_temperature, config.top_p))
             mask = completion_mask(tokens, model.prompts.eos_id)
+        if config.jsd_positions == "first":
+            mask = first_positions(mask)
         gen_seconds = time.perf_counter() - gen_start
         # Mean over the GLOBAL valid positions: DDP averages gradients over ranks, so each rank divides its sum by
         # (global count / world); a per-rank mean would weight ranks with fewer tokens more.
@@ -222,7 +239,9 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
             on_step(done)
 
     accelerator.wait_for_everyone()
-    adapter = sharding.adapter_state(model.vlm, sharded)  # the frozen Stage II LoRA, gathered from its shards
+    if config.adapt_steps:  # after the last checkpoint: a resumed run redoes it from the same A_psi, seeded alike
+        adapt_lora(model, accelerator.unwrap_model(student), config, accelerator)
+    adapter = sharding.adapter_state(model.vlm, sharded)  # the Stage II LoRA (adapted), gathered from its shards
     if accelerator.is_main_process:
         save_student(model, accelerator.unwrap_model(student), Path(config.model), output, config.answer_format,
                      adapter, trainer.training_record(config, "stage3"))
@@ -233,6 +252,45 @@ def train_stage3(config: Stage3Config, on_step: Callable[[int], None] | None = N
         engine.close()
     trainer.end_training(accelerator)
     return output
+
+
+def adapt_lora(model: MedSynapseV, autonomous: AutonomousMemoryModule, config: Stage3Config,
+               accelerator) -> list[float]:
+    """`adapt_steps` steps of the answer's next-token loss with A_psi's memory in the slots, training only the LoRA
+    (A_psi frozen, its memory detached): the language model learns to read M_auto instead of the teacher's M. Same
+    batch size, batch order (seeded; the steps after the distillation's) and AdamW as the distillation; constant lr.
+    Returns the losses."""
+    dataset = training_dataset(config.train_file, model.prompts, config.families, config.answer_types,
+                               with_answers=True, answer_format=config.answer_format)
+    lora = [p for name, p in model.vlm.named_parameters() if "lora_" in name]
+    if not lora:
+        raise ValueError(f"{config.model}: adapt_steps needs the Stage II LoRA; this folder has none")
+    for parameter in lora:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(lora, lr=config.adapt_lr, weight_decay=config.weight_decay)
+    autonomous.eval()
+    vlm_core = core_vlm(model.vlm)
+    merge = cast("Qwen3VLVisionConfig", vlm_core.config.vision_config).spatial_merge_size
+    total = config.max_steps or 1
+    losses = []
+    for step in tqdm(range(config.adapt_steps), desc="stage3 adapt", disable=not accelerator.is_main_process):
+        indices = trainer.global_batch_indices(len(dataset), config.batch_size, total + step, config.seed)
+        batch = model.prompts.collate([dataset.encoded(i) for i in indices], with_answers=True)
+        batch = batch.to(accelerator.device)
+        with torch.no_grad():
+            features = vision_features(model.vlm, batch)
+            grids = [(int(h) // merge, int(w) // merge) for _, h, w in batch.image_grid_thw.tolist()]
+            memory = autonomous(features.pooler_output, grids, batch.images_per_sample)
+        loss = trainer.answer_loss(model.vlm, batch, memory, model.latent_id, features)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        accelerator.log({"adapt_loss": losses[-1]}, step=total + step)
+    for parameter in lora:
+        parameter.requires_grad_(False)
+    return losses
 
 
 def save_student(model: MedSynapseV, autonomous: AutonomousMemoryModule, teacher_dir: Path, output: Path,

@@ -44,7 +44,7 @@ RESUMABLE_SETTINGS = ("resume", "save_every", "log_every", "output_dir", "prior_
 # Settings added after runs were first recorded, left out of a run's recorded settings while at these values (what
 # every run before they existed did): checkpoints, pipeline manifests, study units and config hashes written earlier
 # still match.
-NEUTRAL_DEFAULTS = {"max_images": 1, "engine": "hf"}
+NEUTRAL_DEFAULTS = {"max_images": 1, "engine": "hf", "jsd_positions": "all", "adapt_steps": 0, "adapt_lr": 1e-4}
 
 
 def recorded_settings(values: dict) -> dict:

@@ -221,3 +221,32 @@ def fill_shared(run: RunConfig, shared: Shared) -> RunConfig:
 def seed_run(run: RunConfig, shared: Shared, seed: int, out: Path) -> RunConfig:
     """The run file with the SynthMed folders filled in, every stage at training seed `seed`, output `out`."""
     return dataclasses.replace(with_seed(fill_shared(run, shared), seed), output=str(out))
+
+
+def shared_key(config: DemoConfig) -> str:
+    """Which shared folders a SynthMed run uses: rows of a study whose `synthmed` settings differ only in what no
+    folder depends on (seeds, threads, controls, ...) share one set."""
+    return _key(*(str(folder) for folder in shared_folders(config).values()))
+
+
+def token_readability(shared: Shared, seed: int = 0) -> dict:
+    """How well lesion presence is read linearly from the prepared base VLM's merged visual tokens (what the
+    encoder-free student A_psi reads): the visibility of the lesion evidence to the VLM itself, measured per image
+    (eval/diagnostics.linear_probe: train images -> test images, with its Wilson interval and the majority rate).
+    Cached beside the base VLM (`readability-KEY.json`, KEY the base VLM's folder key)."""
+    path = shared.vlm_base.with_name(shared.vlm_base.name.replace("vlm_base-", "readability-") + f"-s{seed}.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    from medsynapse.eval.diagnostics import readability_probes
+    from medsynapse.locking import write_text_atomic
+    from medsynapse.model.medsynapse import MedSynapseV
+
+    train = [s for s in read_samples(shared.train_file) if s.family == "lesion"]
+    test = [s for s in read_samples(shared.data / "test.jsonl") if s.family == "lesion"]
+    model = MedSynapseV.from_pretrained(shared.vlm_base)
+    probe = readability_probes(model, train, test, labels=("presence",), seed=seed, kinds=("vlm_visual_tokens",),
+                               train_source=shared.train_file, test_source=str(shared.data / "test.jsonl"))
+    result = {k: v for k, v in probe["vlm_visual_tokens"].items() if k != "by_label"}
+    result["vlm_base"] = str(shared.vlm_base)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    return result
