@@ -118,6 +118,21 @@ def stage1_config(tiny_env: TinyEnv, out, **overrides):
     return Stage1Config(**{**base, **overrides})
 
 
+@pytest.fixture(scope="module")
+def stage2_dir(tiny_env, tmp_path_factory):
+    """A tiny Stage II folder (from a 2-step Stage I; 4 memory slots, LoRA r 4), once per test module."""
+    from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
+    from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
+
+    s1 = tmp_path_factory.mktemp("s1")
+    train_stage1(Stage1Config(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
+                              output_dir=str(s1), n_memory=4, sampler_width=32, batch_size=4, max_steps=2))
+    s2 = tmp_path_factory.mktemp("s2")
+    train_stage2(Stage2Config(model=str(s1), train_file=str(tiny_env.train_file), output_dir=str(s2), lora_r=4,
+                              lora_alpha=8, group_size=2, batch_size=2, max_steps=2, max_new_tokens=3))
+    return s2
+
+
 def run_file(path, section: str, values: dict | str) -> Path:
     """A run file at `path` whose `section` (stage1, stage2, stage3, or a baseline method: its `baselines` entry)
     holds `values` (a mapping, or YAML lines of the recipe's own keys); the run's output beside it. A key the section

@@ -12,20 +12,7 @@ from safetensors.torch import load_file
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.objectives.jsd import first_positions
 from medsynapse.recipes import stage3_imt, trainer
-from medsynapse.recipes.stage1_warmup import Stage1Config, train_stage1
-from medsynapse.recipes.stage2_ccr import Stage2Config, train_stage2
 from medsynapse.recipes.stage3_imt import Stage3Config, train_stage3
-
-
-@pytest.fixture(scope="module")
-def stage2_dir(tiny_env, tmp_path_factory):
-    s1 = tmp_path_factory.mktemp("s1")
-    train_stage1(Stage1Config(vlm=str(tiny_env.vlm), encoder=str(tiny_env.encoder), train_file=str(tiny_env.train_file),
-                              output_dir=str(s1), n_memory=4, sampler_width=32, batch_size=4, max_steps=2))
-    s2 = tmp_path_factory.mktemp("s2")
-    train_stage2(Stage2Config(model=str(s1), train_file=str(tiny_env.train_file), output_dir=str(s2), lora_r=4,
-                              lora_alpha=8, group_size=2, batch_size=2, max_steps=2, max_new_tokens=3))
-    return s2
 
 
 def _config(tiny_env, stage2_dir, out, **kw) -> Stage3Config:
