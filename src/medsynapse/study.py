@@ -6,7 +6,9 @@ SynthMed also its `synthmed` section) and rows. A row is a model to evaluate (`b
 or a `baseline` method) after the row's overrides of the run file (`set: [KEY=VALUE, ...]`, as `--set`).
 
 Plan:
-1. shared by every row and seed: SynthMed's data, base VLM and prior encoder (demo.prepare_shared, cached) and the
+1. shared by every row and seed: SynthMed's data, base VLM and prior encoder (steps/synthmed.prepare_shared, cached;
+   a row whose `set` changes a base-VLM setting, `synthmed.base_vision_steps=0`, gets its own base VLM, and with
+   `token_readability` each base VLM's lesion evidence in its visual tokens is measured: the visibility axis) and the
    prior encoder's features of every training image (one on-disk feature cache that every unit reads instead of
    encoding the images again: the same tensors, bit for bit), or for a real run the pipeline's `convert` and
    `cache` steps;
