@@ -52,6 +52,17 @@ def test_the_visibility_study_gives_each_level_its_own_base_vlm_and_keeps_data_a
         assert getattr(chains[remedy][2].config, key) == value
 
 
+def test_base_rows_on_different_base_vlms_are_scored_apart(tmp_path, monkeypatch):
+    """Each base VLM of the axis is its own model to score (one `base` evaluation for all would score the first)."""
+    from medsynapse.study import describe_plan
+
+    monkeypatch.setenv("MEDSYNAPSE_CACHE", str(tmp_path / "cache"))
+    plan = describe_plan(*read_study(CONFIGS / "visibility-levels.yaml"))
+    assert plan["distinct"]["evaluations"] == 8 == len({row["evaluation"]["0"] for row in plan["rows"].values()})
+    single = describe_plan(*read_study(CONFIGS / "study-synthmed.yaml"))  # one base VLM: still called `base`
+    assert single["rows"]["base"]["evaluation"]["0"] == "base"
+
+
 def test_a_row_that_changes_the_data_is_refused_naming_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MEDSYNAPSE_CACHE", str(tmp_path / "cache"))
     study = {"run": str(CONFIGS / "synthmed.yaml"), "seeds": [0], "output": str(tmp_path / "out"),

@@ -352,8 +352,9 @@ def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_sou
             chain = plan_units(run, row, seed, output / "units")
             for unit in chain:
                 units.setdefault(unit.name, unit)
-            model_name = (chain[-1].name if chain else "base") + (f"-{row.answer_format}" if row.answer_format
-                                                                   else "")
+            # the base VLM: one per base-VLM setting when rows have their own (a visibility axis), named by its folder
+            base = "base" if not isinstance(shared, dict) or len(shared) == 1 else f"base-{_key(run.model.vlm)[:8]}"
+            model_name = (chain[-1].name if chain else base) + (f"-{row.answer_format}" if row.answer_format else "")
             model_dir = chain[-1].config.output_dir if chain else run.model.vlm
             counterfactual = study.counterfactual or resolve(run, "stage2").intervention
             evaluation = Evaluation(model_name, model_dir, str(output / "evals" / model_name), benchmarks, data_root,
