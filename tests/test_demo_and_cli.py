@@ -37,12 +37,19 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     run = read_run_config(out / "run.yaml")
     stage1, stage2 = resolve(run, "stage1"), resolve(run, "stage2")
     assert Path(stage1.vlm).is_dir() and Path(stage1.encoder).is_dir() and Path(stage1.train_file).is_file()
-    assert stage1.max_steps == 3 and stage1.n_memory == results["config"]["run"]["model"]["n_memory"]
-    assert stage2.causal_form == results["config"]["run"]["stage2"]["causal_form"]
+    assert stage1.max_steps == 3 and stage1.n_memory == 16  # configs/synthmed.yaml's
+    assert stage2.causal_form == "centred"
     assert stage2.model == stage1.output_dir
-    # Stages I-III ran through the pipeline (its manifest in the output folder)
-    manifest = json.loads((out / "pipeline.json").read_text())
-    assert list(manifest["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3"]
+    # every row ran through the study (the one driver): its units, evaluations, cells and table in the output
+    # folder, each row's model linked under its name
+    study = json.loads((out / "study.json").read_text())
+    assert sorted(study["rows"]) == ["base", "grpo_only", "sft", "stage1", "stage2", "stage3_student"]
+    for row in ("stage1", "stage2", "stage3_student", "sft", "grpo_only"):
+        cell = study["rows"][row]["cells"]["0"]
+        assert (out / row).resolve() == (out / "units" / cell["units"][-1]).resolve(), row
+        assert results["stages"][row]["accuracy"] == cell["accuracy"], row
+    assert study["rows"]["stage3_student"]["cells"]["0"]["units"][:2] == study["rows"]["stage2"]["cells"]["0"]["units"]
+    assert "| stage1 |" in (out / "table.md").read_text()
     for name in ("stage3_teacher", "stage3_student", "sft", "grpo_only"):
         assert 0.0 <= results["stages"][name]["accuracy"] <= 1.0
         assert set(results["stages"][name]["by_question_type"]) <= {"presence", "count", "location", "size",
@@ -78,22 +85,23 @@ def test_demo_small_run_writes_results_report_and_plot(tmp_path, capsys):
     for weights in ("stage1/sampler.safetensors", "stage2/adapter/adapter_model.safetensors",
                     "stage3_student/autonomous.safetensors"):
         assert (again_out / weights).read_bytes() == (out / weights).read_bytes(), weights
-    # the same settings into the same folder keep the finished stages (the pipeline's rule); a changed Stage III
-    # setting redoes Stage III only
-    stamps = {s: (out / s / "medsynapse.json").stat().st_mtime_ns for s in ("stage1", "stage2", "stage3_student")}
+    # the same settings into the same folder keep the finished units (the study's rule: keyed by their settings);
+    # a changed Stage III setting trains another Stage III only, from the same Stage II
+    finished = {s: (out / s / "unit.json").stat().st_mtime_ns for s in ("stage1", "stage2", "stage3_student")}
     capsys.readouterr()
     assert main([*args, "stage3.lr=0.002", "diagnostics=false", "efficiency_samples=0", "ablations=true"]) == 0
-    assert "stage1 already finished, kept" in capsys.readouterr().out
+    assert "; 9 already finished" in capsys.readouterr().out  # 5 units and 4 evaluations of the first run
     ablated = json.loads((out / "results.json").read_text())["stages"]  # each ablation trained into its own folder
     for name, weights in (("stage2_lambda0", "adapter/adapter_model.safetensors"),
                           ("stage2_paper_eq5", "adapter/adapter_model.safetensors"),
                           ("stage2_ranked", "adapter/adapter_model.safetensors"),
                           ("stage3_jsd_only", "autonomous.safetensors")):
         assert (out / name / weights).is_file() and 0.0 <= ablated[name]["accuracy"] <= 1.0, name
-    assert {s: (out / s / "medsynapse.json").stat().st_mtime_ns for s in stamps} | {"stage3_student": 0} == \
-        stamps | {"stage3_student": 0}
-    assert (out / "stage3_student" / "medsynapse.json").stat().st_mtime_ns != stamps["stage3_student"]
-    assert json.loads((out / "pipeline.json").read_text())["steps"]["stage3"]["settings"]["lr"] == 0.002
+    assert {s: (out / s / "unit.json").stat().st_mtime_ns for s in ("stage1", "stage2")} == \
+        {s: finished[s] for s in ("stage1", "stage2")}
+    assert (out / "stage3_student" / "unit.json").stat().st_mtime_ns != finished["stage3_student"]
+    state = next((out / "stage3_student" / "checkpoints").glob("*/state.json"))
+    assert json.loads(state.read_text())["settings"]["lr"] == 0.002
 
 
 def without_timing(results: dict) -> dict:
@@ -138,18 +146,24 @@ def test_demo_over_seeds_summarises_and_reuses_finished_seeds(tmp_path, capsys):
     per_seed = [json.loads((out / f"seed_{k}" / "results.json").read_text()) for k in (0, 1)]
     assert [r["seed"] for r in per_seed] == [0, 1]
     assert per_seed[0]["efficiency"] == {} and not any(k.startswith("efficiency") for k in per_seed[0]["timing_s"])
-    summary = json.loads((out / "summary.json").read_text())
-    row = summary["stages"]["stage1"]["accuracy"]
+    study = json.loads((out / "study.json").read_text())  # the rows over seeds: the study's summary
+    row = study["rows"]["stage1"]["summary"]["accuracy"]
     values = [r["stages"]["stage1"]["accuracy"] for r in per_seed]
     assert row["values"] == values and abs(row["mean"] - sum(values) / 2) < 1e-12
     assert row["ci95"][0] <= row["mean"] <= row["ci95"][1]
-    assert "± " in (out / "summary.md").read_text()
-    # rerun: finished seeds are reused, not retrained (their results files are untouched)
+    assert study["rows"]["stage1"]["comparison"]["delta"] == row["mean"] - study["rows"]["stage2"]["summary"][
+        "accuracy"]["mean"]
+    assert "± " in (out / "table.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())  # what the study does not compute, over seeds
+    assert "stages" not in summary and summary["seeds"] == [0, 1] and "table.md" in summary["rows"]
+    assert "table.md" in (out / "summary.md").read_text()
+    # rerun: finished units, evaluations and seed reports are reused, not redone (their files are untouched)
     stamp = (out / "seed_0" / "results.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0
     assert (out / "seed_0" / "results.json").stat().st_mtime_ns == stamp
-    assert "already finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "13 already finished" in printed and "seed 1's report already written" in printed
 
 
 def test_the_shipped_synthmed_run_file_is_the_demos_and_is_checked(tmp_path, capsys):

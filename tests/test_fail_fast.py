@@ -175,8 +175,8 @@ def test_the_demo_refuses_before_building_its_shared_folders(tmp_path, capsys, m
             "--cache-dir", str(tmp_path / "cache")]
     _one_line(capsys, [*argv, "--set", "stage2.lr=.nan"], "synthmed.yaml.stage2.lr: must be a finite number",
               tmp_path)
-    _one_line(capsys, [*argv, "--set", "synthmed.stage2_ablations={x: [stage2.top_p=0]}"],
-              "synthmed.yaml.synthmed.stage2_ablations.x.top_p: must be in (0, 1]", tmp_path)
+    _one_line(capsys, [*argv, "--ablations", "--set", "baselines.grpo.top_p=0"],
+              "synthmed.yaml.baselines.grpo.top_p: must be in (0, 1]", tmp_path)
 
 
 def test_the_memory_bound_is_against_this_machine_and_shared_by_the_processes(monkeypatch):

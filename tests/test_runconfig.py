@@ -95,42 +95,48 @@ def test_train_reads_each_stage_of_one_run_file(tiny_env, tmp_path):
     assert MedSynapseV.from_pretrained(tmp_path / "run" / "stage2").has_adapter
 
 
-def test_a_demo_ablation_is_the_study_row_with_the_same_set_and_the_old_merge():
-    """One way to state an ablation: the demo's `stage2_ablations` items are a study row's `set:`; each resolves to
-    the study row's stage config and to what the demo's former mapping form gave (same settings: same numbers)."""
+@pytest.mark.parametrize(("controls", "ablations"), [(True, False), (False, True), (True, True)])
+def test_the_demo_is_the_demo_studys_rows_chosen_by_its_synthmed_section(controls, ablations, tmp_path):
+    """One way to state an ablation: the demo's ablations are configs/study-demo.yaml's rows with a `set`, its
+    controls the `baseline` rows; each ablation resolves to its stage with only the named settings changed and trains
+    from the seed's one earlier unit (a Stage II ablation from the Stage I of stage2's chain)."""
     from dataclasses import asdict
 
-    from medsynapse.config import from_dict, read_yaml
-    from medsynapse.steps.synthmed import DemoConfig, ablation_config
+    from medsynapse.study import demo_study, plan_units, row_run
 
-    path = CONFIGS / "synthmed.yaml"
-    raw, run = read_yaml(path), read_run_config(path)
-    demo = DemoConfig()
-    ablations = [("stage2", name, items) for name, items in demo.stage2_ablations.items()]
-    ablations += [("stage3", name, items) for name, items in demo.stage3_ablations.items()]
-    assert len(ablations) == 4
-    for stage, name, items in ablations:
-        variant = ablation_config(run, stage, name, items)
-        assert variant == resolve(run_config_from(raw, str(path), items), stage)  # the study's row
-        former = {item.split("=")[0].split(".", 1)[1]: yaml.safe_load(item.split("=", 1)[1]) for item in items}
-        resolved = resolve(run, stage)
-        assert variant == from_dict(type(resolved), {**asdict(resolved), **former})  # the former mapping form
-        changed = {k for k, v in asdict(variant).items() if asdict(resolved)[k] != v}
-        assert changed == set(former) and changed  # only the named settings move
+    overrides = [f"synthmed.controls={str(controls).lower()}", f"synthmed.ablations={str(ablations).lower()}",
+                 "synthmed.seeds=[0, 2]", f"output={tmp_path / 'demo'}", "synthmed.eval_batch_size=16"]
+    study, raw, source = demo_study(CONFIGS / "synthmed.yaml", overrides)
+    core = ["base", "stage1", "stage2", "stage3_student"]
+    kept = [*core, *(["sft", "grpo_only"] if controls else []),
+            *(["stage2_lambda0", "stage2_paper_eq5", "stage2_ranked", "stage3_jsd_only"] if ablations else [])]
+    assert sorted(study.rows) == sorted(kept)
+    assert (study.seeds, study.output, study.eval_batch_size) == ([0, 2], str(tmp_path / "demo"), 16)
+    assert {study.rows[r].group for r in study.rows} == {"demo"}  # one Holm family, as before
+    if not ablations:
+        return
+    plain = {stage: resolve(row_run(raw, source, study.rows[name], 0, None), stage)
+             for stage, name in (("stage2", "stage2"), ("stage3", "stage3_student"))}
+    chain = {u.kind: u for u in plan_units(row_run(raw, source, study.rows["stage3_student"], 0, None),
+                                           study.rows["stage3_student"], 0, tmp_path / "units")}
+    for name, stage in (("stage2_lambda0", "stage2"), ("stage2_paper_eq5", "stage2"), ("stage2_ranked", "stage2"),
+                        ("stage3_jsd_only", "stage3")):
+        row = study.rows[name]
+        variant = resolve(row_run(raw, source, row, 0, None), stage)
+        named = {item.split("=")[0].split(".", 1)[1]: yaml.safe_load(item.split("=", 1)[1]) for item in row.set}
+        changed = {k for k, v in asdict(variant).items() if asdict(plain[stage])[k] != v}
+        assert changed == set(named) and changed, name  # only the named settings move
+        units = plan_units(row_run(raw, source, row, 0, None), row, 0, tmp_path / "units")
+        assert [u.name for u in units[:-1]] == [chain[u.kind].name for u in units[:-1]], name  # the same start
+        assert units[-1].name != chain[stage].name, name
 
 
-@pytest.mark.parametrize(("items", "message"), [
-    ({"causal_form": "paper"}, "expected a list of stage2.KEY=VALUE (as a study row's `set:`)"),
-    (["model.n_memory=4"], "'model.n_memory=4': expected stage2.KEY=VALUE (a variant of stage2 changes only"),
-    (["stage3.beta=0.5"], "'stage3.beta=0.5': expected stage2.KEY=VALUE"),
-    (["stage2.causal_form"], "expected stage2.KEY=VALUE"),
-    (["stage2.no_such_key=1"], "synthmed.stage2_ablations.x: "),
-])
-def test_a_demo_ablation_in_another_form_or_section_is_one_line_naming_it(items, message):
-    from medsynapse.steps.synthmed import ablation_config
+def test_a_demo_ablation_that_changes_nothing_or_names_no_key_is_one_line(tmp_path):
+    from medsynapse.study import demo_study
 
-    run = read_run_config(CONFIGS / "synthmed.yaml")
-    with pytest.raises(ConfigError) as raised:
-        ablation_config(run, "stage2", "x", items)
-    assert message in str(raised.value) and "synthmed.yaml.synthmed.stage2_ablations.x" in str(raised.value)
-    assert "\n" not in str(raised.value)
+    overrides = ["synthmed.ablations=true", f"output={tmp_path / 'demo'}", "stage2.lambda_causal=0.0"]
+    with pytest.raises(ConfigError) as raised:  # the run file already says what stage2_lambda0 sets
+        demo_study(CONFIGS / "synthmed.yaml", overrides)
+    assert "'stage2_lambda0' resolves to the same model as its reference 'stage2'" in str(raised.value)
+    with pytest.raises(ConfigError, match=r"synthmed\.yaml\.synthmed: unknown key.*stage2_ablations"):
+        demo_study(CONFIGS / "synthmed.yaml", ["synthmed.stage2_ablations={x: [stage2.top_p=0]}"])

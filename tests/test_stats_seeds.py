@@ -5,7 +5,6 @@ seed-level t, the multiplicity corrections and the t-interval over seeds, all by
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import numpy as np
@@ -126,26 +125,3 @@ def test_a_row_against_itself_has_no_difference_and_the_largest_p():
     assert same["delta"] == 0 and same["ci95"] == [0, 0] and same["p_value"] == 1.0
     assert same["seed_t"]["p_value"] == 1.0
     assert paired_bootstrap(row, row, 500)["p_value"] == 1.0
-
-
-def test_the_demo_summary_compares_rows_with_the_studys_statistic(tmp_path):
-    from medsynapse.demo import seed_comparisons
-
-    generator = np.random.default_rng(3)
-    folders, answers = {}, {}
-    for seed in (0, 1, 2):
-        folder = tmp_path / f"seed_{seed}"
-        folder.mkdir()
-        folders[seed] = folder
-        for row, rate in (("stage2", 0.6), ("sft", 0.5), ("stage1", 0.55)):
-            values = (generator.random(40) < rate).astype(int).tolist()
-            answers[(row, seed)] = values
-            lines = [json.dumps({"id": f"q{i:02d}", "correct": bool(v)}) for i, v in enumerate(values)]
-            (folder / f"predictions_{row}.jsonl").write_text("\n".join(lines) + "\n")
-    result = seed_comparisons(folders, resamples=300)
-    assert list(result) == ["stage2 − sft", "stage2 − stage1"]  # only pairs with predictions under every seed
-    direct = compare([answers[("stage2", s)] for s in (0, 1, 2)], [answers[("sft", s)] for s in (0, 1, 2)], 300)
-    assert {k: result["stage2 − sft"][k] for k in ("delta", "ci95", "p_value", "seed_t")} == {
-        k: direct[k] for k in ("delta", "ci95", "p_value", "seed_t")}
-    assert result["stage2 − sft"]["p_adjusted"] == adjust_p_values(
-        [result["stage2 − sft"]["p_value"], result["stage2 − stage1"]["p_value"]])[0]

@@ -1,30 +1,30 @@
-"""`medsynapse demo --config configs/synthmed.yaml`: the whole pipeline on SynthMed, on a laptop CPU.
+"""`medsynapse demo`'s per-seed report: what the demo measures beyond the study's table, over the models of a finished
+demo study (study.demo_study, study.run_study: the one driver trains and scores every row; this module trains nothing).
 
-The run file's `model`, `data` and `stage1-3` sections train Stages I-III through the same chain of steps
-(steps/chain.py, `medsynapse pipeline`) that a paper-scale run uses; its `synthmed` section (DemoConfig) drives the
-SynthMed-only steps around it.
-
-Shared by every seed (steps/synthmed.py, cached, keyed by the settings that shape them): data -> tiny Qwen3-VL
-(built offline) -> base-VLM preparation -> prior encoder (trained on masks, frozen).
-Per training seed: Stage I -> Stage II -> Stage III (the pipeline: kept when finished with the same settings, resumed
-from its checkpoints when killed, redone when the settings changed); the no-memory controls (SFT, GRPO-only) on the
-same questions and budgets; optional ablations (Stage II rewards from the same Stage I, the JSD-only student from the
-same Stage II); evaluation of every row on the
-held-out lesion questions (Stage I/II rows also with the counterfactual memory M'); the memory-reliance report, leak
-and readability probes; latency and memory of base vs teacher vs encoder-free student.
-Several seeds: one folder per seed (a finished seed is reused) and a summary with mean ± sd and 95 % intervals.
-OUTPUT/run.yaml: the same Stage I-III settings as a run file (runconfig.py) naming the cached folders.
+Per training seed, into OUTPUT (one seed) or OUTPUT/seed_K (several):
+1. every row's model folder linked under the row's name (OUTPUT/stage2 -> units/stage2-s0-KEY) and its answers
+   (predictions_ROW.jsonl, the harness's, one line per question);
+2. results.json: `stages` (each row's accuracy, n, unparseable answers and accuracy per question type from the study's
+   cell; memory rows with the accuracy under the counterfactual memory M'; `stage3_teacher` is the Stage II model
+   with its privileged memory: the same weights, the same answers), `claims`, `diagnostics` (the memory-reliance
+   report per stage, the leak and readability probes), `efficiency` (latency of base, teacher and student side by
+   side in one process; peak memory of each in a fresh one), the encoder's metrics and Stage II's causal reward;
+3. report.md and accuracy.png.
+A seed's report is kept while its signature (the cells it reads and these settings) is the same: the study's
+units.json / result.json / cells decide what is trained and scored again, this file only what is measured on top.
+Several seeds: summary.json / summary.md over seeds for these measurements (mean ± sd [95 % t-interval]); the rows'
+accuracies and their paired comparisons over seeds and questions are the study's (study.json, table.md).
+OUTPUT/run.yaml: the same Stage I-III settings as a run file naming the cached folders.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import yaml
 
 from medsynapse.data.schema import read_samples
@@ -40,145 +40,148 @@ from medsynapse.eval.report import (
     type_table,
     write_json,
 )
-from medsynapse.eval.vqa import evaluate
 from medsynapse.locking import write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
-from medsynapse.recipes.sft import train_sft
-from medsynapse.recipes.stage2_ccr import train_stage2
-from medsynapse.recipes.stage3_imt import train_stage3
-from medsynapse.runconfig import RunConfig, resolve, resolve_baseline
-from medsynapse.steps.chain import run_pipeline
-from medsynapse.steps.synthmed import (
-    DemoConfig,
-    Shared,
-    ablation_config,
-    check_settings,
-    demo_settings,
-    prepare_shared,
-    seed_run,
-    stopwatch,
-)
+from medsynapse.runconfig import RunConfig, resolve
+from medsynapse.steps.synthmed import DemoConfig, Shared, demo_settings, prepare_shared, seed_run, stopwatch
+
+ROW_FIELDS = ("accuracy", "n", "unparseable", "by_question_type")
 
 
-def _fresh(folder: Path) -> str:
-    shutil.rmtree(folder, ignore_errors=True)
-    return str(folder)
+def write_reports(study_result: dict, run: RunConfig) -> dict:
+    """Step 1-3 of the module docstring for every seed of the demo study's result (study.json's content); returns
+    the one seed's results, or the summary over seeds."""
+    config = demo_settings(run)
+    output = Path(run.output)
+    shared = prepare_shared(config)  # cached by the study's first step: named, not built again
+    write_run_config(seed_run(run, shared, config.seed, Path("runs/synthmed")), output / "run.yaml")
+    seeds = study_result["seeds"]
+    per_seed = {}
+    for seed in seeds:
+        folder = output if len(seeds) == 1 else output / f"seed_{seed}"
+        per_seed[seed] = seed_results(study_result, run, config, shared, seed, folder)
+    if len(seeds) == 1:
+        return per_seed[seeds[0]]
+    summary = {**summarize_seeds({seed: {k: v for k, v in r.items() if k != "stages"}
+                                  for seed, r in per_seed.items()}),
+               "rows": "study.json, table.md (the study's: every row over seeds, its paired comparison)"}
+    write_json(output / "summary.json", summary)
+    write_text_atomic(output / "summary.md", summary_report(summary))
+    return summary
 
 
-def _variant(run: RunConfig, stage: str, name: str, overrides: list[str], output_dir: Path):
-    """An ablation's resolved config (steps/synthmed.ablation_config), trained into `output_dir` (emptied)."""
-    return replace(ablation_config(run, stage, name, overrides), output_dir=_fresh(output_dir))
-
-
-def run_seed(config: DemoConfig, run: RunConfig, shared: Shared, seed: int, out: Path) -> dict:
-    """One seed: Stage I -> II -> III (the pipeline), the controls and ablations, evaluation, diagnostics,
-    efficiency, reports."""
-    t0 = time.perf_counter()
+def seed_results(study_result: dict, run: RunConfig, config: DemoConfig, shared: Shared, seed: int,
+                 folder: Path) -> dict:
+    """One seed's report (module docstring), kept when its results.json has the same signature."""
+    began = time.perf_counter()
+    output = Path(run.output)
+    cells = {row: spec["cells"][str(seed)] for row, spec in study_result["rows"].items()}
+    signature = _signature(cells, config)
+    previous = folder / "results.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("config") == signature:
+        print(f"demo: seed {seed}'s report already written with the same models and settings: {previous}")
+        return json.loads(previous.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    models = {row: output / "units" / cell["units"][-1] if cell["units"] else shared.vlm_base
+              for row, cell in cells.items()}
+    for row, cell in cells.items():
+        if cell["units"]:
+            _link(folder / row, models[row])
+        _write_predictions(output / "evals" / cell["evaluation"], cell, folder / f"predictions_{row}.jsonl")
     timing: dict[str, float] = {}
     timed = stopwatch(timing)
-    out.mkdir(parents=True, exist_ok=True)
-    test = shared.test
-    run = seed_run(run, shared, seed, out)
-    intervention = resolve(run, "stage2").intervention
-
-    manifest = run_pipeline(run, until="stage3", on_changed="redo")
-    timing.update({step: manifest["steps"][step]["seconds"] for step in ("stage1", "stage2", "stage3")})
-    stage1_dir, stage2_dir, stage3_dir = (Path(resolve(run, s).output_dir) for s in ("stage1", "stage2", "stage3"))
-    control_dirs: dict[str, Path] = {}
-    if config.controls:
-        for method in ("sft", "grpo"):
-            control = resolve_baseline(run, method)
-            _fresh(Path(control.output_dir))
-            name = Path(control.output_dir).name  # sft, grpo_only
-            control_dirs[name] = Path(control.output_dir)
-            train = train_sft if method == "sft" else train_stage2
-            timed(name, lambda train=train, control=control: train(control))
-    ablation_dirs: dict[str, Path] = {}
-    if config.ablations:
-        for name, overrides in config.stage2_ablations.items():
-            ablation_dirs[name] = out / name
-            timed(name, lambda n=name, o=overrides: train_stage2(_variant(run, "stage2", n, o, ablation_dirs[n])))
-        for name, overrides in config.stage3_ablations.items():
-            ablation_dirs[name] = out / name
-            timed(name, lambda n=name, o=overrides: train_stage3(_variant(run, "stage3", n, o, ablation_dirs[n])))
-
-    evaluations: dict[str, dict] = {}
-
-    def evaluate_stage(name: str, folder: Path, counterfactual: bool) -> dict:
-        model = MedSynapseV.from_pretrained(folder, merge_adapter=True)
-        result = timed(f"eval_{name}", lambda: evaluate(model, test, batch_size=config.eval_batch_size,
-                                                        desc=f"eval {name}"))
-        evaluations[name] = result
-        row = {"accuracy": result["accuracy"], "n": result["n"], "unparseable": result["unparseable"],
-               "by_question_type": result["by_question_type"]}
-        if counterfactual:
-            cf = timed(f"eval_{name}_cf", lambda: evaluate(model, test, branch="counterfactual",
-                                                           intervention=intervention,
-                                                           batch_size=config.eval_batch_size, desc=f"eval {name} cf"))
-            evaluations[f"{name}_counterfactual"] = cf
-            row["counterfactual_accuracy"] = cf["accuracy"]
-            row["counterfactual_sensitivity"] = result["accuracy"] - cf["accuracy"]
-            row["counterfactual_by_question_type"] = cf["by_question_type"]
-        return row
-
-    stages = {"base": evaluate_stage("base", shared.vlm_base, False)}
-    for name, folder in control_dirs.items():
-        stages[name] = evaluate_stage(name, folder, False)
-    stages["stage1"] = evaluate_stage("stage1", stage1_dir, True)
-    stages["stage2"] = evaluate_stage("stage2", stage2_dir, True)
-    for name, folder in ablation_dirs.items():
-        if name in config.stage3_ablations:
-            stages[name] = evaluate_stage(name, folder, False)
-            continue
-        stages[name] = evaluate_stage(name, folder, True)
-        stages[name].update(_causal_summary(folder))
+    intervention = resolve(seed_run(run, shared, seed, folder), "stage2").intervention
+    stages = {row: _stage_row(cell) for row, cell in cells.items()}
     # The Stage III teacher is the Stage II model with its privileged memory: same weights, same answers.
-    stages["stage3_teacher"] = {k: stages["stage2"][k] for k in ("accuracy", "n", "unparseable", "by_question_type")}
-    stages["stage3_student"] = evaluate_stage("stage3_student", stage3_dir, False)
-    stages["stage2"].update(_causal_summary(stage2_dir))
-
+    stages["stage3_teacher"] = {k: stages["stage2"][k] for k in ROW_FIELDS}
+    for row in cells:
+        if (models[row] / "causal_reward_summary.json").is_file():
+            stages[row].update(_causal_summary(models[row]))
     diagnostics = {}
     if config.diagnostics:
         diagnostics = timed("diagnostics", lambda: run_diagnostics(
-            {"stage1": stage1_dir, "stage2": stage2_dir, "stage3_student": stage3_dir}, shared, intervention,
-            config.eval_batch_size))
+            {"stage1": models["stage1"], "stage2": models["stage2"], "stage3_student": models["stage3_student"]},
+            shared, intervention, config.eval_batch_size))
+    efficiency = timed_efficiency(config, shared, {"base": shared.vlm_base, "stage3_teacher": models["stage2"],
+                                                   "stage3_student": models["stage3_student"]}, timed)
+    trained = {row: cell["train_s"][cell["units"][-1]] for row, cell in cells.items() if cell["units"]}
+    evaluated = {f"eval_{row}": cell["eval_s"] for row, cell in cells.items()}
+    results = {
+        "seed": seed,
+        "data_seed": config.data_seed,
+        "splits": {"train": shared.train_n, "test": len(shared.test)},
+        "stages": stages,
+        "claims": claims(stages, efficiency),
+        "diagnostics": diagnostics,
+        "encoder": shared.encoder_info,
+        "stage2_causal_reward": json.loads((models["stage2"] / "causal_reward_summary.json").read_text()),
+        "efficiency": efficiency,
+        "timing_s": {**study_result["shared"].get("timing_s", {}), **trained, **evaluated, **timing,
+                     "total": round(sum(trained.values()) + sum(evaluated.values())
+                                    + time.perf_counter() - began, 2)},
+        "config": signature,
+    }
+    write_json(folder / "results.json", results)
+    write_text_atomic(folder / "report.md", seed_report(results, config))
+    if folder != output:  # one seed: the study's accuracy.png (the same rows) is in OUTPUT
+        plot_accuracy(results, folder / "accuracy.png")
+    return results
 
-    # Latency side by side in one process; memory of each model in a fresh process (clean peak). 0 samples: none.
-    folders = {"base": shared.vlm_base, "stage3_teacher": stage2_dir, "stage3_student": stage3_dir}
+
+def _stage_row(cell: dict) -> dict:
+    """A row of results.json's `stages` from the study's cell of that row and seed."""
+    bench = cell["benchmarks"]["synthmed"]
+    row = {"accuracy": cell["accuracy"], "n": bench["n"], "unparseable": bench["unparseable"],
+           "by_question_type": cell["by_question_type"]}
+    if cell.get("counterfactual_accuracy") is not None:
+        row["counterfactual_accuracy"] = cell["counterfactual_accuracy"]
+        row["counterfactual_sensitivity"] = cell["counterfactual_sensitivity"]
+    return row
+
+
+def _link(link: Path, target: Path) -> None:
+    """OUTPUT/ROW -> the unit's folder (relative, so the output folder can move); a real folder of that name (the
+    layout before the demo was a study) is left alone."""
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        print(f"demo: {link} is a folder of an earlier layout, left as it is (the row's model: {target})")
+        return
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+def _write_predictions(evaluation: Path, cell: dict, path: Path) -> None:
+    """The harness's answers of the row's model (one line per question, the newest), as predictions_ROW.jsonl (the
+    harness folder the evaluation names; an evaluation from before it named one: the newest)."""
+    from medsynapse.eval.runner import PREDICTIONS, latest_per_id, read_predictions
+
+    harness = evaluation / cell["harness"] if cell.get("harness") else max(evaluation.glob("harness-*"),
+                                                                             key=lambda p: p.stat().st_mtime)
+    lines = latest_per_id(read_predictions(harness / "synthmed" / PREDICTIONS, repair=False))
+    # without the time each answer took: the same models give the same file, byte for byte
+    write_text_atomic(path, "".join(json.dumps({k: v for k, v in line.items() if k != "ms"}) + "\n"
+                                    for line in lines))
+
+
+def timed_efficiency(config: DemoConfig, shared: Shared, folders: dict[str, Path], timed) -> dict:
+    """Latency side by side in one process; memory of each model in a fresh process (clean peak). 0 samples: none."""
+    if not config.efficiency_samples:
+        return {}
+    test = shared.test
     timed_ids = [s.id for s in test[:config.efficiency_samples + 3]]
     # (mypy cannot infer a lambda whose default argument binds the loop variable: "Cannot infer type")
     latency = timed("efficiency_latency", lambda: compare_latency(
         {name: (lambda f=f: MedSynapseV.from_pretrained(f, merge_adapter=True)) for name, f in folders.items()},  # type: ignore[misc]
-        test, n_timed=config.efficiency_samples)) if config.efficiency_samples else {}
+        test, n_timed=config.efficiency_samples))
     efficiency = {}
-    for name, folder in folders.items() if config.efficiency_samples else ():
+    for name, folder in folders.items():
         isolated = timed(f"efficiency_memory_{name}", lambda f=folder: measure_isolated(
             str(f), str(shared.data / "test.jsonl"), timed_ids, n_timed=config.efficiency_samples))
         efficiency[name] = {"ms_per_sample": latency[name], "ratio_to_base": latency[name] / latency["base"],
                             "peak_mem_mb": isolated["peak_mem_mb"],
                             "ms_per_sample_isolated_run": isolated["ms_per_sample"],
                             "memory_measure": isolated["memory_measure"], "n_timed": config.efficiency_samples}
-
-    results = {
-        "seed": seed,
-        "data_seed": config.data_seed,
-        "splits": {"train": shared.train_n, "test": len(test)},
-        "stages": stages,
-        "claims": claims(stages, efficiency),
-        "diagnostics": diagnostics,
-        "encoder": shared.encoder_info,
-        "stage2_causal_reward": json.loads((stage2_dir / "causal_reward_summary.json").read_text()),
-        "efficiency": efficiency,
-        "timing_s": {**shared.timing, **timing, "total": round(time.perf_counter() - t0, 2)},
-        "config": _signature(run, config),
-    }
-    for name, result in evaluations.items():
-        write_text_atomic(out / f"predictions_{name}.jsonl",
-                          "".join(json.dumps(p) + "\n" for p in result["predictions"]))
-    write_json(out / "results.json", results)
-    write_text_atomic(out / "report.md", seed_report(results, config))
-    plot_accuracy(results, out / "accuracy.png")
-    return results
+    return efficiency
 
 
 def _causal_summary(folder: Path) -> dict:
@@ -249,72 +252,6 @@ def seed_report(results: dict, config: DemoConfig) -> str:
     return "\n\n".join(parts)
 
 
-def run_demo(run: RunConfig) -> dict:
-    """One seed into OUTPUT (the default), or several seeds into OUTPUT/seed_K plus a summary over seeds.
-
-    Resumable over seeds: a seed whose results.json was written with the same settings is not run again.
-    """
-    config = demo_settings(run)
-    check_settings(run, config)  # a bad setting fails before the shared steps run
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(run.output)
-    out.mkdir(parents=True, exist_ok=True)
-    shared = prepare_shared(config)
-    write_run_config(seed_run(run, shared, config.seed, Path("runs/synthmed")), out / "run.yaml")
-    if not config.seeds:
-        return run_seed(config, run, shared, config.seed, out)
-    per_seed = {}
-    for seed in config.seeds:
-        folder = out / f"seed_{seed}"
-        previous = _finished(folder, run, config)
-        if previous is not None:
-            print(f"seed {seed}: already finished in {folder}, reusing its results")
-            per_seed[seed] = previous
-            continue
-        print(f"seed {seed}: running ({len(per_seed)} of {len(config.seeds)} done)")
-        per_seed[seed] = run_seed(config, run, shared, seed, folder)
-    summary = summarize_seeds(per_seed)
-    summary["comparisons"] = seed_comparisons({seed: out / f"seed_{seed}" for seed in config.seeds})
-    write_json(out / "summary.json", summary)
-    write_text_atomic(out / "summary.md", summary_report(summary))
-    plot_accuracy({"stages": {k: {"accuracy": v["accuracy"]["mean"],
-                                  "counterfactual_accuracy": (v.get("counterfactual_accuracy") or {}).get("mean")}
-                              for k, v in summary["stages"].items()}}, out / "accuracy.png")
-    return summary
-
-
-# The demo's paired comparisons over seeds (row, reference): the same statistic as the study's table
-# (eval/stats.compare: hierarchical bootstrap over seeds and questions, seed-level t, Holm over the family).
-COMPARISONS = (("stage2", "sft"), ("stage2", "grpo_only"), ("stage2", "stage1"), ("stage2", "stage2_lambda0"),
-               ("stage2", "stage2_paper_eq5"), ("stage2", "stage2_ranked"), ("stage3_student", "stage2"),
-               ("stage3_student", "stage3_jsd_only"))
-
-
-def seed_comparisons(folders: dict[int, Path], resamples: int = 10_000) -> dict[str, dict]:
-    """Each comparison of COMPARISONS whose two rows have predictions under every seed, from the per-question
-    correctness in OUTPUT/seed_K/predictions_ROW.jsonl, paired by question id; Holm-adjusted over the family."""
-    from medsynapse.eval.stats import adjust_family, compare
-
-    def correctness(row: str) -> list[dict[str, int]] | None:
-        files = [folder / f"predictions_{row}.jsonl" for folder in folders.values()]
-        if not all(f.is_file() for f in files):
-            return None
-        return [{line["id"]: int(bool(line["correct"])) for line in map(json.loads, f.read_text().splitlines())}
-                for f in files]
-
-    out = {}
-    for row, reference in COMPARISONS:
-        mine, theirs = correctness(row), correctness(reference)
-        if mine is None or theirs is None:
-            continue
-        questions = sorted(set.intersection(*(set(c) for c in mine + theirs)))
-        out[f"{row} − {reference}"] = compare([[c[q] for q in questions] for c in mine],
-                                              [[c[q] for q in questions] for c in theirs], resamples)
-    adjust_family(out, "holm")
-    return out
-
-
 def write_run_config(run: RunConfig, path: Path) -> None:
     """The run file with this demo's cached folders filled in (and no `synthmed` section): `medsynapse train
     stage1|stage2|stage3 --config OUTPUT/run.yaml`, `train baseline --method M --config OUTPUT/run.yaml` or `medsynapse
@@ -329,28 +266,9 @@ def write_run_config(run: RunConfig, path: Path) -> None:
     write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False))
 
 
-def _signature(run: RunConfig, config: DemoConfig) -> dict:
-    """What a seed's results depend on: the run file's sections (as written, folders not filled in) and the
-    SynthMed settings other than where and which seed."""
-    sections = {"model": asdict(run.model), "data": asdict(run.data), "baselines": run.baselines,
-                **{stage: {k: v for k, v in getattr(run, stage).items() if k != "seed"}
-                   for stage in ("stage1", "stage2", "stage3")}}
-    for key in ("vlm", "encoder"):
-        sections["model"].pop(key)
-    # newer keys at their neutral defaults are left out, so seeds finished before they existed still match
-    if not sections["model"]["encoder_feature_level"]:
-        sections["model"].pop("encoder_feature_level")
-    for key in ("baseline_file", "rationale_file", "rationale_corpora"):
-        if not sections["data"][key]:
-            sections["data"].pop(key)
-    sections["data"].pop("stage1_file")
-    settings = {k: v for k, v in asdict(config).items() if k not in ("seeds", "seed", "cache_dir", "threads")}
-    return json.loads(json.dumps({"run": sections, "synthmed": settings}, default=str))
-
-
-def _finished(folder: Path, run: RunConfig, config: DemoConfig) -> dict | None:
-    path = folder / "results.json"
-    if not path.is_file():
-        return None
-    results = json.loads(path.read_text())
-    return results if results.get("config") == _signature(run, config) else None
+def _signature(cells: dict[str, dict], config: DemoConfig) -> dict:
+    """What a seed's report depends on: the models and evaluations of its cells (their hashes and units) and the
+    SynthMed settings of what it measures."""
+    measured = {k: v for k, v in asdict(config).items() if k not in ("seeds", "seed", "cache_dir", "threads")}
+    return json.loads(json.dumps({"cells": {row: [cell["hash"], cell["units"]] for row, cell in cells.items()},
+                                  "synthmed": measured}, default=str))

@@ -207,20 +207,6 @@ def resolve(run: RunConfig, stage: str):
     return from_dict(stage_class(stage), {**_filled(run, stage), **getattr(run, stage)}, f"{run.source}.{stage}")
 
 
-def stage_variant(run: RunConfig, stage: str, overrides: list[str], where: str) -> RunConfig:
-    """The run file with `overrides` applied to one stage's section, written as a study row's `set:`
-    (`stage2.lambda_causal=0.0`): a variant of that stage trained from the same earlier stages (the demo's
-    ablations). A key of another section is refused: it would change what the variant starts from."""
-    if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
-        raise ConfigError(f"{where}: expected a list of {stage}.KEY=VALUE (as a study row's `set:`), got "
-                          f"{overrides!r}")
-    for item in overrides:
-        if "=" not in item or not item.split("=", 1)[0].startswith(f"{stage}."):
-            raise ConfigError(f"{where}: {item!r}: expected {stage}.KEY=VALUE (a variant of {stage} changes only "
-                              f"the {stage} section)")
-    return dataclasses.replace(run, **{stage: apply_overrides({stage: getattr(run, stage)}, overrides)[stage]})
-
-
 def resolve_baseline(run: RunConfig, method: str):
     """The recipe config of a no-memory baseline, trained on the data MedSynapse-V sees across its stages with the
     budget of the stage that shares its objective (the paper's controls: same data, same backbone), then the

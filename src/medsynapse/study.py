@@ -124,20 +124,8 @@ def read_study(path: str | Path, rows: list[str] | None = None, seeds: list[int]
                overrides: list[str] | None = None) -> tuple[StudyConfig, dict, str]:
     """The study file (strict), restricted to `rows` / `seeds` when given; returns it, the run file's raw mapping
     and the run file's path."""
-    from medsynapse.config import apply_overrides
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: study file not found")
-    data = apply_overrides(dict(read_yaml(path) or {}), overrides or [])
-    study = from_dict(StudyConfig, data, str(path))
-    specs = dict(data.get("rows") or {})
-    if study.rows_from:
-        other = path.parent / study.rows_from
-        if not other.is_file():
-            raise ConfigError(f"{path}.rows_from: {other} not found")
-        specs = {**((read_yaml(other) or {}).get("rows") or {}), **specs}
-    study.rows = {name: from_dict(RowSpec, dict(spec or {}), f"{path}.rows.{name}") for name, spec in specs.items()}
+    study = _study_file(path, overrides or [])
     if seeds is not None:
         study.seeds = seeds
     check_study(study, str(path))  # the whole file, before --rows keeps some of its rows
@@ -151,6 +139,59 @@ def read_study(path: str | Path, rows: list[str] | None = None, seeds: list[int]
         raise ConfigError(f"{path}.run: run file {study.run!r} not found (relative to the cwd or to the study file)")
     raw = read_yaml(run_path) or {}
     check_rows(study, raw, str(run_path), str(path))
+    return study, raw, str(run_path)
+
+
+def _study_file(path: Path, overrides: list[str]) -> StudyConfig:
+    """The study file with its rows (those of `rows_from` first), strict; not yet checked as a whole."""
+    from medsynapse.config import apply_overrides
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    data = apply_overrides(dict(read_yaml(path) or {}), overrides)
+    study = from_dict(StudyConfig, data, str(path))
+    specs = dict(data.get("rows") or {})
+    if study.rows_from:
+        other = path.parent / study.rows_from
+        if not other.is_file():
+            raise ConfigError(f"{path}.rows_from: {other} not found")
+        specs = {**((read_yaml(other) or {}).get("rows") or {}), **specs}
+    study.rows = {name: from_dict(RowSpec, dict(spec or {}), f"{path}.rows.{name}") for name, spec in specs.items()}
+    return study
+
+
+DEMO_STUDY = "study-demo.yaml"  # the demo's rows (bundled; config.find_config)
+
+
+def demo_study(run_path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, dict, str]:
+    """`medsynapse demo`: the rows of configs/study-demo.yaml over a SynthMed run file (with `overrides`), chosen by
+    its `synthmed` section: the controls (the `baseline` rows) when `controls`, the ablations (the rows with a `set`)
+    when `ablations`; its seeds (`seeds`, else `seed`), `output` and `eval_batch_size`. Returns what read_study
+    returns, every row checked as a study's are."""
+    from medsynapse.config import apply_overrides, find_config
+    from medsynapse.steps.synthmed import check_settings, demo_settings
+
+    run_path = Path(run_path)
+    if not run_path.is_file():
+        raise ConfigError(f"{run_path}: config file not found (run from the repository root, or pass --config "
+                          "with a copy of configs/synthmed.yaml)")
+    raw = apply_overrides(dict(read_yaml(run_path) or {}), overrides or [])
+    run = run_config_from(raw, str(run_path))
+    if not run.synthmed:
+        raise ConfigError(f"{run_path}: the demo needs a `synthmed` section (configs/synthmed.yaml); a run file "
+                          "without it is trained by `medsynapse pipeline`")
+    config = demo_settings(run)
+    check_settings(run, config)  # a bad setting fails before the shared steps run
+    study_path = find_config(DEMO_STUDY)
+    study = _study_file(study_path, [])
+    study.rows = {name: row for name, row in study.rows.items()
+                  if (config.controls or row.model != "baseline") and (config.ablations or not row.set)}
+    study.run, study.output = str(run_path), run.output
+    study.seeds = list(config.seeds) or [config.seed]
+    study.eval_batch_size = config.eval_batch_size
+    check_study(study, str(study_path))
+    check_rows(study, raw, str(run_path), str(study_path))
+    check_plan(study, raw, str(run_path))
     return study, raw, str(run_path)
 
 
@@ -369,6 +410,14 @@ def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_sou
                                                 run.model.vlm if not chain else None)}
     refuse_rows_equal_to_their_reference(study, cells)
     return Plan(units, evaluations, cells)
+
+
+def check_plan(study: StudyConfig, raw: dict, source: str) -> None:
+    """The plan's own refusals (a row equal to its reference; rows asking one model for two evaluations) before
+    anything is built: planned on the folders SynthMed's cache would give (named, not built)."""
+    run = run_config_from(raw, source)
+    shared = synthmed_shareds(study, raw, source, build=False) if run.synthmed else None
+    plan_study(study, raw, source, shared, (study.benchmarks or ["synthmed"], study.data_root), Path(study.output))
 
 
 def refuse_rows_equal_to_their_reference(study: StudyConfig, cells: dict[tuple[str, int], dict]) -> None:
@@ -620,7 +669,7 @@ def evaluate_model(job: Evaluation) -> dict:
     per_bench = {b: {k: m.get(k) for k in ("accuracy", "n", "unparseable", "by_question_type", "n_skipped")}
                  for b, m in metrics.items()}
     accuracies = [m["accuracy"] for m in per_bench.values() if m["accuracy"] is not None]
-    result = {"model": job.name, "answer_format": answer_format,
+    result = {"model": job.name, "answer_format": answer_format, "harness": harness.name,
               "accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
               "by_question_type": _pooled_types(per_bench), "benchmarks": per_bench,
               "efficiency": {"harness": {b: {k: m.get("efficiency", {}).get(k)
@@ -706,6 +755,7 @@ def run_study(study: StudyConfig, raw: dict, source: str) -> dict:
     began = time.perf_counter()
     output = Path(study.output)
     check_rows(study, raw, source, "study", memory=True)  # the memory bound of every row, before anything is built
+    check_plan(study, raw, source)
     output.mkdir(parents=True, exist_ok=True)
     shared, eval_source, shared_report = prepare(study, raw, source)
     plan = plan_study(study, raw, source, shared, eval_source, output)

@@ -8,14 +8,10 @@ from pathlib import Path
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medsynapse.config import ConfigError
-    from medsynapse.demo import run_demo
-    from medsynapse.eval.report import efficiency_table, stage_table
-    from medsynapse.runconfig import SECTIONS, read_run_config
+    """The rows of configs/study-demo.yaml over the run file, through the study (study.demo_study), then the
+    demo's per-seed report (demo.write_reports)."""
+    from medsynapse.runconfig import SECTIONS
 
-    if not Path(args.config).is_file():
-        raise ConfigError(f"{args.config}: config file not found (run from the repository root, or pass --config "
-                          "with a copy of configs/synthmed.yaml)")
     overrides = [f"output={args.output}"] if args.output else []
     if args.cache_dir:
         overrides.append(f"synthmed.cache_dir={args.cache_dir}")
@@ -25,18 +21,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides.append("synthmed.ablations=true")
     for item in args.set or []:  # a key outside the run file's sections is a SynthMed setting (train_images=12)
         overrides.append(item if item.split(".", 1)[0].split("=", 1)[0] in SECTIONS else f"synthmed.{item}")
-    run = read_run_config(args.config, overrides)
-    results = run_demo(run)
-    args.output = run.output
-    if "seeds" in results:
-        print(f"\nseeds {results['seeds']}: {args.output}/summary.json, summary.md, accuracy.png (per seed: seed_K/)")
+    return run_demo(args.config, overrides)
+
+
+def run_demo(config: str | Path, overrides: list[str]) -> int:
+    """`medsynapse demo` (and `pipeline` on a SynthMed run file): the demo study, then its report; prints it."""
+    import torch
+
+    from medsynapse.demo import write_reports
+    from medsynapse.eval.report import efficiency_table, stage_table
+    from medsynapse.runconfig import run_config_from
+    from medsynapse.steps.synthmed import demo_settings
+    from medsynapse.study import demo_study, run_study
+
+    study, raw, source = demo_study(config, overrides)
+    run = run_config_from(raw, source)
+    threads = demo_settings(run).threads
+    if threads:
+        torch.set_num_threads(threads)
+    results = write_reports(run_study(study, raw, source), run)
+    if len(study.seeds) > 1:
+        print(f"\nseeds {study.seeds}: {run.output}/table.md, study.json (every row over seeds); summary.json, "
+              "summary.md (diagnostics, claims, latency over seeds); per seed: seed_K/")
         return 0
     print()
     print(stage_table(results))
     print()
     print(efficiency_table(results))
-    print(f"\nwall time {results['timing_s']['total']:.1f} s; results in {args.output}/results.json, report.md, "
-          "accuracy.png")
+    print(f"\nwall time {results['timing_s']['total']:.1f} s; results in {run.output}/results.json, report.md, "
+          "table.md, accuracy.png")
     return 0
 
 
@@ -73,9 +86,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         if args.start or args.until:
             raise ValueError(f"{args.config}: a SynthMed run (with a `synthmed` section) runs whole, as `medsynapse "
                              "demo --config` does; --from/--until apply to a run file without it")
-        from medsynapse.demo import run_demo
-
-        run_demo(run)
+        run_demo(args.config, list(args.set or []))
         print(f"pipeline: SynthMed demo finished; results in {run.output}")
         return 0
     manifest = run_pipeline(run, start=args.start, until=args.until)

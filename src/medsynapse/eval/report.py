@@ -122,29 +122,11 @@ def format_p(value: float | None) -> str:
 
 
 def summary_report(summary: dict) -> str:
-    """Markdown over seeds: mean ± sd [95 % t-interval] per row, per question type, claims and diagnostics."""
-    stages = summary["stages"]
+    """Markdown over seeds of the demo's own measurements: claims, efficiency and diagnostics, each as mean ± sd
+    [95 % t-interval]; the rows' accuracies and their paired comparisons are the study's table (table.md)."""
     lines = [f"# MedSynapse demo over seeds {', '.join(map(str, summary['seeds']))}",
-             "Cells: mean ± sd [95 % t-interval of the mean] over seeds.", "",
-             "| stage | accuracy | counterfactual accuracy | accuracy(M) − accuracy(M') |", "|---|---|---|---|"]
-    for name, row in stages.items():
-        lines.append(f"| {name} | {_stat(row.get('accuracy'))} | {_stat(row.get('counterfactual_accuracy'))} | "
-                     f"{_stat(row.get('counterfactual_sensitivity'))} |")
-    types = sorted({t for row in stages.values() for t in row.get("by_question_type", {})})
-    lines += ["", "| question type | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
-    for t in types:
-        cells = [_stat(row.get("by_question_type", {}).get(t, {}).get("accuracy"), 2) for row in stages.values()]
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    if summary.get("comparisons"):
-        lines += ["", "## Paired comparisons", "",
-                  "Δ paired per question and seed. Interval and p: hierarchical bootstrap over training seeds and "
-                  "questions; p adj.: Holm over these comparisons; seed t: the per-seed differences' t-interval and p "
-                  "(S − 1 degrees of freedom).", "",
-                  "| comparison | Δ | 95 % interval | p | p adj. | seed t: 95 % | p |", "|---|---|---|---|---|---|---|"]
-        for name, c in summary["comparisons"].items():
-            t = c["seed_t"]
-            lines.append(f"| {name} | {c['delta']:+.3f} | {format_interval(c['ci95'])} | {format_p(c['p_value'])} | "
-                         f"{format_p(c['p_adjusted'])} | {format_interval(t['ci95'])} | {format_p(t['p_value'])} |")
+             "Cells: mean ± sd [95 % t-interval of the mean] over seeds. Every row's accuracy over seeds, with its "
+             "paired comparison (hierarchical bootstrap over seeds and questions, seed-level t, Holm): table.md."]
     lines += ["", "## Claims", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {k} | {_stat(v)} |" for k, v in summary.get("claims", {}).items()]
     if summary.get("efficiency"):

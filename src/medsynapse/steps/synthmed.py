@@ -24,7 +24,7 @@ from medsynapse.data.synthmed import SYNTHMED_VERSION, corpus_lines, generate_sp
 from medsynapse.model.tiny import TinyVLMSpec, build_tiny_vlm
 from medsynapse.recipes.prepare_base import BASE_VERSION, BasePrepConfig, prepare_base
 from medsynapse.recipes.train_encoder import EncoderTrainConfig, train_encoder
-from medsynapse.runconfig import RunConfig, resolve, stage_variant, with_seed
+from medsynapse.runconfig import RunConfig, with_seed
 
 ENCODER_VERSION = 2  # bump when the tiny encoder's architecture or training changes
 
@@ -45,19 +45,12 @@ class DemoConfig:
     base_vision_steps: int = 600  # vision pre-training of the tiny tower (lesion-coverage head), recipes/prepare_base
     base_grounding_weight: float = 1.0  # that head's loss kept as an auxiliary term while the language is trained
     encoder_steps: int = 250
-    # Controls without memory (the run file's baselines, runconfig.resolve_baseline): SFT = Stage I's data, steps and
-    # batch with a LoRA instead of memory; GRPO-only = Stage II's settings without memory or causal term.
+    # The rows of configs/study-demo.yaml that run (study.demo_study): the controls without memory (its `baseline`
+    # rows: SFT = Stage I's data, steps and batch with a LoRA instead of memory; GRPO-only = Stage II's settings
+    # without memory or causal term) and the ablations (its rows with a `set`: three Stage II rewards from the same
+    # Stage I model, the paper's JSD-only IMT from the same Stage II model).
     controls: bool = True
-    # Stage II reward ablations (Stage I shared): each trains another Stage II from the same Stage I model.
     ablations: bool = False
-    # name -> its settings, written as a study row's `set:` (`stage2.KEY=VALUE`; runconfig.stage_variant)
-    stage2_ablations: dict = field(default_factory=lambda: {
-        "stage2_lambda0": ["stage2.lambda_causal=0.0"],
-        "stage2_paper_eq5": ["stage2.causal_form=paper"],
-        "stage2_ranked": ["stage2.causal_form=ranked", "stage2.advantage_std_floor=0.5"]})
-    # Stage III ablations (the demo's Stage II shared), as `set:` items (`stage3.KEY=VALUE`): the paper's IMT, JSD
-    # only, without the memory alignment.
-    stage3_ablations: dict = field(default_factory=lambda: {"stage3_jsd_only": ["stage3.memory_alignment=0.0"]})
     diagnostics: bool = True  # memory-reliance report per stage, leak and readability probes
     efficiency_samples: int = 60  # timed samples per model (after 3 warm-up; medians are noisy below ~50); 0: not timed
     eval_batch_size: int = 64
@@ -186,8 +179,8 @@ def demo_settings(run: RunConfig) -> DemoConfig:
 
 def check_settings(run: RunConfig, config: DemoConfig) -> None:
     """Every value the demo will train with, before anything is built: the run file's stages and baselines
-    (values.check_run, with the memory bound), its SynthMed numbers and the ablations' stage variants."""
-    from medsynapse.values import check_config, check_run, check_value
+    (values.check_run, with the memory bound) and its SynthMed numbers (the rows' own: study.check_rows)."""
+    from medsynapse.values import check_run, check_value
 
     check_run(run)
     where = f"{run.source}.synthmed"
@@ -196,20 +189,6 @@ def check_settings(run: RunConfig, config: DemoConfig) -> None:
         low = 0 if name in ("vlm_resolution", "efficiency_samples") else 1
         check_value(name, getattr(config, name), f"{where}.{name}", ("int", low, None, False, False))
     check_value("base_grounding_weight", config.base_grounding_weight, f"{where}.base_grounding_weight")
-    for stage, ablations in (("stage2", config.stage2_ablations), ("stage3", config.stage3_ablations)):
-        for name, overrides in ablations.items():
-            check_config(ablation_config(run, stage, name, overrides), f"{where}.{stage}_ablations.{name}")
-
-
-def ablation_config(run: RunConfig, stage: str, name: str, overrides: list[str]):
-    """The resolved config of one of the demo's ablations: the stage with the ablation's `set:` items on its section
-    (runconfig.stage_variant; an unknown key is one line naming the ablation)."""
-    label = f"{run.source}.synthmed.{stage}_ablations.{name}"
-    variant = stage_variant(run, stage, overrides, label)
-    try:
-        return resolve(variant, stage)
-    except ConfigError as error:
-        raise ConfigError(f"{label}: {error}") from None
 
 
 def fill_shared(run: RunConfig, shared: Shared) -> RunConfig:
