@@ -3,7 +3,8 @@ over training seeds, one resumable command.
 
 A study file (StudyConfig) names a run file (the pipeline's: `model`, `data`, the stage sections, `baselines`; for
 SynthMed also its `synthmed` section) and rows. A row is a model to evaluate (`base`, `stage1`, `stage2`, `stage3`
-or a `baseline` method) after the row's overrides of the run file (`set: [KEY=VALUE, ...]`, as `--set`).
+or a `baseline` method) after the row's overrides of the run file (`set: [KEY=VALUE, ...]`, as `--set`). The one
+driver: `medsynapse demo` is this study over configs/study-demo.yaml's rows (demo_study), then demo.py's report.
 
 Plan:
 1. shared by every row and seed: SynthMed's data, base VLM and prior encoder (steps/synthmed.prepare_shared, cached;
