@@ -82,12 +82,13 @@ def seed_results(study_result: dict, run: RunConfig, config: DemoConfig, shared:
         print(f"demo: seed {seed}'s report already written with the same models and settings: {previous}")
         return json.loads(previous.read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    # the study's layout (study.plan_units, plan_study): OUTPUT/units/<unit>, OUTPUT/evals/<evaluation>/<harness>
     models = {row: output / "units" / cell["units"][-1] if cell["units"] else shared.vlm_base
               for row, cell in cells.items()}
     for row, cell in cells.items():
         if cell["units"]:
             _link(folder / row, models[row])
-        _write_predictions(output / "evals" / cell["evaluation"], cell, folder / f"predictions_{row}.jsonl")
+        _write_predictions(output / "evals" / cell["evaluation"] / cell["harness"], folder / f"predictions_{row}.jsonl")
     timing: dict[str, float] = {}
     timed = stopwatch(timing)
     intervention = resolve(seed_run(run, shared, seed, folder), "stage2").intervention
@@ -150,13 +151,10 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
-def _write_predictions(evaluation: Path, cell: dict, path: Path) -> None:
-    """The harness's answers of the row's model (one line per question, the newest), as predictions_ROW.jsonl (the
-    harness folder the evaluation names; an evaluation from before it named one: the newest)."""
+def _write_predictions(harness: Path, path: Path) -> None:
+    """The harness's answers of the row's model (one line per question, the newest), as predictions_ROW.jsonl."""
     from medsynapse.eval.runner import PREDICTIONS, latest_per_id, read_predictions
 
-    harness = evaluation / cell["harness"] if cell.get("harness") else max(evaluation.glob("harness-*"),
-                                                                             key=lambda p: p.stat().st_mtime)
     lines = latest_per_id(read_predictions(harness / "synthmed" / PREDICTIONS, repair=False))
     # without the time each answer took: the same models give the same file, byte for byte
     write_text_atomic(path, "".join(json.dumps({k: v for k, v in line.items() if k != "ms"}) + "\n"
