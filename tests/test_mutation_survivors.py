@@ -183,3 +183,56 @@ def test_more_workers_than_gpus_is_refused_naming_both(monkeypatch):
     unit = Unit("stage1", 0, "k", type("Config", (), {"output_dir": "/nonexistent/unit"})())
     with pytest.raises(ValueError, match=r"^workers: 2 workers need 2 GPUs, this machine shows 1$"):
         run_jobs(Plan({"stage1-s0-k": unit}, {}, {}), workers=2)
+
+
+# --- from the sample after the demo became a study (2026-12-04, fourth) --------------------------------------------
+
+
+def test_a_stage2_steps_memory_bound_counts_the_memory_slots_its_prompts_carry():
+    """Stage II with memory: every rollout's prompt carries N memory slots (hidden states of N more tokens); GRPO-only
+    carries none. Mutation: the memory slots left out of the token count."""
+    import re
+
+    from medsynapse.recipes.stage2_ccr import Stage2Config
+    from medsynapse.values import VLMShape, step_memory
+
+    shape = VLMShape(hidden=4096, layers=36, vocab=151_936, image_tokens=256, source="test")
+
+    def tokens(use_memory: bool, n_memory: int) -> tuple[int, int]:
+        config = Stage2Config(model="m", train_file="t", output_dir="o", use_memory=use_memory)
+        total, _, words = step_memory("stage2", config, shape, n_memory=n_memory)
+        return int(re.search(r"~(\d+) tokens", words).group(1)), total
+
+    (with_64, bytes_64), (with_0, bytes_0) = tokens(True, 64), tokens(True, 0)
+    assert with_64 - with_0 == 64 and bytes_64 > bytes_0
+    assert tokens(False, 64) == tokens(False, 0)  # no memory: the slots are not in its prompts
+
+
+def test_predicts_mip_reaches_the_volume_view():
+    """`--mip A B` is the view's maximum-intensity projection over slices A-B. Mutation: the mip left out."""
+    from medsynapse.cli import build_parser
+    from medsynapse.cli.common import volume_view
+    from medsynapse.data.images import VolumeView
+
+    args = build_parser().parse_args(["predict", "--model", "m", "--image", "ct.nii.gz", "--mip", "1", "4",
+                                      "--question", "q"])
+    assert volume_view(args) == VolumeView(axis="axial", slice=None, mip=(1, 4))
+
+
+def test_pipeline_on_a_synthmed_run_file_keeps_its_overrides(tmp_path, capsys, monkeypatch):
+    """`pipeline --config configs/synthmed.yaml --set ...` is the demo with those settings: a bad one is refused in
+    one line before anything is built. Mutation: the overrides dropped (the demo would start with the file's)."""
+    from medsynapse.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "synthmed.yaml"
+    argv = ["pipeline", "--config", str(config), "--set", f"output={tmp_path / 'run'}", "stage2.lr=.nan",
+            f"synthmed.cache_dir={tmp_path / 'cache'}"]
+
+    def refuse(*args, **kwargs):  # reaching the study means the bad setting was not seen
+        raise AssertionError("the study started")
+
+    monkeypatch.setattr("medsynapse.study.run_study", refuse)
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "synthmed.yaml.stage2.lr: must be a finite number" in error
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
