@@ -206,7 +206,8 @@ def test_sharded_launch_types_are_refused_up_front():
 
 @needs_torchrun
 def test_the_pipeline_runs_under_two_processes_and_a_rerun_redoes_nothing(tiny_env, tmp_path):
-    """Every rank runs the plan; convert/cache and the manifest are the main process's; a finished run is kept."""
+    """The pipeline is a one-seed study: every rank runs each job together; convert/cache and every record are the
+    main process's; a finished run is kept whole."""
     import yaml
 
     from medsynapse.data.sources.fixtures import write_fixtures
@@ -228,13 +229,16 @@ def test_the_pipeline_runs_under_two_processes_and_a_rerun_redoes_nothing(tiny_e
                "--config", str(config)]
     first = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    manifest = json.loads((out / "pipeline.json").read_text())
-    assert list(manifest["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3", "eval"]
-    assert (out / "eval" / "summary.csv").is_file() and (out / "stage3_student" / "autonomous.safetensors").is_file()
+    result = json.loads((out / "study.json").read_text())
+    assert list(result["rows"]) == ["base", "stage2", "student"] and (out / "table.md").is_file()
+    assert {row: r["cells"]["0"]["benchmarks"]["vqa-rad"]["n"] for row, r in result["rows"].items()} == {
+        "base": 2, "stage2": 2, "student": 2}  # every question scored once over the two ranks (eval.limit 2)
+    assert list(json.loads((out / "prepare.json").read_text())["steps"]) == ["convert", "cache"]
+    assert (out / "stage3_student" / "autonomous.safetensors").is_file()
     weights = out / "stage2" / "adapter" / "adapter_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("stage2 already finished, kept") == 2  # both ranks skip it
+    assert again.stdout.count("6 jobs (3 trainings, 3 evaluations, 3 cells); 6 already finished") == 2  # both ranks
     assert weights.stat().st_mtime_ns == stamp
-    assert json.loads((out / "pipeline.json").read_text())["steps"] == manifest["steps"]
+    assert json.loads((out / "study.json").read_text())["rows"] == result["rows"]

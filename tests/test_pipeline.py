@@ -1,9 +1,11 @@
-"""`medsynapse pipeline`: one run file from the training files to the eval summary, killed in and between stages and
-rerun, gives the same weights and scores as an uninterrupted run; a finished step is never redone."""
+"""`medsynapse pipeline`: one run file from the training files to the scored rows, a one-seed study. Killed in and
+between stages and rerun, it gives the same weights and scores as an uninterrupted run; a finished unit or
+evaluation is never redone; a changed stage trains a new unit for it and the later stages, the finished ones kept."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +15,11 @@ from safetensors.torch import load_file
 
 from medsynapse.cli import main
 from medsynapse.runconfig import read_run_config
-from medsynapse.steps.chain import run_pipeline
+from medsynapse.study import pipeline_study, run_pipeline
+
+
+def _pipeline(path: str, overrides: list[str] | None = None, **kwargs) -> dict:
+    return run_pipeline(*pipeline_study(path, overrides), **kwargs)
 
 
 def _run_file(tiny_env, tmp_path, name: str, data_root) -> str:
@@ -33,11 +39,24 @@ def _run_file(tiny_env, tmp_path, name: str, data_root) -> str:
     return str(path)
 
 
-def _kill_at(step: str, n: int):
-    def hook(current: str, done: int) -> None:
-        if current == step and done == n:
-            raise Interrupted(f"killed in {step} after step {n}")
-    return hook
+def _killing(monkeypatch, stage: str, n: int) -> None:
+    """The study's `stage` units raise Interrupted after their n-th step (a kill; the checkpoint may not exist)."""
+    from medsynapse.recipes import registry
+
+    real = registry.recipe
+
+    def recipe(kind: str):
+        if kind != stage:
+            return real(kind)
+        train = real(kind).train()
+
+        def killed(step: int) -> None:
+            if step == n:
+                raise Interrupted(f"killed in {stage} after step {n}")
+
+        return SimpleNamespace(train=lambda: lambda config: train(config, on_step=killed))
+
+    monkeypatch.setattr(registry, "recipe", recipe)
 
 
 def _outcome(folder):
@@ -45,7 +64,7 @@ def _outcome(folder):
                                                        "adapter_model.safetensors")).items()},
                **{f"s3.{k}": v for k, v in load_file(str(folder / "stage3_student" /
                                                        "autonomous.safetensors")).items()}}
-    scores = {row: json.loads((folder / "eval" / row / "vqa-rad" / "metrics.json").read_text())["accuracy"]
+    scores = {row: json.loads((folder / "cells" / row / "seed_0.json").read_text())["benchmarks"]["vqa-rad"]
               for row in ("base", "stage2", "student")}
     return weights, scores
 
@@ -59,46 +78,58 @@ def data_root(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_killed_pipeline_resumes_to_the_same_weights_and_scores(tiny_env, tmp_path, data_root, monkeypatch):
-    straight = read_run_config(_run_file(tiny_env, tmp_path, "straight", data_root))
-    manifest = run_pipeline(straight)
-    assert list(manifest["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3", "eval"]
-    assert (tmp_path / "straight" / "eval" / "summary.csv").is_file()
-    assert manifest["data_sha256"][str(tiny_env.train_file)]
+    from medsynapse import study
 
-    killed = read_run_config(_run_file(tiny_env, tmp_path, "killed", data_root))
-    with pytest.raises(Interrupted):
-        run_pipeline(killed, on_step=_kill_at("stage2", 2))  # inside a stage, after a checkpoint
-    with pytest.raises(Interrupted):
-        run_pipeline(killed, on_step=_kill_at("stage3", 1))
-    between = run_pipeline(killed, until="stage3")  # killed between stages
-    assert list(between["steps"]) == ["convert", "cache", "stage1", "stage2", "stage3"]
-    run_pipeline(killed)
+    straight = _pipeline(_run_file(tiny_env, tmp_path, "straight", data_root))
+    assert list(straight["rows"]) == ["base", "stage2", "student"]
+    assert (tmp_path / "straight" / "table.md").is_file() and (tmp_path / "straight" / "stage1").is_symlink()
+    record = json.loads((tmp_path / "straight" / "prepare.json").read_text())
+    assert list(record["steps"]) == ["convert", "cache"] and record["data_sha256"][str(tiny_env.train_file)]
+
+    killed = _run_file(tiny_env, tmp_path, "killed", data_root)
+    with monkeypatch.context() as patch, pytest.raises(Interrupted):
+        _killing(patch, "stage2", 2)  # inside a stage, after a checkpoint
+        _pipeline(killed)
+    with monkeypatch.context() as patch, pytest.raises(Interrupted):
+        _killing(patch, "stage3", 1)
+        _pipeline(killed)
+    between = _pipeline(killed, until="stage3")  # killed between stages
+    assert [name.split("-")[0] for name in between["units"]] == ["stage1", "stage2", "stage3"]
+    _pipeline(killed)
     weights_a, scores_a = _outcome(tmp_path / "straight")
     weights_b, scores_b = _outcome(tmp_path / "killed")
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert any(float(v.abs().sum()) > 0 for k, v in weights_a.items() if "lora_B" in k)  # Stage II trained
-    assert scores_a == scores_b
+    assert scores_a == scores_b and scores_a["stage2"]["n"] == 2  # eval.limit
 
-    def never(*args, **kwargs):
-        raise AssertionError("a finished step must not run again")
+    def never(job):
+        raise AssertionError(f"a finished job must not run again: {job}")
 
-    monkeypatch.setattr("medsynapse.steps.chain._run_step", never)
-    run_pipeline(killed)  # everything finished: nothing reruns
-    changed = read_run_config(_run_file(tiny_env, tmp_path, "killed", data_root), ["stage2.lr=0.5"])
-    with pytest.raises(ValueError, match=r"step 'stage2' finished with other settings \(lr differ\)"):
-        run_pipeline(changed)
+    monkeypatch.setattr(study, "train_unit", lambda unit: never(unit))
+    monkeypatch.setattr(study, "evaluate_model", lambda evaluation: never(evaluation))
+    _pipeline(killed)  # everything finished: nothing reruns
+    monkeypatch.undo()
+    before = sorted(p.name for p in (tmp_path / "killed" / "units").iterdir())
+    changed = _pipeline(killed, ["stage2.lr=0.5"], until="stage2")  # a new Stage II; Stage I kept
+    after = sorted(p.name for p in (tmp_path / "killed" / "units").iterdir())
+    assert set(before) < set(after) and [n.split("-")[0] for n in set(after) - set(before)] == ["stage2"]
+    assert (tmp_path / "killed" / "stage2").resolve().name == list(changed["units"])[-1]  # linked to the new one
 
 
 def test_from_reruns_a_step_and_the_later_ones_and_bad_steps_are_refused(tiny_env, tmp_path, data_root):
     path = _run_file(tiny_env, tmp_path, "partial", data_root)
     assert main(["pipeline", "--config", path, "--until", "stage1"]) == 0
-    run = read_run_config(path, ["stage1.lr=0.002"])
-    with pytest.raises(ValueError, match="stage1"):
-        run_pipeline(run, until="stage1")  # the finished Stage I had another lr
-    manifest = run_pipeline(run, start="stage1", until="stage1")
-    assert manifest["steps"]["stage1"]["settings"]["lr"] == 0.002
+    unit = (tmp_path / "partial" / "stage1").resolve()
+    stamp = (unit / "unit.json").stat().st_mtime_ns
+    assert unit.parent.name == "units" and (unit / "unit.json").is_file()
+    again = _pipeline(path, until="stage1")  # finished: kept
+    assert list(again["units"]) == [unit.name] and (unit / "unit.json").stat().st_mtime_ns == stamp
+    _pipeline(path, start="stage1", until="stage1")  # redone from scratch: the same unit, trained again
+    assert (unit / "unit.json").stat().st_mtime_ns != stamp
     with pytest.raises(ValueError, match="--until 'stage4'"):
-        run_pipeline(run, until="stage4")
+        _pipeline(path, until="stage4")
+    with pytest.raises(ValueError, match="--from 'summary'"):
+        _pipeline(path, start="summary")
 
 
 def _corpora_run(tmp_path, data_root, name: str, **data) -> str:
@@ -120,8 +151,9 @@ def test_the_convert_step_writes_the_training_files_from_corpora_by_name(tmp_pat
                         stage2_corpora=[{"name": "omnimedvqa", "size": 2}, {"name": "slake-open-train"}],
                         rationale_corpora=[{"name": "omnimedvqa", "size": 1}])
     run = read_run_config(path)
-    manifest = run_pipeline(run, until="cache")  # no encoder needed: no prior_cache, so `cache` has nothing to do
-    assert list(manifest["steps"]) == ["convert", "cache"]
+    manifest = _pipeline(path, until="cache")["prepare"]  # no encoder needed: no prior_cache, nothing to cache
+    assert list(manifest) == ["convert", "cache"]
+    record = json.loads((tmp_path / "corpora" / "prepare.json").read_text())
     stage1, stage2 = tmp_path / "corpora" / "data" / "stage1.jsonl", tmp_path / "corpora" / "data" / "stage2.jsonl"
     from medsynapse.runconfig import resolve, resolve_baseline
 
@@ -135,21 +167,22 @@ def test_the_convert_step_writes_the_training_files_from_corpora_by_name(tmp_pat
     # a seeded subset of 2 OmniMedVQA questions in their original order, then every SLAKE open training question
     assert len(written) == 2 + len(slake) and written[2:] == [s.id for s in slake]
     assert written[:2] == sorted(written[:2], key=omni_ids.index) and set(written[:2]) <= set(omni_ids)
-    report = manifest["steps"]["convert"]["report"]["stage2"]["corpora"]
+    report = manifest["convert"]["report"]["stage2"]["corpora"]
     assert [(c["name"], c["read"], c["kept"]) for c in report] == [("omnimedvqa", len(everything), 2),
                                                                   ("slake-open-train", len(slake), len(slake))]
-    assert manifest["data_sha256"][str(stage2)] is not None
+    assert record["data_sha256"][str(stage2)] is not None and record["steps"] == manifest
     rationale = tmp_path / "corpora" / "data" / "rationale.jsonl"  # the reasoning rows' file, where they read it
     assert resolve_baseline(run, "cot-sft").train_file == str(rationale)
     assert [s.id for s in read_samples(rationale)][0] in omni_ids and len(read_samples(rationale)) == 1
-    assert manifest["steps"]["convert"]["report"]["rationale"]["corpora"][0]["kept"] == 1
+    assert manifest["convert"]["report"]["rationale"]["corpora"][0]["kept"] == 1
     # the same seed gives the same subset; another seed (a changed step) is refused unless redone with --from
-    again = read_run_config(_corpora_run(tmp_path, data_root, "corpora_again",
-                                         stage2_corpora=[{"name": "omnimedvqa", "size": 2}]))
-    run_pipeline(again, until="convert")
+    _pipeline(_corpora_run(tmp_path, data_root, "corpora_again", stage2_corpora=[{"name": "omnimedvqa", "size": 2}]),
+              until="convert")
     assert [s.id for s in read_samples(tmp_path / "corpora_again" / "data" / "stage2.jsonl")] == written[:2]
-    with pytest.raises(ValueError, match=r"step 'convert' finished with other settings"):
-        run_pipeline(read_run_config(path, ["data.subset_seed=1"]), until="convert")
+    with pytest.raises(ValueError, match=r"step 'convert' finished with other settings \(subset_seed differ\)"):
+        _pipeline(path, ["data.subset_seed=1"], until="convert")
+    reseeded = _pipeline(path, ["data.subset_seed=1"], start="convert", until="convert")["prepare"]
+    assert reseeded["convert"]["settings"]["subset_seed"] == 1 and "cache" not in reseeded
 
 
 def test_bad_corpora_are_refused_with_the_key_or_the_record_named(tmp_path, data_root):
@@ -159,10 +192,10 @@ def test_bad_corpora_are_refused_with_the_key_or_the_record_named(tmp_path, data
         read_run_config(_corpora_run(tmp_path, data_root, "typo", stage1_corpora=[{"name": "pubmed"}]))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['sise'\]"):
         read_run_config(_corpora_run(tmp_path, data_root, "key", stage1_corpora=[{"name": "slake", "sise": 3}]))
-    twice = read_run_config(_corpora_run(tmp_path, data_root, "twice",
-                                         stage1_corpora=[{"name": "slake-open-train"}, {"name": "slake-open-train"}]))
+    twice = _corpora_run(tmp_path, data_root, "twice",
+                         stage1_corpora=[{"name": "slake-open-train"}, {"name": "slake-open-train"}])
     with pytest.raises(ValueError, match=r"sample id '.+' \(field 'id'\) is also in corpus 'slake-open-train'"):
-        run_pipeline(twice, until="convert")
+        _pipeline(twice, until="convert")
     assert not (tmp_path / "twice" / "data" / "stage1.jsonl").exists()  # nothing half-written
 
 
@@ -178,33 +211,27 @@ def test_subset_is_seeded_ordered_and_complete_when_asked_for_everything():
     assert subset(samples, 0, 1) == samples and subset(samples, 80, 1) == samples
 
 
-def test_redo_retrains_a_changed_stage_and_every_later_one(tiny_env, tmp_path, data_root):
-    import shutil
-
-    path = _run_file(tiny_env, tmp_path, "redo", data_root)
-    run_pipeline(read_run_config(path), until="stage2")
-    stage2_weights = tmp_path / "redo" / "stage2" / "adapter" / "adapter_model.safetensors"
-    before = stage2_weights.stat().st_mtime_ns
-    shutil.rmtree(tmp_path / "redo" / "stage1" / "checkpoints")  # only the manifest can tell Stage I changed
-    manifest = run_pipeline(read_run_config(path, ["stage1.lr=0.002"]), until="stage2", on_changed="redo")
-    assert manifest["steps"]["stage1"]["settings"]["lr"] == 0.002
-    assert stage2_weights.stat().st_mtime_ns != before  # Stage II retrained on the new Stage I
-    with pytest.raises(ValueError, match="on_changed 'ignore'"):
-        run_pipeline(read_run_config(path), on_changed="ignore")
-
-
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_the_eval_step_scores_every_row_with_the_run_files_eval_settings(tmp_path, data_root, monkeypatch, engine):
     import medsynapse.eval.runner as runner
-    import medsynapse.eval.summary as summary
-    from medsynapse.steps import chain
+    from medsynapse import study as driver
 
     calls = []
-    monkeypatch.setattr(runner, "evaluate_benchmarks", lambda model, benches, root, out, settings: calls.append(
-        (model, out.name, settings)))
-    monkeypatch.setattr(summary, "write_summary", lambda *a, **k: "")
-    run = read_run_config(_corpora_run(tmp_path, data_root, "eval"), [
-        f"eval.engine={engine}", "eval.batch_size=3", "eval.limit=5", "eval.benchmarks=[slake]"])
-    chain._run_step(run, "eval", None)
-    assert [name for _, name, _ in calls] == ["base", "stage2", "student"]
-    assert {(s.engine, s.batch_size, s.limit) for _, _, s in calls} == {(engine, 3, 5)}
+
+    def harness(model, benches, root, out, settings):
+        calls.append((model, out.parent.name, benches, root, settings))
+        raise Interrupted  # what it was asked is all this test reads
+
+    monkeypatch.setattr(runner, "evaluate_benchmarks", harness)
+    study, raw, source = pipeline_study(_corpora_run(tmp_path, data_root, "eval"), [
+        f"eval.engine={engine}", "eval.batch_size=3", "eval.limit=5", "eval.benchmarks=[slake]",
+        "eval.max_new_tokens=7", f"eval.data_root={data_root}"])
+    plan = driver.plan_study(study, raw, source, None, driver._eval_source(study, read_run_config(source)),
+                             tmp_path / "eval")
+    for evaluation in plan.evaluations.values():
+        with pytest.raises(Interrupted):
+            driver.evaluate_model(evaluation)
+    assert [name.split("-")[0] for _, name, *_ in calls] == ["base", "stage2", "stage3"]
+    assert calls[0][0] == "/nowhere/vlm" and {(tuple(b), r) for _, _, b, r, _ in calls} == {(("slake",),
+                                                                                           str(data_root))}
+    assert {(s.engine, s.batch_size, s.limit, s.max_new_tokens) for *_, s in calls} == {(engine, 3, 5, 7)}

@@ -16,7 +16,7 @@ import yaml
 from medsynapse.config import ConfigError
 from medsynapse.eval.stats import adjust_p_values, compare
 from medsynapse.runconfig import baseline_file, rationale_file, read_run_config, stage1_file, stage2_file
-from medsynapse.steps.chain import write_union
+from medsynapse.steps.prepare import write_union
 from medsynapse.study import (
     Evaluation,
     Plan,
@@ -209,14 +209,32 @@ def test_the_tables_delta_and_p_equal_a_direct_computation_from_the_cells(tmp_pa
 
 
 def test_the_pipeline_scores_the_base_in_both_formats_when_the_stages_reason():
-    from medsynapse.steps.chain import _eval_rows
+    from medsynapse.study import pipeline_study
 
-    paper = read_run_config(ROOT / "configs" / "medsynapse-v-8b.yaml")
-    assert list(_eval_rows(paper)) == ["base", "base_reasoning", "stage2", "student"]  # as the study scores them
-    forced = read_run_config(ROOT / "configs" / "medsynapse-v-8b.yaml", ["eval.answer_format=direct"])
-    assert list(_eval_rows(forced)) == ["base", "stage2", "student"]  # one format asked for: every row in it
-    synthmed = read_run_config(ROOT / "configs" / "synthmed.yaml")
-    assert list(_eval_rows(synthmed)) == ["base", "stage2", "student"]  # direct stages: the base answers directly
+    paper = ROOT / "configs" / "medsynapse-v-8b.yaml"
+    study = pipeline_study(paper)[0]
+    assert list(study.rows) == ["base", "base_reasoning", "stage2", "student"]  # as the study scores them
+    assert [r.answer_format for r in study.rows.values()] == ["", "reasoning", "", ""]
+    assert [r.model for r in study.rows.values()] == ["base", "base", "stage2", "stage3"]
+    forced = pipeline_study(paper, ["eval.answer_format=direct"])[0]
+    assert list(forced.rows) == ["base", "stage2", "student"]  # one format asked for: every row in it
+    assert {r.answer_format for r in forced.rows.values()} == {"direct"}
+    run = read_run_config(paper)
+    assert (study.benchmarks, study.data_root, study.eval_batch_size, study.seeds) == (
+        run.eval.benchmarks, run.eval.data_root, run.eval.batch_size, [0])
+    assert (study.reliance_conditions, study.latency_samples, study.reference) == ([], 0, "stage2")
+    synthmed = pipeline_study(ROOT / "configs" / "synthmed.yaml")[0]
+    assert list(synthmed.rows) == ["base", "stage2", "student"]  # direct stages: the base answers directly
+
+
+def test_a_pipeline_trains_its_stages_at_one_seed(tmp_path):
+    from medsynapse.config import ConfigError
+    from medsynapse.study import pipeline_study
+
+    paper = ROOT / "configs" / "medsynapse-v-8b.yaml"
+    assert pipeline_study(paper, ["stage1.seed=3", "stage2.seed=3", "stage3.seed=3"])[0].seeds == [3]
+    with pytest.raises(ConfigError, match=r"the stages' seeds differ \({'stage1': 0, 'stage2': 1, 'stage3': 0}\)"):
+        pipeline_study(paper, ["stage2.seed=1"])
 
 
 def test_the_question_type_table_shows_each_rows_mean_and_sd_per_type():
@@ -229,6 +247,34 @@ def test_the_question_type_table_shows_each_rows_mean_and_sd_per_type():
     lines = question_type_markdown(result).splitlines()
     assert lines[2:] == ["| row | count | presence |", "|---|---|---|", "| A | 0.60 ± 0.14 | 0.95 ± 0.07 |",
                          "| B | 0.25 | — |"]
+
+
+def test_several_benchmarks_give_a_per_benchmark_table_of_means_over_seeds(tmp_path):
+    """Table 1's columns: each benchmark's accuracy, mean ± sd over the seeds that scored it; a benchmark with
+    nothing scored is — (not a zero); one benchmark gives no such table (its accuracy is the row's)."""
+    from medsynapse.study import RowSpec, StudyConfig, markdown_table
+
+    study = StudyConfig(rows={"ref": RowSpec("stage2")}, seeds=[0, 1], reference="none")
+    evaluations, cells = {}, {}
+    for seed, (a, b) in enumerate([(0.5, 0.25), (0.7, 0.75)]):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        (folder / "correct.json").write_text("{}")
+        evaluations[f"e{seed}"] = Evaluation(f"e{seed}", "", str(folder), ["x", "y", "z"], "", 8, None, None, "zero",
+                                             [], 0)
+        cells[("ref", seed)] = {"seed": seed, "evaluation": f"e{seed}", "accuracy": (a + b) / 2,
+                                "by_question_type": {}, "answer_format": "direct",
+                                "benchmarks": {"x": {"accuracy": a}, "y": {"accuracy": b}, "z": {"accuracy": None}}}
+    planned = {key: {"evaluation": cell["evaluation"], "units": []} for key, cell in cells.items()}
+    result = summarize(study, Plan({}, evaluations, planned), cells, {}, {}, 0.0)
+    by_benchmark = result["rows"]["ref"]["by_benchmark"]
+    assert by_benchmark["x"]["mean"] == pytest.approx(0.6) and by_benchmark["y"]["mean"] == pytest.approx(0.5)
+    assert by_benchmark["x"]["sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1)) and by_benchmark["z"] is None
+    table = markdown_table(result)
+    assert "| row | x | y | z |" in table and "| ref | 0.60 ± 0.14 | 0.50 ± 0.35 | — |" in table
+    for cell in cells.values():
+        cell["benchmarks"] = {"x": cell["benchmarks"]["x"]}
+    assert "by_benchmark" not in summarize(study, Plan({}, evaluations, planned), cells, {}, {}, 0.0)["rows"]["ref"]
 
 
 def test_the_evaluation_engine_is_in_an_evaluations_settings_only_when_it_is_not_transformers(tiny_env, tmp_path):

@@ -20,7 +20,6 @@ OUTPUT/run.yaml: the same Stage I-III settings as a run file naming the cached f
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +39,7 @@ from medsynapse.eval.report import (
     type_table,
     write_json,
 )
-from medsynapse.locking import write_text_atomic
+from medsynapse.locking import link_folder, write_text_atomic
 from medsynapse.model.medsynapse import MedSynapseV
 from medsynapse.runconfig import RunConfig, resolve
 from medsynapse.steps.synthmed import DemoConfig, Shared, demo_settings, prepare_shared, seed_run, stopwatch
@@ -87,7 +86,7 @@ def seed_results(study_result: dict, run: RunConfig, config: DemoConfig, shared:
               for row, cell in cells.items()}
     for row, cell in cells.items():
         if cell["units"]:
-            _link(folder / row, models[row])
+            link_folder(folder / row, models[row])
         _write_predictions(output / "evals" / cell["evaluation"] / cell["harness"], folder / f"predictions_{row}.jsonl")
     timing: dict[str, float] = {}
     timed = stopwatch(timing)
@@ -138,17 +137,6 @@ def _stage_row(cell: dict) -> dict:
         row["counterfactual_accuracy"] = cell["counterfactual_accuracy"]
         row["counterfactual_sensitivity"] = cell["counterfactual_sensitivity"]
     return row
-
-
-def _link(link: Path, target: Path) -> None:
-    """OUTPUT/ROW -> the unit's folder (relative, so the output folder can move); a real folder of that name (the
-    layout before the demo was a study) is left alone."""
-    if link.is_symlink():
-        link.unlink()
-    elif link.exists():
-        print(f"demo: {link} is a folder of an earlier layout, left as it is (the row's model: {target})")
-        return
-    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
 def _write_predictions(harness: Path, path: Path) -> None:

@@ -204,3 +204,16 @@ def fsync_tree(folder: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def link_folder(link: Path, target: Path) -> bool:
+    """`link` -> `target`, relative (so the folder holding both can move); a link already there is replaced. A real
+    folder of that name (an earlier layout's) is left alone, with a line saying where the model is: returns False."""
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        print(f"{link} is a folder of an earlier layout, left as it is (the model: {target})")
+        return False
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+    return True

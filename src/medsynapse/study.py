@@ -98,6 +98,7 @@ class StudyConfig:
     counterfactual: str = ""  # M' for the reliance report; empty: the run file's stage2 intervention
     reliance_conditions: list[str] = field(default_factory=lambda: ["zeroed", "shuffled", "counterfactual"])
     reliance_limit: int = 0  # questions of the first benchmark in the reliance report (0: all)
+    limit: int | None = None  # the first N scored questions per benchmark (smoke runs; `pipeline`: eval.limit)
     latency_samples: int = 20  # batch-1 answers timed per row, in a fresh process, after every job (0: none)
     bootstrap_resamples: int = 10_000
     bootstrap_seed: int = 0
@@ -196,6 +197,115 @@ def demo_study(run_path: str | Path, overrides: list[str] | None = None) -> tupl
     return study, raw, str(run_path)
 
 
+PIPELINE_STEPS = ("convert", "cache", *STAGES, "eval")
+
+
+def pipeline_study(run_path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, dict, str]:
+    """`medsynapse pipeline` on a run file without `synthmed`: a study of one seed (the stages' own) whose rows are
+    the base VLM (also in the reasoning format when the stages reply in it and `eval.answer_format` is unset), Stage
+    II and the encoder-free student, scored with the run file's `eval` settings (benchmarks, data root, batch size,
+    token budget, answer format, limit, engine), compared with Stage II; no reliance report, no batch-1 timing (the
+    pipeline did neither). Every value of every stage checked first, as `train` checks them."""
+    from medsynapse.config import apply_overrides
+
+    run_path = Path(run_path)
+    if not run_path.is_file():
+        raise ConfigError(f"{run_path}: config file not found")
+    raw = apply_overrides(dict(read_yaml(run_path) or {}), overrides or [])
+    run = run_config_from(raw, str(run_path))
+    seeds = {stage: resolve(run, stage).seed for stage in STAGES}
+    if len(set(seeds.values())) > 1:
+        raise ConfigError(f"{run_path}: the stages' seeds differ ({seeds}); a pipeline trains the three at one seed "
+                          "(set `seed` in each stage section alike, or run a study over several seeds)")
+    fmt = run.eval.answer_format or ""
+    rows = {"base": RowSpec("base", label="base VLM", answer_format=fmt)}
+    if not fmt and resolve(run, "stage2").answer_format == "reasoning":  # as a study scores the base then
+        rows["base_reasoning"] = RowSpec("base", label="base VLM (reasoning format)", answer_format="reasoning")
+    rows |= {"stage2": RowSpec("stage2", label="Stage II (MedSynapse-V)", answer_format=fmt),
+             "student": RowSpec("stage3", label="Stage III student (encoder-free)", answer_format=fmt)}
+    study = StudyConfig(run=str(run_path), output=run.output, seeds=[seeds["stage1"]], reference="stage2",
+                        rows=rows, benchmarks=list(run.eval.benchmarks), data_root=run.eval.data_root,
+                        eval_batch_size=run.eval.batch_size, eval_engine=run.eval.engine,
+                        max_new_tokens=run.eval.max_new_tokens, reasoning_tokens=run.eval.max_new_tokens,
+                        limit=run.eval.limit, reliance_conditions=[], latency_samples=0)
+    for row in study.rows.values():
+        row.group = "pipeline"
+    return study, raw, str(run_path)
+
+
+def run_pipeline(study: StudyConfig, raw: dict, source: str, start: str | None = None,
+                 until: str | None = None) -> dict:
+    """`medsynapse pipeline`'s steps (PIPELINE_STEPS) over pipeline_study's study: `start` redoes that step and
+    every later one from scratch (forget_from); `until` stops after that step (`convert` / `cache`: the preparation
+    only; a stage: its units only, no evaluation). Each stage's folder in the run file (OUTPUT/stage1, stage2,
+    stage3_student) is then a link to its unit, so `train`, `eval` and `serve` find it where they always did.
+    Returns study.json's content, {"prepare": record} or {"units": ...}; {} in a process other than the main."""
+    for name, value in (("--from", start), ("--until", until)):
+        if value is not None and value not in PIPELINE_STEPS:
+            raise ValueError(f"{name} {value!r}: expected one of {PIPELINE_STEPS}")
+    run = run_config_from(raw, source)
+    steps = PIPELINE_STEPS[: PIPELINE_STEPS.index(until) + 1] if until else PIPELINE_STEPS
+    check_run(run, memory_for={step for step in steps if step in STAGES})  # before anything is removed or built
+    state = processes()
+    if start is not None:
+        if state is None or state.is_main_process:
+            forget_from(study, raw, source, start)
+        if state is not None:
+            state.wait_for_everyone()
+    if until in ("convert", "cache"):
+        Path(study.output).mkdir(parents=True, exist_ok=True)
+        with _main_process_first(state):
+            report = prepare(study, raw, source, until)[2]
+        return {"prepare": report["prepare"]} if state is None or state.is_main_process else {}
+    if until in STAGES:
+        study = dataclasses.replace(study, rows={until: RowSpec(until, reference="none", group="pipeline")})
+    result = run_study(study, raw, source, train_only=until is not None)
+    if result:
+        link_stage_folders(study, raw, source)
+    return result
+
+
+def forget_from(study: StudyConfig, raw: dict, source: str, step: str) -> None:
+    """`pipeline --from STEP`: that step and every later one start again. The preparation's record from that step
+    on; the plan's units of that stage and later (all of them from `convert` / `cache`); every evaluation and cell of
+    the plan (the eval step follows every other)."""
+    import shutil
+
+    from medsynapse.steps.prepare import forget_steps
+
+    run = run_config_from(raw, source)
+    output = Path(study.output)
+    if step in ("convert", "cache"):
+        forget_steps(run, step)
+    plan = plan_study(study, raw, source, None, _eval_source(study, run), output)
+    first = STAGES.index(step) if step in STAGES else len(STAGES) if step == "eval" else 0
+    folders = [Path(u.config.output_dir) for u in plan.units.values() if STAGES.index(u.kind) >= first]
+    folders += [Path(e.output) for e in plan.evaluations.values()]
+    for folder in folders:
+        if folder.exists():
+            print(f"pipeline: --from {step}: removing {folder}")
+            shutil.rmtree(folder)
+    for row, seed in plan.cells:
+        (output / "cells" / row / f"seed_{seed}.json").unlink(missing_ok=True)
+
+
+def link_stage_folders(study: StudyConfig, raw: dict, source: str) -> dict[str, str]:
+    """Each finished stage unit of the study's deepest chain, linked where the run file puts that stage
+    (runconfig.resolve's output_dir). Returns {link: unit folder}."""
+    from medsynapse.locking import link_folder
+
+    run = run_config_from(raw, source)
+    plan = plan_study(study, raw, source, None, _eval_source(study, run), Path(study.output))
+    chains = [[plan.units[name] for name in cell["units"]] for cell in plan.cells.values()]
+    linked = {}
+    for unit in max(chains, key=len, default=[]):
+        if unit.kind in STAGES and (Path(unit.config.output_dir) / "unit.json").is_file():
+            link = Path(resolve(run, unit.kind).output_dir)
+            if link_folder(link, Path(unit.config.output_dir)):
+                linked[str(link)] = unit.config.output_dir
+    return linked
+
+
 def check_rows(study: StudyConfig, raw: dict, source: str, where: str, memory: bool = False) -> None:
     """Every row's run (the run file with the row's `set` on top) checked as `pipeline` and `train` check theirs
     (values.check_run), before anything is planned, built or trained; `memory`: with each step's memory bound."""
@@ -281,13 +391,14 @@ class Evaluation:
     after: str | None = None  # the unit that trains the model
     answer_format: str = ""  # "": the format the model was trained in
     engine: str = "hf"  # generation: transformers (hf) or vLLM
+    limit: int | None = None  # the first N scored questions per benchmark (None: all)
 
     def settings(self) -> dict:
         settings = {k: v for k, v in asdict(self).items() if k not in ("output", "model", "after")}
-        if not settings["answer_format"]:  # as trained: left out, so earlier evaluations keep their settings
-            settings.pop("answer_format")
-        if settings["engine"] == "hf":  # the default: left out, so earlier evaluations keep their settings
-            settings.pop("engine")
+        # a default is left out, so that evaluations written before the setting existed keep their settings
+        for key, default in (("answer_format", ""), ("engine", "hf"), ("limit", None)):
+            if settings[key] == default:
+                settings.pop(key)
         return settings
 
 
@@ -402,7 +513,8 @@ def plan_study(study: StudyConfig, raw: dict, source: str, shared: Any, eval_sou
             evaluation = Evaluation(model_name, model_dir, str(output / "evals" / model_name), benchmarks, data_root,
                                     study.eval_batch_size, study.max_new_tokens, study.reasoning_tokens,
                                     counterfactual, list(study.reliance_conditions), study.reliance_limit,
-                                    chain[-1].name if chain else None, row.answer_format, study.eval_engine)
+                                    chain[-1].name if chain else None, row.answer_format, study.eval_engine,
+                                    study.limit)
             if evaluations.setdefault(model_name, evaluation).settings() != evaluation.settings():
                 raise ConfigError(f"study: rows sharing the model {model_name} ask for different evaluations "
                                   "(e.g. another counterfactual); set the study's `counterfactual`")
@@ -492,7 +604,7 @@ def _file_facts(file: str, planned: dict[str, int]) -> dict:
 def _hashed(file: str, size: int, mtime_ns: int) -> dict:
     """SHA-256 and records of one version of a file (keyed by size and mtime): every row's units read the same
     few files, so each is read once per plan, not once per unit."""
-    from medsynapse.steps.chain import file_sha256
+    from medsynapse.steps.prepare import file_sha256
 
     with open(file, "rb") as handle:
         records = sum(1 for line in handle if line.strip())
@@ -638,7 +750,8 @@ def train_unit(unit: Unit) -> dict:
     recipe(dataclasses.replace(unit.config, resume=started))  # a killed unit continues from its newest checkpoint
     info = {"unit": unit.name, "kind": unit.kind, "seed": unit.seed, "key": unit.key, "after": unit.after,
             "seconds": round(time.perf_counter() - began, 2)}
-    write_json(marker, info)
+    if is_main_process():
+        write_json(marker, info)
     return info
 
 
@@ -658,9 +771,12 @@ def evaluate_model(job: Evaluation) -> dict:
     answer_format = job.answer_format or _answer_format(job.model)
     settings = EvalSettings(batch_size=job.eval_batch_size,
                             max_new_tokens=job.reasoning_tokens if answer_format == "reasoning" else job.max_new_tokens,
-                            answer_format=answer_format if job.answer_format else None, engine=job.engine)
+                            answer_format=answer_format if job.answer_format else None, engine=job.engine,
+                            limit=job.limit)
     harness = out / f"harness-{_key(asdict(settings))[:8]}"  # other settings, another folder (never refused)
     metrics = evaluate_benchmarks(job.model, job.benchmarks, job.data_root, harness, settings)
+    if not is_main_process():  # under torchrun: the harness shared the questions; the main process reports
+        return {}
     correct = {}
     for bench in job.benchmarks:
         for line in latest_per_id(read_predictions(harness / bench / PREDICTIONS)):
@@ -751,16 +867,46 @@ def _worker_init(threads: int, devices: Any = None) -> None:
 # --- running -----------------------------------------------------------------------------------------------------
 
 
-def run_study(study: StudyConfig, raw: dict, source: str) -> dict:
-    """The plan of the module docstring; returns study.json's content."""
+def processes() -> Any:
+    """accelerate's PartialState when launched as several processes (torchrun, accelerate launch), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    state = processes()
+    return state is None or state.is_main_process
+
+
+def run_study(study: StudyConfig, raw: dict, source: str, train_only: bool = False) -> dict:
+    """The plan of the module docstring; returns study.json's content. `train_only`: the units, no evaluation or
+    report (returns {"units": {name: unit.json}}). Under torchrun every process runs each job together, in order
+    (a unit's training and an evaluation's harness share the work through accelerate); the main process prepares
+    first, writes every record and the reports; the others return {} once the jobs are done."""
     began = time.perf_counter()
     output = Path(study.output)
+    state = processes()
+    if state is not None and (study.workers != 1 or study.launcher != "local"):
+        raise ConfigError(f"study: under torchrun ({state.num_processes} processes) the processes run each job "
+                          f"together: workers 1 and launcher local, not {study.workers} / {study.launcher}")
     check_rows(study, raw, source, "study", memory=True)  # the memory bound of every row, before anything is built
     check_plan(study, raw, source)
     output.mkdir(parents=True, exist_ok=True)
-    shared, eval_source, shared_report = prepare(study, raw, source)
+    with _main_process_first(state):  # the others find the shared folders built (cached) and the record kept
+        shared, eval_source, shared_report = prepare(study, raw, source)
     plan = plan_study(study, raw, source, shared, eval_source, output)
-    run_jobs(plan, study.workers, study.launcher, study.cluster, output / "submitit")
+    if train_only:
+        plan = Plan(plan.units, {}, {})
+    run_jobs(plan, study.workers, study.launcher, study.cluster, output / "submitit", state)
+    if state is not None and not state.is_main_process:
+        return {}
+    if train_only:
+        return {"units": {name: json.loads((Path(unit.config.output_dir) / "unit.json").read_text())
+                          for name, unit in plan.units.items()}}
     cells = write_cells(plan, output)
     efficiency = measure_rows(study, plan, output)
     result = summarize(study, plan, cells, efficiency, shared_report, round(time.perf_counter() - began, 2))
@@ -768,8 +914,16 @@ def run_study(study: StudyConfig, raw: dict, source: str) -> dict:
     return result
 
 
-def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list[str], str], dict]:
-    """Step 1: SynthMed's shared folders (cached), or the pipeline's convert and cache steps for a real run."""
+def _main_process_first(state: Any) -> Any:
+    import contextlib
+
+    return contextlib.nullcontext() if state is None else state.main_process_first()
+
+
+def prepare(study: StudyConfig, raw: dict, source: str, until: str = "cache") -> tuple[Any, tuple[list[str], str],
+                                                                                        dict]:
+    """Step 1: SynthMed's shared folders (cached), or for a real run its convert and cache steps (steps/prepare.py,
+    `until` the last of them)."""
     run = run_config_from(raw, source)
     if run.synthmed:
         from medsynapse.recipes.priors import cache_features
@@ -790,17 +944,24 @@ def prepare(study: StudyConfig, raw: dict, source: str) -> tuple[Any, tuple[list
                       **({"token_readability": token_readability(shareds[key])} if study.token_readability else {})}
                 for key, rows in row_levels(study, raw, source, shareds).items()}
         return shareds, eval_source, report
-    from medsynapse.steps.chain import run_pipeline
+    from medsynapse.steps.prepare import prepare_run
 
-    manifest = run_pipeline(run, until="cache")
-    eval_source = (study.benchmarks or list(run.eval.benchmarks), study.data_root or run.eval.data_root)
-    return None, eval_source, {"synthmed": False, "pipeline": manifest.get("steps", {})}
+    record = prepare_run(run, until)
+    return None, _eval_source(study, run), {"synthmed": False, "prepare": record.get("steps", {})}
+
+
+def _eval_source(study: StudyConfig, run: RunConfig) -> tuple[list[str], str]:
+    """The benchmarks and data root a real run's rows are scored on: the study's, else the run file's `eval`."""
+    return study.benchmarks or list(run.eval.benchmarks), study.data_root or run.eval.data_root
 
 
 def run_jobs(plan: Plan, workers: int, launcher: str = "local", cluster: dict | None = None,
-             folder: Path | None = None) -> None:
+             folder: Path | None = None, state: Any = None) -> None:
     """Every unit, then every evaluation, in dependency order; `workers` at once, on this machine's processes or as
-    submitit jobs (launch.py). Progress and ETA per job."""
+    submitit jobs (launch.py). Progress and ETA per job. `state` (torchrun): every process runs each job, starting
+    it together (what a job finds finished, the main process's record, is then the same for all)."""
+    if state is not None:
+        state.wait_for_everyone()
     jobs: dict[str, tuple[Any, Any, str | None]] = {}
     for name, unit in plan.units.items():
         jobs[f"train {name}"] = (train_unit, unit, f"train {unit.after}" if unit.after else None)
@@ -852,6 +1013,8 @@ def run_jobs(plan: Plan, workers: int, launcher: str = "local", cluster: dict | 
                 print(f"study: [{len(done) + len(running) + 1}/{total}] {name} ...", flush=True)
                 if pool is None:
                     start = time.perf_counter()
+                    if state is not None:
+                        state.wait_for_everyone()
                     fn(job)
                     _finish(name, start, done, seconds, total, pending, workers)
                 else:
@@ -1007,6 +1170,11 @@ def summarize(study: StudyConfig, plan: Plan, cells: dict, efficiency: dict, sha
                       "by_question_type": {t: mean_sd_ci([c["by_question_type"][t]["accuracy"] for c in per_seed
                                                           if t in c["by_question_type"]]) for t in types},
                       "cells": {str(c["seed"]): c for c in per_seed}}
+        benchmarks = list(per_seed[0].get("benchmarks") or {})
+        if len(benchmarks) > 1:  # Table 1's columns (one benchmark: the accuracy above is its own)
+            scored = {b: [c["benchmarks"][b]["accuracy"] for c in per_seed if c["benchmarks"][b]["accuracy"]
+                          is not None] for b in benchmarks}  # None: nothing scored (every question skipped)
+            rows[name]["by_benchmark"] = {b: mean_sd_ci(v) if v else None for b, v in scored.items()}
         if spec.series:
             rows[name]["series"] = spec.series
     for name, row in rows.items():
@@ -1115,6 +1283,8 @@ def markdown_table(result: dict) -> str:
                      f"{format_interval(record['delta_seed_t_ci95'])} | {format_p(record['p_seed_t'])} | "
                      f"{_stat(row['summary'].get('counterfactual_sensitivity'))} | "
                      f"{_ms(record['ms_per_sample'])} |")
+    if any(row.get("by_benchmark") for row in result["rows"].values()):
+        lines += ["", breakdown_markdown(result, "by_benchmark", "benchmark")]
     lines += ["", question_type_markdown(result)]
     if result.get("parity"):
         lines += ["", parity_markdown(result["parity"])]
@@ -1124,12 +1294,19 @@ def markdown_table(result: dict) -> str:
 def question_type_markdown(result: dict) -> str:
     """Accuracy per question type, a row per study row (mean ± sd over its seeds; — where a row has no question
     of that type): where each row's gain or loss lies."""
+    return breakdown_markdown(result, "by_question_type", "question type", sort=True)
+
+
+def breakdown_markdown(result: dict, key: str, what: str, sort: bool = False) -> str:
+    """Accuracy per `what` (a row's `key`: by_question_type, by_benchmark), a line per study row (mean ± sd over its
+    seeds; — where a row has none of that kind)."""
     rows = result["rows"]
-    types = sorted({t for row in rows.values() for t in row.get("by_question_type") or {}})
-    lines = ["**Accuracy per question type** (mean ± sd over seeds)", "",
-             "| row | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row.get(key) or {}))
+    columns = sorted(columns) if sort else columns
+    lines = [f"**Accuracy per {what}** (mean ± sd over seeds)", "",
+             "| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in rows.values():
-        cells = [_stat((row.get("by_question_type") or {}).get(t), digits=2) for t in types]
+        cells = [_stat((row.get(key) or {}).get(c), digits=2) for c in columns]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

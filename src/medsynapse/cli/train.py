@@ -78,8 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    """A run file's steps as a one-seed study (study.pipeline_study, run_pipeline); a SynthMed run file: the demo."""
     from medsynapse.runconfig import read_run_config
-    from medsynapse.steps.chain import run_pipeline
+    from medsynapse.study import pipeline_study, run_pipeline
 
     run = read_run_config(args.config, args.set)
     if run.synthmed:  # configs/synthmed.yaml: the same stages, with the demo's SynthMed steps around them
@@ -89,8 +90,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         run_demo(args.config, list(args.set or []))
         print(f"pipeline: SynthMed demo finished; results in {run.output}")
         return 0
-    manifest = run_pipeline(run, start=args.start, until=args.until)
-    print(f"pipeline: {', '.join(manifest['steps'])} finished; manifest in {manifest['config']}'s output folder")
+    study, raw, source = pipeline_study(args.config, args.set)
+    result = run_pipeline(study, raw, source, start=args.start, until=args.until)
+    if "rows" in result:
+        print("\n" + (Path(run.output) / "table.md").read_text())
+        print(f"pipeline: {run.output}/table.md, study.json (every row scored on {', '.join(study.benchmarks)}); "
+              f"each stage's model linked as {run.output}/stage1, stage2, stage3_student")
+    elif "units" in result:
+        print(f"pipeline: trained {', '.join(result['units'])} in {run.output}/units (linked as its stage folders)")
+    elif "prepare" in result:
+        print(f"pipeline: {', '.join(result['prepare'])} finished; record in {run.output}/prepare.json")
     return 0
 
 
@@ -151,8 +160,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     train.set_defaults(func=cmd_train)
 
     pipeline = sub.add_parser("pipeline", parents=[common],
-                              help="convert -> cache -> Stage I -> II -> III -> eval -> summary from one run file, "
-                                   "resumable")
+                              help="convert -> cache -> Stage I -> II -> III -> eval from one run file: a "
+                                   "one-seed study, resumable")
     pipeline.add_argument("--config", required=True, help="a run file (configs/medsynapse-v-8b.yaml)")
     pipeline.add_argument("--from", dest="start", default=None, help="rerun from this step: convert, cache, stage1, "
                           "stage2, stage3 or eval (that step and every later one are redone)")
