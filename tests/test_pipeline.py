@@ -132,6 +132,31 @@ def test_from_reruns_a_step_and_the_later_ones_and_bad_steps_are_refused(tiny_en
         _pipeline(path, start="summary")
 
 
+def test_a_stage_folder_of_the_earlier_layout_is_left_alone(tiny_env, tmp_path, data_root, capsys):
+    path = _run_file(tiny_env, tmp_path, "earlier", data_root)
+    (tmp_path / "earlier" / "stage1").mkdir(parents=True)
+    (tmp_path / "earlier" / "stage1" / "mine.txt").write_text("kept")
+    result = _pipeline(path, until="stage1")
+    unit = tmp_path / "earlier" / "units" / list(result["units"])[0]
+    assert (unit / "unit.json").is_file() and not (tmp_path / "earlier" / "stage1").is_symlink()
+    assert (tmp_path / "earlier" / "stage1" / "mine.txt").read_text() == "kept"
+    assert f"earlier layout, left as it is (the model: {unit})" in capsys.readouterr().out
+
+
+def test_under_torchrun_a_study_runs_its_jobs_in_its_processes(tmp_path, data_root, monkeypatch):
+    from medsynapse import study as driver
+    from medsynapse.config import ConfigError
+
+    monkeypatch.setattr(driver, "processes", lambda: SimpleNamespace(num_processes=2, is_main_process=True))
+    study, raw, source = pipeline_study(_corpora_run(tmp_path, data_root, "ranks"))
+    for workers, launcher in ((2, "local"), (1, "submitit-local")):
+        study.workers, study.launcher = workers, launcher
+        with pytest.raises(ConfigError, match=rf"under torchrun \(2 processes\).+workers 1 and launcher local, "
+                                              rf"not {workers} / {launcher}"):
+            driver.run_study(study, raw, source)
+    assert not (tmp_path / "ranks").exists()  # refused before anything is written
+
+
 def _corpora_run(tmp_path, data_root, name: str, **data) -> str:
     run = {"output": str(tmp_path / name), "model": {"vlm": "/nowhere/vlm", "encoder": "/nowhere/encoder"},
            "data": {"data_root": str(data_root), **data}}

@@ -4,17 +4,18 @@ over training seeds, one resumable command.
 A study file (StudyConfig) names a run file (the pipeline's: `model`, `data`, the stage sections, `baselines`; for
 SynthMed also its `synthmed` section) and rows. A row is a model to evaluate (`base`, `stage1`, `stage2`, `stage3`
 or a `baseline` method) after the row's overrides of the run file (`set: [KEY=VALUE, ...]`, as `--set`). The one
-driver: `medsynapse demo` is this study over configs/study-demo.yaml's rows (demo_study), then demo.py's report.
+driver: `medsynapse demo` is this study over configs/study-demo.yaml's rows (demo_study), then demo.py's report;
+`medsynapse pipeline` is a one-seed study of a run file's stages (pipeline_study, run_pipeline).
 
 Plan:
 1. shared by every row and seed: SynthMed's data, base VLM and prior encoder (steps/synthmed.prepare_shared, cached;
    a row whose `set` changes a base-VLM setting, `synthmed.base_vision_steps=0`, gets its own base VLM, and with
    `token_readability` each base VLM's lesion evidence in its visual tokens is measured: the visibility axis) and the
    prior encoder's features of every training image (one on-disk feature cache that every unit reads instead of
-   encoding the images again: the same tensors, bit for bit), or for a real run the pipeline's `convert` and
-   `cache` steps;
+   encoding the images again: the same tensors, bit for bit), or for a real run its `convert` and `cache` steps
+   (steps/prepare.py);
 2. units: the trainings a (row, seed) needs (Stage I -> II -> III, or one baseline), each resolved exactly as
-   `pipeline` and `train baseline` resolve it (runconfig.py) and keyed by a hash of its settings and of the unit it
+   `train` and `train baseline` resolve it (runconfig.py) and keyed by a hash of its settings and of the unit it
    starts from. Rows that need the same unit share it: every Stage II ablation trains from the one Stage I, every
    Stage III ablation from the one Stage II. A unit trains into OUTPUT/units/<kind>-s<seed>-<key> with
    `resume: true` (killed, it continues from its newest checkpoint, bit-identically) and is finished once its
@@ -204,15 +205,14 @@ def pipeline_study(run_path: str | Path, overrides: list[str] | None = None) -> 
     """`medsynapse pipeline` on a run file without `synthmed`: a study of one seed (the stages' own) whose rows are
     the base VLM (also in the reasoning format when the stages reply in it and `eval.answer_format` is unset), Stage
     II and the encoder-free student, scored with the run file's `eval` settings (benchmarks, data root, batch size,
-    token budget, answer format, limit, engine), compared with Stage II; no reliance report, no batch-1 timing (the
-    pipeline did neither). Every value of every stage checked first, as `train` checks them."""
+    token budget, answer format, limit, engine), compared with Stage II. No reliance report and no batch-1 timing:
+    a pipeline trains and scores the stages; a study file's rows ask for those. Returns what read_study returns."""
     from medsynapse.config import apply_overrides
+    from medsynapse.runconfig import read_run_config
 
     run_path = Path(run_path)
-    if not run_path.is_file():
-        raise ConfigError(f"{run_path}: config file not found")
+    run = read_run_config(run_path, overrides)  # not a run file: one line saying why
     raw = apply_overrides(dict(read_yaml(run_path) or {}), overrides or [])
-    run = run_config_from(raw, str(run_path))
     seeds = {stage: resolve(run, stage).seed for stage in STAGES}
     if len(set(seeds.values())) > 1:
         raise ConfigError(f"{run_path}: the stages' seeds differ ({seeds}); a pipeline trains the three at one seed "
