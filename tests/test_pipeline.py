@@ -157,6 +157,29 @@ def test_under_torchrun_a_study_runs_its_jobs_in_its_processes(tmp_path, data_ro
     assert not (tmp_path / "ranks").exists()  # refused before anything is written
 
 
+def test_a_process_other_than_the_main_waits_for_the_main_processs_result(tmp_path):
+    """Under torchrun the main process writes an evaluation's result.json (after its reliance report, alone); the
+    others watch for the file with this evaluation's settings, not for a stale one of other settings."""
+    import threading
+    import time
+
+    from medsynapse.study import Evaluation, _result_when_written
+
+    job = Evaluation("m", "dir", str(tmp_path), ["synthmed"], "data", 8, None, None, "zero", ["zeroed"], 0)
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"accuracy": 0.1, "settings": {**job.settings(), "eval_batch_size": 4}}))
+
+    def main_process() -> None:
+        time.sleep(1.5)
+        path.write_text(json.dumps({"accuracy": 0.9, "settings": job.settings()}))
+
+    writer = threading.Thread(target=main_process)
+    began = time.perf_counter()
+    writer.start()
+    assert _result_when_written(path, job)["accuracy"] == 0.9 and time.perf_counter() - began >= 1.5
+    writer.join()
+
+
 def _corpora_run(tmp_path, data_root, name: str, **data) -> str:
     run = {"output": str(tmp_path / name), "model": {"vlm": "/nowhere/vlm", "encoder": "/nowhere/encoder"},
            "data": {"data_root": str(data_root), **data}}

@@ -776,7 +776,7 @@ def evaluate_model(job: Evaluation) -> dict:
     harness = out / f"harness-{_key(asdict(settings))[:8]}"  # other settings, another folder (never refused)
     metrics = evaluate_benchmarks(job.model, job.benchmarks, job.data_root, harness, settings)
     if not is_main_process():  # under torchrun: the harness shared the questions; the main process reports
-        return {}
+        return _result_when_written(result_path, job)
     correct = {}
     for bench in job.benchmarks:
         for line in latest_per_id(read_predictions(harness / bench / PREDICTIONS)):
@@ -816,6 +816,19 @@ def evaluate_model(job: Evaluation) -> dict:
     result["settings"] = job.settings()
     write_json(result_path, result)
     return result
+
+
+def _result_when_written(path: Path, job: Evaluation) -> dict:
+    """A process other than the main one waits for the main process's result.json of this evaluation (its reliance
+    report runs there alone) by watching the file, not at a collective, whose timeout (NCCL's 10 min) a long report
+    could pass. torchrun stops every process when one fails, so the wait cannot outlive the main process."""
+    wanted = json.loads(json.dumps(job.settings()))
+    while True:
+        if path.is_file():
+            result: dict = json.loads(path.read_text())
+            if result.get("settings") == wanted:
+                return result
+        time.sleep(1.0)
 
 
 def _has_memory(folder: str) -> bool:
