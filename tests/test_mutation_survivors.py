@@ -208,6 +208,25 @@ def test_a_stage2_steps_memory_bound_counts_the_memory_slots_its_prompts_carry()
     assert tokens(False, 64) == tokens(False, 0)  # no memory: the slots are not in its prompts
 
 
+def test_a_stage1_steps_memory_bound_counts_its_memory_slots():
+    """Stage I's forward carries the sampler's N memory slots after the prompt: N more tokens of hidden states and
+    logits. Mutation: the slots subtracted instead of added."""
+    import re
+
+    from medsynapse.recipes.stage1_warmup import Stage1Config
+    from medsynapse.values import VLMShape, step_memory
+
+    shape = VLMShape(hidden=4096, layers=36, vocab=151_936, image_tokens=256, source="test")
+
+    def tokens(n_memory: int) -> tuple[int, int]:
+        config = Stage1Config(vlm="v", encoder="e", train_file="t", n_memory=n_memory)
+        total, _, words = step_memory("stage1", config, shape)
+        return int(re.search(r"~(\d+) tokens", words).group(1)), total
+
+    (with_64, bytes_64), (with_0, bytes_0) = tokens(64), tokens(0)
+    assert with_64 - with_0 == 64 and bytes_64 > bytes_0
+
+
 def test_predicts_mip_reaches_the_volume_view():
     """`--mip A B` is the view's maximum-intensity projection over slices A-B. Mutation: the mip left out."""
     from medsynapse.cli import build_parser

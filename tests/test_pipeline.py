@@ -180,6 +180,33 @@ def test_a_process_other_than_the_main_waits_for_the_main_processs_result(tmp_pa
     writer.join()
 
 
+def test_the_pipeline_command_prints_the_studys_table(tiny_env, tmp_path, data_root, capsys):
+    path = _run_file(tiny_env, tmp_path, "printed", data_root)
+    assert main(["pipeline", "--config", path]) == 0
+    out = capsys.readouterr().out
+    table = (tmp_path / "printed" / "table.md").read_text()
+    assert table in out and "| Stage III student (encoder-free) | direct |" in table
+    assert f"pipeline: {tmp_path / 'printed'}/table.md" in out
+
+
+def test_the_cache_step_runs_again_when_its_settings_change_and_is_kept_otherwise(tmp_path, data_root, monkeypatch):
+    """The prior features are keyed by encoder and image bytes inside the cache, so a changed encoder or cache folder
+    simply encodes again (no refusal); the same settings encode nothing."""
+    import medsynapse.recipes.priors as priors
+    from medsynapse.steps.prepare import prepare_run
+
+    calls = []
+    monkeypatch.setattr(priors, "cache_features", lambda encoder, file, cache: calls.append((encoder, cache)))
+    path = _corpora_run(tmp_path, data_root, "cached", stage1_corpora=[{"name": "pubmedvision"}])
+    run = read_run_config(path, [f"data.prior_cache={tmp_path / 'features'}"])
+    record = prepare_run(run)
+    assert calls == [("/nowhere/encoder", str(tmp_path / "features"))] and record["config"] == path
+    prepare_run(run)
+    assert len(calls) == 1  # the same settings: kept
+    prepare_run(read_run_config(path, [f"data.prior_cache={tmp_path / 'features'}", "model.encoder=/elsewhere"]))
+    assert calls[-1] == ("/elsewhere", str(tmp_path / "features")) and len(calls) == 2
+
+
 def _corpora_run(tmp_path, data_root, name: str, **data) -> str:
     run = {"output": str(tmp_path / name), "model": {"vlm": "/nowhere/vlm", "encoder": "/nowhere/encoder"},
            "data": {"data_root": str(data_root), **data}}
