@@ -529,8 +529,12 @@ def check_plan(study: StudyConfig, raw: dict, source: str) -> None:
     """The plan's own refusals (a row equal to its reference; rows asking one model for two evaluations) before
     anything is built: planned on the folders SynthMed's cache would give (named, not built)."""
     run = run_config_from(raw, source)
-    shared = synthmed_shareds(study, raw, source, build=False) if run.synthmed else None
-    plan_study(study, raw, source, shared, (study.benchmarks or ["synthmed"], study.data_root), Path(study.output))
+    if run.synthmed:
+        shared, eval_source = synthmed_shareds(study, raw, source, build=False), (study.benchmarks or ["synthmed"],
+                                                                                  study.data_root)
+    else:
+        shared, eval_source = None, _eval_source(study, run)
+    plan_study(study, raw, source, shared, eval_source, Path(study.output))
 
 
 def refuse_rows_equal_to_their_reference(study: StudyConfig, cells: dict[tuple[str, int], dict]) -> None:
